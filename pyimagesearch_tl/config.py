@@ -1,0 +1,228 @@
+"""The single place for every setting the stages use.
+
+Defaults live in :data:`DEFAULTS`. A TOML file (``ptl --config FILE``) overrides them, and
+command-line options override both. Every key is validated declaratively by :data:`RULES`; an
+unknown key or a value of the wrong type or range is a :class:`~pyimagesearch_tl.errors.ConfigError`
+naming the key, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from .errors import ConfigError
+
+#: Role of each configured split, by position: the first trains, the second validates,
+#: the third is held out for the final evaluation (PyImageSearch's names by default).
+SPLIT_ROLES = ("training", "validation", "evaluation")
+
+DEFAULTS: dict[str, Any] = {
+    # where things are
+    "input_dir": None,  # the raw photos; build-dataset needs it
+    "dataset_dir": "output/dataset",
+    "features_dir": "output/features",
+    "models_dir": "output/models",
+    "evaluation_dir": "output/evaluation",
+    # build-dataset
+    "layout": "auto",
+    "labels_file": None,
+    "classes": [],  # empty: taken from the data
+    "splits": ["training", "validation", "evaluation"],
+    "split_fractions": [0.75, 0.15, 0.10],
+    "link": "copy",
+    "seed": 42,
+    # images
+    "max_image_pixels": 89_478_485,  # Pillow's own decompression-bomb threshold
+    # extract
+    "backbone": "efficientnet_lite0",
+    "weights": "imagenet",
+    "pooling": "avg",
+    "feature_format": "hdf5",
+    "dtype": "float32",
+    "batch_size": 32,
+    # train
+    "classifier": "logreg",
+    "cv": "5",
+    "class_weight": "none",
+    "grids": {},  # per classifier, e.g. {"logreg": {"C": [0.01, 0.1, 1]}}; empty: the registry's
+}
+
+
+def _choice(*allowed: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in allowed else f"one of {', '.join(map(repr, allowed))}"
+
+    return check
+
+
+def _typed(kind: type | tuple[type, ...], description: str, extra: Callable[[Any], bool] = lambda v: True):
+    def check(value: Any) -> str | None:
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+        return None if ok and extra(value) else description
+
+    return check
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None or isinstance(value, str) else "a string (or unset)"
+
+
+def _str_list(value: Any) -> str | None:
+    ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+    return None if ok else "a list of non-empty strings"
+
+
+def _splits(value: Any) -> str | None:
+    if _str_list(value) is None and 2 <= len(value) <= 3 and len(set(value)) == len(value):
+        return None
+    return "a list of 2 or 3 distinct split names (training, validation[, evaluation])"
+
+
+def _fractions(value: Any) -> str | None:
+    ok = (
+        isinstance(value, list)
+        and 2 <= len(value) <= 3
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in value)
+        and abs(sum(value) - 1.0) < 1e-6
+        and value[0] > 0
+    )
+    return None if ok else "2 or 3 fractions in [0, 1] that sum to 1, the first above 0"
+
+
+def _cv(value: Any) -> str | None:
+    if value == "validation" or (isinstance(value, str) and value.isdigit() and int(value) >= 2):
+        return None
+    return "an integer of at least 2 (stratified folds) or 'validation'"
+
+
+def _registered(kind: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if kind == "backbone":
+            from .backbones import list_backbones as names
+        else:
+            from .classifiers import list_classifiers as names
+        allowed = names() + (["all"] if kind == "classifier" else [])
+        return None if value in allowed else f"one of: {', '.join(allowed)}"
+
+    return check
+
+
+def _grids(value: Any) -> str | None:
+    ok = isinstance(value, dict) and all(
+        isinstance(grid, dict) and all(isinstance(v, list) and v for v in grid.values())
+        for grid in value.values()
+    )
+    return None if ok else "a table of classifier name -> {parameter: [values]}"
+
+
+#: key -> check(value) returning None when valid, else a description of what is allowed.
+RULES: dict[str, Callable[[Any], str | None]] = {
+    "input_dir": _optional_str,
+    "dataset_dir": _typed(str, "a path"),
+    "features_dir": _typed(str, "a path"),
+    "models_dir": _typed(str, "a path"),
+    "evaluation_dir": _typed(str, "a path"),
+    "layout": _choice("auto", "food5k", "class-folders", "labels-file"),
+    "labels_file": _optional_str,
+    "classes": _str_list,
+    "splits": _splits,
+    "split_fractions": _fractions,
+    "link": _choice("copy", "hardlink", "symlink"),
+    "seed": _typed(int, "an integer >= 0", lambda v: v >= 0),
+    "max_image_pixels": _typed(int, "an integer > 0", lambda v: v > 0),
+    "backbone": _registered("backbone"),
+    "weights": _typed(str, "'imagenet', 'none' or a path to a weights file", bool),
+    "pooling": _choice("avg", "max", "flatten"),
+    "feature_format": _choice("hdf5", "csv"),
+    "dtype": _choice("float32", "float16"),
+    "batch_size": _typed(int, "an integer between 1 and 4096", lambda v: 1 <= v <= 4096),
+    "classifier": _registered("classifier"),
+    "cv": _cv,
+    "class_weight": _choice("none", "balanced"),
+    "grids": _grids,
+}
+assert RULES.keys() == DEFAULTS.keys()
+
+
+@dataclasses.dataclass
+class Config:
+    """Effective configuration: a validated mapping of every key in :data:`DEFAULTS`."""
+
+    values: dict[str, Any]
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.__dict__["values"][key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def replace(self, **overrides: Any) -> "Config":
+        """Return a copy with ``overrides`` applied (``None`` means "not given") and validated."""
+        values = copy.deepcopy(self.values)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return Config(validate(values))
+
+    def split_for(self, role: str) -> str | None:
+        """The configured split name playing ``role`` (training/validation/evaluation), if any."""
+        index = SPLIT_ROLES.index(role)
+        return self.splits[index] if index < len(self.splits) else None
+
+    def to_toml(self) -> str:
+        """The configuration as TOML text (what ``ptl config`` prints)."""
+        lines, tables = [], []
+        for key, value in self.values.items():
+            if isinstance(value, dict):
+                for name, grid in value.items():
+                    tables.append(f"\n[{key}.{name}]")
+                    tables += [f"{param} = {json.dumps(vals)}" for param, vals in grid.items()]
+            elif value is None:
+                lines.append(f"# {key} = (unset)")
+            else:
+                lines.append(f"{key} = {json.dumps(value)}")
+        return "\n".join(lines + tables) + "\n"
+
+
+def validate(values: dict[str, Any]) -> dict[str, Any]:
+    """Check every key of ``values``; raise :class:`ConfigError` naming the first bad one."""
+    unknown = sorted(set(values) - set(RULES))
+    if unknown:
+        raise ConfigError(
+            f"unknown configuration key {unknown[0]!r}; valid keys are: {', '.join(RULES)}"
+        )
+    for key, check in RULES.items():
+        problem = check(values.get(key))
+        if problem is not None:
+            raise ConfigError(f"configuration key {key!r}: got {values.get(key)!r}, expected {problem}")
+    if len(values["split_fractions"]) != len(values["splits"]):
+        raise ConfigError(
+            f"configuration key 'split_fractions': {values['split_fractions']} has "
+            f"{len(values['split_fractions'])} entries but 'splits' names {len(values['splits'])}"
+        )
+    return values
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Defaults, overridden by the TOML file at ``path`` when given."""
+    values = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        try:
+            with path.open("rb") as handle:
+                values.update(tomllib.load(handle))
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {str(path)!r} is not valid TOML: {exc}") from None
+        # TOML has integers; the cv key also takes the word 'validation'.
+        if isinstance(values.get("cv"), int) and not isinstance(values.get("cv"), bool):
+            values["cv"] = str(values["cv"])
+    return Config(validate(values))

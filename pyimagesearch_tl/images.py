@@ -1,0 +1,156 @@
+"""The only place images are decoded, checked, converted to RGB and resized.
+
+Every stage (build-dataset, extract, predict, serve) goes through :func:`load_image`, so a model
+never sees images prepared differently from how it was trained. The recipe is named by
+:data:`DECODER` and stored with every feature file and bundle; prediction refuses a bundle made with
+another recipe.
+
+Recipe: read the file by content (the extension may lie), refuse images above ``max_pixels``
+(decompression bombs), apply the EXIF orientation, take the first frame of an animation, scale
+16-bit samples to 8 bits, composite transparency onto white, convert to 3-channel RGB and resize
+to the backbone's square input with bilinear (antialiased) resampling. JPEGs are decoded at a
+reduced DCT scale when that still leaves at least the target size (Pillow's ``draft``), which is
+several times faster and part of the recipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+#: Name and version of the decoding recipe; stored in feature files and bundles.
+DECODER = "pillow-rgb-white-alpha-bilinear-v1"
+
+#: File name extensions the stages pick up when they scan a folder (case-insensitive).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
+
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+def is_image_name(path: str | Path) -> bool:
+    """True when ``path`` has one of :data:`IMAGE_EXTENSIONS` (the content is checked later)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _open(path: str | Path, max_pixels: int) -> Image.Image:
+    """Open lazily and check the pixel count before anything is decoded."""
+    try:
+        with warnings.catch_warnings():
+            # We apply our own, configurable limit below; Pillow's warning would be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError:
+        raise ImageError("decompression bomb: the image has too many pixels") from None
+    except UnidentifiedImageError:
+        size = _size_or_none(path)
+        if size == 0:
+            raise ImageError("empty file (0 bytes)") from None
+        raise ImageError("not an image (unrecognised file content)") from None
+    except PermissionError:
+        raise ImageError("unreadable file: permission denied") from None
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except OSError as exc:
+        raise ImageError(f"unreadable file: {exc}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ImageError(
+            f"decompression bomb: {width}x{height} = {width * height} pixels is above the limit "
+            f"of {max_pixels} (setting max_image_pixels)"
+        )
+    return image
+
+
+def _size_or_none(path: str | Path) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 3-channel RGB, the same way for every stage."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        samples = np.asarray(image, dtype=np.float64)
+        maximum = 65535.0 if samples.max(initial=0) > 255 or image.mode != "I" else 255.0
+        image = Image.fromarray(np.clip(samples * (255.0 / maximum) + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path, size: int | tuple[int, int], max_pixels: int = 89_478_485) -> np.ndarray:
+    """Decode ``path`` into a ``(height, width, 3)`` uint8 RGB array of the target ``size``.
+
+    Parameters
+    ----------
+    path : str or Path
+        The image file. Its extension is ignored; the content decides the format.
+    size : int or (width, height)
+        Target size; an int means a square.
+    max_pixels : int
+        Images with more pixels than this are refused as decompression bombs.
+
+    Raises
+    ------
+    ImageError
+        With the reason, when the file cannot be decoded into an image.
+    """
+    width, height = (size, size) if isinstance(size, int) else size
+    image = _open(path, max_pixels)
+    try:
+        with image:
+            if image.format == "JPEG":
+                image.draft("RGB", (width, height))
+            image.seek(0)  # first frame of an animation
+            image = ImageOps.exif_transpose(image)
+            image = _to_rgb(image)
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
+            return np.asarray(image, dtype=np.uint8)
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        # Pillow reports truncated and corrupt data as OSError (or SyntaxError for some formats).
+        reason = str(exc) or type(exc).__name__
+        raise ImageError(f"corrupt image: {reason}") from None
+
+
+def probe_image(path: str | Path, max_pixels: int = 89_478_485) -> tuple[int, int]:
+    """Check that ``path`` decodes and return its displayed ``(width, height)``.
+
+    The whole image is decoded (at a reduced JPEG scale), so truncated data is caught; the size
+    is the one after the EXIF orientation is applied. Raises :class:`ImageError` like
+    :func:`load_image`.
+    """
+    image = _open(path, max_pixels)
+    try:
+        with image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+            if image.format == "JPEG":
+                image.draft("RGB", (64, 64))
+            image.load()
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageError(f"corrupt image: {str(exc) or type(exc).__name__}") from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes (dataset manifests and duplicate checks use it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
