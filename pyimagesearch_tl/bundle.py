@@ -1,0 +1,130 @@
+"""Model bundles: everything prediction needs, in one file, written atomically.
+
+A bundle holds the fitted classifier, the label encoder, the :class:`~pyimagesearch_tl.store.FeatureMeta`
+of the features it was trained on (backbone, weights, pooling, input size, preprocessing, decoder),
+the grid-search result and the library versions. Prediction rebuilds the backbone from the bundle,
+never from defaults.
+
+.. warning::
+   A bundle is a pickle (joblib). Loading one can run arbitrary code: load only bundles from a
+   source you trust, exactly as with any scikit-learn model file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import platform
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .atomic import atomic_joblib_dump
+from .errors import BundleError
+from .store import FeatureMeta
+
+FORMAT_VERSION = 1
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour a bundle depends on."""
+    import h5py
+    import keras
+    import sklearn
+
+    versions = {"pyimagesearch_tl": __version__, "python": platform.python_version(), "numpy": np.__version__,
+                "scikit-learn": sklearn.__version__, "keras": keras.__version__, "h5py": h5py.__version__}
+    try:
+        import tensorflow as tf
+
+        versions["tensorflow"] = tf.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return versions
+
+
+@dataclasses.dataclass
+class Bundle:
+    """A trained model and what it needs to predict.
+
+    Attributes
+    ----------
+    classifier : estimator
+        Fitted scikit-learn estimator (a pipeline) taking the feature vectors.
+    label_encoder : sklearn.preprocessing.LabelEncoder
+        Maps class indices to names.
+    meta : FeatureMeta
+        How the training features were made; prediction must make them the same way.
+    name : str
+        The classifier's registry name.
+    info : dict
+        Grid-search results (best parameters, CV score), fit time and the like.
+    """
+
+    classifier: Any
+    label_encoder: Any
+    meta: FeatureMeta
+    name: str
+    info: dict = dataclasses.field(default_factory=dict)
+    versions: dict = dataclasses.field(default_factory=library_versions)
+    created: str = dataclasses.field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def label_names(self) -> list[str]:
+        return [str(c) for c in self.label_encoder.classes_]
+
+    def save(self, path: str | Path) -> Path:
+        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        atomic_joblib_dump(path, {"pyimagesearch_tl_bundle": fields})
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Bundle":
+        """Load a bundle; warn when it was saved with other library versions. Trusted files only."""
+        import joblib
+
+        path = Path(path)
+        if not path.is_file():
+            raise BundleError(f"model bundle {str(path)!r} does not exist")
+        try:
+            payload = joblib.load(path)
+        except Exception as exc:
+            raise BundleError(f"{path}: not a readable model bundle ({type(exc).__name__}: {exc})") from None
+        if not isinstance(payload, dict) or "pyimagesearch_tl_bundle" not in payload:
+            raise BundleError(f"{path}: not a pyimagesearch_tl model bundle")
+        fields = payload["pyimagesearch_tl_bundle"]
+        if fields.get("format_version") != FORMAT_VERSION:
+            raise BundleError(f"{path}: bundle format {fields.get('format_version')} is not supported (this version reads {FORMAT_VERSION})")
+        bundle = cls(**fields)
+        current = library_versions()
+        for library in ("scikit-learn", "numpy", "keras", "pyimagesearch_tl"):
+            saved = bundle.versions.get(library)
+            if saved and saved != current.get(library):
+                warnings.warn(f"{path.name} was saved with {library} {saved}; this is {library} {current.get(library)}. "
+                              "Predictions may differ; retrain if in doubt.", stacklevel=2)
+        return bundle
+
+    # --- predicting from features ---------------------------------------------------------------
+
+    def scores(self, features: np.ndarray) -> tuple[np.ndarray, str]:
+        """Per-class scores ``(n, classes)`` and their kind: ``"probability"`` or ``"decision"``."""
+        features = np.asarray(features, dtype=self.meta.dtype)
+        if hasattr(self.classifier, "predict_proba"):
+            return self.classifier.predict_proba(features), "probability"
+        decision = self.classifier.decision_function(features)
+        if decision.ndim == 1:
+            decision = np.column_stack([-decision, decision])
+        return decision, "decision"
+
+    def check_features(self, meta: FeatureMeta, what: str) -> None:
+        """Refuse features made differently from the training features."""
+        from .store import check_same_layout
+
+        try:
+            check_same_layout(self.meta, meta, what)
+        except Exception as exc:
+            raise BundleError(f"{exc} (the model was trained on {self.meta.describe()})") from None

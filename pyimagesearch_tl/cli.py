@@ -1,0 +1,299 @@
+"""The ``ptl`` command: one click group whose subcommands are the pipeline stages.
+
+Every subcommand is a thin call into the modules above: it merges the configuration (defaults <
+``--config FILE`` < command-line options), calls one function and reports. The numbered scripts
+in ``scripts/`` run these same commands. Errors the user can fix are printed as one message
+without a traceback, with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from .config import Config, load_config
+from .errors import ConfigError, PTLError
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the reports
+
+
+class PTLCommand(click.Command):
+    """Turns :class:`PTLError` into a clean ``Error: ...`` message and warnings into ``warning:`` lines."""
+
+    def invoke(self, ctx: click.Context):
+        def show_warning(message, category, filename, lineno, file=None, line=None):
+            click.echo(f"warning: {message}", err=True)
+
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            warnings.filterwarnings("default", module="pyimagesearch_tl")
+            try:
+                return super().invoke(ctx)
+            except PTLError as exc:
+                raise click.ClickException(str(exc)) from None
+
+
+class PTLGroup(click.Group):
+    command_class = PTLCommand
+
+
+def _split_list(kind):
+    def convert(ctx, param, value):
+        if value is None:
+            return None
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        try:
+            return [kind(v) for v in items]
+        except ValueError:
+            raise click.BadParameter(f"expected a comma-separated list of {kind.__name__} values, got {value!r}") from None
+
+    return convert
+
+
+def with_config(command):
+    """Add ``--config FILE`` and pass the effective :class:`Config` as ``config``."""
+
+    @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+                  help="TOML file overriding the defaults (command-line options override it).")
+    @click.pass_context
+    @functools.wraps(command)
+    def wrapper(ctx: click.Context, config_file, **options):
+        if config_file is None and isinstance(ctx.obj, dict):
+            config_file = ctx.obj.get("config_file")
+        try:
+            config = load_config(config_file)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+        return ctx.invoke(command, config=config, **options)
+
+    return wrapper
+
+
+def _apply(config: Config, **overrides) -> Config:
+    try:
+        return config.replace(**overrides)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=PTLGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML file overriding the defaults for every subcommand.")
+@click.version_option(package_name="pyimagesearch_tl")
+@click.pass_context
+def cli(ctx: click.Context, config_file):
+    """Transfer learning by feature extraction: build-dataset, extract, train, evaluate, predict."""
+    ctx.obj = {"config_file": config_file}
+
+
+@cli.command("config")
+@with_config
+def show_config(config: Config):
+    """Print the effective configuration as TOML."""
+    click.echo(config.to_toml(), nl=False)
+
+
+@cli.command("backbones")
+def show_backbones():
+    """List the registered backbones."""
+    from .backbones import get_backbone, list_backbones
+
+    click.echo(f"{'name':<20} {'input':>5}  {'preprocessing':<13} {'weights':<28}")
+    for name in list_backbones():
+        record = get_backbone(name)
+        source = "packaged (offline)" if record.offline else "downloaded by Keras"
+        click.echo(f"{name:<20} {record.input_size:>5}  {record.preprocessing:<13} {source:<28}")
+
+
+@cli.command("build-dataset")
+@click.option("--input", "input_dir", help="Folder of photos (class folders, Food-5K names or a labels file).")
+@click.option("--output", "dataset_dir", help="Where to write <split>/<class>/ and manifest.csv.")
+@click.option("--layout", type=click.Choice(["auto", "food5k", "class-folders", "labels-file"]))
+@click.option("--classes", callback=_split_list(str), help="Comma-separated class names (Food-5K: in index order).")
+@click.option("--labels", "labels_file", help="Labels file for the labels-file layout.")
+@click.option("--split-fractions", callback=_split_list(float), help="e.g. 0.75,0.15,0.10")
+@click.option("--seed", type=int)
+@click.option("--link", type=click.Choice(["copy", "hardlink", "symlink"]))
+@with_config
+def build_dataset_command(config: Config, **options):
+    """Build dataset/<split>/<class>/ and manifest.csv from a folder of photos."""
+    from .layouts import build_dataset
+
+    config = _apply(config, **options)
+    if not config.input_dir:
+        raise ConfigError("no input folder: give --input DIR (or input_dir in the config file)")
+    report = build_dataset(
+        config.input_dir, config.dataset_dir, splits=config.splits, fractions=config.split_fractions,
+        layout=config.layout, classes=config.classes, labels_file=config.labels_file, seed=config.seed,
+        link=config.link, max_pixels=config.max_image_pixels,
+    )
+    click.echo(f"layout: {report.layout}")
+    for split, counts in report.counts.items():
+        detail = ", ".join(f"{label} {n}" for label, n in sorted(counts.items()))
+        click.echo(f"{split}: {sum(counts.values())} images ({detail or 'none'})")
+    if report.unlabelled:
+        click.echo(f"unlabelled: {len(report.unlabelled)} images not used (listed in unlabelled.csv)")
+    for path, reason in report.skipped:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    if report.duplicates:
+        groups = len({row["sha256"] for row in report.duplicates})
+        click.echo(f"warning: {groups} images have identical copies in two splits or under two labels "
+                   f"(test data leaking into training); see duplicates.csv", err=True)
+    total = sum(sum(c.values()) for c in report.counts.values())
+    click.echo(f"wrote {total} images, skipped {len(report.skipped)}: {report.output_dir}/manifest.csv")
+
+
+@cli.command("extract")
+@click.option("--dataset", "dataset_dir", help="Dataset folder written by build-dataset.")
+@click.option("--output", "features_dir", help="Where to write <split>.h5 / <split>.csv.")
+@click.option("--backbone", help="Registered backbone (see `ptl backbones`).")
+@click.option("--weights", help="imagenet, none, or a path to a weights file.")
+@click.option("--pooling", type=click.Choice(["avg", "max", "flatten"]))
+@click.option("--format", "feature_format", type=click.Choice(["hdf5", "csv"]))
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), help="Storage type of the features.")
+@click.option("--batch-size", type=int)
+@with_config
+def extract_command(config: Config, **options):
+    """Extract one feature file per split with a pretrained backbone."""
+    from .features import extract_dataset
+
+    config = _apply(config, **options)
+
+    def report(split):
+        if split.up_to_date:
+            click.echo(f"{split.split}: up to date, nothing to do ({split.path})")
+            return
+        note = f", resumed at image {split.resumed_from}" if split.resumed_from else ""
+        note += f", reused {split.reused} unchanged" if split.reused else ""
+        click.echo(f"{split.split}: extracted {split.extracted}, skipped {len(split.skipped)}{note} "
+                   f"({split.images_per_second:.1f} img/s) -> {split.path}")
+        for path, reason in split.skipped:
+            click.echo(f"  skipped {path}: {reason}", err=True)
+
+    try:
+        reports = extract_dataset(
+            config.dataset_dir, config.features_dir, splits=config.splits, backbone=config.backbone,
+            weights=config.weights, pooling=config.pooling, feature_format=config.feature_format,
+            dtype=config.dtype, batch_size=config.batch_size, max_pixels=config.max_image_pixels,
+            progress=sys.stderr.isatty(), on_split=report,
+        )
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted; progress is saved: rerun the same command to resume") from None
+    extracted = sum(r.extracted for r in reports)
+    skipped = sum(len(r.skipped) for r in reports)
+    click.echo(f"extracted {extracted}, skipped {skipped}: features in {config.features_dir}")
+
+
+@cli.command("train")
+@click.option("--features", "features_dir", help="Folder of feature files written by extract.")
+@click.option("--output", "models_dir", help="Where to write <classifier>.joblib bundles.")
+@click.option("--classifier", help="Registered classifier, or 'all'.")
+@click.option("--cv", help="Number of stratified folds, or 'validation'.")
+@click.option("--class-weight", type=click.Choice(["none", "balanced"]))
+@with_config
+def train_command(config: Config, **options):
+    """Grid-search and save one bundle per classifier."""
+    from .training import train
+
+    config = _apply(config, **options)
+    reports = train(
+        config.features_dir, config.models_dir, training_split=config.split_for("training"),
+        validation_split=config.split_for("validation"), classifier=config.classifier, cv=config.cv,
+        class_weight=config.class_weight, grids=config.grids, seed=config.seed,
+    )
+    click.echo(f"{'classifier':<12} {'best params':<16} {'cv acc':>7} {'val acc':>8} {'val auc':>8} {'fit s':>7}")
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    for r in reports:
+        params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.best_params.items())
+        click.echo(f"{r.classifier:<12} {params:<16} {r.cv_score:>7.4f} {fmt(r.validation_accuracy):>8} "
+                   f"{fmt(r.validation_auc):>8} {r.fit_seconds:>7.1f}")
+    for r in reports:
+        click.echo(f"saved {r.path}")
+
+
+@cli.command("evaluate")
+@click.option("--model", "model_path", required=True, help="A bundle written by train.")
+@click.option("--features", "features_dir", help="Folder of feature files.")
+@click.option("--split", help="Split to evaluate (default: evaluation, else validation).")
+@click.option("--output", "evaluation_dir", help="Where to write metrics.json and the plots.")
+@with_config
+def evaluate_command(config: Config, model_path, split, **options):
+    """Report accuracy, the confusion matrix and ROC AUC of a bundle on a split."""
+    from .bundle import Bundle
+    from .evaluation import evaluate
+    from .store import feature_file, has_feature_file, read_features
+
+    config = _apply(config, **options)
+    bundle = Bundle.load(model_path)
+    if split is None:  # the held-out split when it was extracted, else the validation split
+        roles = [config.split_for("evaluation"), config.split_for("validation")]
+        split = next((s for s in roles if s and has_feature_file(config.features_dir, s)), roles[0] or roles[1])
+    features = read_features(feature_file(config.features_dir, split))
+    metrics = evaluate(bundle, features, config.evaluation_dir, split)
+    click.echo(f"{bundle.name} on {split} ({metrics['images']} images)")
+    click.echo(metrics["report_text"])
+    click.echo("confusion matrix (rows: true, columns: predicted; " + ", ".join(metrics["labels"]) + "):")
+    for row in metrics["confusion_matrix"]:
+        click.echo("  " + " ".join(f"{v:>6}" for v in row))
+    if metrics["roc_auc"] is not None:
+        click.echo(f"roc_auc: {metrics['roc_auc']:.4f}")
+    if "rank5" in metrics:
+        click.echo(f"rank-1: {metrics['rank1']:.4f}  rank-5: {metrics['rank5']:.4f}")
+    click.echo(f"accuracy: {metrics['accuracy']:.4f}")
+    click.echo(f"wrote {Path(config.evaluation_dir) / 'metrics.json'}")
+
+
+@cli.command("predict")
+@click.option("--model", "model_path", required=True, help="A bundle written by train.")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--output", "output_file", type=click.Path(dir_okay=False), help="Also write the results as .csv or .json.")
+@click.option("--top-k", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--batch-size", type=int)
+@with_config
+def predict_command(config: Config, model_path, paths, output_file, top_k, **options):
+    """Classify images (files or folders) with a bundle."""
+    from .atomic import atomic_write_csv, atomic_write_json
+    from .bundle import Bundle
+    from .prediction import Predictor, expand_paths
+
+    config = _apply(config, **options)
+    files = expand_paths(paths)
+    if not files:
+        raise ConfigError(f"no image files found in: {', '.join(paths)}")
+    predictor = Predictor(Bundle.load(model_path), config.batch_size, config.max_image_pixels, top_k)
+    results = predictor.predict(files)
+    kind = "probability" if hasattr(predictor.bundle.classifier, "predict_proba") else "score"
+    for r in results:
+        if r.error:
+            click.echo(f"{r.path}\tskipped: {r.error}", err=True)
+        else:
+            click.echo(f"{r.path}\t{r.label}\t{kind}={r.score:.4f}")
+    if output_file:
+        rows = [r.as_dict() for r in results]
+        if output_file.endswith(".json"):
+            atomic_write_json(output_file, rows)
+        else:
+            atomic_write_csv(output_file, ["path", "label", "score", "top", "error"],
+                             [dict(r, top=json.dumps(r["top"])) for r in rows])
+        click.echo(f"wrote {output_file}")
+    skipped = sum(r.error is not None for r in results)
+    click.echo(f"predicted {len(results) - skipped}, skipped {skipped}")
+
+
+#: Subcommands by name, for the numbered scripts.
+COMMANDS = cli.commands
+
+
+def run_script(name: str) -> None:
+    """Entry point of a numbered script: run subcommand ``name`` with the script's arguments."""
+    COMMANDS[name].main(prog_name=Path(sys.argv[0]).name)
+
+
+def main() -> None:
+    cli.main(prog_name="ptl")

@@ -1,0 +1,272 @@
+"""Feature extraction: images -> backbone -> feature vectors, batch by batch, into feature files.
+
+:class:`FeatureExtractor` is the one path from image files to feature vectors; ``extract`` and
+``predict`` both use it. Images are decoded by :func:`pyimagesearch_tl.images.load_image` in a
+thread pool that runs ahead of the model (decoding overlaps inference, order is kept), and the
+model is called on whole batches inside a ``tf.function`` that also casts and preprocesses, so
+NumPy hands over uint8 pixels only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .backbones import create_model, get_backbone, preprocess_input, resolve_weights
+from .errors import DatasetError, ImageError
+from .images import DECODER, load_image, sha256_file
+from .layouts import read_manifest
+from .store import SUFFIXES, WRITERS, FeatureMeta, read_features, read_fingerprint
+
+LABEL_ENCODER = "label_encoder.joblib"
+
+
+@dataclasses.dataclass
+class Batch:
+    """One decoded batch: the positions (in the input list) that decoded, their pixels, and the skips."""
+
+    indices: list[int]
+    images: np.ndarray  # (n, size, size, 3) uint8
+    skipped: list[tuple[int, str]]
+
+
+class FeatureExtractor:
+    """A backbone with its preprocessing and the shared image decoder.
+
+    Parameters
+    ----------
+    backbone : str
+        Registered backbone name.
+    weights : {"imagenet", "none"} or path
+    pooling : {"avg", "max", "flatten"}
+    batch_size : int
+    max_pixels : int
+        Decompression-bomb limit passed to the decoder.
+    workers : int, optional
+        Decoding threads (default: the number of CPUs).
+    """
+
+    def __init__(self, backbone: str, weights: str = "imagenet", pooling: str = "avg", batch_size: int = 32,
+                 max_pixels: int = 89_478_485, workers: int | None = None, input_size: int | None = None,
+                 dtype: str = "float32", label_names: Sequence[str] = ()):
+        import tensorflow as tf
+
+        record = get_backbone(backbone)
+        weights_path = resolve_weights(weights)
+        self.input_size = input_size or record.input_size
+        self.batch_size, self.max_pixels = batch_size, max_pixels
+        self.workers = workers or os.cpu_count() or 1
+        self.model = create_model(backbone, weights, pooling, self.input_size)
+        mode = record.preprocessing
+        model = self.model
+
+        @tf.function(input_signature=[tf.TensorSpec([None, self.input_size, self.input_size, 3], tf.uint8)])
+        def forward(images):
+            return model(preprocess_input(tf.cast(images, tf.float32), mode), training=False)
+
+        self._forward = forward
+        weights_name = "none" if weights_path is None else ("imagenet" if weights_path == "imagenet" else weights_path)
+        self.meta = FeatureMeta(
+            backbone=backbone,
+            weights=weights_name,
+            weights_sha256="" if weights_name in ("none", "imagenet") else sha256_file(weights_path),
+            pooling=pooling,
+            input_size=self.input_size,
+            preprocessing=mode,
+            decoder=DECODER,
+            feature_dim=int(self.model.output.shape[-1]),
+            dtype=dtype,
+            label_names=tuple(label_names),
+        )
+
+    @classmethod
+    def from_meta(cls, meta: FeatureMeta, batch_size: int = 32, max_pixels: int = 89_478_485) -> "FeatureExtractor":
+        """Rebuild exactly the extractor that produced features described by ``meta``."""
+        extractor = cls(meta.backbone, meta.weights, meta.pooling, batch_size, max_pixels,
+                        input_size=meta.input_size, dtype=meta.dtype, label_names=meta.label_names)
+        return extractor
+
+    def decode(self, path: str | Path) -> np.ndarray:
+        return load_image(path, self.input_size, self.max_pixels)
+
+    def _decode_quietly(self, path: str | Path) -> np.ndarray | str:
+        try:
+            return self.decode(path)
+        except ImageError as exc:
+            return str(exc)
+
+    def iter_batches(self, paths: Sequence[str | Path], prefetch: int = 2) -> Iterator[Batch]:
+        """Decode ``paths`` in order, ``batch_size`` at a time, keeping ``prefetch`` batches in flight."""
+        starts = range(0, len(paths), self.batch_size)
+        with ThreadPoolExecutor(self.workers) as pool:
+            pending: deque = deque()
+            for start in starts:
+                pending.append((start, [pool.submit(self._decode_quietly, p) for p in paths[start:start + self.batch_size]]))
+                if len(pending) > prefetch:
+                    yield self._collect(*pending.popleft())
+            while pending:
+                yield self._collect(*pending.popleft())
+
+    def _collect(self, start: int, futures) -> Batch:
+        indices, images, skipped = [], [], []
+        for offset, future in enumerate(futures):
+            result = future.result()
+            if isinstance(result, str):
+                skipped.append((start + offset, result))
+            else:
+                indices.append(start + offset)
+                images.append(result)
+        shape = (0, self.input_size, self.input_size, 3)
+        return Batch(indices, np.stack(images) if images else np.zeros(shape, np.uint8), skipped)
+
+    def transform(self, images: np.ndarray) -> np.ndarray:
+        """Feature vectors (float32) of a uint8 batch ``(n, size, size, 3)``."""
+        if len(images) == 0:
+            return np.zeros((0, self.meta.feature_dim), np.float32)
+        return self._forward(images).numpy().astype(np.float32, copy=False)
+
+
+# --- extracting a dataset --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SplitReport:
+    split: str
+    path: Path
+    extracted: int
+    skipped: list[tuple[str, str]]
+    reused: int = 0
+    resumed_from: int = 0
+    up_to_date: bool = False
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.extracted / self.seconds if self.seconds else 0.0
+
+
+def fingerprint(meta: FeatureMeta, rows: Sequence[dict[str, str]]) -> str:
+    """Identity of one extraction: the feature meta plus the ordered (path, label, content) list."""
+    digest = hashlib.sha256(json.dumps(meta.to_attrs(), sort_keys=True).encode())
+    for row in rows:
+        digest.update(f"{row['path']}\0{row['label']}\0{row['sha256']}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def _previous_rows(path: Path, meta: FeatureMeta) -> dict[str, np.ndarray]:
+    """Feature rows of an earlier finished file with the same meta, keyed by content hash."""
+    if not path.exists():
+        return {}
+    try:
+        previous = read_features(path)
+    except Exception:  # an unreadable or foreign file is simply not reused
+        return {}
+    if previous.meta != meta:
+        return {}
+    return {sha: row for sha, row in zip(previous.sha256, previous.features) if sha}
+
+
+def extract_split(extractor: FeatureExtractor, dataset_dir: Path, rows: Sequence[dict[str, str]], split: str,
+                  output_dir: Path, feature_format: str = "hdf5", progress: bool = True) -> SplitReport:
+    """Extract one split into ``output_dir/<split>.<h5|csv>``, resuming or reusing where possible."""
+    from tqdm.auto import tqdm
+
+    meta = extractor.meta
+    label_index = {name: i for i, name in enumerate(meta.label_names)}
+    path = output_dir / f"{split}{SUFFIXES[feature_format]}"
+    print_ = fingerprint(meta, rows)
+    if read_fingerprint(path) == print_:
+        return SplitReport(split, path, extracted=0, skipped=[], up_to_date=True)
+    reuse = _previous_rows(path, meta)
+    writer = WRITERS[feature_format](path, meta, print_, chunk_rows=extractor.batch_size)
+    started, reused, extracted = time.perf_counter(), 0, 0
+    todo = rows[writer.resumed_from:]
+    try:
+        with tqdm(total=len(rows), initial=writer.resumed_from, desc=split, unit="img", disable=not progress) as bar:
+            for start in range(0, len(todo), extractor.batch_size * 8):
+                window = todo[start:start + extractor.batch_size * 8]
+                fresh = [i for i, row in enumerate(window) if row["sha256"] not in reuse]
+                vectors: dict[int, np.ndarray] = {i: reuse[row["sha256"]] for i, row in enumerate(window) if row["sha256"] in reuse}
+                reused += len(vectors)
+                skipped: dict[int, str] = {}
+                for batch in extractor.iter_batches([dataset_dir / window[i]["path"] for i in fresh]):
+                    for position, values in zip(batch.indices, extractor.transform(batch.images)):
+                        vectors[fresh[position]] = values
+                    skipped.update({fresh[position]: reason for position, reason in batch.skipped})
+                    extracted += len(batch.indices)
+                    bar.update(len(batch.indices) + len(batch.skipped))
+                bar.update(len(window) - len(fresh))
+                kept = sorted(vectors)
+                writer.append(
+                    features=np.stack([vectors[i] for i in kept]) if kept else np.zeros((0, meta.feature_dim)),
+                    labels=np.array([label_index[window[i]["label"]] for i in kept], dtype=np.int64),
+                    paths=[window[i]["path"] for i in kept],
+                    sha256=[window[i]["sha256"] for i in kept],
+                    skipped=[(window[i]["path"], skipped[i]) for i in sorted(skipped)],
+                    inputs_done=writer.resumed_from + start + len(window),
+                )
+        writer.finish()
+    finally:
+        writer.close()
+    from .store import read_skipped
+
+    return SplitReport(split, path, extracted, read_skipped(path), reused, writer.resumed_from,
+                       seconds=time.perf_counter() - started)
+
+
+def dataset_rows(dataset_dir: str | Path) -> dict[str, list[dict[str, str]]]:
+    """Manifest rows grouped by split, with content hashes filled in where the manifest had none."""
+    dataset_dir = Path(dataset_dir)
+    by_split: dict[str, list[dict[str, str]]] = {}
+    for row in read_manifest(dataset_dir):
+        if not row.get("sha256"):
+            try:
+                row["sha256"] = sha256_file(dataset_dir / row["path"])
+            except OSError:
+                row["sha256"] = ""  # the decoder will report why it cannot be read
+        by_split.setdefault(row["split"], []).append(row)
+    return by_split
+
+
+def extract_dataset(dataset_dir: str | Path, output_dir: str | Path, *, splits: Sequence[str],
+                    backbone: str, weights: str = "imagenet", pooling: str = "avg", feature_format: str = "hdf5",
+                    dtype: str = "float32", batch_size: int = 32, max_pixels: int = 89_478_485,
+                    progress: bool = True, on_split=None) -> list[SplitReport]:
+    """Extract every configured split of ``dataset_dir`` into ``output_dir`` and save the label encoder.
+
+    The label encoder is fitted on the class names of the whole dataset and saved once as
+    ``label_encoder.joblib``; every feature file stores the same label names.
+    """
+    from sklearn.preprocessing import LabelEncoder
+
+    from .atomic import atomic_joblib_dump
+
+    dataset_dir, output_dir = Path(dataset_dir), Path(output_dir)
+    by_split = dataset_rows(dataset_dir)
+    present = [s for s in splits if by_split.get(s)]
+    if not present:
+        raise DatasetError(
+            f"dataset {dataset_dir} has none of the configured splits ({', '.join(splits)}); it has: {', '.join(by_split)}"
+        )
+    label_names = sorted({row["label"] for rows in by_split.values() for row in rows})
+    encoder = LabelEncoder().fit(label_names)
+    extractor = FeatureExtractor(backbone, weights, pooling, batch_size, max_pixels, dtype=dtype,
+                                 label_names=[str(c) for c in encoder.classes_])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_joblib_dump(output_dir / LABEL_ENCODER, encoder)
+    reports = []
+    for split in present:
+        report = extract_split(extractor, dataset_dir, by_split[split], split, output_dir, feature_format, progress)
+        reports.append(report)
+        if on_split is not None:
+            on_split(report)
+    return reports

@@ -1,0 +1,375 @@
+"""Dataset layouts: turn a folder of photos into labelled items, and build ``dataset/<split>/<class>/``.
+
+Three layouts are read, each by one function registered in :data:`LAYOUTS`:
+
+``food5k``
+    Split folders whose files are named ``<class index>_<n>.jpg`` (Food-5K); class names come
+    from ``classes`` in index order.
+``class-folders``
+    ``DIR/<class>/*`` or ``DIR/<split>/<class>/*``; pre-existing split folders are kept and mapped
+    onto the configured split names (``train`` -> training, ``val``/``validation`` -> validation,
+    ``test`` -> evaluation).
+``labels-file``
+    One flat folder of images plus a labels file: one label per line, or a single line with one
+    character per image (``MOOM...``). Images are matched to labels in natural order of the
+    integers in their names (bed_1, bed_2, ..., bed_10); images beyond the labels are unlabelled.
+
+:func:`build_dataset` writes the chosen split layout plus ``manifest.csv`` (path, split, label,
+sha256, width, height), lists undecodable images in ``skipped.csv`` and reports exact duplicates
+that land in two splits or under two labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import re
+import shutil
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from .config import SPLIT_ROLES
+from .errors import DatasetError, ImageError
+from .images import is_image_name, probe_image, sha256_file
+from .atomic import atomic_write_csv
+
+#: Folder names recognised as pre-existing splits, mapped to their role.
+SPLIT_ALIASES = {
+    "train": "training",
+    "training": "training",
+    "val": "validation",
+    "valid": "validation",
+    "validation": "validation",
+    "dev": "validation",
+    "test": "evaluation",
+    "testing": "evaluation",
+    "eval": "evaluation",
+    "evaluation": "evaluation",
+}
+
+MANIFEST = "manifest.csv"
+MANIFEST_FIELDS = ["path", "split", "label", "sha256", "width", "height"]
+DEFAULT_LABELS_FILE = "labels.txt"
+
+_FOOD5K_NAME = re.compile(r"^(\d+)_(\d+)\.[A-Za-z0-9]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One labelled photo before the split is written. ``role`` is a split role or None."""
+
+    source: Path
+    label: str
+    role: str | None = None
+
+
+@dataclasses.dataclass
+class LayoutResult:
+    layout: str
+    items: list[Item]
+    unlabelled: list[Path] = dataclasses.field(default_factory=list)
+
+
+# --- parsers (pure functions, property-tested) -------------------------------------------------
+
+
+def parse_food5k_name(name: str) -> int | None:
+    """Class index of a Food-5K-style file name ``<class index>_<n>.<ext>``, else None."""
+    match = _FOOD5K_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key ordering names by the integers in them: bed_2 before bed_10."""
+    parts = re.split(r"(\d+)", name)
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts if p != "")
+
+
+def parse_labels(text: str) -> list[str]:
+    """Labels from a labels file's text.
+
+    A file with a single non-empty line is one label character per image (``MOOM...``);
+    otherwise each non-empty line is one label.
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) == 1:
+        return [char for char in lines[0] if not char.isspace()]
+    return lines
+
+
+# --- the layouts -------------------------------------------------------------------------------
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.is_file() and is_image_name(p.name)), key=lambda p: natural_key(p.name))
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _split_folders(folder: Path) -> dict[str, Path] | None:
+    """{role: folder} when every subfolder of ``folder`` is a recognised split name."""
+    subdirs = _subdirs(folder)
+    if not subdirs or not all(d.name.lower() in SPLIT_ALIASES for d in subdirs):
+        return None
+    roles: dict[str, Path] = {}
+    for d in subdirs:
+        role = SPLIT_ALIASES[d.name.lower()]
+        if role in roles:
+            raise DatasetError(f"{folder}: both {roles[role].name!r} and {d.name!r} look like the {role} split")
+        roles[role] = d
+    return roles
+
+
+def _food5k(input_dir: Path, classes: Sequence[str], labels_file: Path | None) -> LayoutResult:
+    folders = _split_folders(input_dir) or {None: input_dir}
+    items = []
+    for role, folder in folders.items():
+        for path in _image_files(folder):
+            index = parse_food5k_name(path.name)
+            if index is None:
+                raise DatasetError(f"{path}: not a Food-5K name '<class index>_<n>.<ext>'")
+            if classes and index >= len(classes):
+                raise DatasetError(f"{path}: class index {index} but only {len(classes)} classes given ({', '.join(classes)})")
+            items.append(Item(path, classes[index] if classes else str(index), role))
+    return LayoutResult("food5k", items)
+
+
+def _class_folders(input_dir: Path, classes: Sequence[str], labels_file: Path | None) -> LayoutResult:
+    folders = _split_folders(input_dir) or {None: input_dir}
+    items = []
+    for role, folder in folders.items():
+        for class_dir in _subdirs(folder):
+            if classes and class_dir.name not in classes:
+                continue
+            items += [Item(path, class_dir.name, role) for path in _image_files(class_dir)]
+    return LayoutResult("class-folders", items)
+
+
+def _labels_file(input_dir: Path, classes: Sequence[str], labels_file: Path | None) -> LayoutResult:
+    labels_path = labels_file or input_dir / DEFAULT_LABELS_FILE
+    if not labels_path.is_file():
+        raise DatasetError(f"labels file {str(labels_path)!r} does not exist (give one with --labels FILE)")
+    labels = parse_labels(labels_path.read_text(encoding="utf-8", errors="replace"))
+    images = _image_files(input_dir)
+    if not images:
+        holders = [d for d in _subdirs(input_dir) if _image_files(d)]
+        if len(holders) != 1:
+            raise DatasetError(f"{input_dir}: the labels-file layout needs one flat folder of images")
+        images = _image_files(holders[0])
+    if len(labels) > len(images):
+        raise DatasetError(
+            f"labels file {str(labels_path)!r} has {len(labels)} labels but there are only {len(images)} images"
+        )
+    items = [Item(path, label) for path, label in zip(images, labels) if not classes or label in classes]
+    return LayoutResult("labels-file", items, unlabelled=images[len(labels):])
+
+
+LAYOUTS: dict[str, Callable[[Path, Sequence[str], Path | None], LayoutResult]] = {
+    "food5k": _food5k,
+    "class-folders": _class_folders,
+    "labels-file": _labels_file,
+}
+
+
+def detect_layout(input_dir: Path, labels_file: Path | None = None) -> str:
+    """Which of :data:`LAYOUTS` applies to ``input_dir`` (see the module docstring)."""
+    if labels_file is not None or (input_dir / DEFAULT_LABELS_FILE).is_file():
+        return "labels-file"
+    folders = list((_split_folders(input_dir) or {None: input_dir}).values())
+    names = [p.name for folder in folders for p in _image_files(folder)]
+    if names and sum(parse_food5k_name(n) is not None for n in names) > len(names) / 2:
+        return "food5k"
+    if any(_image_files(d) for folder in folders for d in _subdirs(folder)):
+        return "class-folders"
+    raise DatasetError(f"no images found in {input_dir} (expected class folders, Food-5K names or a labels file)")
+
+
+def read_layout(input_dir: str | Path, layout: str = "auto", classes: Sequence[str] = (), labels_file: str | Path | None = None) -> LayoutResult:
+    """Labelled items of ``input_dir`` under ``layout`` (``auto`` detects it)."""
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise DatasetError(f"input folder {str(input_dir)!r} does not exist")
+    if not any(input_dir.iterdir()):
+        raise DatasetError(f"input folder {str(input_dir)!r} is empty")
+    labels_path = Path(labels_file) if labels_file else None
+    name = detect_layout(input_dir, labels_path) if layout == "auto" else layout
+    if name not in LAYOUTS:
+        raise DatasetError(f"unknown layout {layout!r}; choose one of: auto, {', '.join(LAYOUTS)}")
+    result = LAYOUTS[name](input_dir, list(classes), labels_path)
+    if not result.items:
+        raise DatasetError(f"no labelled images found in {input_dir} with the {name} layout")
+    if classes:
+        found = {item.label for item in result.items}
+        missing = [c for c in classes if c not in found]
+        if missing:
+            raise DatasetError(f"class {missing[0]!r} has no images in {input_dir}")
+    return result
+
+
+# --- splitting ---------------------------------------------------------------------------------
+
+
+def stratified_split(labels: Sequence[str], fractions: Sequence[float], seed: int) -> list[int]:
+    """Split index (0, 1, 2) of each item: per class, a seeded shuffle cut by ``fractions``."""
+    rng = np.random.default_rng(seed)
+    assignment = [0] * len(labels)
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for index, label in enumerate(labels):
+        by_label[label].append(index)
+    for label in sorted(by_label):
+        members = np.array(by_label[label])[rng.permutation(len(by_label[label]))]
+        bounds = np.round(np.cumsum(fractions) * len(members)).astype(int)
+        for split, (start, stop) in enumerate(zip(np.r_[0, bounds[:-1]], bounds)):
+            for index in members[start:stop]:
+                assignment[index] = split
+    return assignment
+
+
+# --- building the dataset folder -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BuildReport:
+    layout: str
+    output_dir: Path
+    counts: dict[str, Counter]  # split -> label -> images
+    skipped: list[tuple[str, str]]  # (source path, reason)
+    unlabelled: list[Path]
+    duplicates: list[dict[str, str]]  # rows of duplicates.csv
+
+
+def _place(src: Path, dst: Path, link: str) -> None:
+    if link == "copy":
+        shutil.copy2(src, dst)
+    elif link == "hardlink":
+        os.link(src, dst)
+    else:
+        os.symlink(src.resolve(), dst)
+
+
+def _inspect(path: Path, max_pixels: int) -> tuple[tuple[int, int] | None, str]:
+    """((width, height), sha256) of a decodable image, or (None, reason)."""
+    try:
+        return probe_image(path, max_pixels), sha256_file(path)
+    except ImageError as exc:
+        return None, str(exc)
+    except OSError as exc:
+        return None, f"unreadable file: {exc.strerror or exc}"
+
+
+def find_leaks(rows: Iterable[dict[str, str]]) -> list[dict[str, str]]:
+    """Rows whose identical content (sha256) appears in more than one split or under two labels."""
+    groups: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for row in rows:
+        groups[row["sha256"]].append(row)
+    leaks = []
+    for digest, members in groups.items():
+        if len({m["split"] for m in members}) > 1 or len({m["label"] for m in members}) > 1:
+            leaks += [dict(sha256=digest, path=m["path"], split=m["split"], label=m["label"]) for m in members]
+    return leaks
+
+
+def build_dataset(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    splits: Sequence[str],
+    fractions: Sequence[float],
+    layout: str = "auto",
+    classes: Sequence[str] = (),
+    labels_file: str | Path | None = None,
+    seed: int = 42,
+    link: str = "copy",
+    max_pixels: int = 89_478_485,
+    workers: int | None = None,
+) -> BuildReport:
+    """Write ``output_dir/<split>/<class>/<file>`` and ``manifest.csv`` from the photos in ``input_dir``.
+
+    The folder is assembled beside the target and swapped in at the end, so an interrupted build
+    never leaves half a dataset; an existing target is replaced only if it holds a manifest (it
+    was built here), never a folder of the user's own.
+    """
+    result = read_layout(input_dir, layout, classes, labels_file)
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / MANIFEST).exists():
+        raise DatasetError(f"output folder {str(output_dir)!r} is not empty and was not built by ptl; choose another")
+
+    with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+        inspected = list(pool.map(lambda item: _inspect(item.source, max_pixels), result.items))
+    kept, skipped = [], []
+    for item, (size, info) in zip(result.items, inspected):
+        (kept.append((item, size, info)) if size else skipped.append((str(item.source), info)))
+    if not kept:
+        raise DatasetError(f"none of the {len(result.items)} images in {input_dir} could be decoded")
+
+    roles = [item.role for item, _, _ in kept]
+    if all(role is None for role in roles):
+        assignment = [splits[i] for i in stratified_split([item.label for item, _, _ in kept], fractions, seed)]
+    else:
+        role_to_split = dict(zip(SPLIT_ROLES, splits))
+        unknown = sorted({r for r in roles if r not in role_to_split})
+        if unknown:
+            raise DatasetError(f"the input has a {unknown[0]} split but only {len(splits)} splits are configured ({', '.join(splits)})")
+        assignment = [role_to_split[role] for role in roles]
+
+    staging = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    rows, used = [], set()
+    for (item, (width, height), digest), split in zip(kept, assignment):
+        relative = Path(split) / item.label / item.source.name
+        counter = 1
+        while relative.as_posix() in used:  # same file name from two source folders
+            relative = relative.with_name(f"{item.source.stem}_{counter}{item.source.suffix}")
+            counter += 1
+        used.add(relative.as_posix())
+        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+        _place(item.source, staging / relative, link)
+        rows.append(dict(path=relative.as_posix(), split=split, label=item.label, sha256=digest, width=width, height=height))
+
+    duplicates = find_leaks(rows)
+    atomic_write_csv(staging / MANIFEST, MANIFEST_FIELDS, rows)
+    atomic_write_csv(staging / "skipped.csv", ["path", "reason"], [dict(path=p, reason=r) for p, r in skipped])
+    atomic_write_csv(staging / "unlabelled.csv", ["path"], [dict(path=str(p)) for p in result.unlabelled])
+    atomic_write_csv(staging / "duplicates.csv", ["sha256", "path", "split", "label"], duplicates)
+    _swap_in(staging, output_dir)
+
+    counts: dict[str, Counter] = {split: Counter() for split in splits}
+    for row in rows:
+        counts[row["split"]][row["label"]] += 1
+    return BuildReport(result.layout, output_dir, counts, skipped, result.unlabelled, duplicates)
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(dataset_dir: str | Path) -> list[dict[str, str]]:
+    """Rows of ``dataset_dir/manifest.csv``; without one, the ``<split>/<class>/*`` folders scanned."""
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise DatasetError(f"dataset folder {str(dataset_dir)!r} does not exist (run build-dataset first)")
+    manifest = dataset_dir / MANIFEST
+    if manifest.is_file():
+        with manifest.open(newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    rows = [
+        dict(path=path.relative_to(dataset_dir).as_posix(), split=split_dir.name, label=class_dir.name, sha256="")
+        for split_dir in _subdirs(dataset_dir)
+        for class_dir in _subdirs(split_dir)
+        for path in _image_files(class_dir)
+    ]
+    if not rows:
+        raise DatasetError(f"dataset folder {str(dataset_dir)!r} has no <split>/<class>/<image> files")
+    return rows

@@ -1,0 +1,359 @@
+"""Feature files: HDF5 (default, chunked, resumable) or CSV (PyImageSearch's format).
+
+An HDF5 feature file ``<split>.h5`` holds
+
+* ``features`` (N, D) float32 or float16, chunked by rows, written batch by batch;
+* ``labels`` (N,) int64, ``paths`` (N,) file paths (raw bytes), ``sha256`` (N,) content hashes;
+* ``skipped_paths`` / ``skipped_reasons``: the images that could not be decoded;
+* attributes: the :class:`FeatureMeta` fields (backbone, weights, pooling, input size,
+  preprocessing, decoder, label names, ...), the input ``fingerprint`` and progress counters.
+
+While extraction runs the file is ``<split>.h5.partial`` with its progress recorded inside; it is
+renamed to ``<split>.h5`` only when complete, so an unfinished file is never taken for a finished
+one, and a rerun resumes from the last batch written.
+
+A CSV feature file ``<split>.csv`` has one row per image, the label index first, then the values,
+as in PyImageSearch; the metadata and paths go to ``<split>.csv.meta.json`` beside it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .atomic import atomic_write_json
+from .errors import FeatureFileError
+
+FORMAT_VERSION = 1
+SUFFIXES = {"hdf5": ".h5", "csv": ".csv"}
+PARTIAL = ".partial"
+
+#: Meta fields that must be equal for two feature sets (or a bundle and new images) to be comparable.
+LAYOUT_FIELDS = ("backbone", "weights", "weights_sha256", "pooling", "input_size", "preprocessing", "decoder", "feature_dim")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureMeta:
+    """Everything that determines what a feature vector means (stored with every feature file)."""
+
+    backbone: str
+    weights: str
+    pooling: str
+    input_size: int
+    preprocessing: str
+    decoder: str
+    feature_dim: int
+    dtype: str
+    label_names: tuple[str, ...]
+    weights_sha256: str = ""
+
+    def layout(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in LAYOUT_FIELDS}
+
+    def describe(self) -> str:
+        return f"{self.backbone} ({self.weights} weights, {self.pooling} pooling, {self.input_size}px, {self.feature_dim} values)"
+
+    def to_attrs(self) -> dict[str, object]:
+        values = dataclasses.asdict(self)
+        values["label_names"] = json.dumps(list(self.label_names))
+        return values
+
+    @classmethod
+    def from_attrs(cls, attrs) -> "FeatureMeta":
+        try:
+            values = {field.name: attrs[field.name] for field in dataclasses.fields(cls) if field.name in attrs}
+            values["label_names"] = tuple(json.loads(values["label_names"]))
+            values["input_size"] = int(values["input_size"])
+            values["feature_dim"] = int(values["feature_dim"])
+            values = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in values.items()}
+            return cls(**values)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FeatureFileError(f"feature file metadata is incomplete or unreadable ({exc})") from None
+
+
+def check_same_layout(reference: FeatureMeta, other: FeatureMeta, what: str) -> None:
+    """Raise :class:`FeatureFileError` naming the first field where ``other`` differs."""
+    for name in LAYOUT_FIELDS:
+        if getattr(reference, name) != getattr(other, name):
+            raise FeatureFileError(
+                f"{what} has {name}={getattr(other, name)!r} but the reference has {getattr(reference, name)!r}; "
+                "features from different backbones or settings cannot be mixed"
+            )
+    if reference.label_names != other.label_names:
+        raise FeatureFileError(f"{what} has labels {list(other.label_names)} but the reference has {list(reference.label_names)}")
+
+
+@dataclasses.dataclass
+class FeatureSet:
+    features: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    sha256: list[str]
+    meta: FeatureMeta
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+
+class HDF5FeatureWriter:
+    """Appends batches to ``<split>.h5.partial`` and renames it into place when finished.
+
+    Parameters
+    ----------
+    path : Path
+        The finished file's path (``.../<split>.h5``).
+    meta : FeatureMeta
+    fingerprint : str
+        Identifies the exact input (ordered image list + meta); a partial file with another
+        fingerprint is discarded instead of resumed.
+    chunk_rows : int
+        Rows per HDF5 chunk (the extraction batch size).
+    """
+
+    def __init__(self, path: Path, meta: FeatureMeta, fingerprint: str, chunk_rows: int = 64):
+        import h5py
+
+        self.path, self.partial = Path(path), Path(str(path) + PARTIAL)
+        self.meta, self.fingerprint = meta, fingerprint
+        self.resumed_from = 0
+        self.file = None
+        if self.partial.exists():
+            try:
+                handle = h5py.File(self.partial, "a")
+                if handle.attrs.get("fingerprint") == fingerprint:
+                    self.file = handle
+                    self._truncate_to_recorded_progress()
+                    self.resumed_from = self.inputs_done
+                else:
+                    handle.close()
+            except (OSError, KeyError):  # a file killed mid-write may be unreadable: start over
+                self.file = None
+        if self.file is None:
+            self.partial.unlink(missing_ok=True)
+            self.file = h5py.File(self.partial, "w")
+            self._create(chunk_rows)
+
+    def _create(self, chunk_rows: int) -> None:
+        import h5py
+
+        f, dim = self.file, self.meta.feature_dim
+        rows = max(1, min(chunk_rows, max(1, (1 << 20) // (4 * dim))))  # chunks of ~1 MB at most
+        f.create_dataset("features", (0, dim), maxshape=(None, dim), dtype=self.meta.dtype, chunks=(rows, dim))
+        f.create_dataset("labels", (0,), maxshape=(None,), dtype="int64", chunks=(4096,))
+        for name in ("paths", "skipped_paths", "skipped_reasons"):
+            f.create_dataset(name, (0,), maxshape=(None,), dtype=h5py.vlen_dtype(bytes), chunks=(1024,))
+        f.create_dataset("sha256", (0,), maxshape=(None,), dtype="S64", chunks=(4096,))
+        f.attrs.update(self.meta.to_attrs())
+        f.attrs.update(format_version=FORMAT_VERSION, fingerprint=self.fingerprint, complete=False,
+                       rows=0, skipped=0, inputs_done=0)
+        f.flush()
+
+    def _truncate_to_recorded_progress(self) -> None:
+        rows, skipped = int(self.file.attrs["rows"]), int(self.file.attrs["skipped"])
+        for name in ("features", "labels", "paths", "sha256"):
+            self.file[name].resize(rows, axis=0)
+        for name in ("skipped_paths", "skipped_reasons"):
+            self.file[name].resize(skipped, axis=0)
+
+    @property
+    def inputs_done(self) -> int:
+        return int(self.file.attrs["inputs_done"])
+
+    @property
+    def rows(self) -> int:
+        return int(self.file.attrs["rows"])
+
+    def append(self, features, labels, paths, sha256, skipped: Sequence[tuple[str, str]], inputs_done: int) -> None:
+        """Write one batch, then record the progress (data first, so the counters never lie)."""
+        f = self.file
+        start, count = self.rows, len(labels)
+        if count:
+            for name, values in (("features", np.asarray(features, dtype=self.meta.dtype)), ("labels", labels),
+                                 ("paths", [os.fsencode(p) for p in paths]), ("sha256", [s.encode() for s in sha256])):
+                f[name].resize(start + count, axis=0)
+                f[name][start:start + count] = values
+        done_skipped = int(f.attrs["skipped"])
+        if skipped:
+            for name, values in (("skipped_paths", [os.fsencode(p) for p, _ in skipped]),
+                                 ("skipped_reasons", [r.encode() for _, r in skipped])):
+                f[name].resize(done_skipped + len(skipped), axis=0)
+                f[name][done_skipped:] = values
+        f.attrs.update(rows=start + count, skipped=done_skipped + len(skipped), inputs_done=inputs_done)
+        f.flush()
+
+    def finish(self) -> Path:
+        self.file.attrs["complete"] = True
+        self.file.close()
+        os.replace(self.partial, self.path)
+        return self.path
+
+    def close(self) -> None:
+        if self.file is not None and self.file.id.valid:
+            self.file.close()
+
+
+class CSVFeatureWriter:
+    """PyImageSearch's CSV rows (label index, then values), plus a JSON sidecar with the metadata.
+
+    CSV is for compatibility; it is written to ``.partial`` and renamed when complete but, unlike
+    HDF5, an interrupted CSV extraction starts over.
+    """
+
+    def __init__(self, path: Path, meta: FeatureMeta, fingerprint: str, chunk_rows: int = 64):
+        self.path, self.partial = Path(path), Path(str(path) + PARTIAL)
+        self.meta, self.fingerprint = meta, fingerprint
+        self.resumed_from = 0
+        self.handle = open(self.partial, "w", newline="")
+        self.writer = csv.writer(self.handle)
+        self.paths: list[str] = []
+        self.sha256: list[str] = []
+        self.skipped: list[tuple[str, str]] = []
+
+    @property
+    def rows(self) -> int:
+        return len(self.paths)
+
+    def append(self, features, labels, paths, sha256, skipped, inputs_done) -> None:
+        format_value = "{:.7g}".format if self.meta.dtype == "float32" else "{:.4g}".format
+        for label, row in zip(labels, np.asarray(features)):
+            self.writer.writerow([int(label), *map(format_value, row.tolist())])
+        self.paths += list(paths)
+        self.sha256 += list(sha256)
+        self.skipped += list(skipped)
+
+    def finish(self) -> Path:
+        self.handle.close()
+        atomic_write_json(_csv_meta_path(self.path), dict(
+            self.meta.to_attrs(), format_version=FORMAT_VERSION, fingerprint=self.fingerprint, complete=True,
+            paths=[os.fsencode(p).decode("utf-8", "surrogateescape") for p in self.paths], sha256=self.sha256,
+            skipped=[list(s) for s in self.skipped],
+        ))
+        os.replace(self.partial, self.path)
+        return self.path
+
+    def close(self) -> None:
+        if not self.handle.closed:
+            self.handle.close()
+
+
+WRITERS = {"hdf5": HDF5FeatureWriter, "csv": CSVFeatureWriter}
+
+
+def _csv_meta_path(path: Path) -> Path:
+    return Path(str(path) + ".meta.json")
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+
+def feature_file(features_dir: str | Path, split: str) -> Path:
+    """The finished feature file of ``split`` in ``features_dir`` (HDF5 preferred over CSV)."""
+    features_dir = Path(features_dir)
+    if not features_dir.is_dir():
+        raise FeatureFileError(f"features folder {str(features_dir)!r} does not exist (run extract first)")
+    for suffix in SUFFIXES.values():
+        path = features_dir / f"{split}{suffix}"
+        if path.is_file():
+            return path
+    partial = [p.name for p in features_dir.glob(f"{split}.*{PARTIAL}")]
+    if partial:
+        raise FeatureFileError(f"{features_dir}/{partial[0]} is an unfinished extraction; rerun extract to resume it")
+    found = sorted(p.name for p in features_dir.iterdir() if p.suffix in SUFFIXES.values())
+    raise FeatureFileError(f"no feature file for split {split!r} in {features_dir} (found: {', '.join(found) or 'none'})")
+
+
+def has_feature_file(features_dir: str | Path, split: str) -> bool:
+    """True when ``features_dir`` holds a finished feature file for ``split``."""
+    return any((Path(features_dir) / f"{split}{suffix}").is_file() for suffix in SUFFIXES.values())
+
+
+def read_meta(path: str | Path) -> FeatureMeta:
+    """The metadata of a finished feature file, without reading the features."""
+    path = Path(path)
+    if path.suffix == ".csv":
+        return FeatureMeta.from_attrs(_read_csv_sidecar(path))
+    import h5py
+
+    with _open_h5(path) as f:
+        return FeatureMeta.from_attrs(f.attrs)
+
+
+def _open_h5(path: Path):
+    import h5py
+
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise FeatureFileError(f"{path}: not a readable HDF5 feature file ({exc})") from None
+    if not handle.attrs.get("complete", False):
+        handle.close()
+        raise FeatureFileError(f"{path}: the extraction that wrote it did not finish; rerun extract")
+    return handle
+
+
+def _read_csv_sidecar(path: Path) -> dict:
+    sidecar = _csv_meta_path(path)
+    try:
+        return json.loads(sidecar.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FeatureFileError(f"{path}: its metadata file {sidecar.name} is missing") from None
+    except json.JSONDecodeError as exc:
+        raise FeatureFileError(f"{sidecar}: unreadable metadata ({exc})") from None
+
+
+def read_features(path: str | Path) -> FeatureSet:
+    """Load a whole finished feature file (HDF5 or CSV) into memory."""
+    path = Path(path)
+    if path.suffix == ".csv":
+        sidecar = _read_csv_sidecar(path)
+        meta = FeatureMeta.from_attrs(sidecar)
+        data = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+        if data.size == 0:
+            data = np.zeros((0, meta.feature_dim + 1))
+        paths = [os.fsdecode(p.encode("utf-8", "surrogateescape")) for p in sidecar["paths"]]
+        return FeatureSet(data[:, 1:].astype(meta.dtype), data[:, 0].astype(np.int64), paths, sidecar["sha256"], meta)
+    with _open_h5(path) as f:
+        return FeatureSet(
+            features=f["features"][:],
+            labels=f["labels"][:],
+            paths=[os.fsdecode(bytes(p)) for p in f["paths"][:]],
+            sha256=[s.decode() for s in f["sha256"][:]],
+            meta=FeatureMeta.from_attrs(f.attrs),
+        )
+
+
+def iter_chunks(path: str | Path, rows: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(features, labels)`` blocks of an HDF5 file without loading it whole."""
+    with _open_h5(Path(path)) as f:
+        features, labels = f["features"], f["labels"]
+        step = rows or features.chunks[0]
+        for start in range(0, features.shape[0], step):
+            yield features[start:start + step], labels[start:start + step]
+
+
+def read_skipped(path: str | Path) -> list[tuple[str, str]]:
+    """The (path, reason) pairs of images a finished feature file could not include."""
+    path = Path(path)
+    if path.suffix == ".csv":
+        return [tuple(s) for s in _read_csv_sidecar(path)["skipped"]]
+    with _open_h5(path) as f:
+        return [(os.fsdecode(bytes(p)), bytes(r).decode()) for p, r in zip(f["skipped_paths"][:], f["skipped_reasons"][:])]
+
+
+def read_fingerprint(path: str | Path) -> str | None:
+    """The input fingerprint of a finished feature file, or None if it has none or is unreadable."""
+    path = Path(path)
+    try:
+        if path.suffix == ".csv":
+            return _read_csv_sidecar(path).get("fingerprint")
+        with _open_h5(path) as f:
+            value = f.attrs.get("fingerprint")
+            return value.decode() if isinstance(value, bytes) else value
+    except FeatureFileError:
+        return None

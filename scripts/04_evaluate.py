@@ -1,0 +1,7 @@
+#!/usr/bin/env python
+"""Stage: `ptl evaluate`. Same options; run with --help to list them."""
+
+from pyimagesearch_tl.cli import run_script
+
+if __name__ == "__main__":
+    run_script("evaluate")
