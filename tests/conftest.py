@@ -1,0 +1,70 @@
+"""Shared fixtures: small copies of the real photos in ../shared/datasets, and one extraction reused.
+
+The shared datasets are read-only; every test that changes files works on copies in a temporary
+folder. Set PTL_SHARED_DATASETS to point elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PTL_SHARED_DATASETS", ROOT.parent / "shared" / "datasets"))
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def shared(*parts: str) -> Path:
+    """A folder of ../shared/datasets; the test is skipped, with the reason, when it is missing."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real photos not available: {path} is missing (set PTL_SHARED_DATASETS)")
+    return path
+
+
+def copy_subset(source: Path, target: Path, per_folder: int) -> Path:
+    """Copy the first ``per_folder`` images of every leaf folder of ``source`` (structure kept)."""
+    for folder in sorted(p for p in source.rglob("*") if p.is_dir()) + [source]:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        for path in files[:per_folder]:
+            destination = target / path.relative_to(source)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, destination)
+    return target
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Converted weights go to a session cache, never the user's; the first build converts them."""
+    cache = tmp_path_factory.mktemp("xdg-cache")
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
+@pytest.fixture(scope="session")
+def cats_dogs(tmp_path_factory) -> Path:
+    """15 real photos per class in train/ and validation/ of cats_and_dogs_filtered (60 in all)."""
+    return copy_subset(shared("cats_and_dogs_filtered"), tmp_path_factory.mktemp("cats_dogs"), 15)
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(cats_dogs, tmp_path_factory) -> dict[str, Path]:
+    """build-dataset + extract with the default (offline, pretrained) backbone, shared by many tests."""
+    from pyimagesearch_tl.features import extract_dataset
+    from pyimagesearch_tl.layouts import build_dataset
+
+    work = tmp_path_factory.mktemp("pipeline")
+    splits = ["training", "validation", "evaluation"]
+    build_dataset(cats_dogs, work / "dataset", splits=splits, fractions=[0.75, 0.15, 0.10])
+    extract_dataset(work / "dataset", work / "features", splits=splits, backbone="efficientnet_lite0",
+                    batch_size=16, progress=False)
+    return {"work": work, "dataset": work / "dataset", "features": work / "features"}

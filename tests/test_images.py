@@ -1,0 +1,154 @@
+"""The one decode path, on real photos and on the broken files real folders contain."""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import shared
+from pyimagesearch_tl.errors import ImageError
+from pyimagesearch_tl.images import load_image, probe_image
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> Path:
+    source = sorted(shared("cats_and_dogs_filtered", "train", "cats").glob("*.jpg"))[0]
+    return Path(shutil.copy(source, tmp_path_factory.mktemp("photo") / "cat.jpg"))
+
+
+def _rgb(photo: Path) -> Image.Image:
+    return Image.open(photo).convert("RGB")
+
+
+def test_real_photo_decodes_to_square_rgb(photo):
+    array = load_image(photo, 224)
+    assert array.shape == (224, 224, 3) and array.dtype == np.uint8
+    assert 20 < array.mean() < 235 and array.std() > 10  # a real photo, not a blank
+
+
+def test_gif_named_jpeg_and_png_named_jpg_decode_by_content(tmp_path, photo):
+    gif = shared("hymenoptera_data", "train", "ants", "imageNotFound.gif")
+    assert load_image(gif, 64).shape == (64, 64, 3)
+    fake = tmp_path / "really_png.jpg"
+    _rgb(photo).save(fake, format="PNG")
+    assert np.abs(load_image(fake, 64).astype(int) - load_image(photo, 64).astype(int)).mean() < 8
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA"])
+def test_every_mode_becomes_the_same_rgb(tmp_path, photo, mode):
+    path = tmp_path / f"{mode}.{'jpg' if mode in ('L', 'CMYK') else 'png'}"
+    _rgb(photo).convert(mode).save(path)
+    array = load_image(path, 96)
+    assert array.shape == (96, 96, 3)
+    reference = load_image(photo, 96).astype(int)
+    tolerance = 40 if mode in ("L", "LA", "P") else 12  # gray and palette lose colour, not content
+    assert np.abs(array.astype(int) - reference).mean() < tolerance
+
+
+def test_transparent_pixels_are_composited_on_white(tmp_path):
+    image = Image.new("RGBA", (32, 32), (255, 0, 0, 0))
+    image.paste((0, 0, 255, 255), (0, 0, 16, 32))
+    image.save(tmp_path / "alpha.png")
+    array = load_image(tmp_path / "alpha.png", 32)
+    assert tuple(array[5, 28]) == (255, 255, 255)  # transparent red -> white
+    assert tuple(array[5, 3]) == (0, 0, 255)
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path, photo):
+    gray8 = np.asarray(_rgb(photo).convert("L"))
+    Image.fromarray(gray8).save(tmp_path / "gray8.png")
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / "gray16.png")
+    assert Image.open(tmp_path / "gray16.png").mode.startswith("I")
+    deep, shallow = load_image(tmp_path / "gray16.png", 64), load_image(tmp_path / "gray8.png", 64)
+    assert np.abs(deep.astype(int) - shallow.astype(int)).max() <= 1  # clipping would give 255 nearly everywhere
+
+
+def test_exif_orientation_is_applied(tmp_path, photo):
+    image = _rgb(photo)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    width, height = image.size
+    assert probe_image(tmp_path / "rotated.jpg") == (height, width)
+    shown = load_image(tmp_path / "rotated.jpg", (height // 4, width // 4))
+    expected = np.asarray(image.transpose(Image.Transpose.ROTATE_270).resize((height // 4, width // 4), Image.BILINEAR))
+    assert np.abs(shown.astype(int) - expected.astype(int)).mean() < 10
+
+
+def test_animated_gif_uses_first_frame(tmp_path):
+    frames = [Image.new("RGB", (40, 40), colour) for colour in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    array = load_image(tmp_path / "anim.gif", 20)
+    assert array[..., 0].mean() > 200 and array[..., 1].mean() < 50
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p, photo: p.write_bytes(photo.read_bytes()[: len(photo.read_bytes()) // 2]), "corrupt"),
+        (lambda p, photo: p.write_bytes(b""), "empty file"),
+        (lambda p, photo: p.write_text("<html><body>404 Not Found</body></html>"), "not an image"),
+    ],
+    ids=["truncated", "zero-byte", "html"],
+)
+def test_broken_files_raise_image_error_with_reason(tmp_path, photo, make, reason):
+    path = tmp_path / "broken.jpg"
+    make(path, photo)
+    with pytest.raises(ImageError, match=reason):
+        load_image(path, 64)
+    with pytest.raises(ImageError, match=reason):
+        probe_image(path)
+
+
+def test_decompression_bomb_is_refused_by_pixel_count(tmp_path):
+    Image.new("L", (4000, 3000)).save(tmp_path / "big.png")
+    with pytest.raises(ImageError, match="decompression bomb"):
+        load_image(tmp_path / "big.png", 64, max_pixels=10_000_000)
+    assert load_image(tmp_path / "big.png", 64, max_pixels=20_000_000).shape == (64, 64, 3)
+
+
+def _load_error(path: Path, drop_to: int | None) -> str:
+    """The ImageError message of load_image(path), in a forked child running as uid ``drop_to``."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop privileges, try to read, report
+        message = "no error"
+        try:
+            if drop_to is not None:
+                os.setgid(drop_to)
+                os.setuid(drop_to)
+            load_image(path, 64)
+        except ImageError as exc:
+            message = str(exc)
+        except BaseException as exc:
+            message = repr(exc)
+        os.write(write_end, message.encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end) as pipe:
+        return pipe.read()
+
+
+def test_unreadable_file(photo):
+    # Root reads any file, so as root the read is tried as the unprivileged 'nobody' (uid 65534),
+    # in a world-traversable folder of its own.
+    folder = Path(tempfile.mkdtemp(prefix="ptl-unreadable-"))
+    try:
+        folder.chmod(0o755)
+        path = Path(shutil.copy(photo, folder / "locked.jpg"))
+        path.chmod(0)
+        message = _load_error(path, 65534 if os.geteuid() == 0 else None)
+    finally:
+        shutil.rmtree(folder)
+    assert message == "unreadable file: permission denied"
+
+
+def test_odd_file_names(tmp_path, photo):
+    spaced = Path(shutil.copy(photo, tmp_path / "a cat photo (1).jpg"))
+    odd = Path(shutil.copy(photo, os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9.jpg"))))
+    assert load_image(spaced, 32).shape == load_image(odd, 32).shape == (32, 32, 3)
