@@ -1,0 +1,149 @@
+"""The backbone registry, the offline EfficientNet-Lite weights and the keras.applications path."""
+
+import io
+import pickle
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pyimagesearch_tl.backbones import create_model, get_backbone, list_backbones
+from pyimagesearch_tl.backbones import efficientnet_lite as lite
+from pyimagesearch_tl.errors import ConfigError
+
+skimage_data = pytest.importorskip("skimage.data")
+
+
+def test_registry_lists_and_rejects_with_names():
+    names = list_backbones()
+    for expected in ["vgg16", "vgg19", "resnet50", "mobilenetv2", "efficientnet_lite0", "efficientnet_lite1",
+                     "efficientnet_lite2"] + [f"efficientnetb{i}" for i in range(8)]:
+        assert expected in names
+    assert list_backbones("efficientnet_lite*") == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    with pytest.raises(ConfigError, match="unknown backbone 'alexnet'; choose one of: efficientnet_lite0.*vgg16"):
+        get_backbone("alexnet")
+
+
+@pytest.mark.parametrize(
+    "name, pooling, width",
+    [("vgg16", "flatten", 7 * 7 * 512), ("vgg16", "max", 512), ("mobilenetv2", "avg", 1280),
+     ("efficientnetb0", "avg", 1280), ("efficientnet_lite2", "avg", 1280)],
+)
+def test_random_weight_models_have_the_documented_feature_width(name, pooling, width):
+    model = create_model(name, weights="none", pooling=pooling)
+    size = get_backbone(name).input_size
+    assert model.input_shape == (None, size, size, 3)
+    assert model.output_shape == (None, width)
+
+
+# --- the packaged EfficientNet-Lite checkpoints ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lite0_state():
+    return lite.read_torch_checkpoint(lite.packaged_checkpoint("efficientnet_lite0"))
+
+
+def test_checkpoint_reader_reads_all_296_tensors(lite0_state):
+    assert len(lite0_state) == 296
+    assert lite0_state["_fc.weight"].shape == (1000, 1280)
+    assert lite0_state["_conv_stem.weight"].dtype == np.float32
+    assert lite0_state["_blocks.0._depthwise_conv.weight"].shape == (32, 1, 3, 3)
+
+
+def test_conversion_consumes_every_tensor(lite0_state):
+    model = lite.EfficientNetLite("efficientnet_lite0", weights=None)
+    lite.convert_state_dict(model, lite0_state)  # raises if any tensor is left over or misshaped
+    extra = dict(lite0_state, **{"_blocks.99._bn0.weight": np.zeros(3, np.float32)})
+    with pytest.raises(Exception, match="does not use"):
+        lite.convert_state_dict(model, extra)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def _legacy_checkpoint(state_pickle: bytes) -> bytes:
+    header = b"".join(pickle.dumps(x, protocol=2) for x in (lite._MAGIC_NUMBER, lite._PROTOCOL_VERSION, {"little_endian": True}))
+    return header + state_pickle + pickle.dumps([], protocol=2)
+
+
+def test_reader_refuses_any_other_callable(tmp_path):
+    path = tmp_path / "evil.pth"
+    path.write_bytes(_legacy_checkpoint(pickle.dumps({"x": _Evil()}, protocol=2)))
+    with pytest.raises(lite.UnsafeCheckpointError, match=r"refusing to load __builtin__\.print"):
+        lite.read_torch_checkpoint(path)
+    path.write_bytes(_legacy_checkpoint(b"\x80\x02cos\nsystem\nX\x02\x00\x00\x00idq\x00\x85R."))
+    with pytest.raises(lite.UnsafeCheckpointError, match="os.system"):
+        lite.read_torch_checkpoint(path)
+
+
+def test_reader_rejects_truncated_checkpoint(tmp_path):
+    data = lite.packaged_checkpoint("efficientnet_lite0").read_bytes()
+    path = tmp_path / "cut.pth"
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(Exception, match="truncated"):
+        lite.read_torch_checkpoint(path)
+
+
+def _classify(model, photo: np.ndarray, size: int) -> list[int]:
+    pixels = np.asarray(Image.fromarray(photo).resize((size, size), Image.BILINEAR), dtype=np.float32)[None]
+    scores = model.predict(lite.preprocess_input(pixels), verbose=0)[0]
+    return list(np.argsort(scores)[::-1])
+
+
+def test_lite0_with_imagenet_head_recognises_real_photos():
+    model = lite.EfficientNetLite("efficientnet_lite0", include_top=True, weights="imagenet")
+    assert _classify(model, skimage_data.coffee(), 224)[0] == 967  # espresso
+    assert _classify(model, skimage_data.chelsea(), 224)[0] in (281, 282, 285)  # tabby, tiger cat, Egyptian cat
+
+
+def test_weights_are_converted_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = lite.cached_weights("efficientnet_lite0")
+    assert first.parent == tmp_path / "pyimagesearch_tl" / "weights" and first.name.endswith(".weights.h5")
+    stamp = first.stat().st_mtime_ns
+    monkeypatch.setattr(lite, "_convert_to", lambda *a: pytest.fail("converted again instead of using the cache"))
+    assert lite.cached_weights("efficientnet_lite0") == first
+    assert first.stat().st_mtime_ns == stamp
+
+
+def test_pooled_lite_features_of_real_photos():
+    model = create_model("efficientnet_lite0", weights="imagenet", pooling="avg")
+    photos = [skimage_data.coffee(), skimage_data.chelsea(), skimage_data.astronaut()]
+    batch = np.stack([np.asarray(Image.fromarray(p).resize((224, 224)), np.float32) for p in photos])
+    features = model.predict(lite.preprocess_input(batch), verbose=0)
+    assert features.shape == (3, 1280)
+    assert (features >= 0).all() and (features <= 6).all()  # ReLU6 outputs, averaged
+    cosine = features @ features.T / np.outer(np.linalg.norm(features, axis=1), np.linalg.norm(features, axis=1))
+    assert cosine[0, 1] < 0.95  # different photos give different features
+
+
+def test_failed_imagenet_download_explains_the_offline_options(tmp_path, monkeypatch):
+    from keras.src.applications import mobilenet_v2
+
+    from pyimagesearch_tl.backbones import WeightsUnavailableError
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # no cached copy
+    monkeypatch.setattr(mobilenet_v2, "BASE_WEIGHT_PATH", "http://127.0.0.1:9/unreachable/")
+    with pytest.raises(WeightsUnavailableError) as info:
+        create_model("mobilenetv2", weights="imagenet")
+    message = str(info.value)
+    assert "could not download the ImageNet weights of MobileNetV2" in message
+    assert "efficientnet_lite0" in message and "--weights PATH" in message
+    assert "\n" not in message
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="weights file .* does not exist"):
+        create_model("vgg16", weights=str(tmp_path / "nope.h5"))
+
+
+def test_local_weights_file_is_used(tmp_path):
+    model = create_model("mobilenetv2", weights="none")
+    path = tmp_path / "mine.weights.h5"
+    model.save_weights(path)
+    again = create_model("mobilenetv2", weights=str(path))
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), again.get_weights()))

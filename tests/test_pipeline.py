@@ -1,0 +1,177 @@
+"""The stages end to end on real photos: extract, train, evaluate, predict, through the CLI."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import ROOT
+from pyimagesearch_tl.bundle import Bundle
+from pyimagesearch_tl.cli import cli
+from pyimagesearch_tl.store import read_features, read_meta
+
+
+def run(*args: str) -> str:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_extraction_writes_one_file_per_split_with_metadata(pipeline_run):
+    features = pipeline_run["features"]
+    assert sorted(p.name for p in features.iterdir()) == ["label_encoder.joblib", "training.h5", "validation.h5"]
+    training = read_features(features / "training.h5")
+    assert training.features.shape == (len(training.paths), 1280) and training.features.dtype == np.float32
+    meta = training.meta
+    assert (meta.backbone, meta.weights, meta.pooling, meta.input_size, meta.preprocessing) == ("efficientnet_lite0", "imagenet", "avg", 224, "lite")
+    assert meta.label_names == ("cats", "dogs")
+    assert list(joblib.load(features / "label_encoder.joblib").classes_) == ["cats", "dogs"]
+    # deterministic order: the manifest's
+    manifest = (pipeline_run["dataset"] / "manifest.csv").read_text().splitlines()[1:]
+    assert training.paths == [line.split(",")[0] for line in manifest if ",training," in line]
+
+
+def test_rerun_with_same_input_does_no_work(pipeline_run):
+    features = pipeline_run["features"]
+    before = {p.name: p.stat().st_mtime_ns for p in features.glob("*.h5")}
+    output = run("extract", "--dataset", str(pipeline_run["dataset"]), "--output", str(features), "--batch-size", "16")
+    assert output.count("up to date, nothing to do") == 2
+    assert before == {p.name: p.stat().st_mtime_ns for p in features.glob("*.h5")}
+
+
+def test_train_grid_search_picks_c_and_bundle_carries_everything(pipeline_run, tmp_path):
+    output = run("train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path), "--cv", "3")
+    bundle = Bundle.load(tmp_path / "logreg.joblib")
+    assert bundle.info["best_params"]["C"] in bundle.info["grid"]["C"]
+    assert len(bundle.info["grid"]["C"]) > 1
+    assert bundle.meta == read_meta(pipeline_run["features"] / "training.h5")
+    assert bundle.label_names == ["cats", "dogs"]
+    assert {"scikit-learn", "tensorflow", "keras", "numpy", "pyimagesearch_tl"} <= set(bundle.versions)
+    validation = read_features(pipeline_run["features"] / "validation.h5")
+    scores, kind = bundle.scores(validation.features)
+    assert kind == "probability" and scores.shape == (len(validation.labels), 2)
+    # pretrained features separate real cats from dogs even with a dozen photos per class
+    assert (scores.argmax(1) == validation.labels).mean() >= 0.8
+    assert "logreg" in output and "saved" in output
+
+
+def test_train_all_reuses_the_feature_files(pipeline_run, tmp_path):
+    features = pipeline_run["features"]
+    before = {p.name: p.stat().st_mtime_ns for p in features.iterdir()}
+    output = run("train", "--features", str(features), "--output", str(tmp_path), "--classifier", "all", "--cv", "validation")
+    assert {p.name for p in tmp_path.glob("*.joblib")} == {"logreg.joblib", "linear-svm.joblib"}
+    assert before == {p.name: p.stat().st_mtime_ns for p in features.iterdir()}
+    header = output.splitlines()[0]
+    assert "val acc" in header and "fit s" in header
+    assert Bundle.load(tmp_path / "linear-svm.joblib").scores(np.zeros((1, 1280)))[1] == "decision"
+
+
+def test_evaluate_prints_accuracy_and_writes_metrics_and_plots(pipeline_run, tmp_path):
+    run("train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path), "--cv", "2")
+    output = run("evaluate", "--model", str(tmp_path / "logreg.joblib"), "--features", str(pipeline_run["features"]),
+                 "--output", str(tmp_path / "eval"))
+    accuracy_line = [line for line in output.splitlines() if line.startswith("accuracy: ")]
+    assert len(accuracy_line) == 1 and len(accuracy_line[0].split()[1]) == 6
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["split"] == "validation"  # the photos come pre-split into train and validation only
+    assert metrics["accuracy"] == pytest.approx(float(accuracy_line[0].split()[1]), abs=1e-4)
+    assert np.sum(metrics["confusion_matrix"]) == metrics["images"] > 0
+    assert metrics["roc_auc"] is not None and "roc_auc:" in output
+    for name in ("confusion_matrix.png", "roc_curve.png"):
+        assert (tmp_path / "eval" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predict_rebuilds_the_backbone_from_the_bundle(pipeline_run, tmp_path, cats_dogs):
+    run("train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path), "--cv", "2")
+    photos = sorted((cats_dogs / "validation" / "dogs").glob("*.jpg"))[:3]
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("not a photo")
+    # a config with another backbone must not change how the bundle's features are made
+    config = tmp_path / "other.toml"
+    config.write_text('backbone = "vgg16"\npooling = "flatten"\n')
+    output = run("predict", "--config", str(config), "--model", str(tmp_path / "logreg.joblib"),
+                 *map(str, photos), str(broken), "--output", str(tmp_path / "p.json"))
+    lines = [line for line in output.splitlines() if line.startswith(str(photos[0].parent))]
+    assert len(lines) == 3 and all(line.split("\t")[1] == "dogs" for line in lines)
+    results = json.loads((tmp_path / "p.json").read_text())
+    assert [r["error"] for r in results][-1] == "not an image (unrecognised file content)"
+    assert "predicted 3, skipped 1" in output
+
+
+def test_predict_refuses_a_bundle_whose_features_cannot_be_rebuilt(pipeline_run, tmp_path):
+    run("train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path), "--cv", "2")
+    bundle = Bundle.load(tmp_path / "logreg.joblib")
+    bundle.meta = bundle.meta.__class__(**{**bundle.meta.__dict__, "decoder": "some-other-decoder"})
+    bundle.save(tmp_path / "tampered.joblib")
+    result = CliRunner().invoke(cli, ["predict", "--model", str(tmp_path / "tampered.joblib"), str(pipeline_run["dataset"])])
+    assert result.exit_code == 1 and "decoder=" in result.output and "Traceback" not in result.output
+    bundle.meta = bundle.meta.__class__(**{**bundle.meta.__dict__, "backbone": "gone_net"})
+    bundle.save(tmp_path / "unknown.joblib")
+    result = CliRunner().invoke(cli, ["predict", "--model", str(tmp_path / "unknown.joblib"), str(pipeline_run["dataset"])])
+    assert result.exit_code == 1 and "unknown backbone 'gone_net'" in result.output
+
+
+def test_csv_features_train_too(pipeline_run, tmp_path):
+    output = run("extract", "--dataset", str(pipeline_run["dataset"]), "--output", str(tmp_path / "csv"), "--format", "csv",
+                 "--batch-size", "16")
+    assert "extracted" in output
+    first = (tmp_path / "csv" / "training.csv").read_text().splitlines()[0].split(",")
+    assert first[0] in ("0", "1") and len(first) == 1 + 1280  # label first, then the values
+    h5 = read_features(pipeline_run["features"] / "training.h5")
+    csv = read_features(tmp_path / "csv" / "training.csv")
+    np.testing.assert_allclose(csv.features, h5.features, rtol=1e-5, atol=1e-6)
+    run("train", "--features", str(tmp_path / "csv"), "--output", str(tmp_path / "models"), "--cv", "2")
+    assert Bundle.load(tmp_path / "models" / "logreg.joblib").meta == h5.meta
+
+
+def test_mixing_feature_files_from_different_backbones_is_refused(pipeline_run, tmp_path):
+    features = tmp_path / "mixed"
+    shutil.copytree(pipeline_run["features"], features)
+    dataset = tmp_path / "dataset"
+    shutil.copytree(pipeline_run["dataset"], dataset)
+    run("extract", "--dataset", str(dataset), "--output", str(tmp_path / "other"), "--backbone", "mobilenetv2",
+        "--weights", "none", "--batch-size", "16")
+    shutil.copy(tmp_path / "other" / "validation.h5", features / "validation.h5")
+    result = CliRunner().invoke(cli, ["train", "--features", str(features), "--output", str(tmp_path / "m")])
+    assert result.exit_code == 1
+    assert "backbone='mobilenetv2'" in result.output and "cannot be mixed" in result.output
+
+
+def test_too_few_images_for_the_folds_is_a_clear_error(pipeline_run, tmp_path):
+    result = CliRunner().invoke(cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path), "--cv", "50"])
+    assert result.exit_code == 1
+    assert "fewer than the 50 cross-validation folds" in result.output
+
+
+def test_missing_features_folder_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(cli, ["train", "--features", str(tmp_path / "nope")])
+    assert result.exit_code == 1 and "features folder" in result.output and "does not exist" in result.output
+
+
+def test_numbered_scripts_run_in_order(tmp_path, cats_dogs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    out = tmp_path / "out"
+
+    def script(name: str, *args: str) -> str:
+        result = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
+                                env=env, cwd=tmp_path, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    script("01_build_dataset.py", "--input", str(cats_dogs), "--output", str(out / "dataset"))
+    script("02_extract_features.py", "--dataset", str(out / "dataset"), "--output", str(out / "features"), "--batch-size", "16")
+    assert {p.name for p in (out / "features").glob("*.h5")} == {"training.h5", "validation.h5"}
+    script("03_train.py", "--features", str(out / "features"), "--output", str(out / "models"), "--classifier", "all", "--cv", "3")
+    evaluation = script("04_evaluate.py", "--model", str(out / "models" / "logreg.joblib"), "--features",
+                        str(out / "features"), "--output", str(out / "evaluation"))
+    assert (out / "evaluation" / "metrics.json").is_file()
+    assert float(evaluation.strip().splitlines()[-2].split()[1]) >= 0.8  # 'accuracy: 0.XXXX'
+    predicted = script("05_predict.py", "--model", str(out / "models" / "linear-svm.joblib"), str(cats_dogs / "validation" / "cats"))
+    assert "predicted 15, skipped 0" in predicted

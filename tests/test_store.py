@@ -1,0 +1,119 @@
+"""Feature files: HDF5 and CSV round trips, unfinished files, resuming."""
+
+import numpy as np
+import pytest
+
+from pyimagesearch_tl.errors import FeatureFileError
+from pyimagesearch_tl.store import (
+    CSVFeatureWriter,
+    FeatureMeta,
+    HDF5FeatureWriter,
+    check_same_layout,
+    feature_file,
+    iter_chunks,
+    read_features,
+    read_meta,
+    read_skipped,
+)
+
+META = FeatureMeta(backbone="efficientnet_lite0", weights="imagenet", pooling="avg", input_size=224,
+                   preprocessing="lite", decoder="test-decoder", feature_dim=5, dtype="float32",
+                   label_names=("cats", "dogs"))
+
+
+def _batches(rng):
+    for start in range(0, 20, 8):
+        n = min(8, 20 - start)
+        yield (rng.normal(size=(n, 5)).astype(np.float32), rng.integers(0, 2, n),
+               [f"training/c/img {i}é.jpg" for i in range(start, start + n)], [f"{i:064x}" for i in range(start, start + n)])
+
+
+@pytest.mark.parametrize("fmt, writer_class", [("h5", HDF5FeatureWriter), ("csv", CSVFeatureWriter)])
+def test_round_trip_keeps_values_labels_paths_and_metadata(tmp_path, fmt, writer_class):
+    rng = np.random.default_rng(0)
+    path = tmp_path / f"training.{fmt}"
+    writer = writer_class(path, META, "fp", chunk_rows=8)
+    expected = list(_batches(rng))
+    done = 0
+    for features, labels, paths, shas in expected:
+        done += len(labels)
+        writer.append(features, labels, paths, shas, skipped=[("training/c/bad.jpg", "empty file (0 bytes)")] if done == 8 else [],
+                      inputs_done=done)
+    assert not path.exists()  # only the .partial exists until finished
+    writer.finish()
+    loaded = read_features(path)
+    np.testing.assert_allclose(loaded.features, np.concatenate([b[0] for b in expected]), rtol=1e-6)
+    assert loaded.labels.tolist() == np.concatenate([b[1] for b in expected]).tolist()
+    assert loaded.paths == [p for b in expected for p in b[2]]
+    assert loaded.sha256 == [s for b in expected for s in b[3]]
+    assert loaded.meta == META == read_meta(path)
+    assert read_skipped(path) == [("training/c/bad.jpg", "empty file (0 bytes)")]
+    assert feature_file(tmp_path, "training") == path
+
+
+def test_float16_storage(tmp_path):
+    meta = FeatureMeta(**{**META.__dict__, "dtype": "float16"})
+    writer = HDF5FeatureWriter(tmp_path / "training.h5", meta, "fp")
+    values = np.linspace(0, 6, 10, dtype=np.float32).reshape(2, 5)
+    writer.append(values, [0, 1], ["a", "b"], ["0" * 64, "1" * 64], [], 2)
+    writer.finish()
+    loaded = read_features(tmp_path / "training.h5")
+    assert loaded.features.dtype == np.float16
+    np.testing.assert_allclose(loaded.features, values, rtol=1e-3)
+
+
+def test_unfinished_file_is_never_read_as_finished(tmp_path):
+    writer = HDF5FeatureWriter(tmp_path / "training.h5", META, "fp")
+    writer.append(np.zeros((2, 5)), [0, 1], ["a", "b"], ["0" * 64, "1" * 64], [], 2)
+    writer.close()
+    with pytest.raises(FeatureFileError, match="unfinished extraction; rerun extract to resume"):
+        feature_file(tmp_path, "training")
+    with pytest.raises(FeatureFileError, match="no feature file for split 'validation'"):
+        feature_file(tmp_path, "validation")
+
+
+def test_partial_file_resumes_only_with_the_same_fingerprint(tmp_path):
+    path = tmp_path / "training.h5"
+    writer = HDF5FeatureWriter(path, META, "fp-1", chunk_rows=4)
+    writer.append(np.ones((4, 5)), [0, 1, 0, 1], list("abcd"), ["0" * 64] * 4, [("e", "corrupt image")], 5)
+    writer.close()
+    resumed = HDF5FeatureWriter(path, META, "fp-1", chunk_rows=4)
+    assert resumed.resumed_from == 5 and resumed.rows == 4
+    resumed.append(np.full((1, 5), 2.0), [1], ["f"], ["1" * 64], [], 6)
+    resumed.finish()
+    loaded = read_features(path)
+    assert loaded.paths == list("abcdf") and loaded.features[-1].tolist() == [2.0] * 5
+    assert read_skipped(path) == [("e", "corrupt image")]
+
+    stale = HDF5FeatureWriter(tmp_path / "validation.h5", META, "old")
+    stale.append(np.ones((1, 5)), [0], ["x"], ["0" * 64], [], 1)
+    stale.close()
+    fresh = HDF5FeatureWriter(tmp_path / "validation.h5", META, "new")
+    assert fresh.resumed_from == 0 and fresh.rows == 0
+    fresh.close()
+
+
+def test_corrupt_partial_file_starts_over(tmp_path):
+    (tmp_path / "training.h5.partial").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    writer = HDF5FeatureWriter(tmp_path / "training.h5", META, "fp")
+    assert writer.resumed_from == 0
+    writer.close()
+
+
+def test_chunked_reading_streams_the_rows(tmp_path):
+    writer = HDF5FeatureWriter(tmp_path / "training.h5", META, "fp", chunk_rows=3)
+    values = np.arange(50, dtype=np.float32).reshape(10, 5)
+    writer.append(values, [0, 1] * 5, list("abcdefghij"), ["0" * 64] * 10, [], 10)
+    writer.finish()
+    blocks = list(iter_chunks(tmp_path / "training.h5"))
+    assert [len(b[0]) for b in blocks] == [3, 3, 3, 1]
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks]), values)
+
+
+def test_layout_mismatch_names_the_field():
+    other = FeatureMeta(**{**META.__dict__, "backbone": "vgg16", "feature_dim": 512})
+    with pytest.raises(FeatureFileError, match="backbone='vgg16'"):
+        check_same_layout(META, other, "validation.h5")
+    relabelled = FeatureMeta(**{**META.__dict__, "label_names": ("ants", "bees")})
+    with pytest.raises(FeatureFileError, match="labels"):
+        check_same_layout(META, relabelled, "validation.h5")
