@@ -25,7 +25,8 @@ from .backbones import create_model, get_backbone, preprocess_input, resolve_wei
 from .errors import DatasetError, ImageError
 from .images import DECODER, load_image, sha256_file
 from .layouts import read_manifest
-from .store import SUFFIXES, WRITERS, FeatureMeta, read_features, read_fingerprint
+from .atomic import atomic_joblib_dump, atomic_write_csv
+from .store import SUFFIXES, WRITERS, FeatureMeta, read_features, read_fingerprint, read_skipped
 
 LABEL_ENCODER = "label_encoder.joblib"
 
@@ -175,52 +176,80 @@ def _previous_rows(path: Path, meta: FeatureMeta) -> dict[str, np.ndarray]:
     return {sha: row for sha, row in zip(previous.sha256, previous.features) if sha}
 
 
+def _segments(todo: Sequence[dict[str, str]], reuse: dict[str, np.ndarray], extractor: FeatureExtractor):
+    """Walk ``todo`` in order, yielding ``(stop, vectors, skipped, computed)`` once per batch of fresh images.
+
+    ``vectors`` maps the positions up to ``stop`` to feature rows (computed, or reused from an
+    earlier file by content hash); ``skipped`` maps positions to the decoder's reason; ``computed``
+    counts the rows that went through the backbone. Decoding runs ahead
+    over the whole list, so progress can be recorded after every batch without stalling the model.
+    """
+    fresh = [i for i, row in enumerate(todo) if row["sha256"] not in reuse]
+    cursor = 0
+
+    def reused_until(stop: int) -> dict[int, np.ndarray]:
+        return {i: reuse[todo[i]["sha256"]] for i in range(cursor, stop) if todo[i]["sha256"] in reuse}
+
+    for batch_number, batch in enumerate(extractor.iter_batches([todo[i]["path"] for i in fresh])):
+        last = (batch_number + 1) * extractor.batch_size
+        stop = fresh[last] if last < len(fresh) else len(todo)
+        vectors = reused_until(stop)
+        vectors.update({fresh[p]: v for p, v in zip(batch.indices, extractor.transform(batch.images))})
+        yield stop, vectors, {fresh[p]: reason for p, reason in batch.skipped}, len(batch.indices)
+        cursor = stop
+    for start in range(cursor, len(todo), 1024):  # nothing left to compute: copy the reused rows
+        stop = min(start + 1024, len(todo))
+        yield stop, reused_until(stop), {}, 0
+        cursor = stop
+
+
 def extract_split(extractor: FeatureExtractor, dataset_dir: Path, rows: Sequence[dict[str, str]], split: str,
                   output_dir: Path, feature_format: str = "hdf5", progress: bool = True) -> SplitReport:
-    """Extract one split into ``output_dir/<split>.<h5|csv>``, resuming or reusing where possible."""
+    """Extract one split into ``output_dir/<split>.<h5|csv>``, resuming or reusing where possible.
+
+    * A finished file with the same fingerprint (same images by content, same settings): no work.
+    * A ``.partial`` file with the same fingerprint: resume after the last batch it recorded.
+    * A finished file of the same settings but other images: rows of unchanged images are reused,
+      only new images go through the backbone.
+
+    Undecodable images are skipped and listed in the feature file and in ``<split>.skipped.csv``.
+    """
     from tqdm.auto import tqdm
 
     meta = extractor.meta
     label_index = {name: i for i, name in enumerate(meta.label_names)}
     path = output_dir / f"{split}{SUFFIXES[feature_format]}"
-    print_ = fingerprint(meta, rows)
-    if read_fingerprint(path) == print_:
-        return SplitReport(split, path, extracted=0, skipped=[], up_to_date=True)
+    identity = fingerprint(meta, rows)
+    if read_fingerprint(path) == identity:
+        return SplitReport(split, path, extracted=0, skipped=read_skipped(path), up_to_date=True)
     reuse = _previous_rows(path, meta)
-    writer = WRITERS[feature_format](path, meta, print_, chunk_rows=extractor.batch_size)
-    started, reused, extracted = time.perf_counter(), 0, 0
-    todo = rows[writer.resumed_from:]
+    writer = WRITERS[feature_format](path, meta, identity, chunk_rows=extractor.batch_size)
+    start = writer.resumed_from
+    todo = [dict(row, path=dataset_dir / row["path"], relative=row["path"]) for row in rows[start:]]
+    started, extracted, reused, cursor = time.perf_counter(), 0, 0, 0
     try:
-        with tqdm(total=len(rows), initial=writer.resumed_from, desc=split, unit="img", disable=not progress) as bar:
-            for start in range(0, len(todo), extractor.batch_size * 8):
-                window = todo[start:start + extractor.batch_size * 8]
-                fresh = [i for i, row in enumerate(window) if row["sha256"] not in reuse]
-                vectors: dict[int, np.ndarray] = {i: reuse[row["sha256"]] for i, row in enumerate(window) if row["sha256"] in reuse}
-                reused += len(vectors)
-                skipped: dict[int, str] = {}
-                for batch in extractor.iter_batches([dataset_dir / window[i]["path"] for i in fresh]):
-                    for position, values in zip(batch.indices, extractor.transform(batch.images)):
-                        vectors[fresh[position]] = values
-                    skipped.update({fresh[position]: reason for position, reason in batch.skipped})
-                    extracted += len(batch.indices)
-                    bar.update(len(batch.indices) + len(batch.skipped))
-                bar.update(len(window) - len(fresh))
+        with tqdm(total=len(rows), initial=start, desc=split, unit="img", disable=not progress) as bar:
+            for stop, vectors, skipped, computed in _segments(todo, reuse, extractor):
                 kept = sorted(vectors)
                 writer.append(
                     features=np.stack([vectors[i] for i in kept]) if kept else np.zeros((0, meta.feature_dim)),
-                    labels=np.array([label_index[window[i]["label"]] for i in kept], dtype=np.int64),
-                    paths=[window[i]["path"] for i in kept],
-                    sha256=[window[i]["sha256"] for i in kept],
-                    skipped=[(window[i]["path"], skipped[i]) for i in sorted(skipped)],
-                    inputs_done=writer.resumed_from + start + len(window),
+                    labels=np.array([label_index[todo[i]["label"]] for i in kept], dtype=np.int64),
+                    paths=[todo[i]["relative"] for i in kept],
+                    sha256=[todo[i]["sha256"] for i in kept],
+                    skipped=[(todo[i]["relative"], skipped[i]) for i in sorted(skipped)],
+                    inputs_done=start + stop,
                 )
+                extracted += computed
+                reused += len(kept) - computed
+                bar.update(stop - cursor)
+                cursor = stop
         writer.finish()
     finally:
         writer.close()
-    from .store import read_skipped
-
-    return SplitReport(split, path, extracted, read_skipped(path), reused, writer.resumed_from,
-                       seconds=time.perf_counter() - started)
+    skipped_rows = read_skipped(path)
+    atomic_write_csv(output_dir / f"{split}.skipped.csv", ["path", "reason"],
+                     [dict(path=p, reason=r) for p, r in skipped_rows])
+    return SplitReport(split, path, extracted, skipped_rows, reused, start, seconds=time.perf_counter() - started)
 
 
 def dataset_rows(dataset_dir: str | Path) -> dict[str, list[dict[str, str]]]:
@@ -247,8 +276,6 @@ def extract_dataset(dataset_dir: str | Path, output_dir: str | Path, *, splits: 
     ``label_encoder.joblib``; every feature file stores the same label names.
     """
     from sklearn.preprocessing import LabelEncoder
-
-    from .atomic import atomic_joblib_dump
 
     dataset_dir, output_dir = Path(dataset_dir), Path(output_dir)
     by_split = dataset_rows(dataset_dir)

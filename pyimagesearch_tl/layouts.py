@@ -73,6 +73,7 @@ class LayoutResult:
     layout: str
     items: list[Item]
     unlabelled: list[Path] = dataclasses.field(default_factory=list)
+    declared: list[str] = dataclasses.field(default_factory=list)  # classes the layout names (folders)
 
 
 # --- parsers (pure functions, property-tested) -------------------------------------------------
@@ -143,13 +144,14 @@ def _food5k(input_dir: Path, classes: Sequence[str], labels_file: Path | None) -
 
 def _class_folders(input_dir: Path, classes: Sequence[str], labels_file: Path | None) -> LayoutResult:
     folders = _split_folders(input_dir) or {None: input_dir}
-    items = []
+    items, declared = [], set()
     for role, folder in folders.items():
         for class_dir in _subdirs(folder):
             if classes and class_dir.name not in classes:
                 continue
+            declared.add(class_dir.name)
             items += [Item(path, class_dir.name, role) for path in _image_files(class_dir)]
-    return LayoutResult("class-folders", items)
+    return LayoutResult("class-folders", items, declared=sorted(declared))
 
 
 def _labels_file(input_dir: Path, classes: Sequence[str], labels_file: Path | None) -> LayoutResult:
@@ -205,12 +207,15 @@ def read_layout(input_dir: str | Path, layout: str = "auto", classes: Sequence[s
     result = LAYOUTS[name](input_dir, list(classes), labels_path)
     if not result.items:
         raise DatasetError(f"no labelled images found in {input_dir} with the {name} layout")
-    if classes:
-        found = {item.label for item in result.items}
-        missing = [c for c in classes if c not in found]
-        if missing:
-            raise DatasetError(f"class {missing[0]!r} has no images in {input_dir}")
+    _check_classes(classes or result.declared, [item.label for item in result.items], f"in {input_dir}")
     return result
+
+
+def _check_classes(expected: Sequence[str], labels: Sequence[str], where: str) -> None:
+    found = set(labels)
+    missing = [c for c in expected if c not in found]
+    if missing:
+        raise DatasetError(f"class {missing[0]!r} has no images {where}")
 
 
 # --- splitting ---------------------------------------------------------------------------------
@@ -308,6 +313,10 @@ def build_dataset(
         (kept.append((item, size, info)) if size else skipped.append((str(item.source), info)))
     if not kept:
         raise DatasetError(f"none of the {len(result.items)} images in {input_dir} could be decoded")
+    if skipped:
+        example = f"{len(skipped)} skipped, e.g. {skipped[0][0]}: {skipped[0][1]}"
+        _check_classes(sorted({item.label for item in result.items}), [item.label for item, _, _ in kept],
+                       f"that can be decoded ({example})")
 
     roles = [item.role for item, _, _ in kept]
     if all(role is None for role in roles):

@@ -26,7 +26,8 @@ def run(*args: str) -> str:
 
 def test_extraction_writes_one_file_per_split_with_metadata(pipeline_run):
     features = pipeline_run["features"]
-    assert sorted(p.name for p in features.iterdir()) == ["label_encoder.joblib", "training.h5", "validation.h5"]
+    assert sorted(p.name for p in features.iterdir()) == ["label_encoder.joblib", "training.h5", "training.skipped.csv",
+                                                              "validation.h5", "validation.skipped.csv"]
     training = read_features(features / "training.h5")
     assert training.features.shape == (len(training.paths), 1280) and training.features.dtype == np.float32
     meta = training.meta

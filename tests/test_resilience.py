@@ -1,0 +1,156 @@
+"""Interrupted runs, incremental extraction, bad images during extraction, bundles from elsewhere."""
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import copy_subset, shared
+from pyimagesearch_tl.bundle import Bundle
+from pyimagesearch_tl.cli import cli
+from pyimagesearch_tl.errors import BundleError, DatasetError
+from pyimagesearch_tl.features import extract_dataset
+from pyimagesearch_tl.layouts import build_dataset
+from pyimagesearch_tl.store import read_features
+
+SPLITS = ["training", "validation", "evaluation"]
+PTL = [sys.executable, "-c", "from pyimagesearch_tl.cli import main; main()"]
+
+
+@pytest.fixture(scope="module")
+def big_dataset(tmp_path_factory):
+    """300 real photos, all in the training split (one feature file to interrupt)."""
+    work = tmp_path_factory.mktemp("big")
+    source = copy_subset(shared("cats_and_dogs_filtered", "train"), work / "photos", 150)
+    build_dataset(source, work / "dataset", splits=SPLITS, fractions=[1.0, 0.0, 0.0])
+    return work / "dataset"
+
+
+def _start_extract(dataset: Path, output: Path) -> subprocess.Popen:
+    return subprocess.Popen(PTL + ["extract", "--dataset", str(dataset), "--output", str(output), "--batch-size", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_progress(process: subprocess.Popen, partial: Path, min_bytes: int, timeout: float = 120) -> None:
+    """Until the partial feature file holds some batches (its size grows as chunks are written)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if partial.exists() and partial.stat().st_size > min_bytes:
+            return
+        if process.poll() is not None:
+            pytest.fail(f"extract ended before it could be interrupted:\n{process.stdout.read()}")
+        time.sleep(0.02)
+    process.kill()
+    pytest.fail("extract made no progress")
+
+
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(big_dataset, tmp_path):
+    output = tmp_path / "killed"
+    process = _start_extract(big_dataset, output)
+    _wait_for_progress(process, output / "training.h5.partial", min_bytes=300_000)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (output / "training.h5").exists() and (output / "training.h5.partial").exists()
+
+    result = CliRunner().invoke(cli, ["extract", "--dataset", str(big_dataset), "--output", str(output), "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    resumed_at = int(result.output.split("resumed at image ")[1].split()[0].rstrip(","))
+    assert 0 < resumed_at < 300
+    assert f"extracted {300 - resumed_at}, skipped 0" in result.output
+    assert not (output / "training.h5.partial").exists()
+
+    extract_dataset(big_dataset, tmp_path / "clean", splits=SPLITS, backbone="efficientnet_lite0", batch_size=8, progress=False)
+    resumed, clean = read_features(output / "training.h5"), read_features(tmp_path / "clean" / "training.h5")
+    assert resumed.paths == clean.paths and len(clean.paths) == 300
+    assert resumed.labels.tolist() == clean.labels.tolist()
+    assert resumed.sha256 == clean.sha256
+    np.testing.assert_allclose(resumed.features, clean.features, rtol=0, atol=1e-5)
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(big_dataset, tmp_path):
+    output = tmp_path / "interrupted"
+    process = _start_extract(big_dataset, output)
+    _wait_for_progress(process, output / "training.h5.partial", min_bytes=100_000)
+    process.send_signal(signal.SIGINT)
+    stdout, _ = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "interrupted; progress is saved: rerun the same command to resume" in stdout
+    assert "Traceback" not in stdout
+    assert (output / "training.h5.partial").exists() and not (output / "training.h5").exists()
+
+
+def test_added_images_are_the_only_ones_extracted(tmp_path):
+    photos = shared("cats_and_dogs_filtered", "train")
+    source = copy_subset(photos, tmp_path / "photos", 10)
+    build_dataset(source, tmp_path / "dataset", splits=SPLITS, fractions=[1.0, 0.0, 0.0])
+    [first] = extract_dataset(tmp_path / "dataset", tmp_path / "features", splits=SPLITS, backbone="efficientnet_lite0",
+                              batch_size=8, progress=False)
+    before = read_features(tmp_path / "features" / "training.h5")
+    for name in ("cats", "dogs"):
+        for path in sorted((photos / name).glob("*.jpg"))[10:13]:
+            shutil.copy(path, source / name)
+    build_dataset(source, tmp_path / "dataset", splits=SPLITS, fractions=[1.0, 0.0, 0.0])
+    [second] = extract_dataset(tmp_path / "dataset", tmp_path / "features", splits=SPLITS, backbone="efficientnet_lite0",
+                               batch_size=8, progress=False)
+    assert (first.extracted, second.extracted, second.reused) == (20, 6, 20)
+    after = read_features(tmp_path / "features" / "training.h5")
+    assert len(after.paths) == 26
+    old = dict(zip(before.sha256, before.features))
+    for sha, row in zip(after.sha256, after.features):
+        if sha in old:
+            np.testing.assert_array_equal(row, old[sha])
+
+
+def test_bad_images_in_the_dataset_are_skipped_and_listed(tmp_path):
+    dataset = tmp_path / "dataset"
+    copy_subset(shared("cats_and_dogs_filtered", "validation"), dataset / "validation", 4)
+    (dataset / "validation" / "cats" / "zero.jpg").write_bytes(b"")
+    real = sorted((dataset / "validation" / "dogs").glob("*.jpg"))[0]
+    (dataset / "validation" / "dogs" / "cut.jpg").write_bytes(real.read_bytes()[:2000])
+    (dataset / "validation" / "dogs" / "page.png").write_text("<!doctype html><title>Moved</title>")
+    result = CliRunner().invoke(cli, ["extract", "--dataset", str(dataset), "--output", str(tmp_path / "f"), "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    assert "extracted 8, skipped 3" in result.output
+    listing = (tmp_path / "f" / "validation.skipped.csv").read_text()
+    assert "zero.jpg,empty file (0 bytes)" in listing and "cut.jpg,corrupt image" in listing and "page.png,not an image" in listing
+    assert len(read_features(tmp_path / "f" / "validation.h5").paths) == 8
+
+
+def test_class_left_without_decodable_images_is_an_error(tmp_path):
+    source = tmp_path / "photos"
+    copy_subset(shared("cats_and_dogs_filtered", "train", "cats"), source / "cats", 3)
+    (source / "dogs").mkdir()
+    (source / "dogs" / "a.jpg").write_bytes(b"")
+    with pytest.raises(DatasetError, match="class 'dogs' has no images that can be decoded .*a.jpg: empty file"):
+        build_dataset(source, tmp_path / "out", splits=SPLITS, fractions=[0.75, 0.15, 0.10])
+    (source / "dogs" / "a.jpg").unlink()
+    with pytest.raises(DatasetError, match="class 'dogs' has no images in"):
+        build_dataset(source, tmp_path / "out", splits=SPLITS, fractions=[0.75, 0.15, 0.10])
+
+
+def test_bundle_checks(pipeline_run, tmp_path):
+    result = CliRunner().invoke(cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path), "--cv", "2"])
+    assert result.exit_code == 0, result.output
+    bundle = Bundle.load(tmp_path / "logreg.joblib")
+    bundle.versions = dict(bundle.versions, **{"scikit-learn": "0.1.0"})
+    bundle.save(tmp_path / "old.joblib")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Bundle.load(tmp_path / "old.joblib")
+    assert any("saved with scikit-learn 0.1.0" in str(w.message) for w in caught)
+    bundle.format_version = 99
+    bundle.save(tmp_path / "future.joblib")
+    with pytest.raises(BundleError, match="bundle format 99 is not supported"):
+        Bundle.load(tmp_path / "future.joblib")
+    (tmp_path / "junk.joblib").write_bytes(b"not a pickle")
+    with pytest.raises(BundleError, match="not a readable model bundle"):
+        Bundle.load(tmp_path / "junk.joblib")
+    result = CliRunner().invoke(cli, ["predict", "--model", str(tmp_path / "old.joblib"), str(pipeline_run["dataset"] / "validation")])
+    assert result.exit_code == 0 and "warning: old.joblib was saved with scikit-learn 0.1.0" in result.output
