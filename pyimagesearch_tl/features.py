@@ -106,9 +106,14 @@ class FeatureExtractor:
             return str(exc)
 
     def iter_batches(self, paths: Sequence[str | Path], prefetch: int = 2) -> Iterator[Batch]:
-        """Decode ``paths`` in order, ``batch_size`` at a time, keeping ``prefetch`` batches in flight."""
+        """Decode ``paths`` in order, ``batch_size`` at a time, keeping ``prefetch`` batches in flight.
+
+        The decoding threads run at the lowest scheduling priority: on a CPU the model is the
+        bottleneck, so they should only use the cycles it leaves idle; when the model waits for
+        images, nothing else competes and they get the CPU anyway (see benchmarks/bench_extract.py).
+        """
         starts = range(0, len(paths), self.batch_size)
-        with ThreadPoolExecutor(self.workers) as pool:
+        with ThreadPoolExecutor(self.workers, initializer=_lowest_priority) as pool:
             pending: deque = deque()
             for start in starts:
                 pending.append((start, [pool.submit(self._decode_quietly, p) for p in paths[start:start + self.batch_size]]))
@@ -134,6 +139,14 @@ class FeatureExtractor:
         if len(images) == 0:
             return np.zeros((0, self.meta.feature_dim), np.float32)
         return self._forward(images).numpy().astype(np.float32, copy=False)
+
+
+def _lowest_priority() -> None:
+    """Lower the calling thread's priority (Linux applies nice values per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+    except (AttributeError, OSError):  # not available on this platform: keep the default
+        pass
 
 
 # --- extracting a dataset --------------------------------------------------------------------------

@@ -8,7 +8,7 @@ another recipe.
 Recipe: read the file by content (the extension may lie), refuse images above ``max_pixels``
 (decompression bombs), apply the EXIF orientation, take the first frame of an animation, scale
 16-bit samples to 8 bits, composite transparency onto white, convert to 3-channel RGB and resize
-to the backbone's square input with bilinear (antialiased) resampling. JPEGs are decoded at a
+to the backbone's square input: area averaging (box) when shrinking, bilinear when enlarging. JPEGs are decoded at a
 reduced DCT scale when that still leaves at least the target size (Pillow's ``draft``), which is
 several times faster and part of the recipe.
 """
@@ -26,7 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ImageError
 
 #: Name and version of the decoding recipe; stored in feature files and bundles.
-DECODER = "pillow-rgb-white-alpha-bilinear-v1"
+DECODER = "pillow-rgb-white-alpha-box-or-bilinear-v2"
 
 #: File name extensions the stages pick up when they scan a folder (case-insensitive).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
@@ -78,6 +78,8 @@ def _size_or_none(path: str | Path) -> int | None:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 3-channel RGB, the same way for every stage."""
+    if image.mode == "RGB":
+        return image
     if image.mode in _SIXTEEN_BIT_MODES:
         samples = np.asarray(image, dtype=np.float64)
         maximum = 65535.0 if samples.max(initial=0) > 255 or image.mode != "I" else 255.0
@@ -89,6 +91,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return image.convert("RGB")
+
+
+def _resampling(source: tuple[int, int], target: tuple[int, int]) -> Image.Resampling:
+    """Area averaging (box) to shrink, bilinear to enlarge: each the standard filter for its direction.
+
+    Box is also a third cheaper than bilinear when shrinking, which matters on a CPU where the
+    decoder competes with the model for cores.
+    """
+    shrinking = source[0] >= target[0] and source[1] >= target[1]
+    return Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
 
 
 def load_image(path: str | Path, size: int | tuple[int, int], max_pixels: int = 89_478_485) -> np.ndarray:
@@ -115,9 +127,10 @@ def load_image(path: str | Path, size: int | tuple[int, int], max_pixels: int = 
             if image.format == "JPEG":
                 image.draft("RGB", (width, height))
             image.seek(0)  # first frame of an animation
-            image = ImageOps.exif_transpose(image)
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when upright
             image = _to_rgb(image)
-            image = image.resize((width, height), Image.Resampling.BILINEAR)
+            image = image.resize((width, height), _resampling(image.size, (width, height)))
             return np.asarray(image, dtype=np.uint8)
     except ImageError:
         raise

@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Extraction throughput: the classic PyImageSearch loop vs this project's pipeline vs the ceiling.
+
+On the same real photos, in one process, with one model built once:
+
+(a) classic: one ``keras.utils.load_img`` per image, ``img_to_array``, the backbone's
+    ``preprocess_input`` in NumPy, ``model.predict`` per batch, CSV rows of ``",".join``;
+(b) pipeline: ``pyimagesearch_tl.features.extract_split`` into HDF5 (thread-pool decoding ahead of
+    batched ``tf.function`` inference, chunked writes);
+(c) ceiling: the backbone alone on uint8 batches already decoded into memory.
+
+    python benchmarks/bench_extract.py [--backbone efficientnet_lite0] [--images 500] [--data DIR] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def real_photos(data: Path, count: int) -> list[Path]:
+    """``count`` real JPEGs, taken round-robin from the class folders below ``data``."""
+    folders = sorted({p.parent for p in data.rglob("*.jpg")})
+    if not folders:
+        raise click.ClickException(f"no JPEG photos under {data}")
+    streams = [iter(sorted(f.glob("*.jpg"))) for f in folders]
+    photos = [p for p in itertools.chain.from_iterable(itertools.zip_longest(*streams)) if p is not None]
+    if len(photos) < count:
+        raise click.ClickException(f"only {len(photos)} photos under {data}, asked for {count}")
+    return photos[:count]
+
+
+def classic(model, record, photos: list[Path], batch_size: int, out: Path) -> float:
+    import keras
+
+    from pyimagesearch_tl.backbones import preprocess_input
+
+    size = record.input_size
+    started = time.perf_counter()
+    with open(out, "w") as handle:
+        for start in range(0, len(photos), batch_size):
+            batch = []
+            for path in photos[start:start + batch_size]:
+                image = keras.utils.load_img(path, target_size=(size, size))
+                batch.append(keras.utils.img_to_array(image))
+            batch = preprocess_input(np.array(batch, dtype="float32"), record.preprocessing)
+            features = model.predict(batch, batch_size=batch_size, verbose=0)
+            for vector in features:
+                handle.write(",".join(["0"] + [str(v) for v in vector]) + "\n")
+    return time.perf_counter() - started
+
+
+def pipeline(extractor, photos: list[Path], out: Path) -> float:
+    from pyimagesearch_tl.features import extract_split
+
+    rows = [dict(path=str(p), label=extractor.meta.label_names[0], sha256=f"{i:064x}") for i, p in enumerate(photos)]
+    started = time.perf_counter()
+    report = extract_split(extractor, Path("/"), rows, "bench", out, "hdf5", progress=False)
+    elapsed = time.perf_counter() - started
+    assert report.extracted == len(photos), report
+    return elapsed
+
+
+def ceiling(extractor, photos: list[Path]) -> float:
+    batches = [np.stack([extractor.decode(p) for p in photos[s:s + extractor.batch_size]])
+               for s in range(0, len(photos), extractor.batch_size)]
+    started = time.perf_counter()
+    for batch in batches:
+        extractor.transform(batch)
+    return time.perf_counter() - started
+
+
+@click.command()
+@click.option("--backbone", default="efficientnet_lite0", show_default=True)
+@click.option("--images", default=500, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--data", default=str(SHARED / "cats_and_dogs_filtered"), show_default=True)
+@click.option("--repeats", default=3, show_default=True, help="Runs of each; the median is reported.")
+def main(backbone, images, batch_size, data, repeats):
+    from pyimagesearch_tl.backbones import get_backbone
+    from pyimagesearch_tl.features import FeatureExtractor
+
+    photos = real_photos(Path(data), images)
+    extractor = FeatureExtractor(backbone, batch_size=batch_size, label_names=["photo"])
+    record = get_backbone(backbone)
+    # Warm up both call paths (graph tracing, oneDNN primitive caches) on one batch, untimed.
+    warm = np.stack([extractor.decode(p) for p in photos[:batch_size]])
+    extractor.transform(warm)
+    from pyimagesearch_tl.backbones import preprocess_input
+
+    extractor.model.predict(preprocess_input(warm.astype("float32"), record.preprocessing), verbose=0)
+
+    runs: dict[str, list[float]] = {"classic": [], "pipeline": [], "ceiling": []}
+    for _ in range(repeats):  # interleaved, so drifts of the machine hit all three alike
+        with tempfile.TemporaryDirectory() as scratch:
+            scratch = Path(scratch)
+            runs["classic"].append(classic(extractor.model, record, photos, batch_size, scratch / "classic.csv"))
+            runs["pipeline"].append(pipeline(extractor, photos, scratch))
+            runs["ceiling"].append(ceiling(extractor, photos))
+    results = {name: float(np.median(seconds)) for name, seconds in runs.items()}
+    rates = {name: len(photos) / seconds for name, seconds in results.items()}
+    print(f"backbone: {backbone}, images: {len(photos)} real photos from {data}, batch size {batch_size}, "
+          f"median of {repeats} runs")
+    for name in ("classic", "pipeline", "ceiling"):
+        print(f"{name} img/s: {rates[name]:.1f}  ({results[name]:.2f} s)")
+    print(f"speedup vs classic: {rates['pipeline'] / rates['classic']:.2f}")
+    print(f"efficiency vs ceiling: {rates['pipeline'] / rates['ceiling']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
