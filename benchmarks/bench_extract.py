@@ -10,32 +10,18 @@ On the same real photos, in one process, with one model built once:
 (c) ceiling: the backbone alone on uint8 batches already decoded into memory.
 
     python benchmarks/bench_extract.py [--backbone efficientnet_lite0] [--images 500] [--data DIR] [--repeats 3]
+        [--precision float32|bfloat16] [--weights imagenet|none|PATH]
 """
 
 from __future__ import annotations
 
-import csv
-import itertools
 import tempfile
 import time
 from pathlib import Path
 
 import click
 import numpy as np
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-
-
-def real_photos(data: Path, count: int) -> list[Path]:
-    """``count`` real JPEGs, taken round-robin from the class folders below ``data``."""
-    folders = sorted({p.parent for p in data.rglob("*.jpg")})
-    if not folders:
-        raise click.ClickException(f"no JPEG photos under {data}")
-    streams = [iter(sorted(f.glob("*.jpg"))) for f in folders]
-    photos = [p for p in itertools.chain.from_iterable(itertools.zip_longest(*streams)) if p is not None]
-    if len(photos) < count:
-        raise click.ClickException(f"only {len(photos)} photos under {data}, asked for {count}")
-    return photos[:count]
+from benchmarks_common import SHARED, real_photos
 
 
 def classic(model, record, photos: list[Path], batch_size: int, out: Path) -> float:
@@ -84,12 +70,15 @@ def ceiling(extractor, photos: list[Path]) -> float:
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--data", default=str(SHARED / "cats_and_dogs_filtered"), show_default=True)
 @click.option("--repeats", default=3, show_default=True, help="Runs of each; the median is reported.")
-def main(backbone, images, batch_size, data, repeats):
+@click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--weights", default="imagenet", show_default=True,
+              help="'none' times a keras.applications backbone offline (speed does not depend on the values).")
+def main(backbone, images, batch_size, data, repeats, precision, weights):
     from pyimagesearch_tl.backbones import get_backbone
     from pyimagesearch_tl.features import FeatureExtractor
 
     photos = real_photos(Path(data), images)
-    extractor = FeatureExtractor(backbone, batch_size=batch_size, label_names=["photo"])
+    extractor = FeatureExtractor(backbone, weights, batch_size=batch_size, label_names=["photo"], precision=precision)
     record = get_backbone(backbone)
     # Warm up both call paths (graph tracing, oneDNN primitive caches) on one batch, untimed.
     warm = np.stack([extractor.decode(p) for p in photos[:batch_size]])
@@ -107,7 +96,7 @@ def main(backbone, images, batch_size, data, repeats):
             runs["ceiling"].append(ceiling(extractor, photos))
     results = {name: float(np.median(seconds)) for name, seconds in runs.items()}
     rates = {name: len(photos) / seconds for name, seconds in results.items()}
-    print(f"backbone: {backbone}, images: {len(photos)} real photos from {data}, batch size {batch_size}, "
+    print(f"backbone: {backbone} ({precision}), images: {len(photos)} real photos from {data}, batch size {batch_size}, "
           f"median of {repeats} runs")
     for name in ("classic", "pipeline", "ceiling"):
         print(f"{name} img/s: {rates[name]:.1f}  ({results[name]:.2f} s)")

@@ -30,19 +30,15 @@ FORMAT_VERSION = 1
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries whose behaviour a bundle depends on."""
-    import h5py
-    import keras
-    import sklearn
+    """Versions of the libraries whose behaviour a bundle depends on (read without importing them)."""
+    from importlib import metadata
 
-    versions = {"pyimagesearch_tl": __version__, "python": platform.python_version(), "numpy": np.__version__,
-                "scikit-learn": sklearn.__version__, "keras": keras.__version__, "h5py": h5py.__version__}
-    try:
-        import tensorflow as tf
-
-        versions["tensorflow"] = tf.__version__
-    except ImportError:  # pragma: no cover
-        pass
+    versions = {"pyimagesearch_tl": __version__, "python": platform.python_version()}
+    for name in ("numpy", "scikit-learn", "keras", "h5py", "tensorflow", "tensorflow-cpu"):
+        try:
+            versions[name.replace("-cpu", "")] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
     return versions
 
 

@@ -29,15 +29,16 @@ class ClassifierSpec:
         ``make(seed, class_weight)`` returning an unfitted estimator.
     grid : dict
         Default grid: estimator parameter -> candidate values.
-    probabilistic : bool
-        True when the estimator has ``predict_proba`` (else decision scores are reported).
+    streaming : bool
+        True when the estimator learns incrementally (``partial_fit``), so it can be trained on
+        feature files larger than memory (``ptl train --streaming``).
     """
 
     name: str
     make: Callable[[int, str | None], Any]
     grid: dict[str, list]
-    probabilistic: bool
     description: str = ""
+    streaming: bool = False
 
 
 _REGISTRY: dict[str, ClassifierSpec] = {}
@@ -82,7 +83,16 @@ def _linear_svm(seed, class_weight):
     return LinearSVC(dual="auto", max_iter=5000, class_weight=class_weight, random_state=seed)
 
 
-register(ClassifierSpec("logreg", _logreg, {"C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]}, True,
+def _sgd(seed, class_weight):
+    from sklearn.linear_model import SGDClassifier
+
+    # In memory, 50 epochs are plenty on standardised CNN features; streaming passes its own epochs.
+    return SGDClassifier(loss="log_loss", max_iter=50, tol=1e-3, class_weight=class_weight, random_state=seed)
+
+
+register(ClassifierSpec("logreg", _logreg, {"C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]},
                         "logistic regression (lbfgs)"))
-register(ClassifierSpec("linear-svm", _linear_svm, {"C": [1e-5, 1e-4, 1e-3, 1e-2]}, False,
+register(ClassifierSpec("linear-svm", _linear_svm, {"C": [1e-5, 1e-4, 1e-3, 1e-2]},
                         "linear support vector machine (liblinear)"))
+register(ClassifierSpec("sgd", _sgd, {"loss": ["log_loss", "hinge"], "alpha": [1e-4, 1e-3, 1e-2]},
+                        "linear model by stochastic gradient descent (logistic or hinge loss)", streaming=True))

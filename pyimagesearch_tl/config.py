@@ -48,11 +48,13 @@ DEFAULTS: dict[str, Any] = {
     "pooling": "avg",
     "feature_format": "hdf5",
     "dtype": "float32",
+    "precision": "float32",
     "batch_size": 32,
     # train
     "classifier": "logreg",
     "cv": "5",
     "class_weight": "none",
+    "streaming": False,  # train from the feature file chunk by chunk (classifiers with partial_fit)
     "grids": {},  # per classifier, e.g. {"logreg": {"C": [0.01, 0.1, 1]}}; empty: the registry's
 }
 
@@ -144,10 +146,12 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "pooling": _choice("avg", "max", "flatten"),
     "feature_format": _choice("hdf5", "csv"),
     "dtype": _choice("float32", "float16"),
+    "precision": _choice("float32", "bfloat16"),
     "batch_size": _typed(int, "an integer between 1 and 4096", lambda v: 1 <= v <= 4096),
     "classifier": _registered("classifier"),
     "cv": _cv,
     "class_weight": _choice("none", "balanced"),
+    "streaming": _typed(bool, "true or false"),
     "grids": _grids,
 }
 assert RULES.keys() == DEFAULTS.keys()

@@ -58,7 +58,7 @@ class FeatureExtractor:
 
     def __init__(self, backbone: str, weights: str = "imagenet", pooling: str = "avg", batch_size: int = 32,
                  max_pixels: int = 89_478_485, workers: int | None = None, input_size: int | None = None,
-                 dtype: str = "float32", label_names: Sequence[str] = ()):
+                 dtype: str = "float32", label_names: Sequence[str] = (), precision: str = "float32"):
         import tensorflow as tf
 
         record = get_backbone(backbone)
@@ -66,13 +66,13 @@ class FeatureExtractor:
         self.input_size = input_size or record.input_size
         self.batch_size, self.max_pixels = batch_size, max_pixels
         self.workers = workers or os.cpu_count() or 1
-        self.model = create_model(backbone, weights, pooling, self.input_size)
+        self.model = create_model(backbone, weights, pooling, self.input_size, precision)
         mode = record.preprocessing
         model = self.model
 
         @tf.function(input_signature=[tf.TensorSpec([None, self.input_size, self.input_size, 3], tf.uint8)])
         def forward(images):
-            return model(preprocess_input(tf.cast(images, tf.float32), mode), training=False)
+            return tf.cast(model(preprocess_input(tf.cast(images, tf.float32), mode), training=False), tf.float32)
 
         self._forward = forward
         weights_name = "none" if weights_path is None else ("imagenet" if weights_path == "imagenet" else weights_path)
@@ -87,13 +87,15 @@ class FeatureExtractor:
             feature_dim=int(self.model.output.shape[-1]),
             dtype=dtype,
             label_names=tuple(label_names),
+            precision=precision,
         )
 
     @classmethod
     def from_meta(cls, meta: FeatureMeta, batch_size: int = 32, max_pixels: int = 89_478_485) -> "FeatureExtractor":
         """Rebuild exactly the extractor that produced features described by ``meta``."""
         extractor = cls(meta.backbone, meta.weights, meta.pooling, batch_size, max_pixels,
-                        input_size=meta.input_size, dtype=meta.dtype, label_names=meta.label_names)
+                        input_size=meta.input_size, dtype=meta.dtype, label_names=meta.label_names,
+                        precision=meta.precision)
         return extractor
 
     def decode(self, path: str | Path) -> np.ndarray:
@@ -281,7 +283,7 @@ def dataset_rows(dataset_dir: str | Path) -> dict[str, list[dict[str, str]]]:
 
 def extract_dataset(dataset_dir: str | Path, output_dir: str | Path, *, splits: Sequence[str],
                     backbone: str, weights: str = "imagenet", pooling: str = "avg", feature_format: str = "hdf5",
-                    dtype: str = "float32", batch_size: int = 32, max_pixels: int = 89_478_485,
+                    dtype: str = "float32", precision: str = "float32", batch_size: int = 32, max_pixels: int = 89_478_485,
                     progress: bool = True, on_split=None) -> list[SplitReport]:
     """Extract every configured split of ``dataset_dir`` into ``output_dir`` and save the label encoder.
 
@@ -299,7 +301,7 @@ def extract_dataset(dataset_dir: str | Path, output_dir: str | Path, *, splits: 
         )
     label_names = sorted({row["label"] for rows in by_split.values() for row in rows})
     encoder = LabelEncoder().fit(label_names)
-    extractor = FeatureExtractor(backbone, weights, pooling, batch_size, max_pixels, dtype=dtype,
+    extractor = FeatureExtractor(backbone, weights, pooling, batch_size, max_pixels, dtype=dtype, precision=precision,
                                  label_names=[str(c) for c in encoder.classes_])
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_joblib_dump(output_dir / LABEL_ENCODER, encoder)

@@ -35,7 +35,8 @@ SUFFIXES = {"hdf5": ".h5", "csv": ".csv"}
 PARTIAL = ".partial"
 
 #: Meta fields that must be equal for two feature sets (or a bundle and new images) to be comparable.
-LAYOUT_FIELDS = ("backbone", "weights", "weights_sha256", "pooling", "input_size", "preprocessing", "decoder", "feature_dim")
+LAYOUT_FIELDS = ("backbone", "weights", "weights_sha256", "pooling", "input_size", "preprocessing", "decoder",
+                 "feature_dim", "precision")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,7 @@ class FeatureMeta:
     dtype: str
     label_names: tuple[str, ...]
     weights_sha256: str = ""
+    precision: str = "float32"
 
     def layout(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in LAYOUT_FIELDS}
@@ -328,13 +330,24 @@ def read_features(path: str | Path) -> FeatureSet:
         )
 
 
-def iter_chunks(path: str | Path, rows: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(features, labels)`` blocks of an HDF5 file without loading it whole."""
+def iter_chunks(path: str | Path, rows: int | None = None, blocks=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(features, labels)`` blocks of ``rows`` rows of an HDF5 file without loading it whole.
+
+    ``blocks`` gives the block numbers to read, in order (default: all, first to last), so callers
+    can shuffle the order or hold blocks out.
+    """
     with _open_h5(Path(path)) as f:
         features, labels = f["features"], f["labels"]
         step = rows or features.chunks[0]
-        for start in range(0, features.shape[0], step):
+        for block in range(-(-features.shape[0] // step)) if blocks is None else blocks:
+            start = block * step
             yield features[start:start + step], labels[start:start + step]
+
+
+def read_labels(path: str | Path) -> np.ndarray:
+    """Only the label column of a finished HDF5 feature file (small even when the features are not)."""
+    with _open_h5(Path(path)) as f:
+        return f["labels"][:]
 
 
 def read_skipped(path: str | Path) -> list[tuple[str, str]]:

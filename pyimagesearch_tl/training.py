@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -12,9 +13,9 @@ import numpy as np
 
 from .bundle import Bundle
 from .classifiers import get_classifier, list_classifiers, make_pipeline
-from .errors import DatasetError
+from .errors import ConfigError, DatasetError, FeatureFileError
 from .features import LABEL_ENCODER
-from .store import FeatureSet, check_same_layout, feature_file, read_features
+from .store import FeatureSet, check_same_layout, feature_file, iter_chunks, read_features, read_labels, read_meta
 
 
 @dataclasses.dataclass
@@ -36,13 +37,12 @@ def load_label_encoder(features_dir: Path, label_names: Sequence[str]):
     path = features_dir / LABEL_ENCODER
     encoder = joblib.load(path) if path.is_file() else LabelEncoder().fit(list(label_names))
     if [str(c) for c in encoder.classes_] != list(label_names):
-        raise DatasetError(f"{path} has classes {list(encoder.classes_)} but the feature files have {list(label_names)}")
+        raise DatasetError(f"{path} has classes {[str(c) for c in encoder.classes_]} but the feature files have {list(label_names)}")
     return encoder
 
 
-def _check_trainable(train: FeatureSet, folds: int | None) -> None:
-    counts = Counter(train.labels.tolist())
-    names = train.meta.label_names
+def _check_trainable(labels: np.ndarray, names: Sequence[str], folds: int | None) -> None:
+    counts = Counter(labels.tolist())
     empty = [names[i] for i in range(len(names)) if counts.get(i, 0) == 0]
     if empty:
         raise DatasetError(f"class {empty[0]!r} has no images in the training features")
@@ -92,6 +92,7 @@ def train(features_dir: str | Path, output_dir: str | Path, *, training_split: s
         A number of stratified folds, or ``"validation"`` to use the validation split as the single
         held-out fold (the best model is then refit on training + validation).
     """
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
 
     features_dir, output_dir = Path(features_dir), Path(output_dir)
@@ -108,7 +109,7 @@ def train(features_dir: str | Path, output_dir: str | Path, *, training_split: s
     if cv == "validation" and validation_set is None:
         raise DatasetError(f"--cv validation needs features of the {validation_split!r} split in {features_dir}")
     folds = None if cv == "validation" else int(cv)
-    _check_trainable(train_set, folds)
+    _check_trainable(train_set.labels, train_set.meta.label_names, folds)
     encoder = load_label_encoder(features_dir, train_set.meta.label_names)
 
     if cv == "validation":
@@ -130,7 +131,10 @@ def train(features_dir: str | Path, output_dir: str | Path, *, training_split: s
             cv=splitter, scoring="accuracy", n_jobs=n_jobs, refit=True, error_score="raise",
         )
         started = time.perf_counter()
-        search.fit(X, y)
+        with warnings.catch_warnings():
+            # A grid candidate that does not converge in its iteration budget simply scores lower.
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            search.fit(X, y)
         seconds = time.perf_counter() - started
         best = {key.removeprefix("clf__"): value for key, value in search.best_params_.items()}
         bundle = Bundle(search.best_estimator_, encoder, train_set.meta, name,
@@ -140,3 +144,83 @@ def train(features_dir: str | Path, output_dir: str | Path, *, training_split: s
         accuracy, auc = _validation_metrics(bundle, None if cv == "validation" else validation_set)
         reports.append(TrainReport(name, path, best, float(search.best_score_), accuracy, auc, seconds))
     return reports
+
+
+# --- out-of-core training -------------------------------------------------------------------------
+
+
+def train_streaming(features_dir: str | Path, output_dir: str | Path, *, training_split: str,
+                    validation_split: str | None, classifier: str = "sgd", class_weight: str = "none",
+                    grids: dict | None = None, seed: int = 42, epochs: int = 5, block_rows: int = 256) -> TrainReport:
+    """Train a ``partial_fit`` classifier over HDF5 blocks; memory does not grow with the row count.
+
+    One pass fits the ``StandardScaler`` incrementally; then every candidate of the grid learns
+    from the same reads, ``epochs`` times, blocks in a new seeded order each epoch and rows shuffled
+    within each block. The candidate with the best accuracy on the validation split (streamed
+    too; without one, every fifth training block is held out) is saved in a bundle like any other.
+    """
+    from sklearn.model_selection import ParameterGrid
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    spec = get_classifier(classifier)
+    if not spec.streaming:
+        streaming = [name for name in list_classifiers() if get_classifier(name).streaming]
+        raise ConfigError(f"--streaming needs a classifier that learns incrementally ({', '.join(streaming)}), "
+                          f"not {classifier!r}")
+    features_dir, output_dir = Path(features_dir), Path(output_dir)
+    train_path = feature_file(features_dir, training_split)
+    if train_path.suffix != ".h5":
+        raise FeatureFileError(f"{train_path}: streaming training reads HDF5 feature files (extract with --format hdf5)")
+    meta, labels = read_meta(train_path), read_labels(train_path)
+    _check_trainable(labels, meta.label_names, None)
+    encoder = load_label_encoder(features_dir, meta.label_names)
+    blocks = list(range(-(-len(labels) // block_rows)))
+    validation_path = None
+    if validation_split is not None:
+        try:
+            validation_path = feature_file(features_dir, validation_split)
+        except FeatureFileError:
+            validation_path = None
+    if validation_path is not None:
+        check_same_layout(meta, read_meta(validation_path), validation_path.name)
+        train_blocks, held_out = blocks, None
+    else:
+        held_out = blocks[4::5] or blocks[-1:]
+        train_blocks = [b for b in blocks if b not in held_out] or blocks
+
+    classes = np.arange(len(meta.label_names))
+    weights = None
+    if class_weight == "balanced":  # partial_fit cannot compute 'balanced' itself
+        counts = np.bincount(labels, minlength=len(classes))
+        weights = {int(c): len(labels) / (len(classes) * counts[c]) for c in classes}
+    started = time.perf_counter()
+    scaler = StandardScaler()
+    for X, _ in iter_chunks(train_path, block_rows, train_blocks):
+        scaler.partial_fit(X)
+    grid = list(ParameterGrid((grids or {}).get(classifier) or spec.grid))
+    candidates = [spec.make(seed, None).set_params(class_weight=weights, **params) for params in grid]
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        for X, y in iter_chunks(train_path, block_rows, rng.permutation(train_blocks).tolist()):
+            order = rng.permutation(len(y))
+            X = scaler.transform(X)[order]
+            for model in candidates:
+                model.partial_fit(X, y[order], classes=classes)
+    correct, seen = np.zeros(len(candidates)), 0
+    source = iter_chunks(validation_path, block_rows) if validation_path else iter_chunks(train_path, block_rows, held_out)
+    for X, y in source:
+        X = scaler.transform(X)
+        correct += [np.sum(model.predict(X) == y) for model in candidates]
+        seen += len(y)
+    seconds = time.perf_counter() - started
+    best = int(np.argmax(correct))
+    score = float(correct[best] / seen) if seen else float("nan")
+    pipeline = Pipeline([("scale", scaler), ("clf", candidates[best])])
+    selection = validation_split if validation_path else "held-out training blocks"
+    bundle = Bundle(pipeline, encoder, meta, classifier,
+                    info=dict(best_params=grid[best], cv=f"streaming, selected on {selection}", cv_score=score,
+                              fit_seconds=seconds, training_images=int(len(labels)), epochs=epochs,
+                              class_weight=class_weight, grid=(grids or {}).get(classifier) or spec.grid))
+    path = bundle.save(output_dir / f"{classifier}.joblib")
+    return TrainReport(classifier, path, grid[best], score, score if validation_path else None, None, seconds)

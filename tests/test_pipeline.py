@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from conftest import ROOT
 from pyimagesearch_tl.bundle import Bundle
+from pyimagesearch_tl.classifiers import list_classifiers
 from pyimagesearch_tl.cli import cli
 from pyimagesearch_tl.store import read_features, read_meta
 
@@ -67,7 +68,8 @@ def test_train_all_reuses_the_feature_files(pipeline_run, tmp_path):
     features = pipeline_run["features"]
     before = {p.name: p.stat().st_mtime_ns for p in features.iterdir()}
     output = run("train", "--features", str(features), "--output", str(tmp_path), "--classifier", "all", "--cv", "validation")
-    assert {p.name for p in tmp_path.glob("*.joblib")} == {"logreg.joblib", "linear-svm.joblib"}
+    assert {p.name for p in tmp_path.glob("*.joblib")} == {f"{name}.joblib" for name in list_classifiers()}
+    assert {"logreg", "linear-svm", "sgd"} <= set(list_classifiers())
     assert before == {p.name: p.stat().st_mtime_ns for p in features.iterdir()}
     header = output.splitlines()[0]
     assert "val acc" in header and "fit s" in header
@@ -176,3 +178,48 @@ def test_numbered_scripts_run_in_order(tmp_path, cats_dogs):
     assert float(evaluation.strip().splitlines()[-2].split()[1]) >= 0.8  # 'accuracy: 0.XXXX'
     predicted = script("05_predict.py", "--model", str(out / "models" / "linear-svm.joblib"), str(cats_dogs / "validation" / "cats"))
     assert "predicted 15, skipped 0" in predicted
+
+
+def test_streaming_sgd_trains_from_blocks(pipeline_run, tmp_path):
+    output = run("train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path),
+                 "--classifier", "sgd", "--streaming")
+    bundle = Bundle.load(tmp_path / "sgd.joblib")
+    assert bundle.info["cv"] == "streaming, selected on validation"
+    assert bundle.info["best_params"]["loss"] in ("log_loss", "hinge")
+    validation = read_features(pipeline_run["features"] / "validation.h5")
+    scores, _ = bundle.scores(validation.features)
+    assert (scores.argmax(1) == validation.labels).mean() >= 0.8
+    assert "sgd" in output
+
+
+def test_streaming_without_validation_split_holds_out_training_blocks(pipeline_run, tmp_path):
+    from pyimagesearch_tl.training import train_streaming
+
+    report = train_streaming(pipeline_run["features"], tmp_path, training_split="training", validation_split=None,
+                             block_rows=4, epochs=3)
+    assert Bundle.load(report.path).info["cv"] == "streaming, selected on held-out training blocks"
+    assert 0.5 <= report.cv_score <= 1.0
+
+
+def test_streaming_needs_an_incremental_classifier(pipeline_run, tmp_path):
+    result = CliRunner().invoke(cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path),
+                                      "--classifier", "logreg", "--streaming"])
+    assert result.exit_code == 1 and "learns incrementally (sgd), not 'logreg'" in result.output
+
+
+def test_bfloat16_features_are_close_and_never_mixed_with_float32(cats_dogs):
+    from pyimagesearch_tl.errors import FeatureFileError
+    from pyimagesearch_tl.features import FeatureExtractor
+    from pyimagesearch_tl.store import check_same_layout
+
+    photos = sorted((cats_dogs / "train" / "cats").glob("*.jpg"))[:4]
+    full = FeatureExtractor("efficientnet_lite0", batch_size=4)
+    half = FeatureExtractor("efficientnet_lite0", batch_size=4, precision="bfloat16")
+    images = np.stack([full.decode(p) for p in photos])
+    a, b = full.transform(images), half.transform(images)
+    assert b.dtype == np.float32 and a.shape == b.shape == (4, 1280)
+    cosine = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cosine.min() > 0.98 and not np.array_equal(a, b)
+    assert half.meta.precision == "bfloat16"
+    with pytest.raises(FeatureFileError, match="precision='bfloat16'"):
+        check_same_layout(full.meta, half.meta, "bf16 features")

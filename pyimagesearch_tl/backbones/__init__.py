@@ -113,7 +113,8 @@ def resolve_weights(weights: str | None) -> str | None:
     return str(path)
 
 
-def create_model(name: str, weights: str | None = "imagenet", pooling: str = "avg", input_size: int | None = None):
+def create_model(name: str, weights: str | None = "imagenet", pooling: str = "avg", input_size: int | None = None,
+                 precision: str = "float32"):
     """Build the headless feature model of backbone ``name``.
 
     Parameters
@@ -127,6 +128,10 @@ def create_model(name: str, weights: str | None = "imagenet", pooling: str = "av
         (7x7x512 = 25,088 values for VGG16).
     input_size : int, optional
         Square input side; defaults to the backbone's own.
+    precision : {"float32", "bfloat16"}
+        ``bfloat16`` builds the model under Keras' ``mixed_bfloat16`` policy: weights stay
+        float32, the arithmetic runs in bfloat16 (about twice as fast on CPUs with AVX512-BF16 or
+        AMX), features come out as float32.
 
     Returns
     -------
@@ -136,17 +141,28 @@ def create_model(name: str, weights: str | None = "imagenet", pooling: str = "av
     backbone = get_backbone(name)
     if pooling not in ("avg", "max", "flatten"):
         raise ConfigError(f"unknown pooling {pooling!r}; choose one of: avg, max, flatten")
-    size = input_size or backbone.input_size
-    base = backbone.build(
-        weights=resolve_weights(weights),
-        input_shape=(size, size, 3),
-        pooling=None if pooling == "flatten" else pooling,
-    )
-    if pooling != "flatten":
-        return base
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     import keras
 
-    return keras.Model(base.input, keras.layers.Flatten(name="flatten")(base.output), name=f"{name}_flatten")
+    size = input_size or backbone.input_size
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(PRECISIONS[precision])
+    try:
+        base = backbone.build(
+            weights=resolve_weights(weights),
+            input_shape=(size, size, 3),
+            pooling=None if pooling == "flatten" else pooling,
+        )
+        if pooling == "flatten":
+            base = keras.Model(base.input, keras.layers.Flatten(name="flatten")(base.output), name=f"{name}_flatten")
+    finally:
+        keras.config.set_dtype_policy(previous)
+    return base
+
+
+#: ``--precision`` values and the Keras dtype policy each builds the model under.
+PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
 
 # Importing the family modules registers their architectures.
