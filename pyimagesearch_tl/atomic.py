@@ -46,7 +46,8 @@ def atomic_write_json(target: str | Path, data: Any) -> None:
 
 def atomic_write_csv(target: str | Path, fields: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
     with atomic_path(target) as temporary:
-        with temporary.open("w", newline="", encoding="utf-8") as handle:
+        # File names that are not valid UTF-8 survive as their original bytes (surrogateescape).
+        with temporary.open("w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(fields))
             writer.writeheader()
             writer.writerows(rows)

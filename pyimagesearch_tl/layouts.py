@@ -371,7 +371,7 @@ def read_manifest(dataset_dir: str | Path) -> list[dict[str, str]]:
         raise DatasetError(f"dataset folder {str(dataset_dir)!r} does not exist (run build-dataset first)")
     manifest = dataset_dir / MANIFEST
     if manifest.is_file():
-        with manifest.open(newline="", encoding="utf-8") as handle:
+        with manifest.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
             return list(csv.DictReader(handle))
     rows = [
         dict(path=path.relative_to(dataset_dir).as_posix(), split=split_dir.name, label=class_dir.name, sha256="")

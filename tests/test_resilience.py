@@ -154,3 +154,20 @@ def test_bundle_checks(pipeline_run, tmp_path):
         Bundle.load(tmp_path / "junk.joblib")
     result = CliRunner().invoke(cli, ["predict", "--model", str(tmp_path / "old.joblib"), str(pipeline_run["dataset"] / "validation")])
     assert result.exit_code == 0 and "warning: old.joblib was saved with scikit-learn 0.1.0" in result.output
+
+
+def test_odd_file_names_survive_every_stage(tmp_path):
+    import os
+
+    source = tmp_path / "photos"
+    for name in ("cats", "dogs"):
+        copy_subset(shared("cats_and_dogs_filtered", "train", name), source / name, 3)
+    cat = sorted((source / "cats").glob("*.jpg"))[0]
+    odd = os.fsdecode(os.path.join(os.fsencode(source / "cats"), b"caf\xe9 au lait (2).jpg"))  # Latin-1 byte
+    os.rename(cat, odd)
+    build_dataset(source, tmp_path / "dataset", splits=SPLITS, fractions=[1.0, 0.0, 0.0])
+    extract_dataset(tmp_path / "dataset", tmp_path / "features", splits=SPLITS, backbone="efficientnet_lite0",
+                    batch_size=4, progress=False)
+    paths = read_features(tmp_path / "features" / "training.h5").paths
+    assert "training/cats/" + os.path.basename(odd) in paths
+    assert (tmp_path / "dataset" / [p for p in paths if "lait" in p][0]).is_file()
