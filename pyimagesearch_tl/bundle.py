@@ -58,6 +58,8 @@ class Bundle:
         The classifier's registry name.
     info : dict
         Grid-search results (best parameters, CV score), fit time and the like.
+    novelty : NoveltyDetector or None
+        Decides when an image belongs to none of the classes ("unknown").
     """
 
     classifier: Any
@@ -65,6 +67,7 @@ class Bundle:
     meta: FeatureMeta
     name: str
     info: dict = dataclasses.field(default_factory=dict)
+    novelty: Any = None
     versions: dict = dataclasses.field(default_factory=library_versions)
     created: str = dataclasses.field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION

@@ -210,10 +210,12 @@ def train_command(config: Config, **options):
     splits = dict(training_split=config.split_for("training"), validation_split=config.split_for("validation"))
     if config.streaming:
         reports = [train_streaming(config.features_dir, config.models_dir, classifier=config.classifier,
-                                   class_weight=config.class_weight, grids=config.grids, seed=config.seed, **splits)]
+                                   class_weight=config.class_weight, grids=config.grids, seed=config.seed,
+                                   unknown_keep=config.unknown_keep, **splits)]
     else:
         reports = train(config.features_dir, config.models_dir, classifier=config.classifier, cv=config.cv,
-                        class_weight=config.class_weight, grids=config.grids, seed=config.seed, **splits)
+                        class_weight=config.class_weight, grids=config.grids, seed=config.seed,
+                        unknown_keep=config.unknown_keep, **splits)
     click.echo(f"{'classifier':<12} {'best params':<28} {'cv acc':>7} {'val acc':>8} {'val auc':>8} {'fit s':>7}")
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for r in reports:
@@ -267,7 +269,7 @@ def predict_command(config: Config, model_path, paths, output_file, top_k, **opt
     """Classify images (files or folders) with a bundle."""
     from .atomic import atomic_write_csv, atomic_write_json
     from .bundle import Bundle
-    from .prediction import Predictor, expand_paths
+    from .prediction import UNKNOWN, Predictor, expand_paths
 
     config = _apply(config, **options)
     files = expand_paths(paths)
@@ -275,22 +277,25 @@ def predict_command(config: Config, model_path, paths, output_file, top_k, **opt
         raise ConfigError(f"no image files found in: {', '.join(paths)}")
     predictor = Predictor(Bundle.load(model_path), config.batch_size, config.max_image_pixels, top_k)
     results = predictor.predict(files)
-    kind = "probability" if hasattr(predictor.bundle.classifier, "predict_proba") else "score"
     for r in results:
         if r.error:
             click.echo(f"{r.path}\tskipped: {r.error}", err=True)
+        elif r.label == UNKNOWN:
+            click.echo(f"{r.path}\t{UNKNOWN}\t(closest: {r.top[0][0]} {predictor.score_kind}={r.score:.4f}; "
+                       f"similarity {r.similarity:.3f} < {predictor.bundle.novelty.threshold:.3f})")
         else:
-            click.echo(f"{r.path}\t{r.label}\t{kind}={r.score:.4f}")
+            click.echo(f"{r.path}\t{r.label}\t{predictor.score_kind}={r.score:.4f}")
     if output_file:
         rows = [r.as_dict() for r in results]
         if output_file.endswith(".json"):
             atomic_write_json(output_file, rows)
         else:
-            atomic_write_csv(output_file, ["path", "label", "score", "top", "error"],
+            atomic_write_csv(output_file, ["path", "label", "score", "top", "similarity", "error"],
                              [dict(r, top=json.dumps(r["top"])) for r in rows])
         click.echo(f"wrote {output_file}")
     skipped = sum(r.error is not None for r in results)
-    click.echo(f"predicted {len(results) - skipped}, skipped {skipped}")
+    unknown = sum(r.label == UNKNOWN for r in results)
+    click.echo(f"predicted {len(results) - skipped} ({unknown} unknown), skipped {skipped}")
 
 
 #: Subcommands by name, for the numbered scripts.

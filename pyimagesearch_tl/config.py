@@ -54,7 +54,8 @@ DEFAULTS: dict[str, Any] = {
     "classifier": "logreg",
     "cv": "5",
     "class_weight": "none",
-    "streaming": False,  # train from the feature file chunk by chunk (classifiers with partial_fit)
+    "streaming": False,  # train from the feature file block by block (classifiers with partial_fit)
+    "unknown_keep": 0.95,  # share of in-distribution validation images kept; the rest is "unknown"
     "grids": {},  # per classifier, e.g. {"logreg": {"C": [0.01, 0.1, 1]}}; empty: the registry's
 }
 
@@ -152,6 +153,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "cv": _cv,
     "class_weight": _choice("none", "balanced"),
     "streaming": _typed(bool, "true or false"),
+    "unknown_keep": _typed((int, float), "a share in (0, 1]", lambda v: 0 < v <= 1),
     "grids": _grids,
 }
 assert RULES.keys() == DEFAULTS.keys()

@@ -69,10 +69,12 @@ def _open(path: str | Path, max_pixels: int) -> Image.Image:
     return image
 
 
-def _size_or_none(path: str | Path) -> int | None:
+def _size_or_none(source) -> int | None:
+    if hasattr(source, "getbuffer"):  # an in-memory upload
+        return source.getbuffer().nbytes
     try:
-        return os.path.getsize(path)
-    except OSError:
+        return os.path.getsize(source)
+    except (OSError, TypeError):
         return None
 
 
@@ -103,13 +105,14 @@ def _resampling(source: tuple[int, int], target: tuple[int, int]) -> Image.Resam
     return Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
 
 
-def load_image(path: str | Path, size: int | tuple[int, int], max_pixels: int = 89_478_485) -> np.ndarray:
+def load_image(path, size: int | tuple[int, int], max_pixels: int = 89_478_485) -> np.ndarray:
     """Decode ``path`` into a ``(height, width, 3)`` uint8 RGB array of the target ``size``.
 
     Parameters
     ----------
-    path : str or Path
-        The image file. Its extension is ignored; the content decides the format.
+    path : str, Path or binary file object
+        The image file (or an upload held in memory). Its name is ignored; the content decides
+        the format.
     size : int or (width, height)
         Target size; an int means a square.
     max_pixels : int

@@ -13,12 +13,23 @@ from .errors import BundleError, DatasetError
 from .images import is_image_name
 
 
+#: The label given to images that belong to none of the classes.
+UNKNOWN = "unknown"
+
+
 @dataclasses.dataclass
 class Prediction:
+    """One image's answer. ``label`` is a class name, ``"unknown"``, or None when it was skipped.
+
+    ``score`` and ``top`` are reported for unknown images too: the classifier's best guesses.
+    ``similarity`` is the image's cosine similarity to the nearest class centroid in feature space.
+    """
+
     path: str
     label: str | None
     score: float | None
     top: list[tuple[str, float]]
+    similarity: float | None = None
     error: str | None = None
 
     def as_dict(self) -> dict:
@@ -55,17 +66,28 @@ class Predictor:
             raise BundleError(f"cannot rebuild the feature extractor of this bundle ({bundle.meta.describe()}): {exc}") from None
         bundle.check_features(self.extractor.meta, "the rebuilt feature extractor")
 
-    def predict(self, paths: Sequence[str | Path]) -> list[Prediction]:
-        names = self.bundle.label_names
-        results: list[Prediction | None] = [None] * len(paths)
-        for batch in self.extractor.iter_batches(paths):
+    @property
+    def score_kind(self) -> str:
+        return "probability" if hasattr(self.bundle.classifier, "predict_proba") else "score"
+
+    def predict(self, sources: Sequence, names: Sequence[str] | None = None) -> list[Prediction]:
+        """Classify image files (paths) or in-memory uploads (binary file objects, with ``names``)."""
+        names = [str(s) for s in sources] if names is None else list(names)
+        classes = self.bundle.label_names
+        novelty = self.bundle.novelty
+        results: list[Prediction | None] = [None] * len(sources)
+        for batch in self.extractor.iter_batches(sources):
             for index, reason in batch.skipped:
-                results[index] = Prediction(str(paths[index]), None, None, [], error=reason)
+                results[index] = Prediction(names[index], None, None, [], error=reason)
             if not batch.indices:
                 continue
-            scores, _ = self.bundle.scores(self.extractor.transform(batch.images))
-            for index, row in zip(batch.indices, scores):
+            features = self.extractor.transform(batch.images)
+            scores, _ = self.bundle.scores(features)
+            similarity = novelty.similarity(features) if novelty is not None else [None] * len(features)
+            for index, row, close in zip(batch.indices, scores, similarity):
                 order = np.argsort(row)[::-1][: self.top_k]
-                results[index] = Prediction(str(paths[index]), names[order[0]], float(row[order[0]]),
-                                            [(names[i], float(row[i])) for i in order])
+                known = close is None or close >= novelty.threshold
+                results[index] = Prediction(names[index], classes[order[0]] if known else UNKNOWN, float(row[order[0]]),
+                                            [(classes[i], float(row[i])) for i in order],
+                                            similarity=None if close is None else float(close))
         return results

@@ -15,6 +15,7 @@ from .bundle import Bundle
 from .classifiers import get_classifier, list_classifiers, make_pipeline
 from .errors import ConfigError, DatasetError, FeatureFileError
 from .features import LABEL_ENCODER
+from .novelty import NoveltyDetector
 from .store import FeatureSet, check_same_layout, feature_file, iter_chunks, read_features, read_labels, read_meta
 
 
@@ -83,7 +84,7 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray, n_classes: int) -> float | N
 
 def train(features_dir: str | Path, output_dir: str | Path, *, training_split: str, validation_split: str | None,
           classifier: str = "logreg", cv: str = "5", class_weight: str = "none", grids: dict | None = None,
-          seed: int = 42, n_jobs: int = -1) -> list[TrainReport]:
+          seed: int = 42, n_jobs: int = -1, unknown_keep: float = 0.95) -> list[TrainReport]:
     """Grid-search, refit and save one bundle per classifier (``"all"``: every registered one).
 
     Parameters
@@ -111,6 +112,9 @@ def train(features_dir: str | Path, output_dir: str | Path, *, training_split: s
     folds = None if cv == "validation" else int(cv)
     _check_trainable(train_set.labels, train_set.meta.label_names, folds)
     encoder = load_label_encoder(features_dir, train_set.meta.label_names)
+    centroids = NoveltyDetector.centroids_of([(train_set.features, train_set.labels)], len(encoder.classes_))
+    calibration = (validation_set, validation_split) if validation_set is not None else (train_set, training_split)
+    novelty = NoveltyDetector.fit(centroids, calibration[0].features, unknown_keep, calibration[1])
 
     if cv == "validation":
         X = np.concatenate([train_set.features, validation_set.features])
@@ -139,7 +143,8 @@ def train(features_dir: str | Path, output_dir: str | Path, *, training_split: s
         best = {key.removeprefix("clf__"): value for key, value in search.best_params_.items()}
         bundle = Bundle(search.best_estimator_, encoder, train_set.meta, name,
                         info=dict(best_params=best, cv=cv, cv_score=float(search.best_score_), fit_seconds=seconds,
-                                  training_images=int(len(y)), class_weight=class_weight, grid=grid))
+                                  training_images=int(len(y)), class_weight=class_weight, grid=grid),
+                        novelty=novelty)
         path = bundle.save(output_dir / f"{name}.joblib")
         accuracy, auc = _validation_metrics(bundle, None if cv == "validation" else validation_set)
         reports.append(TrainReport(name, path, best, float(search.best_score_), accuracy, auc, seconds))
@@ -151,7 +156,8 @@ def train(features_dir: str | Path, output_dir: str | Path, *, training_split: s
 
 def train_streaming(features_dir: str | Path, output_dir: str | Path, *, training_split: str,
                     validation_split: str | None, classifier: str = "sgd", class_weight: str = "none",
-                    grids: dict | None = None, seed: int = 42, epochs: int = 5, block_rows: int = 256) -> TrainReport:
+                    grids: dict | None = None, seed: int = 42, epochs: int = 5, block_rows: int = 256,
+                    unknown_keep: float = 0.95) -> TrainReport:
     """Train a ``partial_fit`` classifier over HDF5 blocks; memory does not grow with the row count.
 
     One pass fits the ``StandardScaler`` incrementally; then every candidate of the grid learns
@@ -196,8 +202,13 @@ def train_streaming(features_dir: str | Path, output_dir: str | Path, *, trainin
         weights = {int(c): len(labels) / (len(classes) * counts[c]) for c in classes}
     started = time.perf_counter()
     scaler = StandardScaler()
-    for X, _ in iter_chunks(train_path, block_rows, train_blocks):
-        scaler.partial_fit(X)
+
+    def fit_scaler(blocks):
+        for X, y in blocks:
+            scaler.partial_fit(X)
+            yield X, y
+
+    centroids = NoveltyDetector.centroids_of(fit_scaler(iter_chunks(train_path, block_rows, train_blocks)), len(classes))
     grid = list(ParameterGrid((grids or {}).get(classifier) or spec.grid))
     candidates = [spec.make(seed, None).set_params(class_weight=weights, **params) for params in grid]
     rng = np.random.default_rng(seed)
@@ -207,9 +218,11 @@ def train_streaming(features_dir: str | Path, output_dir: str | Path, *, trainin
             X = scaler.transform(X)[order]
             for model in candidates:
                 model.partial_fit(X, y[order], classes=classes)
-    correct, seen = np.zeros(len(candidates)), 0
+    correct, seen, similarities = np.zeros(len(candidates)), 0, []
     source = iter_chunks(validation_path, block_rows) if validation_path else iter_chunks(train_path, block_rows, held_out)
+    probe = NoveltyDetector(centroids, 0.0, 1.0, "")
     for X, y in source:
+        similarities.append(probe.similarity(X))
         X = scaler.transform(X)
         correct += [np.sum(model.predict(X) == y) for model in candidates]
         seen += len(y)
@@ -218,7 +231,8 @@ def train_streaming(features_dir: str | Path, output_dir: str | Path, *, trainin
     score = float(correct[best] / seen) if seen else float("nan")
     pipeline = Pipeline([("scale", scaler), ("clf", candidates[best])])
     selection = validation_split if validation_path else "held-out training blocks"
-    bundle = Bundle(pipeline, encoder, meta, classifier,
+    novelty = NoveltyDetector.from_similarities(centroids, np.concatenate(similarities), unknown_keep, selection)
+    bundle = Bundle(pipeline, encoder, meta, classifier, novelty=novelty,
                     info=dict(best_params=grid[best], cv=f"streaming, selected on {selection}", cv_score=score,
                               fit_seconds=seconds, training_images=int(len(labels)), epochs=epochs,
                               class_weight=class_weight, grid=(grids or {}).get(classifier) or spec.grid))
