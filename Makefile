@@ -8,7 +8,7 @@ DATA ?=
 OUT ?= output
 MODEL := $(OUT)/models/logreg.joblib
 
-.PHONY: venv demo test bench clean
+.PHONY: venv browser demo test clean
 
 # The environment is (re)built when setup.cfg changes, and verified by importing what it installed.
 $(STAMP): setup.cfg pyproject.toml
@@ -35,7 +35,13 @@ demo: venv
 		$$(find $(OUT)/dataset -path '*validation*' -name '*.jpg' | sort | head -n 4); \
 	echo "artefacts: dataset $(OUT)/dataset, features $(OUT)/features, models $(OUT)/models, metrics $(OUT)/evaluation, predictions $(OUT)/predictions.csv"
 
-test: venv
+# The end-to-end web test drives Debian's Chromium; it is skipped, with the reason, where it cannot be installed.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+	  echo "chromium could not be installed: the browser test will be skipped"
+
+test: venv browser
 	$(PY) -m pytest tests
 
 clean:

@@ -298,6 +298,25 @@ def predict_command(config: Config, model_path, paths, output_file, top_k, **opt
     click.echo(f"predicted {len(results) - skipped} ({unknown} unknown), skipped {skipped}")
 
 
+@cli.command("serve")
+@click.option("--model", "model_path", required=True, help="A bundle written by train.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=10, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--top-k", type=click.IntRange(1), default=3, show_default=True)
+@with_config
+def serve_command(config: Config, model_path, host, port, max_upload_mb, threads, top_k):
+    """Serve an upload page and an HTTP API (POST /api/predict, GET /health) for a bundle."""
+    from .bundle import Bundle
+    from .prediction import Predictor
+    from .serve import serve
+
+    predictor = Predictor(Bundle.load(model_path), config.batch_size, config.max_image_pixels, top_k)
+    click.echo(f"serving {model_path} ({predictor.bundle.meta.describe()}) on http://{host}:{port}/  (Ctrl-C stops)")
+    serve(predictor, host, port, int(max_upload_mb * 2**20), threads)
+
+
 #: Subcommands by name, for the numbered scripts.
 COMMANDS = cli.commands
 
