@@ -56,11 +56,12 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(big_dataset, tmp_path):
     process = _start_extract(big_dataset, output)
     _wait_for_progress(process, output / "training.h5.partial", min_bytes=300_000)
     process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (output / "training.h5").exists() and (output / "training.h5.partial").exists()
+    killed_output = process.communicate()[0]
+    assert not (output / "training.h5").exists() and (output / "training.h5.partial").exists(), killed_output
 
     result = CliRunner().invoke(cli, ["extract", "--dataset", str(big_dataset), "--output", str(output), "--batch-size", "8"])
     assert result.exit_code == 0, result.output
+    assert "resumed at image " in result.output, result.output
     resumed_at = int(result.output.split("resumed at image ")[1].split()[0].rstrip(","))
     assert 0 < resumed_at < 300
     assert f"extracted {300 - resumed_at}, skipped 0" in result.output

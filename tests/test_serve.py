@@ -152,6 +152,7 @@ def test_headless_browser_uploads_a_photo_and_sees_its_label(server, photos):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
@@ -163,7 +164,7 @@ def test_headless_browser_uploads_a_photo_and_sees_its_label(server, photos):
         assert "Classify images" in browser.page_source
         browser.find_element(By.NAME, "file").send_keys(str(photos["cat"]))
         browser.find_element(By.TAG_NAME, "button").click()
-        label = browser.find_element(By.CSS_SELECTOR, ".label")
+        label = WebDriverWait(browser, 60).until(lambda b: b.find_element(By.CSS_SELECTOR, ".label"))
         assert label.text == "cats"
         assert browser.find_element(By.CSS_SELECTOR, ".result img").get_attribute("src").startswith("data:image/jpeg")
     finally:
