@@ -16,7 +16,16 @@ from .classifiers import get_classifier, list_classifiers, make_pipeline
 from .errors import ConfigError, DatasetError, FeatureFileError
 from .features import LABEL_ENCODER
 from .novelty import NoveltyDetector
-from .store import FeatureSet, check_same_layout, feature_file, iter_chunks, read_features, read_labels, read_meta
+from .store import (
+    FeatureSet,
+    check_same_layout,
+    feature_file,
+    has_feature_file,
+    iter_chunks,
+    read_features,
+    read_labels,
+    read_meta,
+)
 
 
 @dataclasses.dataclass
@@ -40,6 +49,11 @@ def load_label_encoder(features_dir: Path, label_names: Sequence[str]):
     if [str(c) for c in encoder.classes_] != list(label_names):
         raise DatasetError(f"{path} has classes {[str(c) for c in encoder.classes_]} but the feature files have {list(label_names)}")
     return encoder
+
+
+def _optional_feature_file(features_dir: Path, split: str | None) -> Path | None:
+    """The finished feature file of ``split`` if there is one (the validation split is optional)."""
+    return feature_file(features_dir, split) if split is not None and has_feature_file(features_dir, split) else None
 
 
 def _check_trainable(labels: np.ndarray, names: Sequence[str], folds: int | None) -> None:
@@ -99,14 +113,10 @@ def train(features_dir: str | Path, output_dir: str | Path, *, training_split: s
     features_dir, output_dir = Path(features_dir), Path(output_dir)
     train_set = read_features(feature_file(features_dir, training_split))
     validation_set = None
-    if validation_split is not None:
-        try:
-            path = feature_file(features_dir, validation_split)
-        except Exception:
-            path = None
-        if path is not None:
-            validation_set = read_features(path)
-            check_same_layout(train_set.meta, validation_set.meta, f"{path.name}")
+    path = _optional_feature_file(features_dir, validation_split)
+    if path is not None:
+        validation_set = read_features(path)
+        check_same_layout(train_set.meta, validation_set.meta, path.name)
     if cv == "validation" and validation_set is None:
         raise DatasetError(f"--cv validation needs features of the {validation_split!r} split in {features_dir}")
     folds = None if cv == "validation" else int(cv)
@@ -182,12 +192,7 @@ def train_streaming(features_dir: str | Path, output_dir: str | Path, *, trainin
     _check_trainable(labels, meta.label_names, None)
     encoder = load_label_encoder(features_dir, meta.label_names)
     blocks = list(range(-(-len(labels) // block_rows)))
-    validation_path = None
-    if validation_split is not None:
-        try:
-            validation_path = feature_file(features_dir, validation_split)
-        except FeatureFileError:
-            validation_path = None
+    validation_path = _optional_feature_file(features_dir, validation_split)
     if validation_path is not None:
         check_same_layout(meta, read_meta(validation_path), validation_path.name)
         train_blocks, held_out = blocks, None
