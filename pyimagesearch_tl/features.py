@@ -9,15 +9,18 @@ NumPy hands over uint8 pixels only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -54,6 +57,14 @@ class FeatureExtractor:
         Decompression-bomb limit passed to the decoder.
     workers : int, optional
         Decoding threads (default: the number of CPUs).
+    input_size : int, optional
+        Square input side (default: the backbone's own).
+    dtype : {"float32", "float16"}
+        Storage type recorded for the feature files.
+    label_names : sequence of str
+        Class names recorded with the features.
+    precision : {"float32", "bfloat16"}
+        Arithmetic of the backbone (see :func:`~pyimagesearch_tl.backbones.create_model`).
     """
 
     def __init__(self, backbone: str, weights: str = "imagenet", pooling: str = "avg", batch_size: int = 32,
@@ -75,7 +86,7 @@ class FeatureExtractor:
             return tf.cast(model(preprocess_input(tf.cast(images, tf.float32), mode), training=False), tf.float32)
 
         self._forward = forward
-        weights_name = "none" if weights_path is None else ("imagenet" if weights_path == "imagenet" else weights_path)
+        weights_name = weights_path or "none"  # "imagenet", "none" or the file's path
         self.meta = FeatureMeta(
             backbone=backbone,
             weights=weights_name,
@@ -93,10 +104,8 @@ class FeatureExtractor:
     @classmethod
     def from_meta(cls, meta: FeatureMeta, batch_size: int = 32, max_pixels: int = 89_478_485) -> "FeatureExtractor":
         """Rebuild exactly the extractor that produced features described by ``meta``."""
-        extractor = cls(meta.backbone, meta.weights, meta.pooling, batch_size, max_pixels,
-                        input_size=meta.input_size, dtype=meta.dtype, label_names=meta.label_names,
-                        precision=meta.precision)
-        return extractor
+        return cls(meta.backbone, meta.weights, meta.pooling, batch_size, max_pixels, input_size=meta.input_size,
+                   dtype=meta.dtype, label_names=meta.label_names, precision=meta.precision)
 
     def decode(self, path: str | Path) -> np.ndarray:
         return load_image(path, self.input_size, self.max_pixels)
@@ -141,6 +150,31 @@ class FeatureExtractor:
         if len(images) == 0:
             return np.zeros((0, self.meta.feature_dim), np.float32)
         return self._forward(images).numpy().astype(np.float32, copy=False)
+
+
+@contextlib.contextmanager
+def interrupt_after_batch() -> Iterator[Callable[[], bool]]:
+    """Defer Ctrl-C to the next batch boundary, so the batch in flight is written before stopping.
+
+    Yields a function telling whether Ctrl-C was pressed; the caller raises ``KeyboardInterrupt``
+    at a safe point. A second Ctrl-C stops at once. Outside the main thread, or where SIGINT is
+    ignored (a background job), nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield lambda: False
+        return
+    requested = threading.Event()
+
+    def handler(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _lowest_priority() -> None:
@@ -243,7 +277,8 @@ def extract_split(extractor: FeatureExtractor, dataset_dir: Path, rows: Sequence
     todo = [dict(row, path=dataset_dir / row["path"], relative=row["path"]) for row in rows[start:]]
     started, extracted, reused, cursor = time.perf_counter(), 0, 0, 0
     try:
-        with tqdm(total=len(rows), initial=start, desc=split, unit="img", disable=not progress) as bar:
+        with interrupt_after_batch() as interrupted, \
+                tqdm(total=len(rows), initial=start, desc=split, unit="img", disable=not progress) as bar:
             for stop, vectors, skipped, computed in _segments(todo, reuse, extractor):
                 kept = sorted(vectors)
                 writer.append(
@@ -258,6 +293,8 @@ def extract_split(extractor: FeatureExtractor, dataset_dir: Path, rows: Sequence
                 reused += len(kept) - computed
                 bar.update(stop - cursor)
                 cursor = stop
+                if interrupted():
+                    raise KeyboardInterrupt
         writer.finish()
     finally:
         writer.close()

@@ -53,16 +53,12 @@ class Predictor:
     """Features and labels for new images, exactly as the bundle's training features were made."""
 
     def __init__(self, bundle: Bundle, batch_size: int = 32, max_pixels: int = 89_478_485, top_k: int = 3):
-        from .backbones import get_backbone
         from .features import FeatureExtractor
 
         self.bundle, self.top_k = bundle, top_k
         try:
-            get_backbone(bundle.meta.backbone)
             self.extractor = FeatureExtractor.from_meta(bundle.meta, batch_size, max_pixels)
-        except BundleError:
-            raise
-        except Exception as exc:
+        except Exception as exc:  # unknown backbone, weights file gone or not downloadable, ...
             raise BundleError(f"cannot rebuild the feature extractor of this bundle ({bundle.meta.describe()}): {exc}") from None
         bundle.check_features(self.extractor.meta, "the rebuilt feature extractor")
 

@@ -34,8 +34,10 @@ def big_dataset(tmp_path_factory):
 
 
 def _start_extract(dataset: Path, output: Path) -> subprocess.Popen:
+    # As in a terminal's foreground job: Ctrl-C (SIGINT) delivered, even when these tests run in the background.
     return subprocess.Popen(PTL + ["extract", "--dataset", str(dataset), "--output", str(output), "--batch-size", "8"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_progress(process: subprocess.Popen, partial: Path, min_bytes: int, timeout: float = 120) -> None:
@@ -81,10 +83,12 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(big_dataset, tmp_path):
     _wait_for_progress(process, output / "training.h5.partial", min_bytes=100_000)
     process.send_signal(signal.SIGINT)
     stdout, _ = process.communicate(timeout=60)
-    assert process.returncode == 1
+    assert process.returncode == 1, stdout
     assert "interrupted; progress is saved: rerun the same command to resume" in stdout
     assert "Traceback" not in stdout
     assert (output / "training.h5.partial").exists() and not (output / "training.h5").exists()
+    result = CliRunner().invoke(cli, ["extract", "--dataset", str(big_dataset), "--output", str(output), "--batch-size", "8"])
+    assert result.exit_code == 0 and "resumed at image " in result.output, result.output
 
 
 def test_added_images_are_the_only_ones_extracted(tmp_path):
