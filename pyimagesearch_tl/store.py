@@ -280,8 +280,6 @@ def read_meta(path: str | Path) -> FeatureMeta:
     path = Path(path)
     if path.suffix == ".csv":
         return FeatureMeta.from_attrs(_read_csv_sidecar(path))
-    import h5py
-
     with _open_h5(path) as f:
         return FeatureMeta.from_attrs(f.attrs)
 

@@ -1,8 +1,6 @@
 """The backbone registry, the offline EfficientNet-Lite weights and the keras.applications path."""
 
-import io
 import pickle
-import struct
 
 import numpy as np
 import pytest

@@ -56,8 +56,8 @@ def test_class_folders_without_splits_are_split_stratified_and_reproducibly(tmp_
     for name in ("daisy", "rose", "tulip"):
         copy_subset(shared("flowers", name), source / name, 10)
     first = build_dataset(source, tmp_path / "a", splits=SPLITS, fractions=FRACTIONS, seed=7)
-    again = build_dataset(source, tmp_path / "b", splits=SPLITS, fractions=FRACTIONS, seed=7)
-    other = build_dataset(source, tmp_path / "c", splits=SPLITS, fractions=FRACTIONS, seed=8)
+    build_dataset(source, tmp_path / "b", splits=SPLITS, fractions=FRACTIONS, seed=7)
+    build_dataset(source, tmp_path / "c", splits=SPLITS, fractions=FRACTIONS, seed=8)
     for split, share in zip(SPLITS, FRACTIONS):
         assert dict(first.counts[split]) == {name: round(10 * share) for name in ("daisy", "rose", "tulip")}
     key = lambda rows: sorted((r["path"], r["split"]) for r in rows)  # noqa: E731
