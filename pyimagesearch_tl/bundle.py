@@ -121,9 +121,10 @@ class Bundle:
 
     def check_features(self, meta: FeatureMeta, what: str) -> None:
         """Refuse features made differently from the training features."""
+        from .errors import FeatureFileError
         from .store import check_same_layout
 
         try:
             check_same_layout(self.meta, meta, what)
-        except Exception as exc:
+        except FeatureFileError as exc:
             raise BundleError(f"{exc} (the model was trained on {self.meta.describe()})") from None

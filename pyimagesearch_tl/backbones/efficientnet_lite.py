@@ -16,7 +16,6 @@ The builder has the Keras applications signature::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import math
 import os
@@ -27,7 +26,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import PTLError
+from ..images import sha256_file
 from . import Backbone, WeightsUnavailableError, register
 
 #: ``torch.save``'s legacy-format magic number and protocol version.
@@ -408,22 +409,18 @@ def cache_dir() -> Path:
     return Path(base) / "pyimagesearch_tl"
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cached_weights(variant: str) -> Path:
-    """The Keras weights file for ``variant``, converted from the packaged checkpoint on first use.
+    """The Keras weights file for ``variant``, converted from the packaged checkpoint on first use."""
+    return _converted(variant, packaged_checkpoint(variant))
 
-    The cache file name carries the checkpoint's SHA-256 prefix, so a changed package never reuses
-    a stale conversion; the file is written under a temporary name and renamed into place.
+
+def _converted(variant: str, checkpoint: Path) -> Path:
+    """The cached Keras conversion of ``checkpoint``, made on first use.
+
+    The cache file name carries the checkpoint's SHA-256 prefix, so a changed checkpoint never
+    reuses a stale conversion; the file is written under a temporary name and renamed into place.
     """
-    checkpoint = packaged_checkpoint(variant)
-    target = cache_dir() / "weights" / f"{variant}-{_file_digest(checkpoint)[:12]}.weights.h5"
+    target = cache_dir() / "weights" / f"{variant}-{sha256_file(checkpoint)[:12]}.weights.h5"
     if not target.exists():
         _convert_to(variant, checkpoint, target)
     return target
@@ -432,21 +429,14 @@ def cached_weights(variant: str) -> Path:
 def _convert_to(variant: str, checkpoint: Path, target: Path) -> None:
     model = EfficientNetLite(variant, include_top=True, weights=None)
     convert_state_dict(model, read_torch_checkpoint(checkpoint))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{os.getpid()}.{target.name}")
-    model.save_weights(partial)
-    os.replace(partial, target)
+    with atomic_path(target) as partial:
+        model.save_weights(partial)
 
 
 def _weights_file(variant: str, path: str) -> Path:
     """A user's weights file: a ``.weights.h5`` as is, a ``.pth`` converted into the cache."""
     path = Path(path)
-    if path.suffix in (".pth", ".pt"):
-        target = cache_dir() / "weights" / f"{variant}-{_file_digest(path)[:12]}.weights.h5"
-        if not target.exists():
-            _convert_to(variant, path, target)
-        return target
-    return path
+    return _converted(variant, path) if path.suffix in (".pth", ".pt") else path
 
 
 def _build(variant: str, weights, input_shape, pooling):
