@@ -15,6 +15,16 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: Permissions of the files written here: what ``open()`` would give (``mkstemp`` makes them 0600).
+FILE_MODE = 0o666 & ~_current_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it replaces ``target`` atomically.
@@ -27,6 +37,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix="".join(target.suffixes), dir=target.parent)
     os.close(handle)
     temporary = Path(name)
+    os.chmod(temporary, FILE_MODE)
     try:
         yield temporary
         os.replace(temporary, target)
