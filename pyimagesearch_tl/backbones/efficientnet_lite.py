@@ -452,5 +452,6 @@ for _name, _spec in VARIANTS.items():
             preprocessing="lite",
             family="efficientnet-lite",
             offline=True,
+            block_pattern=r"(?P<block>stem|block\d+|top)_",
         )
     )

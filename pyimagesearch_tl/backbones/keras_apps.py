@@ -36,23 +36,31 @@ def _build(constructor: str, weights, input_shape, pooling):
         ) from None
 
 
-# name, keras constructor, input size, preprocessing mode
+# How each family names its blocks (see Backbone.block_pattern): VGG block1..block5; ResNet conv1
+# and conv{2-5}_block{n}; MobileNetV2 Conv1 (stem, with bn_Conv1), expanded_conv, block_1..16 and
+# Conv_1 (the last 1x1); EfficientNet stem, block{1-7}{a,b,...} and top.
+_VGG = r"(?P<block>block\d+)_"
+_RESNET = r"(?P<block>conv1|conv\d_block\d+)_"
+_MOBILENET = r"(?:bn_)?(?P<block>Conv1|expanded_conv|block_\d+|Conv_1)(?:_|$)"
+_EFFICIENTNET = r"(?P<block>stem|block\d+[a-z]|top)_"
+
+# name, keras constructor, input size, preprocessing mode, block pattern
 _APPLICATIONS = [
-    ("vgg16", "VGG16", 224, "caffe"),
-    ("vgg19", "VGG19", 224, "caffe"),
-    ("resnet50", "ResNet50", 224, "caffe"),
-    ("mobilenetv2", "MobileNetV2", 224, "tf"),
-    ("efficientnetb0", "EfficientNetB0", 224, "none"),
-    ("efficientnetb1", "EfficientNetB1", 240, "none"),
-    ("efficientnetb2", "EfficientNetB2", 260, "none"),
-    ("efficientnetb3", "EfficientNetB3", 300, "none"),
-    ("efficientnetb4", "EfficientNetB4", 380, "none"),
-    ("efficientnetb5", "EfficientNetB5", 456, "none"),
-    ("efficientnetb6", "EfficientNetB6", 528, "none"),
-    ("efficientnetb7", "EfficientNetB7", 600, "none"),
+    ("vgg16", "VGG16", 224, "caffe", _VGG),
+    ("vgg19", "VGG19", 224, "caffe", _VGG),
+    ("resnet50", "ResNet50", 224, "caffe", _RESNET),
+    ("mobilenetv2", "MobileNetV2", 224, "tf", _MOBILENET),
+    ("efficientnetb0", "EfficientNetB0", 224, "none", _EFFICIENTNET),
+    ("efficientnetb1", "EfficientNetB1", 240, "none", _EFFICIENTNET),
+    ("efficientnetb2", "EfficientNetB2", 260, "none", _EFFICIENTNET),
+    ("efficientnetb3", "EfficientNetB3", 300, "none", _EFFICIENTNET),
+    ("efficientnetb4", "EfficientNetB4", 380, "none", _EFFICIENTNET),
+    ("efficientnetb5", "EfficientNetB5", 456, "none", _EFFICIENTNET),
+    ("efficientnetb6", "EfficientNetB6", 528, "none", _EFFICIENTNET),
+    ("efficientnetb7", "EfficientNetB7", 600, "none", _EFFICIENTNET),
 ]
 
-for _name, _constructor, _size, _mode in _APPLICATIONS:
+for _name, _constructor, _size, _mode, _blocks in _APPLICATIONS:
     register(
         Backbone(
             name=_name,
@@ -60,5 +68,6 @@ for _name, _constructor, _size, _mode in _APPLICATIONS:
             input_size=_size,
             preprocessing=_mode,
             family="keras.applications",
+            block_pattern=_blocks,
         )
     )
