@@ -8,7 +8,7 @@ DATA ?=
 OUT ?= output
 MODEL := $(OUT)/models/logreg.joblib
 
-.PHONY: venv browser demo test clean
+.PHONY: venv browser demo finetune test clean
 
 # The environment is (re)built when setup.cfg changes, and verified by importing what it installed.
 $(STAMP): setup.cfg pyproject.toml
@@ -28,12 +28,22 @@ demo: venv
 	$(PY) scripts/02_extract_features.py --dataset $(OUT)/dataset --output $(OUT)/features; \
 	echo "== 3/5 train every classifier on the same feature files"; \
 	$(PY) scripts/03_train.py --features $(OUT)/features --output $(OUT)/models --classifier all; \
-	echo "== 4/5 evaluate"; \
-	$(PY) scripts/04_evaluate.py --model $(MODEL) --features $(OUT)/features --output $(OUT)/evaluation; \
+	echo "== 4/5 evaluate every model, then compare them"; \
+	for model in $(OUT)/models/*.joblib; do \
+		$(PY) scripts/04_evaluate.py --model $$model --features $(OUT)/features --output $(OUT)/evaluation | tail -n 2; \
+	done; \
+	$(PY) scripts/07_compare.py --output $(OUT); \
 	echo "== 5/5 predict new images"; \
 	$(PY) scripts/05_predict.py --model $(MODEL) --output $(OUT)/predictions.csv \
 		$$(find $(OUT)/dataset -path '*validation*' -name '*.jpg' | sort | head -n 4); \
-	echo "artefacts: dataset $(OUT)/dataset, features $(OUT)/features, models $(OUT)/models, metrics $(OUT)/evaluation, predictions $(OUT)/predictions.csv"
+	echo "artefacts: dataset $(OUT)/dataset, features $(OUT)/features, models $(OUT)/models, metrics $(OUT)/evaluation, comparison $(OUT)/comparison.png, predictions $(OUT)/predictions.csv"
+
+# `make finetune` (after `make demo`): two-stage fine-tuning on the demo dataset, evaluated and compared
+# with the feature-extraction models (about 10 minutes on a 2-core CPU).
+finetune: venv
+	$(PY) scripts/06_finetune.py --dataset $(OUT)/dataset --output $(OUT)/finetune
+	$(PY) scripts/04_evaluate.py --model $(OUT)/finetune/finetune.joblib --dataset $(OUT)/dataset --output $(OUT)/evaluation
+	$(PY) scripts/07_compare.py --output $(OUT)
 
 # The end-to-end web test drives Debian's Chromium; it is skipped, with the reason, where it cannot be installed.
 browser:
@@ -45,4 +55,5 @@ test: venv browser
 	$(PY) -m pytest tests
 
 clean:
-	rm -rf $(OUT)/dataset $(OUT)/features $(OUT)/models $(OUT)/evaluation $(OUT)/predictions.csv
+	rm -rf $(OUT)/dataset $(OUT)/features $(OUT)/models $(OUT)/evaluation $(OUT)/finetune $(OUT)/predictions.csv \
+		$(OUT)/comparison.csv $(OUT)/comparison.json $(OUT)/comparison.png

@@ -227,24 +227,28 @@ def train_command(config: Config, **options):
 
 
 @cli.command("evaluate")
-@click.option("--model", "model_path", required=True, help="A bundle written by train.")
-@click.option("--features", "features_dir", help="Folder of feature files.")
+@click.option("--model", "model_path", required=True, help="A bundle written by train or finetune.")
+@click.option("--features", "features_dir", help="Folder of feature files (bundles trained on features).")
+@click.option("--dataset", "dataset_dir", help="Dataset folder (fine-tuned bundles are evaluated on its images).")
 @click.option("--split", help="Split to evaluate (default: evaluation, else validation).")
-@click.option("--output", "evaluation_dir", help="Where to write metrics.json and the plots.")
+@click.option("--output", "evaluation_dir", help="Evaluation folder: writes <model>/metrics.json and the plots there.")
 @with_config
 def evaluate_command(config: Config, model_path, split, **options):
-    """Report accuracy, the confusion matrix and ROC AUC of a bundle on a split."""
+    """Report accuracy, the confusion matrix, ROC AUC and macro F1 of a bundle on a split."""
     from .bundle import Bundle
-    from .evaluation import evaluate
-    from .store import feature_file, has_feature_file, read_features
+    from .evaluation import default_split, evaluate, features_for
 
     config = _apply(config, **options)
     bundle = Bundle.load(model_path)
-    if split is None:  # the held-out split when it was extracted, else the validation split
-        roles = [config.split_for("evaluation"), config.split_for("validation")]
-        split = next((s for s in roles if s and has_feature_file(config.features_dir, s)), roles[0] or roles[1])
-    features = read_features(feature_file(config.features_dir, split))
-    metrics = evaluate(bundle, features, config.evaluation_dir, split)
+    if split is None:  # the held-out split when there is one, else the validation split
+        split = default_split(bundle, [config.split_for("evaluation"), config.split_for("validation")],
+                              config.features_dir, config.dataset_dir)
+    features, skipped = features_for(bundle, split, config.features_dir, config.dataset_dir, config.batch_size,
+                                     config.max_image_pixels)
+    for path, reason in skipped:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    output_dir = Path(config.evaluation_dir) / Path(model_path).stem
+    metrics = evaluate(bundle, features, output_dir, split, model_path)
     click.echo(f"{bundle.name} on {split} ({metrics['images']} images)")
     click.echo(metrics["report_text"])
     click.echo("confusion matrix (rows: true, columns: predicted; " + ", ".join(metrics["labels"]) + "):")
@@ -254,8 +258,74 @@ def evaluate_command(config: Config, model_path, split, **options):
         click.echo(f"roc_auc: {metrics['roc_auc']:.4f}")
     if "rank5" in metrics:
         click.echo(f"rank-1: {metrics['rank1']:.4f}  rank-5: {metrics['rank5']:.4f}")
+    click.echo(f"macro F1: {metrics['macro_f1']:.4f}")
     click.echo(f"accuracy: {metrics['accuracy']:.4f}")
-    click.echo(f"wrote {Path(config.evaluation_dir) / 'metrics.json'}")
+    click.echo(f"wrote {output_dir / 'metrics.json'}")
+
+
+@cli.command("compare")
+@click.option("--output", "run_dir", default="output", show_default=True,
+              help="The run's output folder: every metrics.json below it is compared.")
+def compare_command(run_dir):
+    """Put every evaluated model of a run in one table and one figure (comparison.csv/.json/.png)."""
+    from .evaluation import compare, comparison_warning
+
+    rows, written = compare(run_dir)
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    click.echo(f"{'model':<16} {'kind':<22} {'split':<11} {'images':>6} {'accuracy':>8} {'roc_auc':>7} "
+               f"{'macro_f1':>8} {'train s':>8} {'size MB':>7}")
+    for r in rows:
+        click.echo(f"{r['model']:<16} {r['kind']:<22} {r['split']:<11} {fmt(r['images'], 'd'):>6} "
+                   f"{fmt(r['accuracy'], '.4f'):>8} {fmt(r['roc_auc'], '.4f'):>7} {fmt(r['macro_f1'], '.4f'):>8} "
+                   f"{fmt(r['train_seconds'], '.1f'):>8} {fmt(r['model_mb'], '.2f'):>7}")
+    warning = comparison_warning(rows)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo("wrote " + ", ".join(written))
+
+
+@cli.command("finetune")
+@click.option("--dataset", "dataset_dir", help="Dataset folder written by build-dataset.")
+@click.option("--output", "finetune_dir", help="Where to write the network, the bundle, history.json and the curves.")
+@click.option("--backbone", help="Registered backbone (see `ptl backbones`).")
+@click.option("--weights", help="imagenet, none, or a path to a weights file.")
+@click.option("--input-size", type=int, help="Square input side (default: the backbone's own).")
+@click.option("--head-epochs", type=int, help="Stage 1: epochs of the new head on the frozen backbone.")
+@click.option("--finetune-epochs", type=int, help="Stage 2: epochs with the last blocks unfrozen (0: skip).")
+@click.option("--unfreeze-blocks", type=int, help="How many of the backbone's last blocks stage 2 trains.")
+@click.option("--head-lr", type=float, help="Learning rate of stage 1.")
+@click.option("--finetune-lr", type=float, help="Learning rate of stage 2 (much lower).")
+@click.option("--augment", type=click.Choice(["none", "light", "strong"]), help="Augmentation of the training images.")
+@click.option("--monitor", type=click.Choice(["val_loss", "val_auc"]), help="What early stopping and the checkpoint watch.")
+@click.option("--patience", type=int, help="Epochs without improvement before a stage stops.")
+@click.option("--head-dropout", type=float)
+@click.option("--head-batchnorm/--no-head-batchnorm", default=None)
+@click.option("--class-weight", type=click.Choice(["none", "balanced"]))
+@click.option("--batch-size", type=int)
+@click.option("--seed", type=int)
+@with_config
+def finetune_command(config: Config, **options):
+    """Train a new head on the frozen backbone, then fine-tune its last blocks."""
+    from .finetune import FinetuneSettings, finetune
+
+    config = _apply(config, **options)
+    settings = FinetuneSettings.from_config(config)
+
+    def report(stage, epoch, logs):
+        values = "  ".join(f"{k} {v:.4f}" for k, v in sorted(logs.items()))
+        click.echo(f"{stage:<8} epoch {epoch:>3}  {values}")
+
+    result = finetune(config.dataset_dir, config.finetune_dir, settings, training_split=config.split_for("training"),
+                      validation_split=config.split_for("validation"), on_epoch=report)
+    best = result.history["best"]
+    click.echo(f"validation: {result.holdout}")
+    click.echo(f"stage 2 unfroze: {', '.join(result.unfrozen) or '(stage 2 skipped)'} (BatchNormalization stays frozen)")
+    click.echo(f"best {result.history['monitor']} {best['value']:.4f} at epoch {best['epoch']} ({best['stage']} stage), restored")
+    auc = "-" if result.validation_auc is None else f"{result.validation_auc:.4f}"
+    click.echo(f"validation accuracy {result.validation_accuracy:.4f}, roc_auc {auc}; {result.seconds:.1f} s")
+    for path, reason in sorted(result.skipped.items()):
+        click.echo(f"  skipped {path}: {reason}", err=True)
+    click.echo(f"saved {result.model_path} and {result.bundle_path} (for predict, evaluate and serve)")
 
 
 @cli.command("predict")

@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "features_dir": "output/features",
     "models_dir": "output/models",
     "evaluation_dir": "output/evaluation",
+    "finetune_dir": "output/finetune",
     # build-dataset
     "layout": "auto",
     "labels_file": None,
@@ -57,6 +58,18 @@ DEFAULTS: dict[str, Any] = {
     "streaming": False,  # train from the feature file block by block (classifiers with partial_fit)
     "unknown_keep": 0.95,  # share of in-distribution validation images kept; the rest is "unknown"
     "grids": {},  # per classifier, e.g. {"logreg": {"C": [0.01, 0.1, 1]}}; empty: the registry's
+    # finetune (batch_size, class_weight and seed above apply too)
+    "input_size": None,  # square input side; unset: the backbone's own
+    "head_epochs": 10,  # stage 1: the new head on the frozen backbone
+    "finetune_epochs": 10,  # stage 2: the last blocks unfrozen too
+    "unfreeze_blocks": 2,
+    "head_lr": 1e-3,
+    "finetune_lr": 1e-4,
+    "augment": "light",
+    "monitor": "val_loss",
+    "patience": 3,  # epochs without improvement before a stage stops early
+    "head_dropout": 0.2,
+    "head_batchnorm": True,
 }
 
 
@@ -134,6 +147,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "features_dir": _typed(str, "a path"),
     "models_dir": _typed(str, "a path"),
     "evaluation_dir": _typed(str, "a path"),
+    "finetune_dir": _typed(str, "a path"),
     "layout": _choice("auto", "food5k", "class-folders", "labels-file"),
     "labels_file": _optional_str,
     "classes": _str_list,
@@ -155,6 +169,18 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "streaming": _typed(bool, "true or false"),
     "unknown_keep": _typed((int, float), "a share in (0, 1]", lambda v: 0 < v <= 1),
     "grids": _grids,
+    "input_size": lambda v: None if v is None or (isinstance(v, int) and not isinstance(v, bool) and 32 <= v <= 1024)
+    else "an integer between 32 and 1024 (or unset)",
+    "head_epochs": _typed(int, "an integer >= 1", lambda v: v >= 1),
+    "finetune_epochs": _typed(int, "an integer >= 0 (0: no second stage)", lambda v: v >= 0),
+    "unfreeze_blocks": _typed(int, "an integer >= 1", lambda v: v >= 1),
+    "head_lr": _typed((int, float), "a learning rate > 0", lambda v: v > 0),
+    "finetune_lr": _typed((int, float), "a learning rate > 0", lambda v: v > 0),
+    "augment": _choice("none", "light", "strong"),
+    "monitor": _choice("val_loss", "val_auc"),
+    "patience": _typed(int, "an integer >= 1", lambda v: v >= 1),
+    "head_dropout": _typed((int, float), "a rate in [0, 1)", lambda v: 0 <= v < 1),
+    "head_batchnorm": _typed(bool, "true or false"),
 }
 assert RULES.keys() == DEFAULTS.keys()
 

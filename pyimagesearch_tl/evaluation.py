@@ -1,21 +1,68 @@
-"""Metrics and plots of a bundle on a split's stored features."""
+"""Metrics and plots of a bundle on a split, and the comparison of every evaluated model of a run.
+
+A bundle trained on stored features is evaluated on the split's feature file; a fine-tuned bundle,
+whose backbone differs from the stored features, on the split's images (features made in memory by
+its own backbone). Either way the result is ``<evaluation dir>/<model>/metrics.json`` with plots,
+and :func:`compare` gathers those files into one table and one figure.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from .atomic import atomic_path, atomic_write_json
+from .atomic import atomic_path, atomic_write_json, atomic_write_text
+from .backbones import FINETUNED
 from .bundle import Bundle
-from .store import FeatureSet
+from .errors import DatasetError
+from .store import FeatureSet, feature_file, has_feature_file, read_features
 from .training import roc_auc
 
+METRICS = "metrics.json"
 
-def evaluate(bundle: Bundle, features: FeatureSet, output_dir: str | Path | None = None, split: str = "") -> dict:
-    """Classification report, confusion matrix, accuracy, ROC AUC (binary) and rank-1/5 (> 5 classes).
+
+def default_split(bundle: Bundle, splits: Sequence[str | None], features_dir: str | Path, dataset_dir: str | Path) -> str:
+    """The first of ``splits`` (held-out, then validation) that has data for ``bundle``."""
+    from .layouts import read_manifest
+
+    candidates = [s for s in splits if s]
+    if bundle.meta.weights == FINETUNED:
+        present = {row["split"] for row in read_manifest(dataset_dir)}
+        return next((s for s in candidates if s in present), candidates[0])
+    return next((s for s in candidates if has_feature_file(features_dir, s)), candidates[0])
+
+
+def features_for(bundle: Bundle, split: str, features_dir: str | Path, dataset_dir: str | Path,
+                 batch_size: int = 32, max_pixels: int = 89_478_485) -> tuple[FeatureSet, list[tuple[str, str]]]:
+    """The features ``bundle`` is evaluated on, and the images skipped while making them.
+
+    Stored features (``features_dir``) for bundles trained on them; for a fine-tuned bundle, the
+    split's images in ``dataset_dir`` through the bundle's own backbone.
+    """
+    if bundle.meta.weights != FINETUNED:
+        path = feature_file(features_dir, split)
+        features = read_features(path)
+        return features, []
+    from .features import FeatureExtractor, dataset_rows, extract_in_memory
+
+    rows = dataset_rows(dataset_dir).get(split)
+    if not rows:
+        raise DatasetError(f"dataset {dataset_dir} has no {split!r} split to evaluate the fine-tuned model on")
+    extractor = FeatureExtractor.from_meta(bundle.meta, batch_size, max_pixels, bundle.backbone_weights)
+    return extract_in_memory(extractor, dataset_dir, rows)
+
+
+def evaluate(bundle: Bundle, features: FeatureSet, output_dir: str | Path | None = None, split: str = "",
+             model_path: str | Path | None = None) -> dict:
+    """Classification report, confusion matrix, accuracy, ROC AUC (binary), macro F1, rank-1/5 (> 5 classes).
 
     With ``output_dir``, writes ``metrics.json``, ``confusion_matrix.png`` and (binary) ``roc_curve.png``.
+    ``model_path`` (the bundle's file) adds its size to the metrics.
     """
     from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, top_k_accuracy_score
 
@@ -37,14 +84,20 @@ def evaluate(bundle: Bundle, features: FeatureSet, output_dir: str | Path | None
         "labels": names,
         "score_kind": kind,
         "roc_auc": roc_auc(features.labels, scores, len(names)),
+        "kind": "fine-tuned" if bundle.meta.weights == FINETUNED else "features + classifier",
+        "backbone": bundle.meta.backbone,
+        "train_seconds": bundle.info.get("fit_seconds"),
+        "model_file": None if model_path is None else str(model_path),
+        "model_bytes": None if model_path is None else Path(model_path).stat().st_size,
     }
+    metrics["macro_f1"] = float(metrics["classification_report"]["macro avg"]["f1-score"])
     if len(names) > 5:
         metrics["rank1"] = metrics["accuracy"]
         metrics["rank5"] = float(top_k_accuracy_score(features.labels, scores, k=5, labels=labels))
     if output_dir is not None:
         output_dir = Path(output_dir)
         metrics["files"] = _plot(metrics, features.labels, scores, output_dir)
-        atomic_write_json(output_dir / "metrics.json", metrics)
+        atomic_write_json(output_dir / METRICS, metrics)
     return metrics
 
 
@@ -78,3 +131,92 @@ def _save(figure, path: Path) -> str:
         figure.savefig(temporary, dpi=110, format="png")
     plt.close(figure)
     return str(path)
+
+
+# --- comparing every evaluated model of a run ------------------------------------------------------
+
+#: Columns of ``comparison.csv``, in order.
+COMPARISON_FIELDS = ["model", "kind", "backbone", "split", "images", "accuracy", "roc_auc", "macro_f1",
+                     "train_seconds", "model_mb", "metrics"]
+
+
+def compare(run_dir: str | Path) -> tuple[list[dict], list[str]]:
+    """Gather every ``metrics.json`` below ``run_dir`` into ``comparison.{csv,json,png}`` there.
+
+    Returns the rows (best accuracy first) and the files written. Models evaluated on different
+    splits or image counts are still listed, with a ``warning`` naming the difference.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DatasetError(f"run folder {str(run_dir)!r} does not exist")
+    found = sorted(run_dir.rglob(METRICS))
+    if not found:
+        raise DatasetError(f"no evaluated models below {run_dir}: run `ptl evaluate` first (it writes {METRICS})")
+    everything = []
+    for path in found:
+        try:
+            everything.append((path, json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, ValueError) as exc:
+            raise DatasetError(f"{path}: not a readable metrics file ({exc})") from None
+    rows = []
+    for path, m in everything:
+        size = m.get("model_bytes")
+        rows.append(dict(model=m.get("model") if not m.get("model_file") else Path(m["model_file"]).stem,
+                         kind=m.get("kind", ""), backbone=m.get("backbone", ""), split=m.get("split", ""),
+                         images=m.get("images"), accuracy=m.get("accuracy"), roc_auc=m.get("roc_auc"),
+                         macro_f1=m.get("macro_f1"), train_seconds=m.get("train_seconds"),
+                         model_mb=None if size is None else size / 2**20, metrics=str(path.relative_to(run_dir))))
+    order = sorted(range(len(rows)), key=lambda i: -(rows[i]["accuracy"] or 0))
+    rows, everything = [rows[i] for i in order], [everything[i] for i in order]
+    written = [str(run_dir / "comparison.csv"), str(run_dir / "comparison.json")]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COMPARISON_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(written[0], buffer.getvalue())
+    atomic_write_json(written[1], rows)
+    written.append(_plot_comparison(rows, [m for _, m in everything], run_dir / "comparison.png"))
+    return rows, written
+
+
+def comparison_warning(rows: list[dict]) -> str | None:
+    """Why the rows are not directly comparable, if they are not (different splits or image counts)."""
+    evaluated_on = {(r["split"], r["images"]) for r in rows}
+    if len(evaluated_on) > 1:
+        return "models were evaluated on different data: " + "; ".join(f"{s} ({n} images)" for s, n in sorted(evaluated_on, key=str))
+    return None
+
+
+def _plot_comparison(rows: list[dict], metrics: list[dict], path: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    n = len(rows)
+    figure = plt.figure(figsize=(max(8, 3.6 * n), 8))
+    grid = figure.add_gridspec(2, n, height_ratios=[1, 1.3])
+    bars = figure.add_subplot(grid[0, :])
+    scores = [("accuracy", "accuracy"), ("macro F1", "macro_f1")]
+    if all(r["roc_auc"] is not None for r in rows):
+        scores.append(("ROC AUC", "roc_auc"))
+    width = 0.8 / len(scores)
+    positions = np.arange(n)
+    for k, (label, key) in enumerate(scores):
+        values = [r[key] or 0 for r in rows]
+        drawn = bars.bar(positions + (k - (len(scores) - 1) / 2) * width, values, width, label=label)
+        bars.bar_label(drawn, fmt="%.3f", fontsize=7)
+    bars.set_xticks(positions, [r["model"] for r in rows])
+    low = min(min(r[key] or 0 for r in rows) for _, key in scores)
+    bars.set_ylim(max(0.0, low - 0.1), 1.1)
+    bars.legend(loc="upper center", ncol=len(scores), fontsize="small")
+    bars.set_title(f"every evaluated model on {', '.join(sorted({str(r['split']) for r in rows}))}")
+    for i, (row, m) in enumerate(zip(rows, metrics)):
+        axes = figure.add_subplot(grid[1, i])
+        ConfusionMatrixDisplay(np.array(m["confusion_matrix"]), display_labels=m["labels"]).plot(
+            ax=axes, cmap="Blues", colorbar=False, xticks_rotation=45 if len(m["labels"]) > 3 else "horizontal")
+        seconds = "-" if row["train_seconds"] is None else f"{row['train_seconds']:.0f} s"
+        size = "-" if row["model_mb"] is None else f"{row['model_mb']:.1f} MB"
+        axes.set_title(f"{row['model']}\nacc {row['accuracy']:.3f} · train {seconds} · {size}", fontsize=9)
+    return _save(figure, path)

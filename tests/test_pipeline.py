@@ -81,13 +81,13 @@ def test_evaluate_prints_accuracy_and_writes_metrics_and_plots(pipeline_run, tmp
                  "--output", str(tmp_path / "eval"))
     accuracy_line = [line for line in output.splitlines() if line.startswith("accuracy: ")]
     assert len(accuracy_line) == 1 and len(accuracy_line[0].split()[1]) == 6
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "eval" / "logreg" / "metrics.json").read_text())
     assert metrics["split"] == "validation"  # the photos come pre-split into train and validation only
     assert metrics["accuracy"] == pytest.approx(float(accuracy_line[0].split()[1]), abs=1e-4)
     assert np.sum(metrics["confusion_matrix"]) == metrics["images"] > 0
     assert metrics["roc_auc"] is not None and "roc_auc:" in output
     for name in ("confusion_matrix.png", "roc_curve.png"):
-        assert (tmp_path / "eval" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (tmp_path / "eval" / "logreg" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_predict_rebuilds_the_backbone_from_the_bundle(pipeline_run, tmp_path, cats_dogs):
@@ -173,7 +173,7 @@ def test_numbered_scripts_run_in_order(tmp_path, cats_dogs):
     script("03_train.py", "--features", str(out / "features"), "--output", str(out / "models"), "--classifier", "all", "--cv", "3")
     evaluation = script("04_evaluate.py", "--model", str(out / "models" / "logreg.joblib"), "--features",
                         str(out / "features"), "--output", str(out / "evaluation"))
-    assert (out / "evaluation" / "metrics.json").is_file()
+    assert (out / "evaluation" / "logreg" / "metrics.json").is_file()
     assert float(evaluation.strip().splitlines()[-2].split()[1]) >= 0.8  # 'accuracy: 0.XXXX'
     predicted = script("05_predict.py", "--model", str(out / "models" / "linear-svm.joblib"), str(cats_dogs / "validation" / "cats"))
     assert "predicted 15 (0 unknown), skipped 0" in predicted
