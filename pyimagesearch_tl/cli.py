@@ -315,8 +315,13 @@ def finetune_command(config: Config, **options):
         values = "  ".join(f"{k} {v:.4f}" for k, v in sorted(logs.items()))
         click.echo(f"{stage:<8} epoch {epoch:>3}  {values}")
 
-    result = finetune(config.dataset_dir, config.finetune_dir, settings, training_split=config.split_for("training"),
-                      validation_split=config.split_for("validation"), on_epoch=report)
+    try:
+        result = finetune(config.dataset_dir, config.finetune_dir, settings, training_split=config.split_for("training"),
+                          validation_split=config.split_for("validation"), on_epoch=report)
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted before any weights were worth keeping; nothing saved") from None
+    if result.interrupted:
+        click.echo("interrupted: training stopped early; the best weights so far are saved", err=True)
     best = result.history["best"]
     click.echo(f"validation: {result.holdout}")
     click.echo(f"stage 2 unfroze: {', '.join(result.unfrozen) or '(stage 2 skipped)'} (BatchNormalization stays frozen)")

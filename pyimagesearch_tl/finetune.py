@@ -44,7 +44,7 @@ from .backbones import backbone_blocks, create_model, get_backbone, preprocess_i
 from .bundle import Bundle
 from .classifiers import DenseHead
 from .errors import ConfigError, DatasetError
-from .features import FeatureExtractor, dataset_rows, decode_batches, extract_in_memory
+from .features import FeatureExtractor, dataset_rows, decode_batches, extract_in_memory, interrupt_after_batch
 from .layouts import stratified_split
 from .novelty import NoveltyDetector
 from .training import roc_auc
@@ -257,6 +257,7 @@ class FinetuneReport:
     unfrozen: list[str]
     holdout: str
     skipped: dict[str, str]
+    interrupted: bool = False
 
 
 class _EpochReport(keras.callbacks.Callback):
@@ -275,12 +276,18 @@ class _EpochReport(keras.callbacks.Callback):
             self.on_epoch(self.stage, self.first_epoch + epoch + 1, dict(logs or {}))
 
 
+def _stop_if(model, requested: bool) -> None:
+    if requested:
+        model.stop_training = True
+
+
 def _improves(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value < best if mode == "min" else value > best)
 
 
 def _fit_stage(model, stage: str, train_data, validation_data, epochs: int, lr: float, settings: FinetuneSettings,
-               checkpoint: Path, best: float | None, class_weight, first_epoch: int, on_epoch) -> tuple[dict, list[float]]:
+               checkpoint: Path, best: float | None, class_weight, first_epoch: int, on_epoch,
+               interrupted: Callable[[], bool]) -> tuple[dict, list[float]]:
     """Compile with ``lr``, fit with early stopping and best-only checkpointing; return history and epoch times.
 
     The checkpoint is written only when the monitored value beats ``best`` (the best of earlier
@@ -294,6 +301,7 @@ def _fit_stage(model, stage: str, train_data, validation_data, epochs: int, lr: 
         keras.callbacks.ModelCheckpoint(str(checkpoint), settings.monitor, mode=settings.mode, save_best_only=True,
                                         save_weights_only=True, initial_value_threshold=best),
         report,
+        keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: _stop_if(model, interrupted())),
     ]
     with warnings.catch_warnings():  # the generator's length is unknown to Keras: it ends each epoch
         warnings.filterwarnings("ignore", message="Your input ran out of data")
@@ -364,38 +372,9 @@ def finetune(dataset_dir: str | Path, output_dir: str | Path, settings: Finetune
         labels = encoder.transform([row["label"] for row in training])
         class_weight = dict(enumerate(compute_class_weight("balanced", classes=np.arange(len(names)), y=labels)))
 
-    checkpoint = output_dir / CHECKPOINT
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.unlink(missing_ok=True)
-    stages, history, best = [], {}, None
-    plan = [("head", settings.head_epochs, settings.head_lr)]
-    if settings.finetune_epochs:
-        plan.append(("finetune", settings.finetune_epochs, settings.finetune_lr))
-    unfrozen: list[str] = []
-    for stage, epochs, lr in plan:
-        if stage == "finetune":
-            unfrozen = unfreeze_last_blocks(model, base, settings.backbone, settings.unfreeze_blocks)
-        stage_started = time.perf_counter()
-        first_epoch = len(history.get("loss", []))
-        logs, seconds = _fit_stage(model, stage, train_data, validation_data, epochs, lr, settings, checkpoint, best,
-                                   class_weight, first_epoch, on_epoch)
-        for key, values in logs.items():
-            history.setdefault(key, []).extend(values)
-        improved = [i for i, v in enumerate(logs[settings.monitor]) if _improves(v, best, settings.mode)]
-        if improved:
-            values = logs[settings.monitor]
-            best_index = min(improved, key=lambda i: values[i]) if settings.mode == "min" else max(improved, key=lambda i: values[i])
-            best = values[best_index]
-            best_epoch = dict(stage=stage, epoch=first_epoch + best_index + 1, value=best)
-        with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed
-            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-            model.load_weights(checkpoint)  # the best weights so far, from this stage or an earlier one
-        stages.append(dict(name=stage, learning_rate=lr, epochs_run=len(seconds), epoch_seconds=seconds,
-                           seconds=time.perf_counter() - stage_started, unfrozen_blocks=unfrozen if stage == "finetune" else [],
-                           trainable_parameters=int(sum(np.prod(w.shape) for w in model.trainable_weights))))
-    record = dict(monitor=settings.monitor, mode=settings.mode, stages=stages, history=history, best=best_epoch,
-                  stage_boundary=stages[0]["epochs_run"], validation=holdout, settings=dataclasses.asdict(settings),
-                  labels=names, images=dict(training=len(training), validation=len(validation)))
+    record = _train(model, base, settings, train_data, validation_data, class_weight, output_dir / CHECKPOINT, on_epoch)
+    record.update(validation=holdout, settings=dataclasses.asdict(settings), labels=names,
+                  images=dict(training=len(training), validation=len(validation)))
 
     output_dir.mkdir(parents=True, exist_ok=True)
     model_path = output_dir / KERAS_MODEL
@@ -410,7 +389,48 @@ def finetune(dataset_dir: str | Path, output_dir: str | Path, settings: Finetune
     atomic_write_json(output_dir / HISTORY, record)
     plot_curves(record, output_dir)
     return FinetuneReport(output_dir, model_path, bundle_path, record, validation_metrics[0], validation_metrics[1],
-                          seconds, unfrozen, holdout, record["skipped"])
+                          seconds, record["stages"][-1]["unfrozen_blocks"], holdout, record["skipped"],
+                          record["interrupted"])
+
+
+def _train(model, base, settings: FinetuneSettings, train_data, validation_data, class_weight, checkpoint: Path,
+           on_epoch) -> dict:
+    """Run the stages, restoring the best checkpoint of the run after each; the history record.
+
+    Ctrl-C stops after the batch in flight (the partial epoch is still validated and may be
+    checkpointed); the later stages are skipped and the best weights so far are kept. Ctrl-C before
+    any checkpoint exists, or a second Ctrl-C, raises ``KeyboardInterrupt``.
+    """
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.unlink(missing_ok=True)
+    plan = [("head", settings.head_epochs, settings.head_lr)]
+    if settings.finetune_epochs:
+        plan.append(("finetune", settings.finetune_epochs, settings.finetune_lr))
+    stages, history, best = [], {}, None
+    with interrupt_after_batch() as interrupted:
+        for stage, epochs, lr in plan:
+            unfrozen = unfreeze_last_blocks(model, base, settings.backbone, settings.unfreeze_blocks) if stage == "finetune" else []
+            started, first_epoch = time.perf_counter(), len(history.get("loss", []))
+            logs, seconds = _fit_stage(model, stage, train_data, validation_data, epochs, lr, settings, checkpoint,
+                                       None if best is None else best["value"], class_weight, first_epoch, on_epoch,
+                                       interrupted)
+            for key, values in logs.items():
+                history.setdefault(key, []).extend(values)
+            for index, value in enumerate(logs.get(settings.monitor, [])):  # the same rule as the checkpoint's
+                if _improves(value, None if best is None else best["value"], settings.mode):
+                    best = dict(stage=stage, epoch=first_epoch + index + 1, value=value)
+            if best is None:  # interrupted before the first epoch was validated: nothing worth keeping
+                raise KeyboardInterrupt
+            with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed
+                warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+                model.load_weights(checkpoint)  # the best weights so far, from this stage or an earlier one
+            stages.append(dict(name=stage, learning_rate=lr, epochs_run=len(seconds), epoch_seconds=seconds,
+                               seconds=time.perf_counter() - started, unfrozen_blocks=unfrozen,
+                               trainable_parameters=int(sum(np.prod(w.shape) for w in model.trainable_weights))))
+            if interrupted():
+                break
+    return dict(monitor=settings.monitor, mode=settings.mode, stages=stages, history=history, best=best,
+                stage_boundary=stages[0]["epochs_run"], interrupted=interrupted())
 
 
 def _bundle(model, base, settings: FinetuneSettings, dataset_dir: Path, training, validation, encoder, record):

@@ -211,3 +211,30 @@ def test_without_a_validation_split_part_of_training_is_held_out(pipeline_run):
     assert "held out" in note and len(training) + len(validation) == len(everything)
     assert {r["path"] for r in training}.isdisjoint(r["path"] for r in validation)
     assert {r["label"] for r in validation} == {"cats", "dogs"}  # stratified
+
+
+@pytest.mark.filterwarnings("ignore:Your input ran out of data")
+def test_ctrl_c_stops_early_and_keeps_the_best_weights_and_corrupt_images_are_skipped(pipeline_run, tmp_path):
+    import os
+    import shutil
+    import signal
+
+    from pyimagesearch_tl.features import dataset_rows
+
+    dataset = shutil.copytree(pipeline_run["dataset"], tmp_path / "dataset")
+    victim = dataset / dataset_rows(dataset)["training"][3]["path"]
+    victim.write_bytes(victim.read_bytes()[:300])  # a truncated JPEG
+    presses = []
+
+    def press_ctrl_c(stage, epoch, logs):
+        if epoch == 1:
+            presses.append(epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    settings = ft.FinetuneSettings(input_size=SIZE, batch_size=8, head_epochs=3, finetune_epochs=3, seed=5)
+    report = ft.finetune(dataset, tmp_path / "out", settings, on_epoch=press_ctrl_c)
+    assert presses == [1] and report.interrupted
+    assert [s["name"] for s in report.history["stages"]] == ["head"]  # stage 2 skipped
+    assert report.history["stages"][0]["epochs_run"] <= 2 < settings.head_epochs
+    assert Bundle.load(report.bundle_path).meta.weights == "finetuned"
+    assert list(report.skipped) == [str(victim)] and "truncated" in report.skipped[str(victim)].lower()
