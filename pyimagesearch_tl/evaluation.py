@@ -209,8 +209,9 @@ def _plot_comparison(rows: list[dict], metrics: list[dict], path: Path) -> str:
         bars.bar_label(drawn, fmt="%.3f", fontsize=7)
     bars.set_xticks(positions, [r["model"] for r in rows])
     low = min(min(r[key] or 0 for r in rows) for _, key in scores)
-    bars.set_ylim(max(0.0, low - 0.1), 1.1)
-    bars.legend(loc="upper center", ncol=len(scores), fontsize="small")
+    bottom = max(0.0, low - 0.1)
+    bars.set_ylim(bottom, 1 + 0.08 * (1 - bottom))  # room for the value labels
+    bars.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     bars.set_title(f"every evaluated model on {', '.join(sorted({str(r['split']) for r in rows}))}")
     for i, (row, m) in enumerate(zip(rows, metrics)):
         axes = figure.add_subplot(grid[1, i])
