@@ -48,13 +48,13 @@ def features_for(bundle: Bundle, split: str, features_dir: str | Path, dataset_d
         path = feature_file(features_dir, split)
         features = read_features(path)
         return features, []
-    from .features import FeatureExtractor, dataset_rows, extract_in_memory
+    from .features import dataset_rows, extract_in_memory
+    from .prediction import Predictor
 
     rows = dataset_rows(dataset_dir).get(split)
     if not rows:
         raise DatasetError(f"dataset {dataset_dir} has no {split!r} split to evaluate the fine-tuned model on")
-    extractor = FeatureExtractor.from_meta(bundle.meta, batch_size, max_pixels, bundle.backbone_weights)
-    return extract_in_memory(extractor, dataset_dir, rows)
+    return extract_in_memory(Predictor(bundle, batch_size, max_pixels).extractor, dataset_dir, rows)
 
 
 def evaluate(bundle: Bundle, features: FeatureSet, output_dir: str | Path | None = None, split: str = "",
@@ -114,16 +114,17 @@ def _plot(metrics: dict, labels: np.ndarray, scores: np.ndarray, output_dir: Pat
     ConfusionMatrixDisplay(np.array(metrics["confusion_matrix"]), display_labels=names).plot(
         ax=axes, cmap="Blues", colorbar=False, xticks_rotation=45 if len(names) > 4 else "horizontal")
     axes.set_title(f"{metrics['model']} on {metrics['split']}: accuracy {metrics['accuracy']:.4f}")
-    written.append(_save(figure, output_dir / "confusion_matrix.png"))
+    written.append(save_figure(figure, output_dir / "confusion_matrix.png"))
     if len(names) == 2 and metrics["roc_auc"] is not None:
         figure, axes = plt.subplots(figsize=(5, 5))
         RocCurveDisplay.from_predictions(labels, scores[:, 1], pos_label=1, name=metrics["model"], ax=axes)
         axes.set_title(f"ROC, positive class {names[1]!r}")
-        written.append(_save(figure, output_dir / "roc_curve.png"))
+        written.append(save_figure(figure, output_dir / "roc_curve.png"))
     return written
 
 
-def _save(figure, path: Path) -> str:
+def save_figure(figure, path: Path) -> str:
+    """Write a matplotlib figure as PNG atomically and close it; the path written."""
     import matplotlib.pyplot as plt
 
     figure.tight_layout()
@@ -161,7 +162,7 @@ def compare(run_dir: str | Path) -> tuple[list[dict], list[str]]:
     rows = []
     for path, m in everything:
         size = m.get("model_bytes")
-        rows.append(dict(model=m.get("model") if not m.get("model_file") else Path(m["model_file"]).stem,
+        rows.append(dict(model=Path(m["model_file"]).stem if m.get("model_file") else m.get("model"),
                          kind=m.get("kind", ""), backbone=m.get("backbone", ""), split=m.get("split", ""),
                          images=m.get("images"), accuracy=m.get("accuracy"), roc_auc=m.get("roc_auc"),
                          macro_f1=m.get("macro_f1"), train_seconds=m.get("train_seconds"),
@@ -220,4 +221,4 @@ def _plot_comparison(rows: list[dict], metrics: list[dict], path: Path) -> str:
         seconds = "-" if row["train_seconds"] is None else f"{row['train_seconds']:.0f} s"
         size = "-" if row["model_mb"] is None else f"{row['model_mb']:.1f} MB"
         axes.set_title(f"{row['model']}\nacc {row['accuracy']:.3f} · train {seconds} · {size}", fontsize=9)
-    return _save(figure, path)
+    return save_figure(figure, path)

@@ -30,7 +30,6 @@ Outputs, in the output folder:
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 import warnings
 from pathlib import Path
@@ -44,6 +43,7 @@ from .backbones import backbone_blocks, create_model, get_backbone, preprocess_i
 from .bundle import Bundle
 from .classifiers import DenseHead
 from .errors import ConfigError, DatasetError
+from .evaluation import save_figure
 from .features import FeatureExtractor, dataset_rows, decode_batches, extract_in_memory, interrupt_after_batch
 from .layouts import stratified_split
 from .novelty import NoveltyDetector
@@ -177,9 +177,6 @@ class ImageBatches:
         self.n_classes, self.size, self.batch_size, self.max_pixels = n_classes, size, batch_size, max_pixels
         self.seed, self.epoch = seed, 0
         self.skipped: dict[str, str] = {}
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.paths) / self.batch_size)
 
     def __call__(self):
         order = np.arange(len(self.paths))
@@ -484,10 +481,5 @@ def plot_curves(record: dict, output_dir: str | Path) -> list[str]:
         axes.set_ylabel(metric)
         axes.set_title(f"{metric}: head on frozen backbone, then fine-tuning")
         axes.legend(fontsize="small")
-        figure.tight_layout()
-        path = Path(output_dir) / f"curve_{metric}.png"
-        with atomic_path(path) as temporary:
-            figure.savefig(temporary, dpi=100, format="png")
-        plt.close(figure)
-        written.append(str(path))
+        written.append(save_figure(figure, Path(output_dir) / f"curve_{metric}.png"))
     return written
