@@ -238,3 +238,19 @@ def test_ctrl_c_stops_early_and_keeps_the_best_weights_and_corrupt_images_are_sk
     assert report.history["stages"][0]["epochs_run"] <= 2 < settings.head_epochs
     assert Bundle.load(report.bundle_path).meta.weights == "finetuned"
     assert list(report.skipped) == [str(victim)] and "truncated" in report.skipped[str(victim)].lower()
+
+
+@pytest.mark.filterwarnings("ignore:Your input ran out of data")
+def test_a_keras_applications_backbone_fine_tunes_with_class_weights(pipeline_run, tmp_path):
+    """MobileNetV2 (random weights offline, 'tf' preprocessing): the network and its bundle agree."""
+    from pyimagesearch_tl.prediction import Predictor
+
+    settings = ft.FinetuneSettings(backbone="mobilenetv2", weights="none", input_size=SIZE, batch_size=8, head_epochs=1,
+                                   finetune_epochs=1, unfreeze_blocks=1, class_weight="balanced", seed=2)
+    report = ft.finetune(pipeline_run["dataset"], tmp_path, settings)
+    assert report.unfrozen == ["Conv_1"]
+    paths = [pipeline_run["dataset"] / row["path"] for row in validation_rows(pipeline_run["dataset"])][:6]
+    network = keras.models.load_model(tmp_path / "finetune.keras")
+    expected = network.predict(np.stack([load_image(p, SIZE) for p in paths]).astype("float32"), verbose=0)
+    results = Predictor(Bundle.load(report.bundle_path)).predict(paths)
+    np.testing.assert_allclose([[dict(r.top)[c] for c in ("cats", "dogs")] for r in results], expected, atol=2e-4)
