@@ -57,8 +57,8 @@ def _open(path: str | Path, max_pixels: int) -> Image.Image:
         raise ImageError("unreadable file: permission denied") from None
     except FileNotFoundError:
         raise ImageError("file not found") from None
-    except OSError as exc:
-        raise ImageError(f"unreadable file: {exc}") from None
+    except OSError as exc:  # from the system (with an errno), or from Pillow parsing a broken header
+        raise ImageError(f"{'unreadable file' if exc.errno else 'corrupt image'}: {exc}") from None
     width, height = image.size
     if width * height > max_pixels:
         image.close()

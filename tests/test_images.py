@@ -90,10 +90,11 @@ def test_animated_gif_uses_first_frame(tmp_path):
     "make, reason",
     [
         (lambda p, photo: p.write_bytes(photo.read_bytes()[: len(photo.read_bytes()) // 2]), "corrupt"),
+        (lambda p, photo: p.write_bytes(photo.read_bytes()[:300]), "corrupt image: (?i:truncated)"),
         (lambda p, photo: p.write_bytes(b""), "empty file"),
         (lambda p, photo: p.write_text("<html><body>404 Not Found</body></html>"), "not an image"),
     ],
-    ids=["truncated", "zero-byte", "html"],
+    ids=["truncated", "header-truncated", "zero-byte", "html"],
 )
 def test_broken_files_raise_image_error_with_reason(tmp_path, photo, make, reason):
     path = tmp_path / "broken.jpg"
