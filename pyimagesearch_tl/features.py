@@ -150,7 +150,8 @@ class FeatureExtractor:
         """Rebuild exactly the extractor that produced features described by ``meta``.
 
         A fine-tuned backbone (``meta.weights == "finetuned"``) needs its weight arrays, which
-        its bundle carries; they are checked against the digest in ``meta``.
+        its bundle carries; the rebuilt extractor's meta records their digest, so comparing it with
+        ``meta`` (:meth:`Bundle.check_features`) catches arrays that are not the ones trained.
         """
         weights = meta.weights
         if meta.weights == FINETUNED:

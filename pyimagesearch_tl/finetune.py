@@ -434,7 +434,8 @@ def _bundle(model, base, settings: FinetuneSettings, dataset_dir: Path, training
     """The fine-tuned backbone and head as a bundle, with a novelty detector fitted on its own features."""
     from sklearn.metrics import accuracy_score
 
-    extractor = FeatureExtractor(settings.backbone, base.get_weights(), "avg", settings.batch_size, settings.max_image_pixels,
+    backbone_weights = base.get_weights()
+    extractor = FeatureExtractor(settings.backbone, backbone_weights, "avg", settings.batch_size, settings.max_image_pixels,
                                  input_size=int(model.input.shape[1]), label_names=[str(c) for c in encoder.classes_])
     head = dense_head(model)
     train_set, _ = extract_in_memory(extractor, dataset_dir, training)
@@ -448,7 +449,7 @@ def _bundle(model, base, settings: FinetuneSettings, dataset_dir: Path, training
         {k: v for k, v in stage.items() if k != "epoch_seconds"} for stage in record["stages"]],
         settings=record["settings"], validation=record["validation"])
     bundle = Bundle(head, encoder, extractor.meta, "finetune", info=info, novelty=novelty,
-                    backbone_weights=base.get_weights())
+                    backbone_weights=backbone_weights)
     return bundle, metrics
 
 

@@ -145,3 +145,13 @@ def test_local_weights_file_is_used(tmp_path):
     model.save_weights(path)
     again = create_model("mobilenetv2", weights=str(path))
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), again.get_weights()))
+
+
+def test_a_missing_weights_file_leaves_the_dtype_policy_alone(tmp_path):
+    import keras
+
+
+    before = keras.config.dtype_policy().name
+    with pytest.raises(ConfigError, match="does not exist"):
+        create_model("efficientnet_lite0", str(tmp_path / "missing.weights.h5"), precision="bfloat16")
+    assert keras.config.dtype_policy().name == before

@@ -198,10 +198,10 @@ def create_model(name: str, weights: str | None = "imagenet", pooling: str = "av
     import keras
 
     size = input_size or backbone.input_size
+    weights = resolve_weights(weights)  # before the policy changes: a missing file must not leave it changed
+    arrays = weights if isinstance(weights, list) else None
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(PRECISIONS[precision])
-    weights = resolve_weights(weights)
-    arrays = weights if isinstance(weights, list) else None
     try:
         base = backbone.build(
             weights=None if arrays is not None else weights,
