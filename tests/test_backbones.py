@@ -150,7 +150,6 @@ def test_local_weights_file_is_used(tmp_path):
 def test_a_missing_weights_file_leaves_the_dtype_policy_alone(tmp_path):
     import keras
 
-
     before = keras.config.dtype_policy().name
     with pytest.raises(ConfigError, match="does not exist"):
         create_model("efficientnet_lite0", str(tmp_path / "missing.weights.h5"), precision="bfloat16")
