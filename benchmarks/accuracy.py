@@ -22,7 +22,7 @@ import click
 from pyimagesearch_tl.bundle import Bundle
 from pyimagesearch_tl.config import load_config
 from pyimagesearch_tl.evaluation import evaluate
-from pyimagesearch_tl.features import extract_dataset
+from pyimagesearch_tl.extraction import extract_dataset
 from pyimagesearch_tl.layouts import build_dataset
 from pyimagesearch_tl.store import feature_file, has_feature_file, read_features
 from pyimagesearch_tl.training import train

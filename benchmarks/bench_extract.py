@@ -5,7 +5,7 @@ On the same real photos, in one process, with one model built once:
 
 (a) classic: one ``keras.utils.load_img`` per image, ``img_to_array``, the backbone's
     ``preprocess_input`` in NumPy, ``model.predict`` per batch, CSV rows of ``",".join``;
-(b) pipeline: ``pyimagesearch_tl.features.extract_split`` into HDF5 (thread-pool decoding ahead of
+(b) pipeline: ``pyimagesearch_tl.extraction.extract_split`` (local engine) into HDF5 (thread-pool decoding ahead of
     batched ``tf.function`` inference, chunked writes);
 (c) ceiling: the backbone alone on uint8 batches already decoded into memory.
 
@@ -45,11 +45,13 @@ def classic(model, record, photos: list[Path], batch_size: int, out: Path) -> fl
 
 
 def pipeline(extractor, photos: list[Path], out: Path) -> float:
-    from pyimagesearch_tl.features import extract_split
+    from pyimagesearch_tl.engines import LocalEngine
+    from pyimagesearch_tl.extraction import extract_split
 
     rows = [dict(path=str(p), label=extractor.meta.label_names[0], sha256=f"{i:064x}") for i, p in enumerate(photos)]
     started = time.perf_counter()
-    report = extract_split(extractor, Path("/"), rows, "bench", out, "hdf5", progress=False)
+    report = extract_split(LocalEngine(extractor), Path("/"), rows, "bench", out, "hdf5",
+                           chunk_rows=extractor.batch_size, progress=False)
     elapsed = time.perf_counter() - started
     assert report.extracted == len(photos), report
     return elapsed

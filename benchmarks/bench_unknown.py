@@ -22,7 +22,8 @@ import numpy as np
 from benchmarks_common import SHARED
 
 from pyimagesearch_tl.bundle import Bundle
-from pyimagesearch_tl.features import FeatureExtractor, extract_dataset
+from pyimagesearch_tl.extraction import extract_dataset
+from pyimagesearch_tl.features import FeatureExtractor
 from pyimagesearch_tl.images import is_image_name
 from pyimagesearch_tl.layouts import build_dataset
 from pyimagesearch_tl.store import read_features

@@ -31,7 +31,7 @@ from benchmarks_common import SHARED
 from pyimagesearch_tl.bundle import Bundle
 from pyimagesearch_tl.config import load_config
 from pyimagesearch_tl.evaluation import evaluate, features_for
-from pyimagesearch_tl.features import extract_dataset
+from pyimagesearch_tl.extraction import extract_dataset
 from pyimagesearch_tl.finetune import FinetuneSettings, finetune
 from pyimagesearch_tl.layouts import build_dataset
 from pyimagesearch_tl.training import train

@@ -75,6 +75,12 @@ def with_config(command):
     return wrapper
 
 
+def wait_option(command):
+    """``--wait``: queue behind another run that holds the output folder instead of refusing."""
+    return click.option("--wait", is_flag=True, default=False,
+                        help="If another run is writing the output folder, wait for it instead of refusing.")(command)
+
+
 def _apply(config: Config, **overrides) -> Config:
     try:
         return config.replace(**overrides)
@@ -120,8 +126,9 @@ def show_backbones():
 @click.option("--split-fractions", callback=_split_list(float), help="e.g. 0.75,0.15,0.10")
 @click.option("--seed", type=int)
 @click.option("--link", type=click.Choice(["copy", "hardlink", "symlink"]))
+@wait_option
 @with_config
-def build_dataset_command(config: Config, **options):
+def build_dataset_command(config: Config, wait, **options):
     """Build dataset/<split>/<class>/ and manifest.csv from a folder of photos."""
     from .layouts import build_dataset
 
@@ -131,7 +138,7 @@ def build_dataset_command(config: Config, **options):
     report = build_dataset(
         config.input_dir, config.dataset_dir, splits=config.splits, fractions=config.split_fractions,
         layout=config.layout, classes=config.classes, labels_file=config.labels_file, seed=config.seed,
-        link=config.link, max_pixels=config.max_image_pixels,
+        link=config.link, max_pixels=config.max_image_pixels, wait=wait,
     )
     click.echo(f"layout: {report.layout}")
     for split, counts in report.counts.items():
@@ -160,10 +167,15 @@ def build_dataset_command(config: Config, **options):
 @click.option("--precision", type=click.Choice(["float32", "bfloat16"]),
               help="Arithmetic of the backbone; bfloat16 is faster on CPUs with AVX512-BF16/AMX.")
 @click.option("--batch-size", type=int)
+@click.option("--engine", help="Where extraction runs: local (this process) or ray (a Ray cluster).")
+@click.option("--ray-address", help="ray engine: the cluster to join ('auto': this machine's); unset: start one.")
+@click.option("--ray-cpus-per-worker", type=int, help="ray engine: CPUs of each worker (one backbone each).")
+@click.option("--shard-size", type=int, help="Images per shard: the unit of work and of resume.")
+@wait_option
 @with_config
-def extract_command(config: Config, **options):
+def extract_command(config: Config, wait, **options):
     """Extract one feature file per split with a pretrained backbone."""
-    from .features import extract_dataset
+    from .extraction import extract_dataset
 
     config = _apply(config, **options)
 
@@ -171,23 +183,30 @@ def extract_command(config: Config, **options):
         if split.up_to_date:
             click.echo(f"{split.split}: up to date, nothing to do ({split.path})")
             return
-        note = f", resumed at image {split.resumed_from}" if split.resumed_from else ""
+        note = f", resumed: {split.shards_resumed} of {split.shards} shards were already done" if split.shards_resumed else ""
         note += f", reused {split.reused} unchanged" if split.reused else ""
         click.echo(f"{split.split}: extracted {split.extracted}, skipped {len(split.skipped)}{note} "
                    f"({split.images_per_second:.1f} img/s) -> {split.path}")
+        if config.engine != "local" and split.nodes:
+            click.echo("  shards per node: " + ", ".join(f"{n[:8]} {c}" for n, c in sorted(split.nodes.items())))
         for path, reason in split.skipped:
             click.echo(f"  skipped {path}: {reason}", err=True)
+
+    def started(engine):
+        if engine.name != "local":
+            click.echo(f"{engine.name}: {len(engine.workers)} workers ({'; '.join(engine.workers)})")
 
     try:
         reports = extract_dataset(
             config.dataset_dir, config.features_dir, splits=config.splits, backbone=config.backbone,
             weights=config.weights, pooling=config.pooling, feature_format=config.feature_format,
             dtype=config.dtype, precision=config.precision, batch_size=config.batch_size,
-            max_pixels=config.max_image_pixels,
-            progress=sys.stderr.isatty(), on_split=report,
+            max_pixels=config.max_image_pixels, engine=config.engine, ray_address=config.ray_address,
+            ray_cpus_per_worker=config.ray_cpus_per_worker, shard_size=config.shard_size, wait=wait,
+            progress=sys.stderr.isatty(), on_split=report, on_engine=started,
         )
     except KeyboardInterrupt:
-        raise click.ClickException("interrupted; progress is saved: rerun the same command to resume") from None
+        raise click.ClickException("interrupted; finished shards are saved: rerun the same command to resume") from None
     extracted = sum(r.extracted for r in reports)
     skipped = sum(len(r.skipped) for r in reports)
     click.echo(f"extracted {extracted}, skipped {skipped}: features in {config.features_dir}")
@@ -201,8 +220,9 @@ def extract_command(config: Config, **options):
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]))
 @click.option("--streaming/--in-memory", default=None,
               help="Learn from the feature file block by block (classifiers with partial_fit, e.g. sgd).")
+@wait_option
 @with_config
-def train_command(config: Config, **options):
+def train_command(config: Config, wait, **options):
     """Grid-search and save one bundle per classifier."""
     from .training import train, train_streaming
 
@@ -211,11 +231,11 @@ def train_command(config: Config, **options):
     if config.streaming:
         reports = [train_streaming(config.features_dir, config.models_dir, classifier=config.classifier,
                                    class_weight=config.class_weight, grids=config.grids, seed=config.seed,
-                                   unknown_keep=config.unknown_keep, **splits)]
+                                   unknown_keep=config.unknown_keep, wait=wait, **splits)]
     else:
         reports = train(config.features_dir, config.models_dir, classifier=config.classifier, cv=config.cv,
                         class_weight=config.class_weight, grids=config.grids, seed=config.seed,
-                        unknown_keep=config.unknown_keep, **splits)
+                        unknown_keep=config.unknown_keep, wait=wait, **splits)
     click.echo(f"{'classifier':<12} {'best params':<28} {'cv acc':>7} {'val acc':>8} {'val auc':>8} {'fit s':>7}")
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for r in reports:
@@ -232,8 +252,9 @@ def train_command(config: Config, **options):
 @click.option("--dataset", "dataset_dir", help="Dataset folder (fine-tuned bundles are evaluated on its images).")
 @click.option("--split", help="Split to evaluate (default: evaluation, else validation).")
 @click.option("--output", "evaluation_dir", help="Evaluation folder: writes <model>/metrics.json and the plots there.")
+@wait_option
 @with_config
-def evaluate_command(config: Config, model_path, split, **options):
+def evaluate_command(config: Config, model_path, split, wait, **options):
     """Report accuracy, the confusion matrix, ROC AUC and macro F1 of a bundle on a split."""
     from .bundle import Bundle
     from .evaluation import default_split, evaluate, features_for
@@ -248,7 +269,7 @@ def evaluate_command(config: Config, model_path, split, **options):
     for path, reason in skipped:
         click.echo(f"skipped {path}: {reason}", err=True)
     output_dir = Path(config.evaluation_dir) / Path(model_path).stem
-    metrics = evaluate(bundle, features, output_dir, split, model_path)
+    metrics = evaluate(bundle, features, output_dir, split, model_path, wait=wait)
     click.echo(f"{bundle.name} on {split} ({metrics['images']} images)")
     click.echo(metrics["report_text"])
     click.echo("confusion matrix (rows: true, columns: predicted; " + ", ".join(metrics["labels"]) + "):")
@@ -303,8 +324,9 @@ def compare_command(run_dir):
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]))
 @click.option("--batch-size", type=int)
 @click.option("--seed", type=int)
+@wait_option
 @with_config
-def finetune_command(config: Config, **options):
+def finetune_command(config: Config, wait, **options):
     """Train a new head on the frozen backbone, then fine-tune its last blocks."""
     from .finetune import FinetuneSettings, finetune
 
@@ -317,7 +339,7 @@ def finetune_command(config: Config, **options):
 
     try:
         result = finetune(config.dataset_dir, config.finetune_dir, settings, training_split=config.split_for("training"),
-                          validation_split=config.split_for("validation"), on_epoch=report)
+                          validation_split=config.split_for("validation"), on_epoch=report, wait=wait)
     except KeyboardInterrupt:
         raise click.ClickException("interrupted before any weights were worth keeping; nothing saved") from None
     if result.interrupted:

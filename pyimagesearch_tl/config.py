@@ -51,6 +51,10 @@ DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
     "precision": "float32",
     "batch_size": 32,
+    "engine": "local",  # where extraction runs: this process, or a Ray cluster
+    "ray_address": None,  # ray engine: unset starts a local Ray instance; "auto" joins this machine's cluster
+    "ray_cpus_per_worker": 1,  # ray engine: CPUs per worker (each builds the backbone once)
+    "shard_size": 256,  # images per shard file: the unit of work and of resume
     # train
     "classifier": "logreg",
     "cv": "5",
@@ -124,6 +128,8 @@ def _registered(kind: str) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         if kind == "backbone":
             from .backbones import list_backbones as names
+        elif kind == "engine":
+            from .engines import list_engines as names
         else:
             from .classifiers import list_classifiers as names
         allowed = names() + (["all"] if kind == "classifier" else [])
@@ -163,6 +169,10 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "dtype": _choice("float32", "float16"),
     "precision": _choice("float32", "bfloat16"),
     "batch_size": _typed(int, "an integer between 1 and 4096", lambda v: 1 <= v <= 4096),
+    "engine": _registered("engine"),
+    "ray_address": _optional_str,
+    "ray_cpus_per_worker": _typed(int, "an integer >= 1", lambda v: v >= 1),
+    "shard_size": _typed(int, "an integer between 1 and 1000000", lambda v: 1 <= v <= 1_000_000),
     "classifier": _registered("classifier"),
     "cv": _cv,
     "class_weight": _choice("none", "balanced"),

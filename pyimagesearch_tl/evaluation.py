@@ -20,6 +20,7 @@ from .atomic import atomic_path, atomic_write_json, atomic_write_text
 from .backbones import FINETUNED
 from .bundle import Bundle
 from .errors import DatasetError
+from .locks import locks_output
 from .store import FeatureSet, feature_file, has_feature_file, read_features
 from .training import roc_auc
 
@@ -57,6 +58,7 @@ def features_for(bundle: Bundle, split: str, features_dir: str | Path, dataset_d
     return extract_in_memory(Predictor(bundle, batch_size, max_pixels).extractor, dataset_dir, rows)
 
 
+@locks_output("output_dir")
 def evaluate(bundle: Bundle, features: FeatureSet, output_dir: str | Path | None = None, split: str = "",
              model_path: str | Path | None = None) -> dict:
     """Classification report, confusion matrix, accuracy, ROC AUC (binary), macro F1, rank-1/5 (> 5 classes).

@@ -1,7 +1,7 @@
-"""Feature extraction: images -> backbone -> feature vectors, batch by batch, into feature files.
+"""Feature extraction: images -> backbone -> feature vectors, batch by batch.
 
-:class:`FeatureExtractor` is the one path from image files to feature vectors; ``extract`` and
-``predict`` both use it. Images are decoded by :func:`pyimagesearch_tl.images.load_image` in a
+:class:`FeatureExtractor` is the one path from image files to feature vectors; ``extract`` (through
+:func:`extract_shards`, on whichever engine), ``predict`` and fine-tuned evaluation all use it. Images are decoded by :func:`pyimagesearch_tl.images.load_image` in a
 thread pool that runs ahead of the model (decoding overlaps inference, order is kept), and the
 model is called on whole batches inside a ``tf.function`` that also casts and preprocesses, so
 NumPy hands over uint8 pixels only.
@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import os
 import signal
 import threading
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,11 +22,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .backbones import FINETUNED, create_model, get_backbone, preprocess_input, resolve_weights, weights_digest
-from .errors import BundleError, DatasetError, ImageError
+from .errors import BundleError, ImageError
 from .images import DECODER, load_image, sha256_file
 from .layouts import read_manifest
-from .atomic import atomic_joblib_dump, atomic_write_csv
-from .store import SUFFIXES, WRITERS, FeatureMeta, FeatureSet, read_features, read_fingerprint, read_skipped
+from .store import FeatureMeta, FeatureSet, Shard
 
 LABEL_ENCODER = "label_encoder.joblib"
 
@@ -209,123 +205,42 @@ def _lowest_priority() -> None:
         pass
 
 
-# --- extracting a dataset --------------------------------------------------------------------------
+# --- shards: the unit of work every engine hands out ----------------------------------------------
 
 
 @dataclasses.dataclass
-class SplitReport:
-    split: str
-    path: Path
-    extracted: int
-    skipped: list[tuple[str, str]]
-    reused: int = 0
-    resumed_from: int = 0
-    up_to_date: bool = False
-    seconds: float = 0.0
+class ShardTask:
+    """One shard's work: the images to extract, in order (paths every worker can read)."""
 
-    @property
-    def images_per_second(self) -> float:
-        return self.extracted / self.seconds if self.seconds else 0.0
+    index: int
+    paths: list[str]
 
 
-def fingerprint(meta: FeatureMeta, rows: Sequence[dict[str, str]]) -> str:
-    """Identity of one extraction: the feature meta plus the ordered (path, label, content) list."""
-    digest = hashlib.sha256(json.dumps(meta.to_attrs(), sort_keys=True).encode())
-    for row in rows:
-        digest.update(f"{row['path']}\0{row['label']}\0{row['sha256']}\n".encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
+def extract_shards(extractor: FeatureExtractor, tasks: Sequence[ShardTask]) -> Iterator[tuple[int, Shard]]:
+    """Extract ``tasks`` in order, yielding ``(task.index, shard)`` as each one completes.
 
-
-def _previous_rows(path: Path, meta: FeatureMeta) -> dict[str, np.ndarray]:
-    """Feature rows of an earlier finished file with the same meta, keyed by content hash."""
-    if not path.exists():
-        return {}
-    try:
-        previous = read_features(path)
-    except Exception:  # an unreadable or foreign file is simply not reused
-        return {}
-    if previous.meta != meta:
-        return {}
-    return {sha: row for sha, row in zip(previous.sha256, previous.features) if sha}
-
-
-def _segments(todo: Sequence[dict[str, str]], reuse: dict[str, np.ndarray], extractor: FeatureExtractor):
-    """Walk ``todo`` in order, yielding ``(stop, vectors, skipped, computed)`` once per batch of fresh images.
-
-    ``vectors`` maps the positions up to ``stop`` to feature rows (computed, or reused from an
-    earlier file by content hash); ``skipped`` maps positions to the decoder's reason; ``computed``
-    counts the rows that went through the backbone. Decoding runs ahead
-    over the whole list, so progress can be recorded after every batch without stalling the model.
+    All images go through one decoding stream, so decoding keeps running ahead of the model across
+    shard boundaries; a batch may hold the end of one shard and the start of the next.
     """
-    fresh = [i for i, row in enumerate(todo) if row["sha256"] not in reuse]
-    cursor = 0
-
-    def reused_until(stop: int) -> dict[int, np.ndarray]:
-        return {i: reuse[todo[i]["sha256"]] for i in range(cursor, stop) if todo[i]["sha256"] in reuse}
-
-    for batch_number, batch in enumerate(extractor.iter_batches([todo[i]["path"] for i in fresh])):
-        last = (batch_number + 1) * extractor.batch_size
-        stop = fresh[last] if last < len(fresh) else len(todo)
-        vectors = reused_until(stop)
-        vectors.update({fresh[p]: v for p, v in zip(batch.indices, extractor.transform(batch.images))})
-        yield stop, vectors, {fresh[p]: reason for p, reason in batch.skipped}, len(batch.indices)
-        cursor = stop
-    for start in range(cursor, len(todo), 1024):  # nothing left to compute: copy the reused rows
-        stop = min(start + 1024, len(todo))
-        yield stop, reused_until(stop), {}, 0
-        cursor = stop
-
-
-def extract_split(extractor: FeatureExtractor, dataset_dir: Path, rows: Sequence[dict[str, str]], split: str,
-                  output_dir: Path, feature_format: str = "hdf5", progress: bool = True) -> SplitReport:
-    """Extract one split into ``output_dir/<split>.<h5|csv>``, resuming or reusing where possible.
-
-    * A finished file with the same fingerprint (same images by content, same settings): no work.
-    * A ``.partial`` file with the same fingerprint: resume after the last batch it recorded.
-    * A finished file of the same settings but other images: rows of unchanged images are reused,
-      only new images go through the backbone.
-
-    Undecodable images are skipped and listed in the feature file and in ``<split>.skipped.csv``.
-    """
-    from tqdm.auto import tqdm
-
-    meta = extractor.meta
-    label_index = {name: i for i, name in enumerate(meta.label_names)}
-    path = output_dir / f"{split}{SUFFIXES[feature_format]}"
-    identity = fingerprint(meta, rows)
-    if read_fingerprint(path) == identity:
-        return SplitReport(split, path, extracted=0, skipped=read_skipped(path), up_to_date=True)
-    reuse = _previous_rows(path, meta)
-    writer = WRITERS[feature_format](path, meta, identity, chunk_rows=extractor.batch_size)
-    start = writer.resumed_from
-    todo = [dict(row, path=dataset_dir / row["path"], relative=row["path"]) for row in rows[start:]]
-    started, extracted, reused, cursor = time.perf_counter(), 0, 0, 0
-    try:
-        with interrupt_after_batch() as interrupted, \
-                tqdm(total=len(rows), initial=start, desc=split, unit="img", disable=not progress) as bar:
-            for stop, vectors, skipped, computed in _segments(todo, reuse, extractor):
-                kept = sorted(vectors)
-                writer.append(
-                    features=np.stack([vectors[i] for i in kept]) if kept else np.zeros((0, meta.feature_dim)),
-                    labels=np.array([label_index[todo[i]["label"]] for i in kept], dtype=np.int64),
-                    paths=[todo[i]["relative"] for i in kept],
-                    sha256=[todo[i]["sha256"] for i in kept],
-                    skipped=[(todo[i]["relative"], skipped[i]) for i in sorted(skipped)],
-                    inputs_done=start + stop,
-                )
-                extracted += computed
-                reused += len(kept) - computed
-                bar.update(stop - cursor)
-                cursor = stop
-                if interrupted():
-                    raise KeyboardInterrupt
-        writer.finish()
-    finally:
-        writer.close()
-    skipped_rows = read_skipped(path)
-    atomic_write_csv(output_dir / f"{split}.skipped.csv", ["path", "reason"],
-                     [dict(path=p, reason=r) for p, r in skipped_rows])
-    return SplitReport(split, path, extracted, skipped_rows, reused, start, seconds=time.perf_counter() - started)
+    owners = [(t, p) for t, task in enumerate(tasks) for p in range(len(task.paths))]
+    ends = np.cumsum([len(task.paths) for task in tasks])
+    rows: list[list] = [[] for _ in tasks]
+    skipped: list[list] = [[] for _ in tasks]
+    current, seen = 0, 0
+    for batch in extractor.iter_batches([tasks[t].paths[p] for t, p in owners]):
+        for i, vector in zip(batch.indices, extractor.transform(batch.images)):
+            t, p = owners[i]
+            rows[t].append((p, vector))
+        for i, reason in batch.skipped:
+            t, p = owners[i]
+            skipped[t].append((p, reason))
+        seen += len(batch.indices) + len(batch.skipped)
+        while current < len(tasks) and ends[current] <= seen:
+            done = rows[current]
+            features = np.stack([v for _, v in done]) if done else np.zeros((0, extractor.meta.feature_dim), np.float32)
+            yield tasks[current].index, Shard(features, np.array([p for p, _ in done], np.int64), skipped[current])
+            rows[current], skipped[current] = [], []
+            current += 1
 
 
 def extract_in_memory(extractor: FeatureExtractor, dataset_dir: str | Path,
@@ -358,36 +273,3 @@ def dataset_rows(dataset_dir: str | Path) -> dict[str, list[dict[str, str]]]:
                 row["sha256"] = ""  # the decoder will report why it cannot be read
         by_split.setdefault(row["split"], []).append(row)
     return by_split
-
-
-def extract_dataset(dataset_dir: str | Path, output_dir: str | Path, *, splits: Sequence[str],
-                    backbone: str, weights: str = "imagenet", pooling: str = "avg", feature_format: str = "hdf5",
-                    dtype: str = "float32", precision: str = "float32", batch_size: int = 32, max_pixels: int = 89_478_485,
-                    progress: bool = True, on_split=None) -> list[SplitReport]:
-    """Extract every configured split of ``dataset_dir`` into ``output_dir`` and save the label encoder.
-
-    The label encoder is fitted on the class names of the whole dataset and saved once as
-    ``label_encoder.joblib``; every feature file stores the same label names.
-    """
-    from sklearn.preprocessing import LabelEncoder
-
-    dataset_dir, output_dir = Path(dataset_dir), Path(output_dir)
-    by_split = dataset_rows(dataset_dir)
-    present = [s for s in splits if by_split.get(s)]
-    if not present:
-        raise DatasetError(
-            f"dataset {dataset_dir} has none of the configured splits ({', '.join(splits)}); it has: {', '.join(by_split)}"
-        )
-    label_names = sorted({row["label"] for rows in by_split.values() for row in rows})
-    encoder = LabelEncoder().fit(label_names)
-    extractor = FeatureExtractor(backbone, weights, pooling, batch_size, max_pixels, dtype=dtype, precision=precision,
-                                 label_names=[str(c) for c in encoder.classes_])
-    output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_joblib_dump(output_dir / LABEL_ENCODER, encoder)
-    reports = []
-    for split in present:
-        report = extract_split(extractor, dataset_dir, by_split[split], split, output_dir, feature_format, progress)
-        reports.append(report)
-        if on_split is not None:
-            on_split(report)
-    return reports

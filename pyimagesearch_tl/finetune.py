@@ -46,6 +46,7 @@ from .errors import ConfigError, DatasetError
 from .evaluation import save_figure
 from .features import FeatureExtractor, dataset_rows, decode_batches, extract_in_memory, interrupt_after_batch
 from .layouts import stratified_split
+from .locks import locks_output
 from .novelty import NoveltyDetector
 from .training import roc_auc
 
@@ -324,6 +325,7 @@ def training_rows(dataset_dir: Path, training_split: str, validation_split: str 
             f"{HOLDOUT:.0%} of the {training_split} split held out (no {validation_split or 'validation'} split)")
 
 
+@locks_output("output_dir")
 def finetune(dataset_dir: str | Path, output_dir: str | Path, settings: FinetuneSettings, *,
              training_split: str = "training", validation_split: str | None = "validation",
              on_epoch: Callable[[str, int, dict], None] | None = None) -> FinetuneReport:

@@ -37,6 +37,7 @@ from .config import SPLIT_ROLES
 from .errors import DatasetError, ImageError
 from .images import is_image_name, probe_image, sha256_file
 from .atomic import atomic_write_csv
+from .locks import locks_output
 
 #: Folder names recognised as pre-existing splits, mapped to their role.
 SPLIT_ALIASES = {
@@ -281,6 +282,7 @@ def find_leaks(rows: Iterable[dict[str, str]]) -> list[dict[str, str]]:
     return leaks
 
 
+@locks_output("output_dir")
 def build_dataset(
     input_dir: str | Path,
     output_dir: str | Path,

@@ -1,16 +1,17 @@
-"""Feature files: HDF5 (default, chunked, resumable) or CSV (PyImageSearch's format).
+"""Feature files: HDF5 (default, chunked) or CSV (PyImageSearch's format), and the shard files they are made of.
 
 An HDF5 feature file ``<split>.h5`` holds
 
-* ``features`` (N, D) float32 or float16, chunked by rows, written batch by batch;
+* ``features`` (N, D) float32 or float16, chunked by rows;
 * ``labels`` (N,) int64, ``paths`` (N,) file paths (raw bytes), ``sha256`` (N,) content hashes;
 * ``skipped_paths`` / ``skipped_reasons``: the images that could not be decoded;
 * attributes: the :class:`FeatureMeta` fields (backbone, weights, pooling, input size,
-  preprocessing, decoder, label names, ...), the input ``fingerprint`` and progress counters.
+  preprocessing, decoder, label names, ...) and the input ``fingerprint``.
 
-While extraction runs the file is ``<split>.h5.partial`` with its progress recorded inside; it is
-renamed to ``<split>.h5`` only when complete, so an unfinished file is never taken for a finished
-one, and a rerun resumes from the last batch written.
+Extraction first writes one small **shard file** per run of consecutive images
+(``.shards/<split>/<index>-<identity>.h5``, each written whole and renamed into place), then
+assembles them into ``<split>.h5.partial``, renamed to ``<split>.h5`` only when complete: an
+unfinished file is never taken for a finished one, and a rerun never recomputes a finished shard.
 
 A CSV feature file ``<split>.csv`` has one row per image, the label index first, then the values,
 as in PyImageSearch; the metadata and paths go to ``<split>.csv.meta.json`` beside it.
@@ -18,21 +19,23 @@ as in PyImageSearch; the metadata and paths go to ``<split>.csv.meta.json`` besi
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .atomic import atomic_write_json
+from .atomic import atomic_path, atomic_write_json
 from .errors import FeatureFileError
 
 FORMAT_VERSION = 1
 SUFFIXES = {"hdf5": ".h5", "csv": ".csv"}
 PARTIAL = ".partial"
+SHARDS = ".shards"  # <features dir>/.shards/<split>/: shard files of an extraction in progress
 
 #: Meta fields that must be equal for two feature sets (or a bundle and new images) to be comparable.
 LAYOUT_FIELDS = ("backbone", "weights", "weights_sha256", "pooling", "input_size", "preprocessing", "decoder",
@@ -106,14 +109,17 @@ class FeatureSet:
 class HDF5FeatureWriter:
     """Appends batches to ``<split>.h5.partial`` and renames it into place when finished.
 
+    The file is written in one go from finished shard files (see :mod:`pyimagesearch_tl.extraction`),
+    so an interrupted write is simply started again; the ``.partial`` name keeps an unfinished file
+    from ever being taken for a finished one.
+
     Parameters
     ----------
     path : Path
         The finished file's path (``.../<split>.h5``).
     meta : FeatureMeta
     fingerprint : str
-        Identifies the exact input (ordered image list + meta); a partial file with another
-        fingerprint is discarded instead of resumed.
+        Identifies the exact input (ordered image list + meta).
     chunk_rows : int
         Rows per HDF5 chunk (the extraction batch size).
     """
@@ -123,56 +129,24 @@ class HDF5FeatureWriter:
 
         self.path, self.partial = Path(path), Path(str(path) + PARTIAL)
         self.meta, self.fingerprint = meta, fingerprint
-        self.resumed_from = 0
-        self.file = None
-        if self.partial.exists():
-            try:
-                handle = h5py.File(self.partial, "a")
-                if handle.attrs.get("fingerprint") == fingerprint:
-                    self.file = handle
-                    self._truncate_to_recorded_progress()
-                    self.resumed_from = self.inputs_done
-                else:
-                    handle.close()
-            except (OSError, KeyError):  # a file killed mid-write may be unreadable: start over
-                self.file = None
-        if self.file is None:
-            self.partial.unlink(missing_ok=True)
-            self.file = h5py.File(self.partial, "w")
-            self._create(chunk_rows)
-
-    def _create(self, chunk_rows: int) -> None:
-        import h5py
-
-        f, dim = self.file, self.meta.feature_dim
+        self.partial.unlink(missing_ok=True)
+        self.file = h5py.File(self.partial, "w")
+        f, dim = self.file, meta.feature_dim
         rows = max(1, min(chunk_rows, max(1, (1 << 20) // (4 * dim))))  # chunks of ~1 MB at most
-        f.create_dataset("features", (0, dim), maxshape=(None, dim), dtype=self.meta.dtype, chunks=(rows, dim))
+        f.create_dataset("features", (0, dim), maxshape=(None, dim), dtype=meta.dtype, chunks=(rows, dim))
         f.create_dataset("labels", (0,), maxshape=(None,), dtype="int64", chunks=(4096,))
         for name in ("paths", "skipped_paths", "skipped_reasons"):
             f.create_dataset(name, (0,), maxshape=(None,), dtype=h5py.vlen_dtype(bytes), chunks=(1024,))
         f.create_dataset("sha256", (0,), maxshape=(None,), dtype="S64", chunks=(4096,))
-        f.attrs.update(self.meta.to_attrs())
-        f.attrs.update(format_version=FORMAT_VERSION, fingerprint=self.fingerprint, complete=False,
-                       rows=0, skipped=0, inputs_done=0)
-        f.flush()
-
-    def _truncate_to_recorded_progress(self) -> None:
-        rows, skipped = int(self.file.attrs["rows"]), int(self.file.attrs["skipped"])
-        for name in ("features", "labels", "paths", "sha256"):
-            self.file[name].resize(rows, axis=0)
-        for name in ("skipped_paths", "skipped_reasons"):
-            self.file[name].resize(skipped, axis=0)
-
-    @property
-    def inputs_done(self) -> int:
-        return int(self.file.attrs["inputs_done"])
+        f.attrs.update(meta.to_attrs())
+        f.attrs.update(format_version=FORMAT_VERSION, fingerprint=fingerprint, complete=False)
 
     @property
     def rows(self) -> int:
-        return int(self.file.attrs["rows"])
+        return self.file["labels"].shape[0]
 
-    def append(self, features, labels, paths, sha256, skipped: Sequence[tuple[str, str]], inputs_done: int) -> None:
-        """Write one batch, then record the progress (data first, so the counters never lie)."""
+    def append(self, features, labels, paths, sha256, skipped: Sequence[tuple[str, str]]) -> None:
+        """Write one block of rows and the images skipped among them."""
         f = self.file
         start, count = self.rows, len(labels)
         if count:
@@ -180,14 +154,12 @@ class HDF5FeatureWriter:
                                  ("paths", [os.fsencode(p) for p in paths]), ("sha256", [s.encode() for s in sha256])):
                 f[name].resize(start + count, axis=0)
                 f[name][start:start + count] = values
-        done_skipped = int(f.attrs["skipped"])
         if skipped:
+            done = f["skipped_paths"].shape[0]
             for name, values in (("skipped_paths", [os.fsencode(p) for p, _ in skipped]),
                                  ("skipped_reasons", [r.encode() for _, r in skipped])):
-                f[name].resize(done_skipped + len(skipped), axis=0)
-                f[name][done_skipped:] = values
-        f.attrs.update(rows=start + count, skipped=done_skipped + len(skipped), inputs_done=inputs_done)
-        f.flush()
+                f[name].resize(done + len(skipped), axis=0)
+                f[name][done:] = values
 
     def finish(self) -> Path:
         self.file.attrs["complete"] = True
@@ -196,21 +168,19 @@ class HDF5FeatureWriter:
         return self.path
 
     def close(self) -> None:
-        if self.file is not None and self.file.id.valid:
+        if self.file.id.valid:
             self.file.close()
 
 
 class CSVFeatureWriter:
     """PyImageSearch's CSV rows (label index, then values), plus a JSON sidecar with the metadata.
 
-    CSV is for compatibility; it is written to ``.partial`` and renamed when complete but, unlike
-    HDF5, an interrupted CSV extraction starts over.
+    CSV is for compatibility; like HDF5 it is written to ``.partial`` and renamed when complete.
     """
 
     def __init__(self, path: Path, meta: FeatureMeta, fingerprint: str, chunk_rows: int = 64):
         self.path, self.partial = Path(path), Path(str(path) + PARTIAL)
         self.meta, self.fingerprint = meta, fingerprint
-        self.resumed_from = 0
         self.handle = open(self.partial, "w", newline="")
         self.writer = csv.writer(self.handle)
         self.paths: list[str] = []
@@ -221,7 +191,7 @@ class CSVFeatureWriter:
     def rows(self) -> int:
         return len(self.paths)
 
-    def append(self, features, labels, paths, sha256, skipped, inputs_done) -> None:
+    def append(self, features, labels, paths, sha256, skipped) -> None:
         format_value = "{:.7g}".format if self.meta.dtype == "float32" else "{:.4g}".format
         for label, row in zip(labels, np.asarray(features)):
             self.writer.writerow([int(label), *map(format_value, row.tolist())])
@@ -247,6 +217,43 @@ class CSVFeatureWriter:
 WRITERS = {"hdf5": HDF5FeatureWriter, "csv": CSVFeatureWriter}
 
 
+@dataclasses.dataclass
+class Shard:
+    """What one shard of images produced: feature rows and skips, by position in the shard's image list."""
+
+    features: np.ndarray  # (n, D) float32
+    positions: np.ndarray  # (n,) int64: which images of the shard the rows belong to
+    skipped: list[tuple[int, str]]  # (position, reason) of the images the decoder refused
+
+
+def write_shard(path: str | Path, identity: str, shard: Shard) -> None:
+    """Write ``shard`` whole to ``path`` (temporary file, then rename), stamped with ``identity``."""
+    import h5py
+
+    with atomic_path(path) as temporary:
+        with h5py.File(temporary, "w") as f:
+            f.create_dataset("features", data=np.asarray(shard.features, np.float32))
+            f.create_dataset("positions", data=np.asarray(shard.positions, np.int64))
+            f.create_dataset("skipped_positions", data=np.array([p for p, _ in shard.skipped], np.int64))
+            f.create_dataset("skipped_reasons", data=[r.encode() for _, r in shard.skipped],
+                             dtype=h5py.vlen_dtype(bytes))
+            f.attrs["identity"] = identity
+
+
+def read_shard(path: str | Path, identity: str) -> Shard | None:
+    """The shard at ``path`` if it exists, is readable and carries ``identity``; else None."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("identity") != identity:
+                return None
+            return Shard(f["features"][:], f["positions"][:],
+                         [(int(p), bytes(r).decode()) for p, r in zip(f["skipped_positions"][:], f["skipped_reasons"][:])])
+    except (OSError, KeyError):
+        return None
+
+
 def _csv_meta_path(path: Path) -> Path:
     return Path(str(path) + ".meta.json")
 
@@ -263,9 +270,8 @@ def feature_file(features_dir: str | Path, split: str) -> Path:
         path = features_dir / f"{split}{suffix}"
         if path.is_file():
             return path
-    partial = [p.name for p in features_dir.glob(f"{split}.*{PARTIAL}")]
-    if partial:
-        raise FeatureFileError(f"{features_dir}/{partial[0]} is an unfinished extraction; rerun extract to resume it")
+    if (features_dir / SHARDS / split).is_dir() or list(features_dir.glob(f"{split}.*{PARTIAL}")):
+        raise FeatureFileError(f"the {split!r} features in {features_dir} are an unfinished extraction; rerun extract to resume it")
     found = sorted(p.name for p in features_dir.iterdir() if p.suffix in SUFFIXES.values())
     raise FeatureFileError(f"no feature file for split {split!r} in {features_dir} (found: {', '.join(found) or 'none'})")
 
@@ -346,6 +352,39 @@ def read_labels(path: str | Path) -> np.ndarray:
     """Only the label column of a finished HDF5 feature file (small even when the features are not)."""
     with _open_h5(Path(path)) as f:
         return f["labels"][:]
+
+
+def read_sha256(path: str | Path) -> list[str]:
+    """Only the content-hash column of a finished feature file."""
+    path = Path(path)
+    if path.suffix == ".csv":
+        return list(_read_csv_sidecar(path)["sha256"])
+    with _open_h5(path) as f:
+        return [s.decode() for s in f["sha256"][:]]
+
+
+@contextlib.contextmanager
+def row_reader(path: str | Path) -> Iterator[Callable[[Sequence[int]], np.ndarray]]:
+    """Yield a function reading feature rows of a finished file by row number, in the order asked.
+
+    HDF5 files are read row by row on demand (a file larger than memory is fine); CSV files,
+    a compatibility format, are loaded whole once.
+    """
+    path = Path(path)
+    if path.suffix == ".csv":
+        features = read_features(path).features
+        yield lambda rows: features[np.asarray(rows, dtype=np.int64)]
+        return
+    with _open_h5(path) as f:
+        dataset = f["features"]
+
+        def read(rows: Sequence[int]) -> np.ndarray:
+            if len(rows) == 0:
+                return np.zeros((0, dataset.shape[1]), dataset.dtype)
+            unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+            return dataset[unique][inverse]  # h5py reads increasing row numbers
+
+        yield read
 
 
 def read_skipped(path: str | Path) -> list[tuple[str, str]]:

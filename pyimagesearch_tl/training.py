@@ -15,6 +15,7 @@ from .bundle import Bundle
 from .classifiers import get_classifier, list_classifiers, make_pipeline
 from .errors import ConfigError, DatasetError, FeatureFileError
 from .features import LABEL_ENCODER
+from .locks import locks_output
 from .novelty import NoveltyDetector
 from .store import (
     FeatureSet,
@@ -96,6 +97,7 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray, n_classes: int) -> float | N
     return float(roc_auc_score(labels, scores, multi_class="ovr", labels=list(range(n_classes))))
 
 
+@locks_output("output_dir")
 def train(features_dir: str | Path, output_dir: str | Path, *, training_split: str, validation_split: str | None,
           classifier: str = "logreg", cv: str = "5", class_weight: str = "none", grids: dict | None = None,
           seed: int = 42, n_jobs: int = -1, unknown_keep: float = 0.95) -> list[TrainReport]:
@@ -164,6 +166,7 @@ def train(features_dir: str | Path, output_dir: str | Path, *, training_split: s
 # --- out-of-core training -------------------------------------------------------------------------
 
 
+@locks_output("output_dir")
 def train_streaming(features_dir: str | Path, output_dir: str | Path, *, training_split: str,
                     validation_split: str | None, classifier: str = "sgd", class_weight: str = "none",
                     grids: dict | None = None, seed: int = 42, epochs: int = 5, block_rows: int = 256,

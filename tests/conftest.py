@@ -59,7 +59,7 @@ def cats_dogs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pipeline_run(cats_dogs, tmp_path_factory) -> dict[str, Path]:
     """build-dataset + extract with the default (offline, pretrained) backbone, shared by many tests."""
-    from pyimagesearch_tl.features import extract_dataset
+    from pyimagesearch_tl.extraction import extract_dataset
     from pyimagesearch_tl.layouts import build_dataset
 
     work = tmp_path_factory.mktemp("pipeline")

@@ -16,8 +16,9 @@ from conftest import copy_subset, shared
 from pyimagesearch_tl.bundle import Bundle
 from pyimagesearch_tl.cli import cli
 from pyimagesearch_tl.errors import BundleError, DatasetError
-from pyimagesearch_tl.features import extract_dataset
+from pyimagesearch_tl.extraction import extract_dataset
 from pyimagesearch_tl.layouts import build_dataset
+from pyimagesearch_tl.locks import lock_path, output_lock
 from pyimagesearch_tl.store import read_features
 
 SPLITS = ["training", "validation", "evaluation"]
@@ -33,62 +34,147 @@ def big_dataset(tmp_path_factory):
     return work / "dataset"
 
 
-def _start_extract(dataset: Path, output: Path) -> subprocess.Popen:
+SHARD = 32  # 300 photos -> 10 shards (9 of 32, one of 12)
+
+
+@pytest.fixture(scope="module")
+def lone_run(big_dataset, tmp_path_factory):
+    """The reference: one uninterrupted extraction of big_dataset, alone on its folder."""
+    output = tmp_path_factory.mktemp("lone")
+    extract_dataset(big_dataset, output, splits=SPLITS, backbone="efficientnet_lite0", batch_size=8, progress=False)
+    return read_features(output / "training.h5")
+
+
+def assert_same_features(path: Path, reference) -> None:
+    got = read_features(path)
+    assert got.paths == reference.paths and len(got.paths) == 300
+    assert got.labels.tolist() == reference.labels.tolist()
+    assert got.sha256 == reference.sha256
+    np.testing.assert_allclose(got.features, reference.features, rtol=0, atol=1e-5)
+
+
+def _extract_args(dataset: Path, output: Path, *extra: str) -> list[str]:
+    return ["extract", "--dataset", str(dataset), "--output", str(output), "--batch-size", "8",
+            "--shard-size", str(SHARD), *extra]
+
+
+def _start_extract(dataset: Path, output: Path, *extra: str) -> subprocess.Popen:
     # As in a terminal's foreground job: Ctrl-C (SIGINT) delivered, even when these tests run in the background.
-    return subprocess.Popen(PTL + ["extract", "--dataset", str(dataset), "--output", str(output), "--batch-size", "8"],
+    return subprocess.Popen(PTL + _extract_args(dataset, output, *extra),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def _wait_for_progress(process: subprocess.Popen, partial: Path, min_bytes: int, timeout: float = 120) -> None:
-    """Until the partial feature file holds some batches (its size grows as chunks are written)."""
+def _finished_shards(output: Path) -> list[Path]:
+    return sorted((output / ".shards" / "training").glob("[!.]*.h5"))  # not the temporary file of a shard being written
+
+
+def _wait_for_shards(process: subprocess.Popen, output: Path, count: int, timeout: float = 120) -> None:
+    """Until ``count`` shard files of the training split are finished."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if partial.exists() and partial.stat().st_size > min_bytes:
+        if len(_finished_shards(output)) >= count:
             return
         if process.poll() is not None:
             pytest.fail(f"extract ended before it could be interrupted:\n{process.stdout.read()}")
-        time.sleep(0.02)
+        time.sleep(0.01)
     process.kill()
     pytest.fail("extract made no progress")
 
 
-def test_sigkill_then_rerun_equals_an_uninterrupted_run(big_dataset, tmp_path):
+def test_sigkill_then_rerun_recomputes_no_finished_shard(big_dataset, lone_run, tmp_path):
     output = tmp_path / "killed"
     process = _start_extract(big_dataset, output)
-    _wait_for_progress(process, output / "training.h5.partial", min_bytes=300_000)
+    _wait_for_shards(process, output, 2)
     process.send_signal(signal.SIGKILL)
     killed_output = process.communicate()[0]
-    assert not (output / "training.h5").exists() and (output / "training.h5.partial").exists(), killed_output
+    finished = len(_finished_shards(output))
+    assert not (output / "training.h5").exists() and 2 <= finished < 10, killed_output
 
-    result = CliRunner().invoke(cli, ["extract", "--dataset", str(big_dataset), "--output", str(output), "--batch-size", "8"])
+    result = CliRunner().invoke(cli, _extract_args(big_dataset, output))
     assert result.exit_code == 0, result.output
-    assert "resumed at image " in result.output, result.output
-    resumed_at = int(result.output.split("resumed at image ")[1].split()[0].rstrip(","))
-    assert 0 < resumed_at < 300
-    assert f"extracted {300 - resumed_at}, skipped 0" in result.output
-    assert not (output / "training.h5.partial").exists()
-
-    extract_dataset(big_dataset, tmp_path / "clean", splits=SPLITS, backbone="efficientnet_lite0", batch_size=8, progress=False)
-    resumed, clean = read_features(output / "training.h5"), read_features(tmp_path / "clean" / "training.h5")
-    assert resumed.paths == clean.paths and len(clean.paths) == 300
-    assert resumed.labels.tolist() == clean.labels.tolist()
-    assert resumed.sha256 == clean.sha256
-    np.testing.assert_allclose(resumed.features, clean.features, rtol=0, atol=1e-5)
+    assert f"resumed: {finished} of 10 shards were already done" in result.output, result.output
+    assert f"extracted {300 - SHARD * finished}, skipped 0" in result.output  # the finished shards are the first ones
+    assert not (output / ".shards").exists() and not (output / "training.h5.partial").exists()
+    assert_same_features(output / "training.h5", lone_run)
 
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(big_dataset, tmp_path):
     output = tmp_path / "interrupted"
     process = _start_extract(big_dataset, output)
-    _wait_for_progress(process, output / "training.h5.partial", min_bytes=100_000)
+    _wait_for_shards(process, output, 1)
     process.send_signal(signal.SIGINT)
     stdout, _ = process.communicate(timeout=60)
     assert process.returncode == 1, stdout
-    assert "interrupted; progress is saved: rerun the same command to resume" in stdout
+    assert "interrupted; finished shards are saved: rerun the same command to resume" in stdout
     assert "Traceback" not in stdout
-    assert (output / "training.h5.partial").exists() and not (output / "training.h5").exists()
-    result = CliRunner().invoke(cli, ["extract", "--dataset", str(big_dataset), "--output", str(output), "--batch-size", "8"])
-    assert result.exit_code == 0 and "resumed at image " in result.output, result.output
+    assert _finished_shards(output) and not (output / "training.h5").exists()
+    result = CliRunner().invoke(cli, _extract_args(big_dataset, output))
+    assert result.exit_code == 0 and "shards were already done" in result.output, result.output
+
+
+def _wait_for_lock_holder(process: subprocess.Popen, output: Path) -> None:
+    """Until ``process`` holds the lock of ``output`` and has finished a shard, then stop it (SIGSTOP)."""
+    _wait_for_shards(process, output, 1)
+    assert str(process.pid) in lock_path(output).with_name(lock_path(output).name + ".owner").read_text()
+    process.send_signal(signal.SIGSTOP)  # it holds the folder for as long as the test needs
+
+
+def test_a_second_run_on_the_same_folder_refuses_in_one_line(big_dataset, lone_run, tmp_path):
+    output = tmp_path / "contended"
+    first = _start_extract(big_dataset, output)
+    try:
+        _wait_for_lock_holder(first, output)
+        second = subprocess.run(PTL + _extract_args(big_dataset, output), capture_output=True, text=True, timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert second.stdout == ""
+    [line] = second.stderr.strip().splitlines()
+    assert line.startswith(f"Error: {output} is in use by ")
+    assert f"(pid {first.pid} on " in line and "pass --wait" in line
+    first_output = first.communicate(timeout=120)[0]
+    assert first.returncode == 0, first_output
+    assert_same_features(output / "training.h5", lone_run)
+
+
+def test_wait_queues_behind_the_running_extraction(big_dataset, lone_run, tmp_path):
+    output = tmp_path / "queued"
+    first = _start_extract(big_dataset, output)
+    try:
+        _wait_for_lock_holder(first, output)
+        second = subprocess.Popen(PTL + _extract_args(big_dataset, output, "--wait"), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        time.sleep(3)
+        assert second.poll() is None  # still waiting for the lock
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=120) == 0
+    second_output = second.communicate(timeout=120)[0]
+    assert second.returncode == 0, second_output
+    assert "training: up to date, nothing to do" in second_output  # it ran after the first had finished
+    assert_same_features(output / "training.h5", lone_run)
+
+
+@pytest.mark.parametrize("command", ["build-dataset", "train", "evaluate", "finetune"])
+def test_every_writing_command_locks_its_output_folder(pipeline_run, tmp_path, command):
+    folders = {"build-dataset": tmp_path / "dataset", "train": tmp_path / "models",
+               "evaluate": tmp_path / "evaluation" / "logreg", "finetune": tmp_path / "finetune"}
+    arguments = {
+        "build-dataset": ["--input", str(pipeline_run["dataset"]), "--output", str(folders["build-dataset"])],
+        "train": ["--features", str(pipeline_run["features"]), "--output", str(folders["train"])],
+        "evaluate": ["--model", str(tmp_path / "logreg.joblib"), "--features", str(pipeline_run["features"]),
+                     "--output", str(tmp_path / "evaluation")],
+        "finetune": ["--dataset", str(pipeline_run["dataset"]), "--output", str(folders["finetune"])],
+    }
+    if command == "evaluate":
+        trained = CliRunner().invoke(cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path),
+                                           "--cv", "2"])
+        assert trained.exit_code == 0, trained.output
+    with output_lock(folders[command]):  # this test process holds the folder, as a running ptl would
+        result = subprocess.run(PTL + [command, *arguments[command]], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"Error: {folders[command]} is in use by " in result.stderr and "Traceback" not in result.stderr
 
 
 def test_added_images_are_the_only_ones_extracted(tmp_path):

@@ -1,4 +1,4 @@
-"""Feature files: HDF5 and CSV round trips, unfinished files, resuming."""
+"""Feature files: HDF5 and CSV round trips, unfinished files, shard files, reading rows back."""
 
 import numpy as np
 import pytest
@@ -13,7 +13,11 @@ from pyimagesearch_tl.store import (
     iter_chunks,
     read_features,
     read_meta,
+    read_shard,
     read_skipped,
+    row_reader,
+    Shard,
+    write_shard,
 )
 
 META = FeatureMeta(backbone="efficientnet_lite0", weights="imagenet", pooling="avg", input_size=224,
@@ -34,11 +38,8 @@ def test_round_trip_keeps_values_labels_paths_and_metadata(tmp_path, fmt, writer
     path = tmp_path / f"training.{fmt}"
     writer = writer_class(path, META, "fp", chunk_rows=8)
     expected = list(_batches(rng))
-    done = 0
-    for features, labels, paths, shas in expected:
-        done += len(labels)
-        writer.append(features, labels, paths, shas, skipped=[("training/c/bad.jpg", "empty file (0 bytes)")] if done == 8 else [],
-                      inputs_done=done)
+    for number, (features, labels, paths, shas) in enumerate(expected):
+        writer.append(features, labels, paths, shas, skipped=[("training/c/bad.jpg", "empty file (0 bytes)")] if number == 0 else [])
     assert not path.exists()  # only the .partial exists until finished
     writer.finish()
     loaded = read_features(path)
@@ -55,7 +56,7 @@ def test_float16_storage(tmp_path):
     meta = FeatureMeta(**{**META.__dict__, "dtype": "float16"})
     writer = HDF5FeatureWriter(tmp_path / "training.h5", meta, "fp")
     values = np.linspace(0, 6, 10, dtype=np.float32).reshape(2, 5)
-    writer.append(values, [0, 1], ["a", "b"], ["0" * 64, "1" * 64], [], 2)
+    writer.append(values, [0, 1], ["a", "b"], ["0" * 64, "1" * 64], [])
     writer.finish()
     loaded = read_features(tmp_path / "training.h5")
     assert loaded.features.dtype == np.float16
@@ -64,7 +65,7 @@ def test_float16_storage(tmp_path):
 
 def test_unfinished_file_is_never_read_as_finished(tmp_path):
     writer = HDF5FeatureWriter(tmp_path / "training.h5", META, "fp")
-    writer.append(np.zeros((2, 5)), [0, 1], ["a", "b"], ["0" * 64, "1" * 64], [], 2)
+    writer.append(np.zeros((2, 5)), [0, 1], ["a", "b"], ["0" * 64, "1" * 64], [])
     writer.close()
     with pytest.raises(FeatureFileError, match="unfinished extraction; rerun extract to resume"):
         feature_file(tmp_path, "training")
@@ -72,38 +73,50 @@ def test_unfinished_file_is_never_read_as_finished(tmp_path):
         feature_file(tmp_path, "validation")
 
 
-def test_partial_file_resumes_only_with_the_same_fingerprint(tmp_path):
-    path = tmp_path / "training.h5"
-    writer = HDF5FeatureWriter(path, META, "fp-1", chunk_rows=4)
-    writer.append(np.ones((4, 5)), [0, 1, 0, 1], list("abcd"), ["0" * 64] * 4, [("e", "corrupt image")], 5)
-    writer.close()
-    resumed = HDF5FeatureWriter(path, META, "fp-1", chunk_rows=4)
-    assert resumed.resumed_from == 5 and resumed.rows == 4
-    resumed.append(np.full((1, 5), 2.0), [1], ["f"], ["1" * 64], [], 6)
-    resumed.finish()
-    loaded = read_features(path)
-    assert loaded.paths == list("abcdf") and loaded.features[-1].tolist() == [2.0] * 5
-    assert read_skipped(path) == [("e", "corrupt image")]
-
-    stale = HDF5FeatureWriter(tmp_path / "validation.h5", META, "old")
-    stale.append(np.ones((1, 5)), [0], ["x"], ["0" * 64], [], 1)
-    stale.close()
-    fresh = HDF5FeatureWriter(tmp_path / "validation.h5", META, "new")
-    assert fresh.resumed_from == 0 and fresh.rows == 0
-    fresh.close()
+def test_unfinished_shards_are_an_unfinished_extraction(tmp_path):
+    (tmp_path / ".shards" / "training").mkdir(parents=True)
+    with pytest.raises(FeatureFileError, match="'training' features in .* are an unfinished extraction"):
+        feature_file(tmp_path, "training")
 
 
-def test_corrupt_partial_file_starts_over(tmp_path):
+def test_a_new_writer_starts_over_whatever_partial_file_is_there(tmp_path):
     (tmp_path / "training.h5.partial").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
     writer = HDF5FeatureWriter(tmp_path / "training.h5", META, "fp")
-    assert writer.resumed_from == 0
-    writer.close()
+    writer.append(np.ones((1, 5)), [1], ["x"], ["1" * 64], [])
+    writer.finish()
+    assert read_features(tmp_path / "training.h5").paths == ["x"]
+    assert not (tmp_path / "training.h5.partial").exists()
+
+
+def test_shard_round_trip_and_identity(tmp_path):
+    shard = Shard(np.arange(10, dtype=np.float32).reshape(2, 5), np.array([0, 2]), [(1, "corrupt image: cut")])
+    path = tmp_path / "000003-abc.h5"
+    write_shard(path, "identity-1", shard)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the temporary file was renamed
+    loaded = read_shard(path, "identity-1")
+    np.testing.assert_array_equal(loaded.features, shard.features)
+    assert loaded.positions.tolist() == [0, 2] and loaded.skipped == [(1, "corrupt image: cut")]
+    assert read_shard(path, "identity-2") is None  # another shard's file is never taken for this one
+    assert read_shard(tmp_path / "missing.h5", "identity-1") is None
+    (tmp_path / "junk.h5").write_bytes(b"junk")
+    assert read_shard(tmp_path / "junk.h5", "identity-1") is None
+
+
+@pytest.mark.parametrize("fmt, writer_class", [("h5", HDF5FeatureWriter), ("csv", CSVFeatureWriter)])
+def test_rows_are_read_back_by_number_in_the_order_asked(tmp_path, fmt, writer_class):
+    values = np.arange(40, dtype=np.float32).reshape(8, 5)
+    writer = writer_class(tmp_path / f"training.{fmt}", META, "fp", chunk_rows=3)
+    writer.append(values, [0, 1] * 4, list("abcdefgh"), ["0" * 64] * 8, [])
+    writer.finish()
+    with row_reader(tmp_path / f"training.{fmt}") as read:
+        np.testing.assert_array_equal(read([6, 1, 6, 0]), values[[6, 1, 6, 0]])
+        assert read([]).shape == (0, 5)
 
 
 def test_chunked_reading_streams_the_rows(tmp_path):
     writer = HDF5FeatureWriter(tmp_path / "training.h5", META, "fp", chunk_rows=3)
     values = np.arange(50, dtype=np.float32).reshape(10, 5)
-    writer.append(values, [0, 1] * 5, list("abcdefghij"), ["0" * 64] * 10, [], 10)
+    writer.append(values, [0, 1] * 5, list("abcdefghij"), ["0" * 64] * 10, [])
     writer.finish()
     blocks = list(iter_chunks(tmp_path / "training.h5"))
     assert [len(b[0]) for b in blocks] == [3, 3, 3, 1]

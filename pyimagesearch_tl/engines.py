@@ -1,0 +1,183 @@
+"""Where extraction runs: engines that hand shards to workers and give back what they made.
+
+Every engine takes the same :class:`~pyimagesearch_tl.features.ShardTask` list and yields the same
+``(index, Shard, node)`` results, in any order; shard files, resume, skips and locks exist once, in
+:mod:`pyimagesearch_tl.extraction`, whichever engine ran the shards.
+
+``local``
+    This process: one backbone, decoding threads running ahead of it.
+``ray``
+    A Ray cluster (a local one started for the run, or ``address``, e.g. ``auto`` for the cluster
+    this machine belongs to): one actor per ``cpus_per_worker`` CPUs of the cluster, each building
+    the backbone once and limiting TensorFlow and the decoder to its CPUs. A worker process or node
+    that dies is restarted by Ray and its shards are retried. Ray is an optional extra; the local
+    engine never imports it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import Any, Callable, Iterator, Sequence
+
+from .errors import ConfigError, PTLError
+from .features import FeatureExtractor, ShardTask, extract_shards
+from .store import FeatureMeta, Shard
+
+#: A shard whose worker dies is retried this many times before the run gives up (resumable).
+WORKER_RETRIES = 3
+
+ENGINES: dict[str, Callable[..., "Engine"]] = {}
+
+
+def register(name: str):
+    def decorate(cls):
+        ENGINES[name] = cls
+        cls.name = name
+        return cls
+
+    return decorate
+
+
+def list_engines() -> list[str]:
+    return list(ENGINES)
+
+
+def create_engine(name: str, extractor_options: dict[str, Any], **options) -> "Engine":
+    """Start engine ``name`` with workers building ``FeatureExtractor(**extractor_options)``."""
+    try:
+        engine = ENGINES[name]
+    except KeyError:
+        raise ConfigError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}") from None
+    return engine(extractor_options, **options)
+
+
+class Engine:
+    """Base of the engines: a context manager whose :meth:`run` yields ``(index, shard, node)``."""
+
+    name = ""
+    meta: FeatureMeta
+    workers: list[str]  # one description per worker, for the report
+
+    def run(self, tasks: Sequence[ShardTask]) -> Iterator[tuple[int, Shard, str]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+@register("local")
+class LocalEngine(Engine):
+    """Shards run one after the other in this process, through one decoding stream."""
+
+    def __init__(self, extractor_options: dict[str, Any] | FeatureExtractor, **_ignored):
+        self.extractor = (extractor_options if isinstance(extractor_options, FeatureExtractor)
+                          else FeatureExtractor(**extractor_options))
+        self.meta = self.extractor.meta
+        self.workers = ["this process"]
+
+    def run(self, tasks):
+        for index, shard in extract_shards(self.extractor, tasks):
+            yield index, shard, "local"
+
+
+class ShardWorker:
+    """The body of a Ray actor: builds the backbone once, then extracts shard after shard."""
+
+    def __init__(self, extractor_options: dict[str, Any], cpus: int):
+        import ray
+
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import tensorflow as tf
+
+        # The CPUs Ray gave this worker, no more: several workers on one node must not oversubscribe it.
+        tf.config.threading.set_intra_op_parallelism_threads(cpus)
+        tf.config.threading.set_inter_op_parallelism_threads(cpus)
+        self.extractor = FeatureExtractor(**extractor_options, workers=cpus)
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def describe(self) -> tuple[FeatureMeta, str]:
+        return self.extractor.meta, f"pid {os.getpid()} on node {self.node[:8]}"
+
+    def extract(self, task: ShardTask) -> tuple[int, Shard, str]:
+        [(index, shard)] = extract_shards(self.extractor, [task])
+        return index, shard, self.node
+
+
+def import_ray():
+    """The ``ray`` module, or one clear error saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("the ray engine needs Ray, an optional extra: pip install 'pyimagesearch_tl[ray]'") from None
+    return ray
+
+
+@register("ray")
+class RayEngine(Engine):
+    """Shards spread over the actors of a Ray cluster, two in flight per actor so none waits."""
+
+    def __init__(self, extractor_options: dict[str, Any], address: str | None = None, cpus_per_worker: int = 1,
+                 **_ignored):
+        ray = self._ray = import_ray()
+        self._started = not ray.is_initialized()
+        if self._started:
+            settings = dict(log_to_driver=False, logging_level="ERROR",
+                            runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
+            if address is None:  # a local instance for this run only
+                settings["include_dashboard"] = False
+            try:
+                ray.init(address=address, **settings)
+            except (ConnectionError, RuntimeError) as exc:
+                raise PTLError(f"cannot reach a Ray cluster at {address!r}: {exc}") from None
+        largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=0)
+        if cpus_per_worker > largest:
+            self.close()
+            raise ConfigError(f"ray_cpus_per_worker={cpus_per_worker} but the largest node of the cluster has "
+                              f"{largest:g} CPUs; no worker could start")
+        count = max(1, int(ray.cluster_resources().get("CPU", 0)) // cpus_per_worker)
+        actor = ray.remote(num_cpus=cpus_per_worker, max_restarts=WORKER_RETRIES,
+                           max_task_retries=WORKER_RETRIES)(ShardWorker)
+        self.actors = [actor.remote(extractor_options, cpus_per_worker) for _ in range(count)]
+        described = self._get([a.describe.remote() for a in self.actors])
+        self.meta = described[0][0]
+        self.workers = [d for _, d in described]
+
+    def _get(self, refs):
+        ray = self._ray
+        try:
+            return ray.get(refs)
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+            raise PTLError(f"a Ray worker died {WORKER_RETRIES + 1} times ({type(exc).__name__}); "
+                           "finished shards are kept: rerun the same command to resume") from None
+
+    def run(self, tasks):
+        ray = self._ray
+        queue, in_flight = deque(tasks), {}
+
+        def submit(actor):
+            if queue:
+                in_flight[actor.extract.remote(queue.popleft())] = actor
+
+        for actor in self.actors:
+            submit(actor)
+            submit(actor)
+        while in_flight:
+            [ready], _ = ray.wait(list(in_flight), num_returns=1)
+            actor = in_flight.pop(ready)
+            yield self._get(ready)
+            submit(actor)
+
+    def close(self) -> None:
+        ray = self._ray
+        for actor in getattr(self, "actors", []):
+            ray.kill(actor)
+        self.actors = []
+        if self._started and ray.is_initialized():
+            ray.shutdown()
