@@ -20,6 +20,7 @@ import os
 from collections import deque
 from typing import Any, Callable, Iterator, Sequence
 
+from .backbones import get_backbone, resolve_weights
 from .errors import ConfigError, PTLError
 from .features import FeatureExtractor, ShardTask, extract_shards
 from .store import FeatureMeta, Shard
@@ -99,10 +100,16 @@ class ShardWorker:
         # The CPUs Ray gave this worker, no more: several workers on one node must not oversubscribe it.
         tf.config.threading.set_intra_op_parallelism_threads(cpus)
         tf.config.threading.set_inter_op_parallelism_threads(cpus)
-        self.extractor = FeatureExtractor(**extractor_options, workers=cpus)
         self.node = ray.get_runtime_context().get_node_id()
+        try:
+            self.extractor, self.error = FeatureExtractor(**extractor_options, workers=cpus), None
+        except PTLError as exc:  # reported by describe(): restarting the worker would not help
+            self.extractor, self.error = None, f"{exc} (on node {self.node[:8]})"
 
-    def describe(self) -> tuple[FeatureMeta, str]:
+    def describe(self) -> tuple[FeatureMeta | None, str]:
+        """The extractor's meta and who this worker is, or (None, why it could not build the extractor)."""
+        if self.extractor is None:
+            return None, self.error
         return self.extractor.meta, f"pid {os.getpid()} on node {self.node[:8]}"
 
     def extract(self, task: ShardTask) -> tuple[int, Shard, str]:
@@ -125,6 +132,8 @@ class RayEngine(Engine):
 
     def __init__(self, extractor_options: dict[str, Any], address: str | None = None, cpus_per_worker: int = 1,
                  **_ignored):
+        get_backbone(extractor_options["backbone"])  # the user's mistakes are found here, not on every worker
+        resolve_weights(extractor_options["weights"])
         ray = self._ray = import_ray()
         self._started = not ray.is_initialized()
         if self._started:
@@ -146,6 +155,10 @@ class RayEngine(Engine):
                            max_task_retries=WORKER_RETRIES)(ShardWorker)
         self.actors = [actor.remote(extractor_options, cpus_per_worker) for _ in range(count)]
         described = self._get([a.describe.remote() for a in self.actors])
+        failed = [why for meta, why in described if meta is None]
+        if failed:
+            self.close()
+            raise PTLError(failed[0])
         self.meta = described[0][0]
         self.workers = [d for _, d in described]
 

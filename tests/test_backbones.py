@@ -139,6 +139,18 @@ def test_missing_weights_file_is_a_clear_error(tmp_path):
         create_model("vgg16", weights=str(tmp_path / "nope.h5"))
 
 
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "mobilenetv2"])
+def test_a_weights_file_of_another_model_or_no_model_is_a_clear_error(tmp_path, name):
+    junk = tmp_path / "junk.weights.h5"
+    junk.write_bytes(b"not an HDF5 file")
+    with pytest.raises(ConfigError, match=f"weights file .*junk.weights.h5' cannot be loaded into {name}: "):
+        create_model(name, weights=str(junk))
+    other = tmp_path / "vgg.weights.h5"
+    create_model("vgg16", weights="none").save_weights(other)
+    with pytest.raises(ConfigError, match=f"cannot be loaded into {name}: "):
+        create_model(name, weights=str(other))
+
+
 def test_local_weights_file_is_used(tmp_path):
     model = create_model("mobilenetv2", weights="none")
     path = tmp_path / "mine.weights.h5"

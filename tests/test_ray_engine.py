@@ -157,3 +157,14 @@ def test_the_local_engine_never_imports_ray(dataset, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_a_worker_that_cannot_build_the_backbone_says_why_in_one_line(dataset, cluster_address, tmp_path):
+    junk = tmp_path / "junk.weights.h5"
+    junk.write_bytes(b"not an HDF5 file")  # exists, so only the workers find out
+    result = subprocess.run(_command(dataset, tmp_path / "out", cluster_address) + ["--weights", str(junk)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"Error: weights file {str(junk)!r} cannot be loaded into efficientnet_lite0: ")
+    assert "(on node " in line

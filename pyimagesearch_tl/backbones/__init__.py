@@ -203,11 +203,17 @@ def create_model(name: str, weights: str | None = "imagenet", pooling: str = "av
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(PRECISIONS[precision])
     try:
-        base = backbone.build(
-            weights=None if arrays is not None else weights,
-            input_shape=(size, size, 3),
-            pooling=None if pooling == "flatten" else pooling,
-        )
+        try:
+            base = backbone.build(
+                weights=None if arrays is not None else weights,
+                input_shape=(size, size, 3),
+                pooling=None if pooling == "flatten" else pooling,
+            )
+        except (OSError, ValueError) as exc:  # a local weights file that is not this model's
+            if not isinstance(weights, str) or weights == "imagenet":
+                raise
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"weights file {weights!r} cannot be loaded into {name}: {reason}") from None
         if arrays is not None:
             try:
                 base.set_weights(arrays)
