@@ -8,7 +8,8 @@ Prints one row per dataset and classifier: classes, train/test sizes, accuracy, 
 and wall time (build + extract + train + evaluate).
 
     python benchmarks/accuracy.py [--data ../shared/datasets] [--backbone efficientnet_lite0] [--work DIR]
-        [--precision float32|bfloat16] [--datasets cats_and_dogs_filtered,flowers]
+        [--precision float32|bfloat16] [--runtime auto|tensorflow|onnxruntime|openvino]
+        [--datasets cats_and_dogs_filtered,flowers]
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ DATASETS = ["cats_and_dogs_filtered", "hymenoptera_data", "flowers", "house_room
 @click.option("--backbone", default=None, help="Default: the config's default backbone.")
 @click.option("--work", default=None, help="Keep the intermediate files here (default: a temporary folder).")
 @click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--runtime", default="auto", show_default=True, help="Where the backbone runs (see runtimes.py).")
 @click.option("--datasets", default=",".join(DATASETS), show_default=True, help="Comma-separated subset.")
-def main(data, backbone, work, precision, datasets):
-    config = load_config().replace(backbone=backbone, precision=precision)
+def main(data, backbone, work, precision, runtime, datasets):
+    config = load_config().replace(backbone=backbone, precision=precision, runtime=runtime)
     splits = config.splits
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -51,7 +53,7 @@ def main(data, backbone, work, precision, datasets):
             dataset, features, models = root / name / "dataset", root / name / "features", root / name / "models"
             report = build_dataset(source, dataset, splits=splits, fractions=config.split_fractions, seed=config.seed)
             extract_dataset(dataset, features, splits=splits, backbone=config.backbone, batch_size=config.batch_size,
-                            precision=config.precision, progress=False)
+                            precision=config.precision, runtime=config.runtime, progress=False)
             prepared = time.perf_counter() - started
             test_split = next(s for s in (splits[2], splits[1]) if has_feature_file(features, s))
             test = read_features(feature_file(features, test_split))
@@ -62,7 +64,7 @@ def main(data, backbone, work, precision, datasets):
                                  train=sum(report.counts[splits[0]].values()), test=len(test.labels),
                                  test_split=test_split, classifier=result.classifier, accuracy=metrics["accuracy"],
                                  auc=metrics["roc_auc"], seconds=prepared + result.fit_seconds))
-    print(f"\nbackbone: {config.backbone} ({config.precision})")
+    print(f"\nbackbone: {config.backbone} ({config.precision}, runtime {config.runtime})")
     print(f"{'dataset':<24} {'classes':>7} {'train':>6} {'test':>5} {'test split':<11} {'classifier':<11} "
           f"{'accuracy':>8} {'roc_auc':>7} {'wall s':>7}")
     for r in rows:

@@ -9,6 +9,12 @@ On the same real photos, in one process, with one model built once:
     batched ``tf.function`` inference, chunked writes);
 (c) ceiling: the backbone alone on uint8 batches already decoded into memory.
 
+(b) and (c) run once per runtime (TensorFlow, each installed ONNX runtime, and ``auto``, the
+default, which picks one of them). Printed: ``speedup vs classic`` (the default pipeline / classic),
+``efficiency vs ceiling`` (the default pipeline / its own ceiling) and ``runtime speedup vs
+tensorflow`` (the default runtime's ceiling / TensorFlow's). Figures also go to
+``benchmarks/results/bench_extract.json``.
+
     python benchmarks/bench_extract.py [--backbone efficientnet_lite0] [--images 500] [--data DIR] [--repeats 3]
         [--precision float32|bfloat16] [--weights imagenet|none|PATH]
 """
@@ -76,34 +82,50 @@ def ceiling(extractor, photos: list[Path]) -> float:
 @click.option("--weights", default="imagenet", show_default=True,
               help="'none' times a keras.applications backbone offline (speed does not depend on the values).")
 def main(backbone, images, batch_size, data, repeats, precision, weights):
-    from pyimagesearch_tl.backbones import get_backbone
+    from benchmarks_common import save_results
+
+    from pyimagesearch_tl.backbones import get_backbone, preprocess_input
     from pyimagesearch_tl.features import FeatureExtractor
+    from pyimagesearch_tl.runtimes import AUTO, RUNTIMES, TENSORFLOW, installed, requested_runtime
 
     photos = real_photos(Path(data), images)
-    extractor = FeatureExtractor(backbone, weights, batch_size=batch_size, label_names=["photo"], precision=precision)
     record = get_backbone(backbone)
-    # Warm up both call paths (graph tracing, oneDNN primitive caches) on one batch, untimed.
-    warm = np.stack([extractor.decode(p) for p in photos[:batch_size]])
-    extractor.transform(warm)
-    from pyimagesearch_tl.backbones import preprocess_input
+    runtimes = [name for name in RUNTIMES if installed(name)] if precision == "float32" else []
+    runtimes = [requested_runtime(AUTO, precision)] if not runtimes else runtimes + [AUTO]
+    extractors = {name: FeatureExtractor(backbone, weights, batch_size=batch_size, label_names=["photo"],
+                                         precision=precision, runtime=name) for name in runtimes}
+    # Warm up every call path (graph tracing, conversion, sessions, caches) on one batch, untimed.
+    warm = np.stack([extractors[runtimes[0]].decode(p) for p in photos[:batch_size]])
+    for extractor in extractors.values():
+        extractor.transform(warm)
+    reference = next(iter(extractors.values()))
+    reference.model.predict(preprocess_input(warm.astype("float32"), record.preprocessing), verbose=0)
 
-    extractor.model.predict(preprocess_input(warm.astype("float32"), record.preprocessing), verbose=0)
-
-    runs: dict[str, list[float]] = {"classic": [], "pipeline": [], "ceiling": []}
-    for _ in range(repeats):  # interleaved, so drifts of the machine hit all three alike
+    runs: dict[str, list[float]] = {"classic": []}
+    for _ in range(repeats):  # interleaved, so drifts of the machine hit all alike
         with tempfile.TemporaryDirectory() as scratch:
             scratch = Path(scratch)
-            runs["classic"].append(classic(extractor.model, record, photos, batch_size, scratch / "classic.csv"))
-            runs["pipeline"].append(pipeline(extractor, photos, scratch))
-            runs["ceiling"].append(ceiling(extractor, photos))
-    results = {name: float(np.median(seconds)) for name, seconds in runs.items()}
-    rates = {name: len(photos) / seconds for name, seconds in results.items()}
+            runs["classic"].append(classic(reference.model, record, photos, batch_size, scratch / "classic.csv"))
+            for name, extractor in extractors.items():
+                runs.setdefault(f"pipeline {name}", []).append(pipeline(extractor, photos, scratch / name))
+                runs.setdefault(f"ceiling {name}", []).append(ceiling(extractor, photos))
+    rates = {name: len(photos) / float(np.median(seconds)) for name, seconds in runs.items()}
+    default = runtimes[-1]
+    chosen = extractors[default].runtime
     print(f"backbone: {backbone} ({precision}), images: {len(photos)} real photos from {data}, batch size {batch_size}, "
-          f"median of {repeats} runs")
-    for name in ("classic", "pipeline", "ceiling"):
-        print(f"{name} img/s: {rates[name]:.1f}  ({results[name]:.2f} s)")
-    print(f"speedup vs classic: {rates['pipeline'] / rates['classic']:.2f}")
-    print(f"efficiency vs ceiling: {rates['pipeline'] / rates['ceiling']:.2f}")
+          f"median of {repeats} runs; default runtime {default} -> {chosen}")
+    for name, rate in rates.items():
+        print(f"{name + ' img/s:':<32} {rate:7.1f}  ({len(photos) / rate:.2f} s)")
+    figures = {"speedup vs classic": rates[f"pipeline {default}"] / rates["classic"],
+               "efficiency vs ceiling": rates[f"pipeline {default}"] / rates[f"ceiling {default}"]}
+    if f"ceiling {TENSORFLOW}" in rates:
+        figures["runtime speedup vs tensorflow"] = rates[f"ceiling {default}"] / rates[f"ceiling {TENSORFLOW}"]
+    for name, value in figures.items():
+        print(f"{name}: {value:.2f}")
+    save_results("bench_extract" if precision == "float32" else f"bench_extract_{precision}", dict(
+        backbone=backbone, precision=precision, images=len(photos), batch_size=batch_size, repeats=repeats,
+        default_runtime=chosen, img_per_s={k: round(v, 1) for k, v in rates.items()},
+        **{k: round(v, 3) for k, v in figures.items()}))
 
 
 if __name__ == "__main__":

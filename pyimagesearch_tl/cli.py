@@ -81,6 +81,14 @@ def wait_option(command):
                         help="If another run is writing the output folder, wait for it instead of refusing.")(command)
 
 
+def runtime_option(command):
+    """``--runtime``: where the backbone runs (every command that runs it takes it)."""
+    from .runtimes import list_runtimes
+
+    return click.option("--runtime", type=click.Choice(list_runtimes()),
+                        help="Where the backbone runs: auto (the fastest that matches TensorFlow), or one by name.")(command)
+
+
 def _apply(config: Config, **overrides) -> Config:
     try:
         return config.replace(**overrides)
@@ -167,6 +175,7 @@ def build_dataset_command(config: Config, wait, **options):
 @click.option("--precision", type=click.Choice(["float32", "bfloat16"]),
               help="Arithmetic of the backbone; bfloat16 is faster on CPUs with AVX512-BF16/AMX.")
 @click.option("--batch-size", type=int)
+@runtime_option
 @click.option("--engine", help="Where extraction runs: local (this process) or ray (a Ray cluster).")
 @click.option("--ray-address", help="ray engine: the cluster to join ('auto': this machine's); unset: start one.")
 @click.option("--ray-cpus-per-worker", type=int, help="ray engine: CPUs of each worker (one backbone each).")
@@ -185,8 +194,9 @@ def extract_command(config: Config, wait, **options):
             return
         note = f", resumed: {split.shards_resumed} of {split.shards} shards were already done" if split.shards_resumed else ""
         note += f", reused {split.reused} unchanged" if split.reused else ""
+        runtime = f", {'/'.join(split.runtimes)}" if split.runtimes else ""
         click.echo(f"{split.split}: extracted {split.extracted}, skipped {len(split.skipped)}{note} "
-                   f"({split.images_per_second:.1f} img/s) -> {split.path}")
+                   f"({split.images_per_second:.1f} img/s{runtime}) -> {split.path}")
         if config.engine != "local" and split.nodes:
             click.echo("  shards per node: " + ", ".join(f"{n[:8]} {c}" for n, c in sorted(split.nodes.items())))
         for path, reason in split.skipped:
@@ -201,7 +211,8 @@ def extract_command(config: Config, wait, **options):
             config.dataset_dir, config.features_dir, splits=config.splits, backbone=config.backbone,
             weights=config.weights, pooling=config.pooling, feature_format=config.feature_format,
             dtype=config.dtype, precision=config.precision, batch_size=config.batch_size,
-            max_pixels=config.max_image_pixels, engine=config.engine, ray_address=config.ray_address,
+            max_pixels=config.max_image_pixels, runtime=config.runtime, engine=config.engine,
+            ray_address=config.ray_address,
             ray_cpus_per_worker=config.ray_cpus_per_worker, shard_size=config.shard_size, wait=wait,
             progress=sys.stderr.isatty(), on_split=report, on_engine=started,
         )
@@ -252,6 +263,7 @@ def train_command(config: Config, wait, **options):
 @click.option("--dataset", "dataset_dir", help="Dataset folder (fine-tuned bundles are evaluated on its images).")
 @click.option("--split", help="Split to evaluate (default: evaluation, else validation).")
 @click.option("--output", "evaluation_dir", help="Evaluation folder: writes <model>/metrics.json and the plots there.")
+@runtime_option
 @wait_option
 @with_config
 def evaluate_command(config: Config, model_path, split, wait, **options):
@@ -265,7 +277,7 @@ def evaluate_command(config: Config, model_path, split, wait, **options):
         split = default_split(bundle, [config.split_for("evaluation"), config.split_for("validation")],
                               config.features_dir, config.dataset_dir)
     features, skipped = features_for(bundle, split, config.features_dir, config.dataset_dir, config.batch_size,
-                                     config.max_image_pixels)
+                                     config.max_image_pixels, config.runtime)
     for path, reason in skipped:
         click.echo(f"skipped {path}: {reason}", err=True)
     output_dir = Path(config.evaluation_dir) / Path(model_path).stem
@@ -361,6 +373,7 @@ def finetune_command(config: Config, wait, **options):
 @click.option("--output", "output_file", type=click.Path(dir_okay=False), help="Also write the results as .csv or .json.")
 @click.option("--top-k", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--batch-size", type=int)
+@runtime_option
 @with_config
 def predict_command(config: Config, model_path, paths, output_file, top_k, **options):
     """Classify images (files or folders) with a bundle."""
@@ -372,7 +385,7 @@ def predict_command(config: Config, model_path, paths, output_file, top_k, **opt
     files = expand_paths(paths)
     if not files:
         raise ConfigError(f"no image files found in: {', '.join(paths)}")
-    predictor = Predictor(Bundle.load(model_path), config.batch_size, config.max_image_pixels, top_k)
+    predictor = Predictor(Bundle.load(model_path), config.batch_size, config.max_image_pixels, top_k, config.runtime)
     results = predictor.predict(files)
     for r in results:
         if r.error:
@@ -402,16 +415,32 @@ def predict_command(config: Config, model_path, paths, output_file, top_k, **opt
 @click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=10, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--top-k", type=click.IntRange(1), default=3, show_default=True)
+@runtime_option
 @with_config
-def serve_command(config: Config, model_path, host, port, max_upload_mb, threads, top_k):
+def serve_command(config: Config, model_path, host, port, max_upload_mb, threads, top_k, runtime):
     """Serve an upload page and an HTTP API (POST /api/predict, GET /health) for a bundle."""
     from .bundle import Bundle
     from .prediction import Predictor
     from .serve import serve
 
-    predictor = Predictor(Bundle.load(model_path), config.batch_size, config.max_image_pixels, top_k)
+    config = _apply(config, runtime=runtime)
+    predictor = Predictor(Bundle.load(model_path), config.batch_size, config.max_image_pixels, top_k, config.runtime)
     click.echo(f"serving {model_path} ({predictor.bundle.meta.describe()}) on http://{host}:{port}/  (Ctrl-C stops)")
     serve(predictor, host, port, int(max_upload_mb * 2**20), threads)
+
+
+@cli.command("export")
+@click.option("--model", "model_path", required=True, help="A bundle written by train or finetune.")
+@click.option("--output", "output_file", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+def export_command(model_path, output_file):
+    """Write a bundle as one ONNX graph: 0-255 RGB pixels in, label and class scores out."""
+    from .bundle import Bundle
+    from .export import export_bundle
+
+    bundle = Bundle.load(model_path)
+    path = export_bundle(bundle, output_file)
+    click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB): input 'pixels' uint8 (N, {bundle.meta.input_size}, "
+               f"{bundle.meta.input_size}, 3) RGB; outputs 'label' and class scores; labels: {', '.join(bundle.label_names)}")
 
 
 #: Subcommands by name, for the numbered scripts.

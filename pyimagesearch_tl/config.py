@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
     "precision": "float32",
     "batch_size": 32,
+    "runtime": "auto",  # where the backbone runs: the fastest that matches TensorFlow, or one by name
     "engine": "local",  # where extraction runs: this process, or a Ray cluster
     "ray_address": None,  # ray engine: unset starts a local Ray instance; "auto" joins this machine's cluster
     "ray_cpus_per_worker": 1,  # ray engine: CPUs per worker (each builds the backbone once)
@@ -130,6 +131,8 @@ def _registered(kind: str) -> Callable[[Any], str | None]:
             from .backbones import list_backbones as names
         elif kind == "engine":
             from .engines import list_engines as names
+        elif kind == "runtime":
+            from .runtimes import list_runtimes as names
         else:
             from .classifiers import list_classifiers as names
         allowed = names() + (["all"] if kind == "classifier" else [])
@@ -169,6 +172,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "dtype": _choice("float32", "float16"),
     "precision": _choice("float32", "bfloat16"),
     "batch_size": _typed(int, "an integer between 1 and 4096", lambda v: 1 <= v <= 4096),
+    "runtime": _registered("runtime"),
     "engine": _registered("engine"),
     "ray_address": _optional_str,
     "ray_cpus_per_worker": _typed(int, "an integer >= 1", lambda v: v >= 1),

@@ -6,7 +6,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from .backbones.efficientnet_lite import cache_dir
+from .cache import cache_dir
 from .errors import DatasetError
 
 DEMO_DATASET = "cats_and_dogs_filtered"

@@ -63,6 +63,10 @@ class Engine:
     def run(self, tasks: Sequence[ShardTask]) -> Iterator[tuple[int, Shard, str]]:
         raise NotImplementedError
 
+    def runtimes(self) -> list[str]:
+        """Where the workers' backbones run (settled on their first batch)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -86,6 +90,9 @@ class LocalEngine(Engine):
     def run(self, tasks):
         for index, shard in extract_shards(self.extractor, tasks):
             yield index, shard, "local"
+
+    def runtimes(self) -> list[str]:
+        return [self.extractor.runtime]
 
 
 class ShardWorker:
@@ -111,6 +118,9 @@ class ShardWorker:
         if self.extractor is None:
             return None, self.error
         return self.extractor.meta, f"pid {os.getpid()} on node {self.node[:8]}"
+
+    def runtime(self) -> str:
+        return self.extractor.runtime
 
     def extract(self, task: ShardTask) -> tuple[int, Shard, str]:
         [(index, shard)] = extract_shards(self.extractor, [task])
@@ -186,6 +196,9 @@ class RayEngine(Engine):
             actor = in_flight.pop(ready)
             yield self._get(ready)
             submit(actor)
+
+    def runtimes(self) -> list[str]:
+        return sorted(set(self._get([a.runtime.remote() for a in self.actors])))
 
     def close(self) -> None:
         ray = self._ray

@@ -39,7 +39,8 @@ def default_split(bundle: Bundle, splits: Sequence[str | None], features_dir: st
 
 
 def features_for(bundle: Bundle, split: str, features_dir: str | Path, dataset_dir: str | Path,
-                 batch_size: int = 32, max_pixels: int = 89_478_485) -> tuple[FeatureSet, list[tuple[str, str]]]:
+                 batch_size: int = 32, max_pixels: int = 89_478_485,
+                 runtime: str = "auto") -> tuple[FeatureSet, list[tuple[str, str]]]:
     """The features ``bundle`` is evaluated on, and the images skipped while making them.
 
     Stored features (``features_dir``) for bundles trained on them; for a fine-tuned bundle, the
@@ -55,7 +56,7 @@ def features_for(bundle: Bundle, split: str, features_dir: str | Path, dataset_d
     rows = dataset_rows(dataset_dir).get(split)
     if not rows:
         raise DatasetError(f"dataset {dataset_dir} has no {split!r} split to evaluate the fine-tuned model on")
-    return extract_in_memory(Predictor(bundle, batch_size, max_pixels).extractor, dataset_dir, rows)
+    return extract_in_memory(Predictor(bundle, batch_size, max_pixels, runtime=runtime).extractor, dataset_dir, rows)
 
 
 @locks_output("output_dir")

@@ -52,6 +52,7 @@ class SplitReport:
     up_to_date: bool = False
     seconds: float = 0.0
     nodes: dict[str, int] = dataclasses.field(default_factory=dict)  # shards computed per worker node
+    runtimes: list[str] = dataclasses.field(default_factory=list)  # where the backbone ran (see runtimes.py)
 
     @property
     def images_per_second(self) -> float:
@@ -151,7 +152,7 @@ def extract_split(engine: Engine, dataset_dir: Path, rows: Sequence[dict[str, st
                      [dict(path=p, reason=r) for p, r in skipped_rows])
     return SplitReport(split, path, extracted, skipped_rows, reused, shards=len(working),
                        shards_resumed=len(working) - len(todo), seconds=time.perf_counter() - started,
-                       nodes=dict(nodes))
+                       nodes=dict(nodes), runtimes=engine.runtimes() if todo else [])
 
 
 def _assemble(path: Path, meta: FeatureMeta, identity: str, rows: Sequence[dict[str, str]],
@@ -190,7 +191,8 @@ def _assemble(path: Path, meta: FeatureMeta, identity: str, rows: Sequence[dict[
 def extract_dataset(dataset_dir: str | Path, output_dir: str | Path, *, splits: Sequence[str],
                     backbone: str, weights: str = "imagenet", pooling: str = "avg", feature_format: str = "hdf5",
                     dtype: str = "float32", precision: str = "float32", batch_size: int = 32,
-                    max_pixels: int = 89_478_485, engine: str = "local", ray_address: str | None = None,
+                    max_pixels: int = 89_478_485, runtime: str = "auto", engine: str = "local",
+                    ray_address: str | None = None,
                     ray_cpus_per_worker: int = 1, shard_size: int = 256, progress: bool = True,
                     on_split=None, on_engine=None) -> list[SplitReport]:
     """Extract every configured split of ``dataset_dir`` into ``output_dir`` and save the label encoder.
@@ -212,7 +214,7 @@ def extract_dataset(dataset_dir: str | Path, output_dir: str | Path, *, splits: 
     label_names = sorted({row["label"] for rows in by_split.values() for row in rows})
     encoder = LabelEncoder().fit(label_names)
     extractor_options = dict(backbone=backbone, weights=weights, pooling=pooling, batch_size=batch_size,
-                             max_pixels=max_pixels, dtype=dtype, precision=precision,
+                             max_pixels=max_pixels, dtype=dtype, precision=precision, runtime=runtime,
                              label_names=[str(c) for c in encoder.classes_])
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_joblib_dump(output_dir / LABEL_ENCODER, encoder)

@@ -25,6 +25,7 @@ from .backbones import FINETUNED, create_model, get_backbone, preprocess_input, 
 from .errors import BundleError, ImageError
 from .images import DECODER, load_image, sha256_file
 from .layouts import read_manifest
+from .runtimes import cached_network, choose, export_onnx, network_key, requested_runtime
 from .store import FeatureMeta, FeatureSet, Shard
 
 LABEL_ENCODER = "label_encoder.joblib"
@@ -100,13 +101,19 @@ class FeatureExtractor:
         Class names recorded with the features.
     precision : {"float32", "bfloat16"}
         Arithmetic of the backbone (see :func:`~pyimagesearch_tl.backbones.create_model`).
+    runtime : {"auto", "tensorflow", "onnxruntime", "openvino"}
+        Where the network runs (see :mod:`pyimagesearch_tl.runtimes`); chosen, and checked against
+        TensorFlow when new, on the first batch. :attr:`runtime` then names the one in use.
     """
 
     def __init__(self, backbone: str, weights: str = "imagenet", pooling: str = "avg", batch_size: int = 32,
                  max_pixels: int = 89_478_485, workers: int | None = None, input_size: int | None = None,
-                 dtype: str = "float32", label_names: Sequence[str] = (), precision: str = "float32"):
+                 dtype: str = "float32", label_names: Sequence[str] = (), precision: str = "float32",
+                 runtime: str = "auto"):
         import tensorflow as tf
 
+        self.runtime, self._run = requested_runtime(runtime, precision), None
+        self._choosing = threading.Lock()  # a server's threads may send the first batches together
         record = get_backbone(backbone)
         weights_path = resolve_weights(weights)
         self.input_size = input_size or record.input_size
@@ -142,7 +149,7 @@ class FeatureExtractor:
 
     @classmethod
     def from_meta(cls, meta: FeatureMeta, batch_size: int = 32, max_pixels: int = 89_478_485,
-                  finetuned_weights: Sequence[np.ndarray] | None = None) -> "FeatureExtractor":
+                  finetuned_weights: Sequence[np.ndarray] | None = None, runtime: str = "auto") -> "FeatureExtractor":
         """Rebuild exactly the extractor that produced features described by ``meta``.
 
         A fine-tuned backbone (``meta.weights == "finetuned"``) needs its weight arrays, which
@@ -155,7 +162,7 @@ class FeatureExtractor:
                 raise BundleError(f"{meta.describe()}: the fine-tuned backbone weights are missing")
             weights = list(finetuned_weights)
         return cls(meta.backbone, weights, meta.pooling, batch_size, max_pixels, input_size=meta.input_size,
-                   dtype=meta.dtype, label_names=meta.label_names, precision=meta.precision)
+                   dtype=meta.dtype, label_names=meta.label_names, precision=meta.precision, runtime=runtime)
 
     def decode(self, path: str | Path) -> np.ndarray:
         """One image as this extractor's model sees it (uint8, ``input_size`` square)."""
@@ -169,7 +176,33 @@ class FeatureExtractor:
         """Feature vectors (float32) of a uint8 batch ``(n, size, size, 3)``."""
         if len(images) == 0:
             return np.zeros((0, self.meta.feature_dim), np.float32)
+        if self._run is None:
+            with self._choosing:
+                if self._run is None:
+                    self._choose_runtime(images)
+        return self._run(images)
+
+    def to_onnx(self):
+        """This extractor's network as an ONNX model: uint8 pixels in, float32 features out."""
+        return export_onnx(self._forward, self.input_size)
+
+    def _tensorflow(self, images: np.ndarray) -> np.ndarray:
         return self._forward(images).numpy().astype(np.float32, copy=False)
+
+    def _choose_runtime(self, images: np.ndarray) -> None:
+        """Settle the runtime on the first real batch (converting and checking it when new)."""
+        import warnings
+
+        settings = dict(backbone=self.meta.backbone, input_size=self.input_size, pooling=self.meta.pooling,
+                        preprocessing=self.meta.preprocessing, precision=self.meta.precision)
+
+        def network():
+            return cached_network(network_key(self.model.get_weights(), **settings), self._forward, self.input_size)
+
+        choice = choose(self.runtime, self._tensorflow, network, images, self.workers, self.meta.describe())
+        if choice.note:
+            warnings.warn(choice.note, stacklevel=3)
+        self.runtime, self._run = choice.name, choice.forward
 
 
 @contextlib.contextmanager

@@ -76,6 +76,21 @@ def test_bundle_predicts_exactly_what_the_keras_network_predicts(tuned, pipeline
     np.testing.assert_allclose(got, expected, atol=2e-4)
 
 
+def test_the_fine_tuned_bundle_exports_to_one_onnx_graph_equal_to_the_network(tuned, pipeline_run, tmp_path):
+    import onnxruntime
+
+    out, _ = tuned
+    run("export", "--model", str(out / "finetune.joblib"), "--output", str(tmp_path / "finetune.onnx"))
+    paths = [pipeline_run["dataset"] / row["path"] for row in validation_rows(pipeline_run["dataset"])]
+    pixels = np.stack([load_image(p, SIZE) for p in paths])
+    expected = keras.models.load_model(out / "finetune.keras").predict(pixels.astype("float32"), verbose=0)
+    session = onnxruntime.InferenceSession(str(tmp_path / "finetune.onnx"))
+    labels, probabilities = session.run(None, {"pixels": pixels})
+    np.testing.assert_allclose(probabilities, expected, atol=2e-4)
+    assert labels.tolist() == expected.argmax(axis=1).tolist()
+    assert json.loads(session.get_modelmeta().custom_metadata_map["label_names"]) == ["cats", "dogs"]
+
+
 def test_predict_evaluate_serve_and_compare_accept_the_bundle(tuned, pipeline_run, tmp_path):
     from pyimagesearch_tl.prediction import Predictor
     from pyimagesearch_tl.serve import create_app

