@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -89,7 +90,14 @@ def _openvino(path: Path, threads: int) -> Forward:
 
     compiled = openvino.Core().compile_model(str(path), "CPU", {
         "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
-    return lambda images: np.array(compiled(images)[0])
+    requests = threading.local()  # an infer request serves one call at a time: one per thread (a server's)
+
+    def forward(images: np.ndarray) -> np.ndarray:
+        if not hasattr(requests, "request"):
+            requests.request = compiled.create_infer_request()
+        return np.array(requests.request.infer(images)[0])
+
+    return forward
 
 
 register(Runtime(TENSORFLOW, "tensorflow", None, "pip install pyimagesearch_tl"))

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -43,6 +44,12 @@ def test_every_float32_runtime_gives_tensorflow_features(photos, tensorflow_feat
     assert extractor.runtime == runtime
     assert features.dtype == np.float32 and features.shape == tensorflow_features.shape
     np.testing.assert_allclose(features, tensorflow_features, rtol=0, atol=PARITY_ATOL)
+    # A server's threads call one extractor at once: each call still gets its own images' features.
+    starts = [0, 4, 8, 12] * 4
+    with ThreadPoolExecutor(4) as pool:
+        outputs = list(pool.map(lambda start: extractor.transform(photos[start:start + 4]), starts))
+    for start, output in zip(starts, outputs):
+        np.testing.assert_allclose(output, tensorflow_features[start:start + 4], rtol=0, atol=PARITY_ATOL)
 
 
 def _network_files():
