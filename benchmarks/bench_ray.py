@@ -7,7 +7,9 @@ written and assembled), after the workers have built their backbones:
 
 * local engine, this process, all CPUs;
 * ray engine on one 2-CPU node (a Ray cluster started here): 2 workers x 1 CPU and 1 worker x 2 CPUs;
-* ray engine on one 1-CPU node, then on two 1-CPU nodes (1 worker x 1 CPU per node).
+* ray engine on one 1-CPU node, then on two 1-CPU nodes (1 worker x 1 CPU per node), each node's
+  processes pinned to cores of their own and the driver to the cluster's cores, so a 1-CPU node is
+  what a 1-CPU machine would be.
 
 It prints ``ray overhead: R`` (local img/s / best ray img/s on one 2-CPU node; goal <= 1.15) and
 ``scaling 1->2 nodes: S`` (two 1-CPU nodes / one 1-CPU node; goal >= 1.7), and writes the figures
@@ -51,19 +53,34 @@ def extract(dataset: Path, scratch: Path, shard_size: int, **engine) -> tuple[fl
 
 def on_cluster(nodes: list[int], dataset: Path, scratch: Path, shard_size: int, repeats: int,
                cpus_per_worker: int = 1) -> tuple[float, float]:
-    """Median img/s and wall seconds on a fresh local Ray cluster with ``nodes`` CPUs per node."""
+    """Median img/s and wall seconds on a fresh local Ray cluster with ``nodes`` CPUs per node.
+
+    Each node's processes are pinned to cores of their own (a node's raylet, and the workers it
+    starts, inherit the affinity this process has when the node starts), so a 1-CPU node uses one
+    core, as a 1-CPU machine would: Ray itself only counts CPUs, it does not confine a worker's
+    threads, and a worker would otherwise spread its decoding onto the idle cores of this machine.
+    The driver (this process) runs on the cluster's cores as well, so the run uses those alone.
+    """
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=nodes[0], include_dashboard=False,
-                                                                object_store_memory=200 * 2**20))
-    for cpus in nodes[1:]:
-        cluster.add_node(num_cpus=cpus, object_store_memory=200 * 2**20)
+    everything = os.sched_getaffinity(0)
+    first = 0
+    for number, cpus in enumerate(nodes):
+        os.sched_setaffinity(0, set(range(first, first + cpus)))
+        first += cpus
+        if number == 0:
+            cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=cpus, include_dashboard=False,
+                                                                        object_store_memory=200 * 2**20))
+        else:
+            cluster.add_node(num_cpus=cpus, object_store_memory=200 * 2**20)
+    os.sched_setaffinity(0, set(range(first)))  # the driver runs on the cluster's cores too, nowhere else
     cluster.wait_for_nodes()
     try:
         runs = [extract(dataset, scratch, shard_size, engine="ray", ray_address=cluster.address,
                         ray_cpus_per_worker=cpus_per_worker) for _ in range(repeats)]
     finally:
         cluster.shutdown()
+        os.sched_setaffinity(0, everything)
     return statistics.median(r for r, _ in runs), statistics.median(w for _, w in runs)
 
 

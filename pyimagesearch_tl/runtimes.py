@@ -89,7 +89,8 @@ def _openvino(path: Path, threads: int) -> Forward:
     import openvino
 
     compiled = openvino.Core().compile_model(str(path), "CPU", {
-        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
+        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads,
+        "ENABLE_CPU_PINNING": False})  # pinned, the workers of one node would all share its first cores
     requests = threading.local()  # an infer request serves one call at a time: one per thread (a server's)
 
     def forward(images: np.ndarray) -> np.ndarray:
