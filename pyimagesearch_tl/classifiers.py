@@ -59,7 +59,7 @@ def get_classifier(name: str) -> ClassifierSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ConfigError(f"unknown classifier {name!r}; choose one of: {', '.join(_REGISTRY)}, all") from None
+        raise ConfigError(f"unknown classifier {name!r}; choose one of: {', '.join(_REGISTRY)}") from None
 
 
 def make_pipeline(spec: ClassifierSpec, seed: int, class_weight: str | None):

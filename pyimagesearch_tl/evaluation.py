@@ -16,11 +16,12 @@ from typing import Sequence
 
 import numpy as np
 
-from .atomic import atomic_path, atomic_write_json, atomic_write_text
+from .atomic import atomic_write_json, atomic_write_text
 from .backbones import FINETUNED
 from .bundle import Bundle
 from .errors import DatasetError
 from .locks import locks_output
+from .plots import new_figure, save_figure
 from .store import FeatureSet, feature_file, has_feature_file, read_features
 from .training import roc_auc
 
@@ -105,36 +106,23 @@ def evaluate(bundle: Bundle, features: FeatureSet, output_dir: str | Path | None
 
 
 def _plot(metrics: dict, labels: np.ndarray, scores: np.ndarray, output_dir: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
     written = []
     names = metrics["labels"]
-    figure, axes = plt.subplots(figsize=(1.2 * len(names) + 3, 1.2 * len(names) + 2.5))
+    figure = new_figure(figsize=(1.2 * len(names) + 3, 1.2 * len(names) + 2.5))
+    axes = figure.subplots()
     ConfusionMatrixDisplay(np.array(metrics["confusion_matrix"]), display_labels=names).plot(
         ax=axes, cmap="Blues", colorbar=False, xticks_rotation=45 if len(names) > 4 else "horizontal")
     axes.set_title(f"{metrics['model']} on {metrics['split']}: accuracy {metrics['accuracy']:.4f}")
     written.append(save_figure(figure, output_dir / "confusion_matrix.png"))
     if len(names) == 2 and metrics["roc_auc"] is not None:
-        figure, axes = plt.subplots(figsize=(5, 5))
+        figure = new_figure(figsize=(5, 5))
+        axes = figure.subplots()
         RocCurveDisplay.from_predictions(labels, scores[:, 1], pos_label=1, name=metrics["model"], ax=axes)
         axes.set_title(f"ROC, positive class {names[1]!r}")
         written.append(save_figure(figure, output_dir / "roc_curve.png"))
     return written
-
-
-def save_figure(figure, path: Path) -> str:
-    """Write a matplotlib figure as PNG atomically and close it; the path written."""
-    import matplotlib.pyplot as plt
-
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=110, format="png")
-    plt.close(figure)
-    return str(path)
 
 
 # --- comparing every evaluated model of a run ------------------------------------------------------
@@ -192,14 +180,10 @@ def comparison_warning(rows: list[dict]) -> str | None:
 
 
 def _plot_comparison(rows: list[dict], metrics: list[dict], path: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay
 
     n = len(rows)
-    figure = plt.figure(figsize=(max(8, 3.6 * n), 8))
+    figure = new_figure(figsize=(max(8, 3.6 * n), 8))
     grid = figure.add_gridspec(2, n, height_ratios=[1, 1.3])
     bars = figure.add_subplot(grid[0, :])
     scores = [("accuracy", "accuracy"), ("macro F1", "macro_f1")]

@@ -43,11 +43,11 @@ from .backbones import backbone_blocks, create_model, get_backbone, preprocess_i
 from .bundle import Bundle
 from .classifiers import DenseHead
 from .errors import ConfigError, DatasetError
-from .evaluation import save_figure
 from .features import FeatureExtractor, dataset_rows, decode_batches, extract_in_memory, interrupt_after_batch
 from .layouts import stratified_split
 from .locks import locks_output
 from .novelty import NoveltyDetector
+from .plots import new_figure, save_figure
 from .training import roc_auc
 
 KERAS_MODEL = "finetune.keras"
@@ -460,11 +460,7 @@ def _bundle(model, base, settings: FinetuneSettings, dataset_dir: Path, training
 
 def plot_curves(record: dict, output_dir: str | Path) -> list[str]:
     """``curve_<metric>.png`` for loss, accuracy and AUC: training vs validation, stage boundary marked."""
-    import matplotlib
     import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     written = []
     history, boundary, best = record["history"], record["stage_boundary"], record["best"]
@@ -472,7 +468,8 @@ def plot_curves(record: dict, output_dir: str | Path) -> list[str]:
         if metric not in history:
             continue
         epochs = np.arange(1, len(history[metric]) + 1)
-        figure, axes = plt.subplots(figsize=(6.5, 4))
+        figure = new_figure(figsize=(6.5, 4))
+        axes = figure.subplots()
         axes.plot(epochs, history[metric], "o-", label=f"training {metric}")
         axes.plot(epochs, history[f"val_{metric}"], "o-", label=f"validation {metric}")
         if boundary < len(epochs):

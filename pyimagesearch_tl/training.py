@@ -182,9 +182,12 @@ def train_streaming(features_dir: str | Path, output_dir: str | Path, *, trainin
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
+    streaming = [name for name in list_classifiers() if get_classifier(name).streaming]
+    if classifier == "all":
+        raise ConfigError(f"--streaming trains one classifier that learns incrementally ({', '.join(streaming)}), "
+                          f"not {classifier!r}")
     spec = get_classifier(classifier)
     if not spec.streaming:
-        streaming = [name for name in list_classifiers() if get_classifier(name).streaming]
         raise ConfigError(f"--streaming needs a classifier that learns incrementally ({', '.join(streaming)}), "
                           f"not {classifier!r}")
     features_dir, output_dir = Path(features_dir), Path(output_dir)
@@ -194,14 +197,19 @@ def train_streaming(features_dir: str | Path, output_dir: str | Path, *, trainin
     meta, labels = read_meta(train_path), read_labels(train_path)
     _check_trainable(labels, meta.label_names, None)
     encoder = load_label_encoder(features_dir, meta.label_names)
-    blocks = list(range(-(-len(labels) // block_rows)))
     validation_path = _optional_feature_file(features_dir, validation_split)
     if validation_path is not None:
         check_same_layout(meta, read_meta(validation_path), validation_path.name)
-        train_blocks, held_out = blocks, None
-    else:
-        held_out = blocks[4::5] or blocks[-1:]
-        train_blocks = [b for b in blocks if b not in held_out] or blocks
+        train_blocks, held_out = list(range(-(-len(labels) // block_rows))), []
+    else:  # every fifth block is held out; blocks small enough that there are at least five
+        block_rows = max(1, min(block_rows, len(labels) // 5))
+        blocks = list(range(-(-len(labels) // block_rows)))
+        held_out = blocks[4::5]
+        train_blocks = [b for b in blocks if b not in held_out]
+        if not held_out:
+            raise DatasetError(f"{train_path}: {len(labels)} images are too few to hold some out for the grid "
+                               f"search; give a validation split")
+    fitted = sum(min(block_rows, len(labels) - b * block_rows) for b in train_blocks)
 
     classes = np.arange(len(meta.label_names))
     weights = None
@@ -242,7 +250,8 @@ def train_streaming(features_dir: str | Path, output_dir: str | Path, *, trainin
     novelty = NoveltyDetector.from_similarities(centroids, np.concatenate(similarities), unknown_keep, selection)
     bundle = Bundle(pipeline, encoder, meta, classifier, novelty=novelty,
                     info=dict(best_params=grid[best], cv=f"streaming, selected on {selection}", cv_score=score,
-                              fit_seconds=seconds, training_images=int(len(labels)), epochs=epochs,
+                              fit_seconds=seconds, training_images=int(len(labels)), fitted_images=fitted,
+                              held_out_images=int(len(labels)) - fitted if held_out else 0, epochs=epochs,
                               class_weight=class_weight, grid=(grids or {}).get(classifier) or spec.grid))
     path = bundle.save(output_dir / f"{classifier}.joblib")
     return TrainReport(classifier, path, grid[best], score, score if validation_path else None, None, seconds)

@@ -90,6 +90,24 @@ def test_evaluate_prints_accuracy_and_writes_metrics_and_plots(pipeline_run, tmp
         assert (tmp_path / "eval" / "logreg" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plots_leave_the_users_matplotlib_backend_alone(pipeline_run, tmp_path):
+    import matplotlib
+
+    from pyimagesearch_tl.evaluation import compare, evaluate
+
+    run("train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path), "--cv", "2")
+    previous = matplotlib.get_backend()
+    matplotlib.use("svg")  # a notebook user's choice
+    try:
+        evaluate(Bundle.load(tmp_path / "logreg.joblib"), read_features(pipeline_run["features"] / "validation.h5"),
+                 tmp_path / "eval" / "logreg", "validation")
+        compare(tmp_path)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(previous)
+    assert (tmp_path / "eval" / "logreg" / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_predict_rebuilds_the_backbone_from_the_bundle(pipeline_run, tmp_path, cats_dogs):
     run("train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path), "--cv", "2")
     photos = sorted((cats_dogs / "validation" / "dogs").glob("*.jpg"))[:3]
@@ -191,13 +209,27 @@ def test_streaming_sgd_trains_from_blocks(pipeline_run, tmp_path):
     assert "sgd" in output
 
 
-def test_streaming_without_validation_split_holds_out_training_blocks(pipeline_run, tmp_path):
+@pytest.mark.parametrize("block_rows", [4, 256])  # 256: the whole file is one block
+def test_streaming_without_validation_split_holds_out_training_blocks(pipeline_run, tmp_path, block_rows):
     from pyimagesearch_tl.training import train_streaming
 
     report = train_streaming(pipeline_run["features"], tmp_path, training_split="training", validation_split=None,
-                             block_rows=4, epochs=3)
-    assert Bundle.load(report.path).info["cv"] == "streaming, selected on held-out training blocks"
+                             block_rows=block_rows, epochs=3)
+    info = Bundle.load(report.path).info
+    assert info["cv"] == "streaming, selected on held-out training blocks"
+    total = len(read_features(pipeline_run["features"] / "training.h5").labels)
+    # The score and the "unknown" threshold come from rows the classifier never saw.
+    assert info["held_out_images"] > 0 and info["fitted_images"] > 0
+    assert info["held_out_images"] + info["fitted_images"] == total
     assert 0.5 <= report.cv_score <= 1.0
+
+
+def test_streaming_all_says_streaming_trains_one_classifier(pipeline_run, tmp_path):
+    result = CliRunner().invoke(cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path),
+                                      "--classifier", "all", "--streaming"])
+    assert result.exit_code == 1
+    assert "--streaming trains one classifier that learns incrementally (sgd), not 'all'" in result.output
+    assert "choose one of" not in result.output  # the old message offered 'all', the value it refused
 
 
 def test_streaming_needs_an_incremental_classifier(pipeline_run, tmp_path):
