@@ -20,6 +20,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from .errors import ConfigError
+from .images import MAX_PIXELS
 
 #: Role of each configured split, by position: the first trains, the second validates,
 #: the third is held out for the final evaluation (PyImageSearch's names by default).
@@ -42,7 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "link": "copy",
     "seed": 42,
     # images
-    "max_image_pixels": 89_478_485,  # Pillow's own decompression-bomb threshold
+    "max_image_pixels": MAX_PIXELS,  # Pillow's own decompression-bomb threshold
     # extract
     "backbone": "efficientnet_lite0",
     "weights": "imagenet",

@@ -20,10 +20,11 @@ from .atomic import atomic_write_json, atomic_write_text
 from .backbones import FINETUNED
 from .bundle import Bundle
 from .errors import DatasetError
+from .images import MAX_PIXELS
 from .locks import locks_output
+from .metrics import roc_auc
 from .plots import new_figure, save_figure
 from .store import FeatureSet, feature_file, has_feature_file, read_features
-from .training import roc_auc
 
 METRICS = "metrics.json"
 
@@ -40,7 +41,7 @@ def default_split(bundle: Bundle, splits: Sequence[str | None], features_dir: st
 
 
 def features_for(bundle: Bundle, split: str, features_dir: str | Path, dataset_dir: str | Path,
-                 batch_size: int = 32, max_pixels: int = 89_478_485,
+                 batch_size: int = 32, max_pixels: int = MAX_PIXELS,
                  runtime: str = "auto") -> tuple[FeatureSet, list[tuple[str, str]]]:
     """The features ``bundle`` is evaluated on, and the images skipped while making them.
 

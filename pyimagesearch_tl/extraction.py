@@ -34,9 +34,10 @@ import numpy as np
 from .atomic import atomic_joblib_dump, atomic_write_csv
 from .engines import Engine, create_engine
 from .errors import DatasetError, FeatureFileError
-from .features import LABEL_ENCODER, ShardTask, dataset_rows, interrupt_after_batch
+from .features import ShardTask, dataset_rows, interrupt_after_batch
+from .images import MAX_PIXELS
 from .locks import locks_output
-from .store import (SHARDS, SUFFIXES, WRITERS, FeatureMeta, Shard, read_fingerprint, read_meta, read_sha256,
+from .store import (LABEL_ENCODER, SHARDS, SUFFIXES, WRITERS, FeatureMeta, Shard, read_fingerprint, read_meta, read_sha256,
                     read_shard, read_skipped, row_reader, write_shard)
 
 
@@ -191,7 +192,7 @@ def _assemble(path: Path, meta: FeatureMeta, identity: str, rows: Sequence[dict[
 def extract_dataset(dataset_dir: str | Path, output_dir: str | Path, *, splits: Sequence[str],
                     backbone: str, weights: str = "imagenet", pooling: str = "avg", feature_format: str = "hdf5",
                     dtype: str = "float32", precision: str = "float32", batch_size: int = 32,
-                    max_pixels: int = 89_478_485, runtime: str = "auto", engine: str = "local",
+                    max_pixels: int = MAX_PIXELS, runtime: str = "auto", engine: str = "local",
                     ray_address: str | None = None,
                     ray_cpus_per_worker: int = 1, shard_size: int = 256, progress: bool = True,
                     on_split=None, on_engine=None) -> list[SplitReport]:

@@ -23,12 +23,10 @@ import numpy as np
 
 from .backbones import FINETUNED, create_model, get_backbone, preprocess_input, resolve_weights, weights_digest
 from .errors import BundleError, ImageError
-from .images import DECODER, load_image, sha256_file
+from .images import DECODER, MAX_PIXELS, load_image, sha256_file
 from .layouts import read_manifest
 from .runtimes import cached_network, choose, export_onnx, network_key, requested_runtime
 from .store import FeatureMeta, FeatureSet, Shard
-
-LABEL_ENCODER = "label_encoder.joblib"
 
 
 @dataclasses.dataclass
@@ -40,7 +38,7 @@ class Batch:
     skipped: list[tuple[int, str]]
 
 
-def decode_batches(paths: Sequence, size: int, batch_size: int, max_pixels: int = 89_478_485,
+def decode_batches(paths: Sequence, size: int, batch_size: int, max_pixels: int = MAX_PIXELS,
                    workers: int | None = None, prefetch: int = 2) -> Iterator[Batch]:
     """Decode ``paths`` (files or binary file objects) in order, ``batch_size`` at a time.
 
@@ -107,7 +105,7 @@ class FeatureExtractor:
     """
 
     def __init__(self, backbone: str, weights: str = "imagenet", pooling: str = "avg", batch_size: int = 32,
-                 max_pixels: int = 89_478_485, workers: int | None = None, input_size: int | None = None,
+                 max_pixels: int = MAX_PIXELS, workers: int | None = None, input_size: int | None = None,
                  dtype: str = "float32", label_names: Sequence[str] = (), precision: str = "float32",
                  runtime: str = "auto"):
         import tensorflow as tf
@@ -148,7 +146,7 @@ class FeatureExtractor:
         )
 
     @classmethod
-    def from_meta(cls, meta: FeatureMeta, batch_size: int = 32, max_pixels: int = 89_478_485,
+    def from_meta(cls, meta: FeatureMeta, batch_size: int = 32, max_pixels: int = MAX_PIXELS,
                   finetuned_weights: Sequence[np.ndarray] | None = None, runtime: str = "auto") -> "FeatureExtractor":
         """Rebuild exactly the extractor that produced features described by ``meta``.
 

@@ -44,11 +44,12 @@ from .bundle import Bundle
 from .classifiers import DenseHead
 from .errors import ConfigError, DatasetError
 from .features import FeatureExtractor, dataset_rows, decode_batches, extract_in_memory, interrupt_after_batch
+from .images import MAX_PIXELS
 from .layouts import stratified_split
 from .locks import locks_output
+from .metrics import roc_auc
 from .novelty import NoveltyDetector
 from .plots import new_figure, save_figure
-from .training import roc_auc
 
 KERAS_MODEL = "finetune.keras"
 BUNDLE = "finetune.joblib"
@@ -230,7 +231,7 @@ class FinetuneSettings:
     batch_size: int = 32
     class_weight: str = "none"
     seed: int = 42
-    max_image_pixels: int = 89_478_485
+    max_image_pixels: int = MAX_PIXELS
     unknown_keep: float = 0.95
 
     @classmethod

@@ -26,6 +26,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ImageError
 
 #: Name and version of the decoding recipe; stored in feature files and bundles.
+#: Decompression-bomb limit (pixels): Pillow's own threshold, the default of ``max_image_pixels``.
+MAX_PIXELS = 89_478_485
+
 DECODER = "pillow-rgb-white-alpha-box-or-bilinear-v2"
 
 #: File name extensions the stages pick up when they scan a folder (case-insensitive).
@@ -105,7 +108,7 @@ def _resampling(source: tuple[int, int], target: tuple[int, int]) -> Image.Resam
     return Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
 
 
-def load_image(path, size: int | tuple[int, int], max_pixels: int = 89_478_485) -> np.ndarray:
+def load_image(path, size: int | tuple[int, int], max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode ``path`` into a ``(height, width, 3)`` uint8 RGB array of the target ``size``.
 
     Parameters
@@ -143,7 +146,7 @@ def load_image(path, size: int | tuple[int, int], max_pixels: int = 89_478_485) 
         raise ImageError(f"corrupt image: {reason}") from None
 
 
-def probe_image(path: str | Path, max_pixels: int = 89_478_485) -> tuple[int, int]:
+def probe_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     """Check that ``path`` decodes and return its displayed ``(width, height)``.
 
     The whole image is decoded (at a reduced JPEG scale), so truncated data is caught; the size

@@ -35,7 +35,7 @@ import numpy as np
 
 from .config import SPLIT_ROLES
 from .errors import DatasetError, ImageError
-from .images import is_image_name, probe_image, sha256_file
+from .images import MAX_PIXELS, is_image_name, probe_image, sha256_file
 from .atomic import atomic_write_csv
 from .locks import locks_output
 
@@ -294,7 +294,7 @@ def build_dataset(
     labels_file: str | Path | None = None,
     seed: int = 42,
     link: str = "copy",
-    max_pixels: int = 89_478_485,
+    max_pixels: int = MAX_PIXELS,
     workers: int | None = None,
 ) -> BuildReport:
     """Write ``output_dir/<split>/<class>/<file>`` and ``manifest.csv`` from the photos in ``input_dir``.

@@ -10,7 +10,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import BundleError, ConfigError, DatasetError
-from .images import is_image_name
+from .images import MAX_PIXELS, is_image_name
 
 
 #: The label given to images that belong to none of the classes.
@@ -52,7 +52,7 @@ def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
 class Predictor:
     """Features and labels for new images, exactly as the bundle's training features were made."""
 
-    def __init__(self, bundle: Bundle, batch_size: int = 32, max_pixels: int = 89_478_485, top_k: int = 3,
+    def __init__(self, bundle: Bundle, batch_size: int = 32, max_pixels: int = MAX_PIXELS, top_k: int = 3,
                  runtime: str = "auto"):
         from .features import FeatureExtractor
 

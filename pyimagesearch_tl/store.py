@@ -36,6 +36,7 @@ FORMAT_VERSION = 1
 SUFFIXES = {"hdf5": ".h5", "csv": ".csv"}
 PARTIAL = ".partial"
 SHARDS = ".shards"  # <features dir>/.shards/<split>/: shard files of an extraction in progress
+LABEL_ENCODER = "label_encoder.joblib"  # <features dir>/label_encoder.joblib: the class names, fitted once
 
 #: Meta fields that must be equal for two feature sets (or a bundle and new images) to be comparable.
 LAYOUT_FIELDS = ("backbone", "weights", "weights_sha256", "pooling", "input_size", "preprocessing", "decoder",

@@ -14,10 +14,11 @@ import numpy as np
 from .bundle import Bundle
 from .classifiers import get_classifier, list_classifiers, make_pipeline
 from .errors import ConfigError, DatasetError, FeatureFileError
-from .features import LABEL_ENCODER
 from .locks import locks_output
+from .metrics import roc_auc
 from .novelty import NoveltyDetector
 from .store import (
+    LABEL_ENCODER,
     FeatureSet,
     check_same_layout,
     feature_file,
@@ -81,20 +82,6 @@ def _validation_metrics(bundle: Bundle, features: FeatureSet | None) -> tuple[fl
     scores, _ = bundle.scores(features.features)
     accuracy = float(accuracy_score(features.labels, scores.argmax(axis=1)))
     return accuracy, roc_auc(features.labels, scores, len(bundle.label_names))
-
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray, n_classes: int) -> float | None:
-    """ROC AUC: binary from the positive-class score, else one-vs-rest macro (needs probabilities)."""
-    from sklearn.metrics import roc_auc_score
-
-    present = np.unique(labels)
-    if len(present) < 2:
-        return None
-    if n_classes == 2:
-        return float(roc_auc_score(labels, scores[:, 1]))
-    if len(present) < n_classes or not np.allclose(scores.sum(axis=1), 1.0, atol=1e-4):
-        return None
-    return float(roc_auc_score(labels, scores, multi_class="ovr", labels=list(range(n_classes))))
 
 
 @locks_output("output_dir")
