@@ -113,10 +113,15 @@ class Bundle:
 
     # --- predicting from features ---------------------------------------------------------------
 
+    @property
+    def score_kind(self) -> str:
+        """What :meth:`scores` gives: ``"probability"`` or ``"decision"`` (values of the decision function)."""
+        return "probability" if hasattr(self.classifier, "predict_proba") else "decision"
+
     def scores(self, features: np.ndarray) -> tuple[np.ndarray, str]:
-        """Per-class scores ``(n, classes)`` and their kind: ``"probability"`` or ``"decision"``."""
+        """Per-class scores ``(n, classes)`` and their kind (:attr:`score_kind`)."""
         features = np.asarray(features, dtype=self.meta.dtype)
-        if hasattr(self.classifier, "predict_proba"):
+        if self.score_kind == "probability":
             return self.classifier.predict_proba(features), "probability"
         decision = self.classifier.decision_function(features)
         if decision.ndim == 1:

@@ -37,7 +37,6 @@ class ClassifierSpec:
     name: str
     make: Callable[[int, str | None], Any]
     grid: dict[str, list]
-    description: str = ""
     streaming: bool = False
 
 
@@ -90,12 +89,9 @@ def _sgd(seed, class_weight):
     return SGDClassifier(loss="log_loss", max_iter=50, tol=1e-3, class_weight=class_weight, random_state=seed)
 
 
-register(ClassifierSpec("logreg", _logreg, {"C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]},
-                        "logistic regression (lbfgs)"))
-register(ClassifierSpec("linear-svm", _linear_svm, {"C": [1e-5, 1e-4, 1e-3, 1e-2]},
-                        "linear support vector machine (liblinear)"))
-register(ClassifierSpec("sgd", _sgd, {"loss": ["log_loss", "hinge"], "alpha": [1e-4, 1e-3, 1e-2]},
-                        "linear model by stochastic gradient descent (logistic or hinge loss)", streaming=True))
+register(ClassifierSpec("logreg", _logreg, {"C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]}))
+register(ClassifierSpec("linear-svm", _linear_svm, {"C": [1e-5, 1e-4, 1e-3, 1e-2]}))
+register(ClassifierSpec("sgd", _sgd, {"loss": ["log_loss", "hinge"], "alpha": [1e-4, 1e-3, 1e-2]}, streaming=True))
 
 
 class DenseHead:

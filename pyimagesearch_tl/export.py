@@ -89,7 +89,7 @@ def export_bundle(bundle: Bundle, output: str | Path) -> Path:
     head = onnx.compose.add_prefix(head, "head/")
     head.ir_version = backbone.ir_version
     _same_opsets(backbone, head)
-    kind = "probability" if hasattr(bundle.classifier, "predict_proba") else "decision"
+    kind = bundle.score_kind
     scores = "probabilities" if kind == "probability" else "scores"
     merged = compose.merge_models(
         backbone, head, io_map=[(backbone.graph.output[0].name, head.graph.input[0].name)],

@@ -68,7 +68,8 @@ class Predictor:
 
     @property
     def score_kind(self) -> str:
-        return "probability" if hasattr(self.bundle.classifier, "predict_proba") else "score"
+        """``"probability"`` or ``"decision"``, as :meth:`Bundle.scores` names them."""
+        return self.bundle.score_kind
 
     def predict(self, sources: Sequence, names: Sequence[str] | None = None) -> list[Prediction]:
         """Classify image files (paths) or in-memory uploads (binary file objects, with ``names``)."""

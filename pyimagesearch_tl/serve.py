@@ -8,7 +8,7 @@ Routes
 ------
 ``GET /``            an upload page; ``POST /`` shows each image with its top-k labels.
 ``POST /api/predict``  multipart form field ``file`` (repeatable); JSON with ``label``,
-                     ``probability`` (or ``score`` for classifiers without probabilities), ``top``.
+                     ``probability`` (or ``decision`` for classifiers without probabilities), ``top``.
 ``GET /health``      the model's classes, backbone and unknown threshold.
 
 Uploads are read into memory and decoded from there: nothing a client sends is written to disk or
@@ -108,7 +108,7 @@ def create_app(predictor: Predictor, max_upload_bytes: int = 10 * 2**20):
     from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
     bundle = predictor.bundle
-    kind = "probability" if predictor.score_kind == "probability" else "score"
+    kind = predictor.score_kind
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
     limit = f"{max_upload_bytes / 2**20:g} MB"

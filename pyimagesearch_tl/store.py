@@ -59,9 +59,6 @@ class FeatureMeta:
     weights_sha256: str = ""
     precision: str = "float32"
 
-    def layout(self) -> dict[str, object]:
-        return {name: getattr(self, name) for name in LAYOUT_FIELDS}
-
     def describe(self) -> str:
         return f"{self.backbone} ({self.weights} weights, {self.pooling} pooling, {self.input_size}px, {self.feature_dim} values)"
 

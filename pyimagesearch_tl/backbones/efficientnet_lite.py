@@ -444,7 +444,6 @@ for _name, _spec in VARIANTS.items():
             build=lambda weights, input_shape, pooling, _variant=_name: _build(_variant, weights, input_shape, pooling),
             input_size=_spec.resolution,
             preprocessing="lite",
-            family="efficientnet-lite",
             offline=True,
             block_pattern=r"(?P<block>stem|block\d+|top)_",
         )

@@ -67,7 +67,6 @@ for _name, _constructor, _size, _mode, _blocks in _APPLICATIONS:
             build=functools.partial(_build, _constructor),
             input_size=_size,
             preprocessing=_mode,
-            family="keras.applications",
             block_pattern=_blocks,
         )
     )
