@@ -1,5 +1,5 @@
 # `make demo`: set up .venv, then run the numbered scripts end to end on cats_and_dogs_filtered.
-# `make test`: set up the same .venv, then run the test suite.
+# `make test`: set up the same .venv, then lint (ruff check, ruff format --check) and run the test suite.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -52,6 +52,8 @@ browser:
 	  echo "chromium could not be installed: the browser test will be skipped"
 
 test: venv browser
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest tests
 
 clean:

@@ -52,25 +52,53 @@ def main(data, backbone, work, precision, runtime, datasets):
             started = time.perf_counter()
             dataset, features, models = root / name / "dataset", root / name / "features", root / name / "models"
             report = build_dataset(source, dataset, splits=splits, fractions=config.split_fractions, seed=config.seed)
-            extract_dataset(dataset, features, splits=splits, backbone=config.backbone, batch_size=config.batch_size,
-                            precision=config.precision, runtime=config.runtime, progress=False)
+            extract_dataset(
+                dataset,
+                features,
+                splits=splits,
+                backbone=config.backbone,
+                batch_size=config.batch_size,
+                precision=config.precision,
+                runtime=config.runtime,
+                progress=False,
+            )
             prepared = time.perf_counter() - started
             test_split = next(s for s in (splits[2], splits[1]) if has_feature_file(features, s))
             test = read_features(feature_file(features, test_split))
-            for result in train(features, models, training_split=splits[0], validation_split=splits[1],
-                                classifier="all", cv="5", seed=config.seed):
+            for result in train(
+                features,
+                models,
+                training_split=splits[0],
+                validation_split=splits[1],
+                classifier="all",
+                cv="5",
+                seed=config.seed,
+            ):
                 metrics = evaluate(Bundle.load(result.path), test, split=test_split)
-                rows.append(dict(dataset=name, classes=len(test.meta.label_names),
-                                 train=sum(report.counts[splits[0]].values()), test=len(test.labels),
-                                 test_split=test_split, classifier=result.classifier, accuracy=metrics["accuracy"],
-                                 auc=metrics["roc_auc"], seconds=prepared + result.fit_seconds))
+                rows.append(
+                    dict(
+                        dataset=name,
+                        classes=len(test.meta.label_names),
+                        train=sum(report.counts[splits[0]].values()),
+                        test=len(test.labels),
+                        test_split=test_split,
+                        classifier=result.classifier,
+                        accuracy=metrics["accuracy"],
+                        auc=metrics["roc_auc"],
+                        seconds=prepared + result.fit_seconds,
+                    )
+                )
     print(f"\nbackbone: {config.backbone} ({config.precision}, runtime {config.runtime})")
-    print(f"{'dataset':<24} {'classes':>7} {'train':>6} {'test':>5} {'test split':<11} {'classifier':<11} "
-          f"{'accuracy':>8} {'roc_auc':>7} {'wall s':>7}")
+    print(
+        f"{'dataset':<24} {'classes':>7} {'train':>6} {'test':>5} {'test split':<11} {'classifier':<11} "
+        f"{'accuracy':>8} {'roc_auc':>7} {'wall s':>7}"
+    )
     for r in rows:
         auc = "-" if r["auc"] is None else f"{r['auc']:.4f}"
-        print(f"{r['dataset']:<24} {r['classes']:>7} {r['train']:>6} {r['test']:>5} {r['test_split']:<11} "
-              f"{r['classifier']:<11} {r['accuracy']:>8.4f} {auc:>7} {r['seconds']:>7.1f}")
+        print(
+            f"{r['dataset']:<24} {r['classes']:>7} {r['train']:>6} {r['test']:>5} {r['test_split']:<11} "
+            f"{r['classifier']:<11} {r['accuracy']:>8.4f} {auc:>7} {r['seconds']:>7.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,12 @@ from benchmarks_common import SHARED, real_photos
 
 def ptl(*args: str, cache: Path) -> tuple[float, str]:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", "from pyimagesearch_tl.cli import main; main()", *args],
-                            capture_output=True, text=True, env=dict(os.environ, XDG_CACHE_HOME=str(cache)))
+    result = subprocess.run(
+        [sys.executable, "-c", "from pyimagesearch_tl.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, XDG_CACHE_HOME=str(cache)),
+    )
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise click.ClickException(f"ptl {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
@@ -56,20 +60,44 @@ def main(images, data, runtimes):
         for runtime in runtimes.split(","):
             out, cache = scratch / runtime / "output", scratch / runtime / "cache"
             stages = [
-                ("build-dataset", ["build-dataset", "--input", str(scratch / "photos"), "--output", str(out / "dataset")]),
-                ("extract", ["extract", "--dataset", str(out / "dataset"), "--output", str(out / "features"),
-                             "--runtime", runtime]),
+                (
+                    "build-dataset",
+                    ["build-dataset", "--input", str(scratch / "photos"), "--output", str(out / "dataset")],
+                ),
+                (
+                    "extract",
+                    [
+                        "extract",
+                        "--dataset",
+                        str(out / "dataset"),
+                        "--output",
+                        str(out / "features"),
+                        "--runtime",
+                        runtime,
+                    ],
+                ),
                 ("train", ["train", "--features", str(out / "features"), "--output", str(out / "models")]),
-                ("evaluate", ["evaluate", "--model", str(out / "models" / "logreg.joblib"), "--features",
-                              str(out / "features"), "--output", str(out / "evaluation")]),
+                (
+                    "evaluate",
+                    [
+                        "evaluate",
+                        "--model",
+                        str(out / "models" / "logreg.joblib"),
+                        "--features",
+                        str(out / "features"),
+                        "--output",
+                        str(out / "evaluation"),
+                    ],
+                ),
             ]
             seconds, accuracy = {}, None
             for name, args in stages:
                 seconds[name], stdout = ptl(*args, cache=cache)
                 accuracy = next((line for line in stdout.splitlines() if line.startswith("accuracy: ")), accuracy)
             seconds["end to end"] = sum(seconds.values())
-            results[runtime] = dict(seconds={k: round(v, 1) for k, v in seconds.items()},
-                                    accuracy=float(accuracy.split()[1]))
+            results[runtime] = dict(
+                seconds={k: round(v, 1) for k, v in seconds.items()}, accuracy=float(accuracy.split()[1])
+            )
             print(f"--runtime {runtime}: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + f"; {accuracy}")
     names = list(results)
     if len(names) > 1:

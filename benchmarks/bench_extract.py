@@ -40,7 +40,7 @@ def classic(model, record, photos: list[Path], batch_size: int, out: Path) -> fl
     with open(out, "w") as handle:
         for start in range(0, len(photos), batch_size):
             batch = []
-            for path in photos[start:start + batch_size]:
+            for path in photos[start : start + batch_size]:
                 image = keras.utils.load_img(path, target_size=(size, size))
                 batch.append(keras.utils.img_to_array(image))
             batch = preprocess_input(np.array(batch, dtype="float32"), record.preprocessing)
@@ -56,16 +56,19 @@ def pipeline(extractor, photos: list[Path], out: Path) -> float:
 
     rows = [dict(path=str(p), label=extractor.meta.label_names[0], sha256=f"{i:064x}") for i, p in enumerate(photos)]
     started = time.perf_counter()
-    report = extract_split(LocalEngine(extractor), Path("/"), rows, "bench", out, "hdf5",
-                           chunk_rows=extractor.batch_size, progress=False)
+    report = extract_split(
+        LocalEngine(extractor), Path("/"), rows, "bench", out, "hdf5", chunk_rows=extractor.batch_size, progress=False
+    )
     elapsed = time.perf_counter() - started
     assert report.extracted == len(photos), report
     return elapsed
 
 
 def ceiling(extractor, photos: list[Path]) -> float:
-    batches = [np.stack([extractor.decode(p) for p in photos[s:s + extractor.batch_size]])
-               for s in range(0, len(photos), extractor.batch_size)]
+    batches = [
+        np.stack([extractor.decode(p) for p in photos[s : s + extractor.batch_size]])
+        for s in range(0, len(photos), extractor.batch_size)
+    ]
     started = time.perf_counter()
     for batch in batches:
         extractor.transform(batch)
@@ -79,8 +82,12 @@ def ceiling(extractor, photos: list[Path]) -> float:
 @click.option("--data", default=str(SHARED / "cats_and_dogs_filtered"), show_default=True)
 @click.option("--repeats", default=3, show_default=True, help="Runs of each; the median is reported.")
 @click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
-@click.option("--weights", default="imagenet", show_default=True,
-              help="'none' times a keras.applications backbone offline (speed does not depend on the values).")
+@click.option(
+    "--weights",
+    default="imagenet",
+    show_default=True,
+    help="'none' times a keras.applications backbone offline (speed does not depend on the values).",
+)
 def main(backbone, images, batch_size, data, repeats, precision, weights):
     from benchmarks_common import save_results
 
@@ -92,8 +99,12 @@ def main(backbone, images, batch_size, data, repeats, precision, weights):
     record = get_backbone(backbone)
     runtimes = [name for name in RUNTIMES if installed(name)] if precision == "float32" else []
     runtimes = [requested_runtime(AUTO, precision)] if not runtimes else runtimes + [AUTO]
-    extractors = {name: FeatureExtractor(backbone, weights, batch_size=batch_size, label_names=["photo"],
-                                         precision=precision, runtime=name) for name in runtimes}
+    extractors = {
+        name: FeatureExtractor(
+            backbone, weights, batch_size=batch_size, label_names=["photo"], precision=precision, runtime=name
+        )
+        for name in runtimes
+    }
     # Warm up every call path (graph tracing, conversion, sessions, caches) on one batch, untimed.
     warm = np.stack([extractors[runtimes[0]].decode(p) for p in photos[:batch_size]])
     for extractor in extractors.values():
@@ -112,20 +123,33 @@ def main(backbone, images, batch_size, data, repeats, precision, weights):
     rates = {name: len(photos) / float(np.median(seconds)) for name, seconds in runs.items()}
     default = runtimes[-1]
     chosen = extractors[default].runtime
-    print(f"backbone: {backbone} ({precision}), images: {len(photos)} real photos from {data}, batch size {batch_size}, "
-          f"median of {repeats} runs; default runtime {default} -> {chosen}")
+    print(
+        f"backbone: {backbone} ({precision}), images: {len(photos)} real photos from {data}, batch size {batch_size}, "
+        f"median of {repeats} runs; default runtime {default} -> {chosen}"
+    )
     for name, rate in rates.items():
         print(f"{name + ' img/s:':<32} {rate:7.1f}  ({len(photos) / rate:.2f} s)")
-    figures = {"speedup vs classic": rates[f"pipeline {default}"] / rates["classic"],
-               "efficiency vs ceiling": rates[f"pipeline {default}"] / rates[f"ceiling {default}"]}
+    figures = {
+        "speedup vs classic": rates[f"pipeline {default}"] / rates["classic"],
+        "efficiency vs ceiling": rates[f"pipeline {default}"] / rates[f"ceiling {default}"],
+    }
     if f"ceiling {TENSORFLOW}" in rates:
         figures["runtime speedup vs tensorflow"] = rates[f"ceiling {default}"] / rates[f"ceiling {TENSORFLOW}"]
     for name, value in figures.items():
         print(f"{name}: {value:.2f}")
-    save_results("bench_extract" if precision == "float32" else f"bench_extract_{precision}", dict(
-        backbone=backbone, precision=precision, images=len(photos), batch_size=batch_size, repeats=repeats,
-        default_runtime=chosen, img_per_s={k: round(v, 1) for k, v in rates.items()},
-        **{k: round(v, 3) for k, v in figures.items()}))
+    save_results(
+        "bench_extract" if precision == "float32" else f"bench_extract_{precision}",
+        dict(
+            backbone=backbone,
+            precision=precision,
+            images=len(photos),
+            batch_size=batch_size,
+            repeats=repeats,
+            default_runtime=chosen,
+            img_per_s={k: round(v, 1) for k, v in rates.items()},
+            **{k: round(v, 3) for k, v in figures.items()},
+        ),
+    )
 
 
 if __name__ == "__main__":

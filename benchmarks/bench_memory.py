@@ -25,7 +25,6 @@ import numpy as np
 from benchmarks_common import SHARED, real_photos
 
 
-
 def peak_rss_mib(*ptl_args: str) -> float:
     """Run ``ptl ARGS`` in a child process; return its peak resident memory in MiB."""
     code = (
@@ -43,7 +42,7 @@ def peak_rss_mib(*ptl_args: str) -> float:
     result = subprocess.run([sys.executable, "-c", code, *ptl_args], capture_output=True, text=True)
     if result.returncode != 0:
         raise click.ClickException(f"ptl {' '.join(ptl_args)} failed:\n{result.stdout}\n{result.stderr}")
-    line = [l for l in result.stderr.splitlines() if l.startswith("PEAK_RSS_KIB=")][-1]
+    line = [text for text in result.stderr.splitlines() if text.startswith("PEAK_RSS_KIB=")][-1]
     return int(line.split("=")[1]) / 1024
 
 
@@ -63,8 +62,17 @@ def wide_feature_file(folder: Path, rows: int, width: int, seed: int) -> Path:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, 1, size=(2, width)).astype(np.float32)
-    meta = FeatureMeta(backbone="vgg16", weights="imagenet", pooling="flatten", input_size=224, preprocessing="caffe",
-                       decoder="bench", feature_dim=width, dtype="float32", label_names=("food", "non_food"))
+    meta = FeatureMeta(
+        backbone="vgg16",
+        weights="imagenet",
+        pooling="flatten",
+        input_size=224,
+        preprocessing="caffe",
+        decoder="bench",
+        feature_dim=width,
+        dtype="float32",
+        label_names=("food", "non_food"),
+    )
     for split, count in (("training", rows), ("validation", max(rows // 10, 100))):
         writer = HDF5FeatureWriter(folder / f"{split}.h5", meta, "bench", chunk_rows=256)
         for start in range(0, count, 256):
@@ -95,8 +103,16 @@ def main(images, rows, width, data):
         for r in (rows, 2 * rows):
             features = wide_feature_file(scratch / f"wide_{r}", r, width, seed=r)
             size = (features / "training.h5").stat().st_size / 2**20
-            stream[r] = peak_rss_mib("train", "--features", str(features), "--output", str(scratch / f"models_{r}"),
-                                     "--classifier", "sgd", "--streaming")
+            stream[r] = peak_rss_mib(
+                "train",
+                "--features",
+                str(features),
+                "--output",
+                str(scratch / f"models_{r}"),
+                "--classifier",
+                "sgd",
+                "--streaming",
+            )
             print(f"streaming sgd peak RSS, {r} x {width} ({size:.0f} MiB file): {stream[r]:.0f} MiB")
         print(f"streaming sgd peak RSS ratio 2R/R: {stream[2 * rows] / stream[rows]:.3f}")
 

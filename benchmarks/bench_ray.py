@@ -46,13 +46,21 @@ def extract(dataset: Path, scratch: Path, shard_size: int, **engine) -> tuple[fl
     from pyimagesearch_tl.extraction import extract_dataset
 
     started = time.perf_counter()
-    [report] = extract_dataset(dataset, Path(tempfile.mkdtemp(dir=scratch)), splits=SPLITS,
-                               backbone="efficientnet_lite0", shard_size=shard_size, progress=False, **engine)
+    [report] = extract_dataset(
+        dataset,
+        Path(tempfile.mkdtemp(dir=scratch)),
+        splits=SPLITS,
+        backbone="efficientnet_lite0",
+        shard_size=shard_size,
+        progress=False,
+        **engine,
+    )
     return report.images_per_second, time.perf_counter() - started
 
 
-def on_cluster(nodes: list[int], dataset: Path, scratch: Path, shard_size: int, repeats: int,
-               cpus_per_worker: int = 1) -> tuple[float, float]:
+def on_cluster(
+    nodes: list[int], dataset: Path, scratch: Path, shard_size: int, repeats: int, cpus_per_worker: int = 1
+) -> tuple[float, float]:
     """Median img/s and wall seconds on a fresh local Ray cluster with ``nodes`` CPUs per node.
 
     Each node's processes are pinned to cores of their own (a node's raylet, and the workers it
@@ -69,15 +77,26 @@ def on_cluster(nodes: list[int], dataset: Path, scratch: Path, shard_size: int, 
         os.sched_setaffinity(0, set(range(first, first + cpus)))
         first += cpus
         if number == 0:
-            cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=cpus, include_dashboard=False,
-                                                                        object_store_memory=200 * 2**20))
+            cluster = Cluster(
+                initialize_head=True,
+                head_node_args=dict(num_cpus=cpus, include_dashboard=False, object_store_memory=200 * 2**20),
+            )
         else:
             cluster.add_node(num_cpus=cpus, object_store_memory=200 * 2**20)
     os.sched_setaffinity(0, set(range(first)))  # the driver runs on the cluster's cores too, nowhere else
     cluster.wait_for_nodes()
     try:
-        runs = [extract(dataset, scratch, shard_size, engine="ray", ray_address=cluster.address,
-                        ray_cpus_per_worker=cpus_per_worker) for _ in range(repeats)]
+        runs = [
+            extract(
+                dataset,
+                scratch,
+                shard_size,
+                engine="ray",
+                ray_address=cluster.address,
+                ray_cpus_per_worker=cpus_per_worker,
+            )
+            for _ in range(repeats)
+        ]
     finally:
         cluster.shutdown()
         os.sched_setaffinity(0, everything)
@@ -95,28 +114,43 @@ def main(images, repeats, shard_size, data):
         scratch = Path(scratch)
         dataset = make_dataset(photos, scratch / "dataset")
         local = [extract(dataset, scratch, shard_size, engine="local") for _ in range(repeats)]
-        results = {"local, this process, 2 CPUs": (statistics.median(r for r, _ in local),
-                                                   statistics.median(w for _, w in local))}
+        results = {
+            "local, this process, 2 CPUs": (
+                statistics.median(r for r, _ in local),
+                statistics.median(w for _, w in local),
+            )
+        }
         results["ray, one 2-CPU node, 2 workers x 1 CPU"] = on_cluster([2], dataset, scratch, shard_size, repeats)
         results["ray, one 2-CPU node, 1 worker x 2 CPUs"] = on_cluster([2], dataset, scratch, shard_size, repeats, 2)
         results["ray, one 1-CPU node"] = on_cluster([1], dataset, scratch, shard_size, repeats)
         results["ray, two 1-CPU nodes"] = on_cluster([1, 1], dataset, scratch, shard_size, repeats)
 
-    print(f"images: {len(photos)} real photos from {data}, EfficientNet-Lite0, shard size {shard_size}, "
-          f"median of {repeats} runs")
+    print(
+        f"images: {len(photos)} real photos from {data}, EfficientNet-Lite0, shard size {shard_size}, "
+        f"median of {repeats} runs"
+    )
     for name, (rate, wall) in results.items():
         print(f"{name:<42} {rate:7.1f} img/s   (wall {wall:5.1f} s with the workers' start)")
-    best_ray = max(results["ray, one 2-CPU node, 2 workers x 1 CPU"][0], results["ray, one 2-CPU node, 1 worker x 2 CPUs"][0])
+    best_ray = max(
+        results["ray, one 2-CPU node, 2 workers x 1 CPU"][0], results["ray, one 2-CPU node, 1 worker x 2 CPUs"][0]
+    )
     overhead = results["local, this process, 2 CPUs"][0] / best_ray
     scaling = results["ray, two 1-CPU nodes"][0] / results["ray, one 1-CPU node"][0]
     print(f"ray overhead: {overhead:.2f}")
     print(f"scaling 1->2 nodes: {scaling:.2f}")
-    save_results("bench_ray", {
-        "images": len(photos), "shard_size": shard_size, "repeats": repeats, "ray": __import__("ray").__version__,
-        "img_per_s": {name: round(rate, 1) for name, (rate, _) in results.items()},
-        "wall_s": {name: round(wall, 1) for name, (_, wall) in results.items()},
-        "ray_overhead": round(overhead, 3), "scaling_1_to_2_nodes": round(scaling, 3),
-    })
+    save_results(
+        "bench_ray",
+        {
+            "images": len(photos),
+            "shard_size": shard_size,
+            "repeats": repeats,
+            "ray": __import__("ray").__version__,
+            "img_per_s": {name: round(rate, 1) for name, (rate, _) in results.items()},
+            "wall_s": {name: round(wall, 1) for name, (_, wall) in results.items()},
+            "ray_overhead": round(overhead, 3),
+            "scaling_1_to_2_nodes": round(scaling, 3),
+        },
+    )
 
 
 if __name__ == "__main__":

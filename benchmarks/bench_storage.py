@@ -23,8 +23,17 @@ from pyimagesearch_tl.store import CSVFeatureWriter, FeatureMeta, HDF5FeatureWri
 
 
 def _meta(width: int, dtype: str) -> FeatureMeta:
-    return FeatureMeta(backbone="vgg16", weights="imagenet", pooling="flatten", input_size=224, preprocessing="caffe",
-                       decoder="bench", feature_dim=width, dtype=dtype, label_names=("food", "non_food"))
+    return FeatureMeta(
+        backbone="vgg16",
+        weights="imagenet",
+        pooling="flatten",
+        input_size=224,
+        preprocessing="caffe",
+        decoder="bench",
+        feature_dim=width,
+        dtype=dtype,
+        label_names=("food", "non_food"),
+    )
 
 
 def write(writer_class, path: Path, features: np.ndarray, labels: np.ndarray, dtype: str, batch: int = 32) -> float:
@@ -32,8 +41,14 @@ def write(writer_class, path: Path, features: np.ndarray, labels: np.ndarray, dt
     writer = writer_class(path, _meta(features.shape[1], dtype), "bench", chunk_rows=batch)
     for start in range(0, len(features), batch):
         stop = min(start + batch, len(features))
-        writer.append(features[start:stop], labels[start:stop], [f"img_{i}.jpg" for i in range(start, stop)],
-                      ["0" * 64] * (stop - start), [], stop)
+        writer.append(
+            features[start:stop],
+            labels[start:stop],
+            [f"img_{i}.jpg" for i in range(start, stop)],
+            ["0" * 64] * (stop - start),
+            [],
+            stop,
+        )
     writer.finish()
     return time.perf_counter() - started
 
@@ -55,9 +70,11 @@ def main(rows, width, source):
     print(f"{features.shape[0]} x {features.shape[1]} {origin} ({features.nbytes / 2**20:.0f} MiB as float32)")
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
-        for name, writer_class, suffix, dtype in (("csv", CSVFeatureWriter, ".csv", "float32"),
-                                                   ("hdf5 float32", HDF5FeatureWriter, ".h5", "float32"),
-                                                   ("hdf5 float16", HDF5FeatureWriter, ".h5", "float16")):
+        for name, writer_class, suffix, dtype in (
+            ("csv", CSVFeatureWriter, ".csv", "float32"),
+            ("hdf5 float32", HDF5FeatureWriter, ".h5", "float32"),
+            ("hdf5 float16", HDF5FeatureWriter, ".h5", "float16"),
+        ):
             path = Path(scratch) / f"{name.replace(' ', '_')}{suffix}"
             seconds_write = write(writer_class, path, features, labels, dtype)
             started = time.perf_counter()
@@ -65,13 +82,18 @@ def main(rows, width, source):
             seconds_read = time.perf_counter() - started
             error = float(np.abs(loaded.features.astype(np.float32) - features).max())
             results[name] = (seconds_write, seconds_read, path.stat().st_size)
-            print(f"{name:<13} write {seconds_write:7.2f} s  read {seconds_read:7.2f} s  "
-                  f"size {path.stat().st_size / 2**20:8.1f} MiB  max abs error {error:.2g}")
+            print(
+                f"{name:<13} write {seconds_write:7.2f} s  read {seconds_read:7.2f} s  "
+                f"size {path.stat().st_size / 2**20:8.1f} MiB  max abs error {error:.2g}"
+            )
     csv_write, csv_read, csv_size = results["csv"]
     for name in ("hdf5 float32", "hdf5 float16"):
         seconds_write, seconds_read, size = results[name]
-        print(f"{name} vs csv: write {csv_write / seconds_write:.1f}x faster, read {csv_read / seconds_read:.1f}x faster, "
-              f"{csv_size / size:.1f}x smaller")
+        print(
+            f"{name} vs csv: write {csv_write / seconds_write:.1f}x faster, "
+            f"read {csv_read / seconds_read:.1f}x faster, "
+            f"{csv_size / size:.1f}x smaller"
+        )
 
 
 if __name__ == "__main__":

@@ -44,12 +44,23 @@ def main(data, keep):
     data = Path(data)
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        build_dataset(data / "cats_and_dogs_filtered" / "train", scratch / "dataset", splits=SPLITS,
-                      fractions=[0.75, 0.15, 0.10], link="symlink")
-        extract_dataset(scratch / "dataset", scratch / "features", splits=SPLITS, backbone="efficientnet_lite0",
-                        progress=False)
-        [report] = train(scratch / "features", scratch / "models", training_split="training",
-                         validation_split="validation", unknown_keep=keep)
+        build_dataset(
+            data / "cats_and_dogs_filtered" / "train",
+            scratch / "dataset",
+            splits=SPLITS,
+            fractions=[0.75, 0.15, 0.10],
+            link="symlink",
+        )
+        extract_dataset(
+            scratch / "dataset", scratch / "features", splits=SPLITS, backbone="efficientnet_lite0", progress=False
+        )
+        [report] = train(
+            scratch / "features",
+            scratch / "models",
+            training_split="training",
+            validation_split="validation",
+            unknown_keep=keep,
+        )
         bundle = Bundle.load(report.path)
         validation = read_features(scratch / "features" / "validation.h5")
         held_out = read_features(scratch / "features" / "evaluation.h5")
@@ -58,7 +69,9 @@ def main(data, keep):
     unseen = features_of(extractor, unseen_paths)
     unseen_labels = np.array([bundle.label_names.index(p.parent.name) for p in unseen_paths])
     strangers = {
-        "ants and bees (hymenoptera_data)": sorted(p for p in (data / "hymenoptera_data").rglob("*") if is_image_name(p)),
+        "ants and bees (hymenoptera_data)": sorted(
+            p for p in (data / "hymenoptera_data").rglob("*") if is_image_name(p)
+        ),
         "flowers": sorted((data / "flowers").glob("*/*.jpg")),
     }
 
@@ -71,17 +84,24 @@ def main(data, keep):
 
     print(f"cats-vs-dogs logreg, {len(validation.labels)} validation photos set the thresholds (keep {keep:.0%})")
     print(f"{'photos':<34} {'count':>6} {'centroid similarity':>20} {'top-class probability':>22}")
-    for name, features, labels in (("held-out cats and dogs (evaluation)", held_out.features, held_out.labels),
-                                   ("unseen cats and dogs (validation/)", unseen, unseen_labels)):
+    for name, features, labels in (
+        ("held-out cats and dogs (evaluation)", held_out.features, held_out.labels),
+        ("unseen cats and dogs (validation/)", unseen, unseen_labels),
+    ):
         centroid, probability = kept(features)
         known = bundle.novelty.is_known(features)
         accuracy = (bundle.scores(features[known])[0].argmax(axis=1) == labels[known]).mean()
-        print(f"{name:<34} {len(features):>6} {'kept ' + format(centroid, '.3f'):>20} {'kept ' + format(probability, '.3f'):>22}"
-              f"   accuracy on kept {accuracy:.4f}")
+        print(
+            f"{name:<34} {len(features):>6} {'kept ' + format(centroid, '.3f'):>20} "
+            f"{'kept ' + format(probability, '.3f'):>22}"
+            f"   accuracy on kept {accuracy:.4f}"
+        )
     for name, paths in strangers.items():
         centroid, probability = kept(features_of(extractor, paths))
-        print(f"{name:<34} {len(paths):>6} {'unknown ' + format(1 - centroid, '.3f'):>20} "
-              f"{'unknown ' + format(1 - probability, '.3f'):>22}")
+        print(
+            f"{name:<34} {len(paths):>6} {'unknown ' + format(1 - centroid, '.3f'):>20} "
+            f"{'unknown ' + format(1 - probability, '.3f'):>22}"
+        )
 
 
 if __name__ == "__main__":

@@ -77,41 +77,90 @@ def main(data, datasets, work, **overrides):
                 print(f"{name}: not found in {data}, skipped")
                 continue
             dataset, features, models = root / name / "dataset", root / name / "features", root / name / "models"
-            report = build_dataset(source_folder(Path(data), name, root), dataset, splits=config.splits,
-                                   fractions=config.split_fractions, seed=config.seed)
+            report = build_dataset(
+                source_folder(Path(data), name, root),
+                dataset,
+                splits=config.splits,
+                fractions=config.split_fractions,
+                seed=config.seed,
+            )
             sizes = {split: sum(counts.values()) for split, counts in report.counts.items()}
 
             started = time.perf_counter()
-            extract_dataset(dataset, features, splits=config.splits, backbone=config.backbone,
-                            batch_size=config.batch_size, progress=False)
-            (result,) = train(features, models, training_split=training_split, validation_split=validation_split,
-                              classifier="logreg", cv="5", seed=config.seed)
+            extract_dataset(
+                dataset,
+                features,
+                splits=config.splits,
+                backbone=config.backbone,
+                batch_size=config.batch_size,
+                progress=False,
+            )
+            (result,) = train(
+                features,
+                models,
+                training_split=training_split,
+                validation_split=validation_split,
+                classifier="logreg",
+                cv="5",
+                seed=config.seed,
+            )
             baseline_seconds = time.perf_counter() - started
-            rows.append((name, "features + logreg", sizes, measure(result.path, config, test_split, dataset, features),
-                         baseline_seconds, ""))
+            rows.append(
+                (
+                    name,
+                    "features + logreg",
+                    sizes,
+                    measure(result.path, config, test_split, dataset, features),
+                    baseline_seconds,
+                    "",
+                )
+            )
 
             started = time.perf_counter()
-            tuned = finetune(dataset, root / name / "finetune", settings, training_split=training_split,
-                             validation_split=validation_split,
-                             on_epoch=lambda stage, epoch, logs: print(
-                                 f"  {name} {stage} epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items())),
-                                 flush=True))
+            tuned = finetune(
+                dataset,
+                root / name / "finetune",
+                settings,
+                training_split=training_split,
+                validation_split=validation_split,
+                on_epoch=lambda stage, epoch, logs: print(
+                    f"  {name} {stage} epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items())),
+                    flush=True,
+                ),
+            )
             tuned_seconds = time.perf_counter() - started
             stages = tuned.history["stages"]
-            detail = (f"epochs {'+'.join(str(s['epochs_run']) for s in stages)}, best epoch {tuned.history['best']['epoch']} "
-                      f"({tuned.history['best']['stage']}), unfroze {','.join(tuned.unfrozen)}")
-            rows.append((name, "fine-tuning", sizes, measure(tuned.bundle_path, config, test_split, dataset, features),
-                         tuned_seconds, detail))
+            detail = (
+                f"epochs {'+'.join(str(s['epochs_run']) for s in stages)}, best epoch {tuned.history['best']['epoch']} "
+                f"({tuned.history['best']['stage']}), unfroze {','.join(tuned.unfrozen)}"
+            )
+            rows.append(
+                (
+                    name,
+                    "fine-tuning",
+                    sizes,
+                    measure(tuned.bundle_path, config, test_split, dataset, features),
+                    tuned_seconds,
+                    detail,
+                )
+            )
 
-    print(f"\nbackbone {config.backbone}; fine-tuning: head {settings.head_epochs} epochs at {settings.head_lr:g}, "
-          f"then {settings.finetune_epochs} at {settings.finetune_lr:g} with the last {settings.unfreeze_blocks} blocks, "
-          f"augment {settings.augment}, patience {settings.patience}, batch {settings.batch_size}; {os.cpu_count()} CPUs")
-    print(f"{'dataset':<18} {'approach':<18} {'train':>5} {'val':>4} {'test':>4} {'accuracy':>8} {'roc_auc':>7} "
-          f"{'macro_f1':>8} {'wall s':>7}  notes")
+    print(
+        f"\nbackbone {config.backbone}; fine-tuning: head {settings.head_epochs} epochs at {settings.head_lr:g}, "
+        f"then {settings.finetune_epochs} at {settings.finetune_lr:g} with the last {settings.unfreeze_blocks} blocks, "
+        f"augment {settings.augment}, patience {settings.patience}, batch {settings.batch_size}; {os.cpu_count()} CPUs"
+    )
+    print(
+        f"{'dataset':<18} {'approach':<18} {'train':>5} {'val':>4} {'test':>4} {'accuracy':>8} {'roc_auc':>7} "
+        f"{'macro_f1':>8} {'wall s':>7}  notes"
+    )
     for name, approach, sizes, metrics, seconds, detail in rows:
         auc = "-" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.4f}"
-        print(f"{name:<18} {approach:<18} {sizes.get(training_split, 0):>5} {sizes.get(validation_split, 0):>4} "
-              f"{metrics['images']:>4} {metrics['accuracy']:>8.4f} {auc:>7} {metrics['macro_f1']:>8.4f} {seconds:>7.1f}  {detail}")
+        print(
+            f"{name:<18} {approach:<18} {sizes.get(training_split, 0):>5} {sizes.get(validation_split, 0):>4} "
+            f"{metrics['images']:>4} {metrics['accuracy']:>8.4f} {auc:>7} {metrics['macro_f1']:>8.4f} "
+            f"{seconds:>7.1f}  {detail}"
+        )
 
 
 if __name__ == "__main__":

@@ -73,7 +73,9 @@ class Bundle:
     novelty: Any = None
     backbone_weights: list | None = None
     versions: dict = dataclasses.field(default_factory=library_versions)
-    created: str = dataclasses.field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    created: str = dataclasses.field(
+        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    )
     format_version: int = FORMAT_VERSION
 
     @property
@@ -101,14 +103,20 @@ class Bundle:
             raise BundleError(f"{path}: not a pyimagesearch_tl model bundle")
         fields = payload["pyimagesearch_tl_bundle"]
         if fields.get("format_version") != FORMAT_VERSION:
-            raise BundleError(f"{path}: bundle format {fields.get('format_version')} is not supported (this version reads {FORMAT_VERSION})")
+            raise BundleError(
+                f"{path}: bundle format {fields.get('format_version')} is not supported "
+                f"(this version reads {FORMAT_VERSION})"
+            )
         bundle = cls(**fields)
         current = library_versions()
         for library in ("scikit-learn", "numpy", "keras", "pyimagesearch_tl"):
             saved = bundle.versions.get(library)
             if saved and saved != current.get(library):
-                warnings.warn(f"{path.name} was saved with {library} {saved}; this is {library} {current.get(library)}. "
-                              "Predictions may differ; retrain if in doubt.", stacklevel=2)
+                warnings.warn(
+                    f"{path.name} was saved with {library} {saved}; this is {library} {current.get(library)}. "
+                    "Predictions may differ; retrain if in doubt.",
+                    stacklevel=2,
+                )
         return bundle
 
     # --- predicting from features ---------------------------------------------------------------

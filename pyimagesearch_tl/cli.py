@@ -51,7 +51,9 @@ def _split_list(kind):
         try:
             return [kind(v) for v in items]
         except ValueError:
-            raise click.BadParameter(f"expected a comma-separated list of {kind.__name__} values, got {value!r}") from None
+            raise click.BadParameter(
+                f"expected a comma-separated list of {kind.__name__} values, got {value!r}"
+            ) from None
 
     return convert
 
@@ -59,8 +61,13 @@ def _split_list(kind):
 def with_config(command):
     """Add ``--config FILE`` and pass the effective :class:`Config` as ``config``."""
 
-    @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-                  help="TOML file overriding the defaults (command-line options override it).")
+    @click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="TOML file overriding the defaults (command-line options override it).",
+    )
     @click.pass_context
     @functools.wraps(command)
     def wrapper(ctx: click.Context, config_file, **options):
@@ -77,16 +84,23 @@ def with_config(command):
 
 def wait_option(command):
     """``--wait``: queue behind another run that holds the output folder instead of refusing."""
-    return click.option("--wait", is_flag=True, default=False,
-                        help="If another run is writing the output folder, wait for it instead of refusing.")(command)
+    return click.option(
+        "--wait",
+        is_flag=True,
+        default=False,
+        help="If another run is writing the output folder, wait for it instead of refusing.",
+    )(command)
 
 
 def runtime_option(command):
     """``--runtime``: where the backbone runs (every command that runs it takes it)."""
     from .runtimes import list_runtimes
 
-    return click.option("--runtime", type=click.Choice(list_runtimes()),
-                        help="Where the backbone runs: auto (the fastest that matches TensorFlow), or one by name.")(command)
+    return click.option(
+        "--runtime",
+        type=click.Choice(list_runtimes()),
+        help="Where the backbone runs: auto (the fastest that matches TensorFlow), or one by name.",
+    )(command)
 
 
 def _apply(config: Config, **overrides) -> Config:
@@ -97,8 +111,13 @@ def _apply(config: Config, **overrides) -> Config:
 
 
 @click.group(cls=PTLGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-              help="TOML file overriding the defaults for every subcommand.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="TOML file overriding the defaults for every subcommand.",
+)
 @click.version_option(package_name="pyimagesearch_tl")
 @click.pass_context
 def cli(ctx: click.Context, config_file):
@@ -144,9 +163,17 @@ def build_dataset_command(config: Config, wait, **options):
     if not config.input_dir:
         raise ConfigError("no input folder: give --input DIR (or input_dir in the config file)")
     report = build_dataset(
-        config.input_dir, config.dataset_dir, splits=config.splits, fractions=config.split_fractions,
-        layout=config.layout, classes=config.classes, labels_file=config.labels_file, seed=config.seed,
-        link=config.link, max_pixels=config.max_image_pixels, wait=wait,
+        config.input_dir,
+        config.dataset_dir,
+        splits=config.splits,
+        fractions=config.split_fractions,
+        layout=config.layout,
+        classes=config.classes,
+        labels_file=config.labels_file,
+        seed=config.seed,
+        link=config.link,
+        max_pixels=config.max_image_pixels,
+        wait=wait,
     )
     click.echo(f"layout: {report.layout}")
     for split, counts in report.counts.items():
@@ -158,8 +185,11 @@ def build_dataset_command(config: Config, wait, **options):
         click.echo(f"skipped {path}: {reason}", err=True)
     if report.duplicates:
         groups = len({row["sha256"] for row in report.duplicates})
-        click.echo(f"warning: {groups} images have identical copies in two splits or under two labels "
-                   f"(test data leaking into training); see duplicates.csv", err=True)
+        click.echo(
+            f"warning: {groups} images have identical copies in two splits or under two labels "
+            f"(test data leaking into training); see duplicates.csv",
+            err=True,
+        )
     total = sum(sum(c.values()) for c in report.counts.values())
     click.echo(f"wrote {total} images, skipped {len(report.skipped)}: {report.output_dir}/manifest.csv")
 
@@ -172,8 +202,11 @@ def build_dataset_command(config: Config, wait, **options):
 @click.option("--pooling", type=click.Choice(["avg", "max", "flatten"]))
 @click.option("--format", "feature_format", type=click.Choice(["hdf5", "csv"]))
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), help="Storage type of the features.")
-@click.option("--precision", type=click.Choice(["float32", "bfloat16"]),
-              help="Arithmetic of the backbone; bfloat16 is faster on CPUs with AVX512-BF16/AMX.")
+@click.option(
+    "--precision",
+    type=click.Choice(["float32", "bfloat16"]),
+    help="Arithmetic of the backbone; bfloat16 is faster on CPUs with AVX512-BF16/AMX.",
+)
 @click.option("--batch-size", type=int)
 @runtime_option
 @click.option("--engine", help="Where extraction runs: local (this process) or ray (a Ray cluster).")
@@ -192,11 +225,17 @@ def extract_command(config: Config, wait, **options):
         if split.up_to_date:
             click.echo(f"{split.split}: up to date, nothing to do ({split.path})")
             return
-        note = f", resumed: {split.shards_resumed} of {split.shards} shards were already done" if split.shards_resumed else ""
+        note = (
+            f", resumed: {split.shards_resumed} of {split.shards} shards were already done"
+            if split.shards_resumed
+            else ""
+        )
         note += f", reused {split.reused} unchanged" if split.reused else ""
         runtime = f", {'/'.join(split.runtimes)}" if split.runtimes else ""
-        click.echo(f"{split.split}: extracted {split.extracted}, skipped {len(split.skipped)}{note} "
-                   f"({split.images_per_second:.1f} img/s{runtime}) -> {split.path}")
+        click.echo(
+            f"{split.split}: extracted {split.extracted}, skipped {len(split.skipped)}{note} "
+            f"({split.images_per_second:.1f} img/s{runtime}) -> {split.path}"
+        )
         if config.engine != "local" and split.nodes:
             click.echo("  shards per node: " + ", ".join(f"{n[:8]} {c}" for n, c in sorted(split.nodes.items())))
         for path, reason in split.skipped:
@@ -208,13 +247,26 @@ def extract_command(config: Config, wait, **options):
 
     try:
         reports = extract_dataset(
-            config.dataset_dir, config.features_dir, splits=config.splits, backbone=config.backbone,
-            weights=config.weights, pooling=config.pooling, feature_format=config.feature_format,
-            dtype=config.dtype, precision=config.precision, batch_size=config.batch_size,
-            max_pixels=config.max_image_pixels, runtime=config.runtime, engine=config.engine,
+            config.dataset_dir,
+            config.features_dir,
+            splits=config.splits,
+            backbone=config.backbone,
+            weights=config.weights,
+            pooling=config.pooling,
+            feature_format=config.feature_format,
+            dtype=config.dtype,
+            precision=config.precision,
+            batch_size=config.batch_size,
+            max_pixels=config.max_image_pixels,
+            runtime=config.runtime,
+            engine=config.engine,
             ray_address=config.ray_address,
-            ray_cpus_per_worker=config.ray_cpus_per_worker, shard_size=config.shard_size, wait=wait,
-            progress=sys.stderr.isatty(), on_split=report, on_engine=started,
+            ray_cpus_per_worker=config.ray_cpus_per_worker,
+            shard_size=config.shard_size,
+            wait=wait,
+            progress=sys.stderr.isatty(),
+            on_split=report,
+            on_engine=started,
         )
     except KeyboardInterrupt:
         raise click.ClickException("interrupted; finished shards are saved: rerun the same command to resume") from None
@@ -229,8 +281,11 @@ def extract_command(config: Config, wait, **options):
 @click.option("--classifier", help="Registered classifier, or 'all'.")
 @click.option("--cv", help="Number of stratified folds, or 'validation'.")
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]))
-@click.option("--streaming/--in-memory", default=None,
-              help="Learn from the feature file block by block (classifiers with partial_fit, e.g. sgd).")
+@click.option(
+    "--streaming/--in-memory",
+    default=None,
+    help="Learn from the feature file block by block (classifiers with partial_fit, e.g. sgd).",
+)
 @wait_option
 @with_config
 def train_command(config: Config, wait, **options):
@@ -240,19 +295,40 @@ def train_command(config: Config, wait, **options):
     config = _apply(config, **options)
     splits = dict(training_split=config.split_for("training"), validation_split=config.split_for("validation"))
     if config.streaming:
-        reports = [train_streaming(config.features_dir, config.models_dir, classifier=config.classifier,
-                                   class_weight=config.class_weight, grids=config.grids, seed=config.seed,
-                                   unknown_keep=config.unknown_keep, wait=wait, **splits)]
+        reports = [
+            train_streaming(
+                config.features_dir,
+                config.models_dir,
+                classifier=config.classifier,
+                class_weight=config.class_weight,
+                grids=config.grids,
+                seed=config.seed,
+                unknown_keep=config.unknown_keep,
+                wait=wait,
+                **splits,
+            )
+        ]
     else:
-        reports = train(config.features_dir, config.models_dir, classifier=config.classifier, cv=config.cv,
-                        class_weight=config.class_weight, grids=config.grids, seed=config.seed,
-                        unknown_keep=config.unknown_keep, wait=wait, **splits)
+        reports = train(
+            config.features_dir,
+            config.models_dir,
+            classifier=config.classifier,
+            cv=config.cv,
+            class_weight=config.class_weight,
+            grids=config.grids,
+            seed=config.seed,
+            unknown_keep=config.unknown_keep,
+            wait=wait,
+            **splits,
+        )
     click.echo(f"{'classifier':<12} {'best params':<28} {'cv acc':>7} {'val acc':>8} {'val auc':>8} {'fit s':>7}")
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for r in reports:
         params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.best_params.items())
-        click.echo(f"{r.classifier:<12} {params:<28} {r.cv_score:>7.4f} {fmt(r.validation_accuracy):>8} "
-                   f"{fmt(r.validation_auc):>8} {r.fit_seconds:>7.1f}")
+        click.echo(
+            f"{r.classifier:<12} {params:<28} {r.cv_score:>7.4f} {fmt(r.validation_accuracy):>8} "
+            f"{fmt(r.validation_auc):>8} {r.fit_seconds:>7.1f}"
+        )
     for r in reports:
         click.echo(f"saved {r.path}")
 
@@ -274,10 +350,21 @@ def evaluate_command(config: Config, model_path, split, wait, **options):
     config = _apply(config, **options)
     bundle = Bundle.load(model_path)
     if split is None:  # the held-out split when there is one, else the validation split
-        split = default_split(bundle, [config.split_for("evaluation"), config.split_for("validation")],
-                              config.features_dir, config.dataset_dir)
-    features, skipped = features_for(bundle, split, config.features_dir, config.dataset_dir, config.batch_size,
-                                     config.max_image_pixels, config.runtime)
+        split = default_split(
+            bundle,
+            [config.split_for("evaluation"), config.split_for("validation")],
+            config.features_dir,
+            config.dataset_dir,
+        )
+    features, skipped = features_for(
+        bundle,
+        split,
+        config.features_dir,
+        config.dataset_dir,
+        config.batch_size,
+        config.max_image_pixels,
+        config.runtime,
+    )
     for path, reason in skipped:
         click.echo(f"skipped {path}: {reason}", err=True)
     output_dir = Path(config.evaluation_dir) / Path(model_path).stem
@@ -297,20 +384,29 @@ def evaluate_command(config: Config, model_path, split, wait, **options):
 
 
 @cli.command("compare")
-@click.option("--output", "run_dir", default="output", show_default=True,
-              help="The run's output folder: every metrics.json below it is compared.")
+@click.option(
+    "--output",
+    "run_dir",
+    default="output",
+    show_default=True,
+    help="The run's output folder: every metrics.json below it is compared.",
+)
 def compare_command(run_dir):
     """Put every evaluated model of a run in one table and one figure (comparison.csv/.json/.png)."""
     from .evaluation import compare, comparison_warning
 
     rows, written = compare(run_dir)
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    click.echo(f"{'model':<16} {'kind':<22} {'split':<11} {'images':>6} {'accuracy':>8} {'roc_auc':>7} "
-               f"{'macro_f1':>8} {'train s':>8} {'size MB':>7}")
+    click.echo(
+        f"{'model':<16} {'kind':<22} {'split':<11} {'images':>6} {'accuracy':>8} {'roc_auc':>7} "
+        f"{'macro_f1':>8} {'train s':>8} {'size MB':>7}"
+    )
     for r in rows:
-        click.echo(f"{r['model']:<16} {r['kind']:<22} {r['split']:<11} {fmt(r['images'], 'd'):>6} "
-                   f"{fmt(r['accuracy'], '.4f'):>8} {fmt(r['roc_auc'], '.4f'):>7} {fmt(r['macro_f1'], '.4f'):>8} "
-                   f"{fmt(r['train_seconds'], '.1f'):>8} {fmt(r['model_mb'], '.2f'):>7}")
+        click.echo(
+            f"{r['model']:<16} {r['kind']:<22} {r['split']:<11} {fmt(r['images'], 'd'):>6} "
+            f"{fmt(r['accuracy'], '.4f'):>8} {fmt(r['roc_auc'], '.4f'):>7} {fmt(r['macro_f1'], '.4f'):>8} "
+            f"{fmt(r['train_seconds'], '.1f'):>8} {fmt(r['model_mb'], '.2f'):>7}"
+        )
     warning = comparison_warning(rows)
     if warning:
         click.echo(f"warning: {warning}", err=True)
@@ -329,7 +425,9 @@ def compare_command(run_dir):
 @click.option("--head-lr", type=float, help="Learning rate of stage 1.")
 @click.option("--finetune-lr", type=float, help="Learning rate of stage 2 (much lower).")
 @click.option("--augment", type=click.Choice(["none", "light", "strong"]), help="Augmentation of the training images.")
-@click.option("--monitor", type=click.Choice(["val_loss", "val_auc"]), help="What early stopping and the checkpoint watch.")
+@click.option(
+    "--monitor", type=click.Choice(["val_loss", "val_auc"]), help="What early stopping and the checkpoint watch."
+)
 @click.option("--patience", type=int, help="Epochs without improvement before a stage stops.")
 @click.option("--head-dropout", type=float)
 @click.option("--head-batchnorm/--no-head-batchnorm", default=None)
@@ -350,16 +448,28 @@ def finetune_command(config: Config, wait, **options):
         click.echo(f"{stage:<8} epoch {epoch:>3}  {values}")
 
     try:
-        result = finetune(config.dataset_dir, config.finetune_dir, settings, training_split=config.split_for("training"),
-                          validation_split=config.split_for("validation"), on_epoch=report, wait=wait)
+        result = finetune(
+            config.dataset_dir,
+            config.finetune_dir,
+            settings,
+            training_split=config.split_for("training"),
+            validation_split=config.split_for("validation"),
+            on_epoch=report,
+            wait=wait,
+        )
     except KeyboardInterrupt:
         raise click.ClickException("interrupted before any weights were worth keeping; nothing saved") from None
     if result.interrupted:
         click.echo("interrupted: training stopped early; the best weights so far are saved", err=True)
     best = result.history["best"]
     click.echo(f"validation: {result.holdout}")
-    click.echo(f"stage 2 unfroze: {', '.join(result.unfrozen) or '(stage 2 skipped)'} (BatchNormalization stays frozen)")
-    click.echo(f"best {result.history['monitor']} {best['value']:.4f} at epoch {best['epoch']} ({best['stage']} stage), restored")
+    click.echo(
+        f"stage 2 unfroze: {', '.join(result.unfrozen) or '(stage 2 skipped)'} (BatchNormalization stays frozen)"
+    )
+    click.echo(
+        f"best {result.history['monitor']} {best['value']:.4f} at epoch {best['epoch']} "
+        f"({best['stage']} stage), restored"
+    )
     auc = "-" if result.validation_auc is None else f"{result.validation_auc:.4f}"
     click.echo(f"validation accuracy {result.validation_accuracy:.4f}, roc_auc {auc}; {result.seconds:.1f} s")
     for path, reason in sorted(result.skipped.items()):
@@ -370,7 +480,9 @@ def finetune_command(config: Config, wait, **options):
 @cli.command("predict")
 @click.option("--model", "model_path", required=True, help="A bundle written by train.")
 @click.argument("paths", nargs=-1, required=True)
-@click.option("--output", "output_file", type=click.Path(dir_okay=False), help="Also write the results as .csv or .json.")
+@click.option(
+    "--output", "output_file", type=click.Path(dir_okay=False), help="Also write the results as .csv or .json."
+)
 @click.option("--top-k", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--batch-size", type=int)
 @runtime_option
@@ -391,8 +503,10 @@ def predict_command(config: Config, model_path, paths, output_file, top_k, **opt
         if r.error:
             click.echo(f"{r.path}\tskipped: {r.error}", err=True)
         elif r.label == UNKNOWN:
-            click.echo(f"{r.path}\t{UNKNOWN}\t(closest: {r.top[0][0]} {predictor.score_kind}={r.score:.4f}; "
-                       f"similarity {r.similarity:.3f} < {predictor.bundle.novelty.threshold:.3f})")
+            click.echo(
+                f"{r.path}\t{UNKNOWN}\t(closest: {r.top[0][0]} {predictor.score_kind}={r.score:.4f}; "
+                f"similarity {r.similarity:.3f} < {predictor.bundle.novelty.threshold:.3f})"
+            )
         else:
             click.echo(f"{r.path}\t{r.label}\t{predictor.score_kind}={r.score:.4f}")
     if output_file:
@@ -400,8 +514,11 @@ def predict_command(config: Config, model_path, paths, output_file, top_k, **opt
         if output_file.endswith(".json"):
             atomic_write_json(output_file, rows)
         else:
-            atomic_write_csv(output_file, ["path", "label", "score", "top", "similarity", "error"],
-                             [dict(r, top=json.dumps(r["top"])) for r in rows])
+            atomic_write_csv(
+                output_file,
+                ["path", "label", "score", "top", "similarity", "error"],
+                [dict(r, top=json.dumps(r["top"])) for r in rows],
+            )
         click.echo(f"wrote {output_file}")
     skipped = sum(r.error is not None for r in results)
     unknown = sum(r.label == UNKNOWN for r in results)
@@ -431,7 +548,9 @@ def serve_command(config: Config, model_path, host, port, max_upload_mb, threads
 
 @cli.command("export")
 @click.option("--model", "model_path", required=True, help="A bundle written by train or finetune.")
-@click.option("--output", "output_file", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@click.option(
+    "--output", "output_file", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write."
+)
 def export_command(model_path, output_file):
     """Write a bundle as one ONNX graph: 0-255 RGB pixels in, label and class scores out."""
     from .bundle import Bundle
@@ -439,8 +558,10 @@ def export_command(model_path, output_file):
 
     bundle = Bundle.load(model_path)
     path = export_bundle(bundle, output_file)
-    click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB): input 'pixels' uint8 (N, {bundle.meta.input_size}, "
-               f"{bundle.meta.input_size}, 3) RGB; outputs 'label' and class scores; labels: {', '.join(bundle.label_names)}")
+    click.echo(
+        f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB): input 'pixels' uint8 (N, {bundle.meta.input_size}, "
+        f"{bundle.meta.input_size}, 3) RGB; outputs 'label' and class scores; labels: {', '.join(bundle.label_names)}"
+    )
 
 
 #: Subcommands by name, for the numbered scripts.

@@ -144,8 +144,7 @@ def _registered(kind: str) -> Callable[[Any], str | None]:
 
 def _grids(value: Any) -> str | None:
     ok = isinstance(value, dict) and all(
-        isinstance(grid, dict) and all(isinstance(v, list) and v for v in grid.values())
-        for grid in value.values()
+        isinstance(grid, dict) and all(isinstance(v, list) and v for v in grid.values()) for grid in value.values()
     )
     return None if ok else "a table of classifier name -> {parameter: [values]}"
 
@@ -184,8 +183,11 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "streaming": _typed(bool, "true or false"),
     "unknown_keep": _typed((int, float), "a share in (0, 1]", lambda v: 0 < v <= 1),
     "grids": _grids,
-    "input_size": lambda v: None if v is None or (isinstance(v, int) and not isinstance(v, bool) and 32 <= v <= 1024)
-    else "an integer between 32 and 1024 (or unset)",
+    "input_size": lambda v: (
+        None
+        if v is None or (isinstance(v, int) and not isinstance(v, bool) and 32 <= v <= 1024)
+        else "an integer between 32 and 1024 (or unset)"
+    ),
     "head_epochs": _typed(int, "an integer >= 1", lambda v: v >= 1),
     "finetune_epochs": _typed(int, "an integer >= 0 (0: no second stage)", lambda v: v >= 0),
     "unfreeze_blocks": _typed(int, "an integer >= 1", lambda v: v >= 1),
@@ -242,9 +244,7 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
     """Check every key of ``values``; raise :class:`ConfigError` naming the first bad one."""
     unknown = sorted(set(values) - set(RULES))
     if unknown:
-        raise ConfigError(
-            f"unknown configuration key {unknown[0]!r}; valid keys are: {', '.join(RULES)}"
-        )
+        raise ConfigError(f"unknown configuration key {unknown[0]!r}; valid keys are: {', '.join(RULES)}")
     for key, check in RULES.items():
         problem = check(values.get(key))
         if problem is not None:

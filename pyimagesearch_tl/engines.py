@@ -82,8 +82,11 @@ class LocalEngine(Engine):
     """Shards run one after the other in this process, through one decoding stream."""
 
     def __init__(self, extractor_options: dict[str, Any] | FeatureExtractor, **_ignored):
-        self.extractor = (extractor_options if isinstance(extractor_options, FeatureExtractor)
-                          else FeatureExtractor(**extractor_options))
+        self.extractor = (
+            extractor_options
+            if isinstance(extractor_options, FeatureExtractor)
+            else FeatureExtractor(**extractor_options)
+        )
         self.meta = self.extractor.meta
         self.workers = ["this process"]
 
@@ -140,15 +143,17 @@ def import_ray():
 class RayEngine(Engine):
     """Shards spread over the actors of a Ray cluster, two in flight per actor so none waits."""
 
-    def __init__(self, extractor_options: dict[str, Any], address: str | None = None, cpus_per_worker: int = 1,
-                 **_ignored):
+    def __init__(
+        self, extractor_options: dict[str, Any], address: str | None = None, cpus_per_worker: int = 1, **_ignored
+    ):
         get_backbone(extractor_options["backbone"])  # the user's mistakes are found here, not on every worker
         resolve_weights(extractor_options["weights"])
         ray = self._ray = import_ray()
         self._started = not ray.is_initialized()
         if self._started:
-            settings = dict(log_to_driver=False, logging_level="ERROR",
-                            runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
+            settings = dict(
+                log_to_driver=False, logging_level="ERROR", runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}}
+            )
             if address is None:  # a local instance for this run only
                 settings["include_dashboard"] = False
             try:
@@ -158,11 +163,14 @@ class RayEngine(Engine):
         largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=0)
         if cpus_per_worker > largest:
             self.close()
-            raise ConfigError(f"ray_cpus_per_worker={cpus_per_worker} but the largest node of the cluster has "
-                              f"{largest:g} CPUs; no worker could start")
+            raise ConfigError(
+                f"ray_cpus_per_worker={cpus_per_worker} but the largest node of the cluster has "
+                f"{largest:g} CPUs; no worker could start"
+            )
         count = max(1, int(ray.cluster_resources().get("CPU", 0)) // cpus_per_worker)
-        actor = ray.remote(num_cpus=cpus_per_worker, max_restarts=WORKER_RETRIES,
-                           max_task_retries=WORKER_RETRIES)(ShardWorker)
+        actor = ray.remote(num_cpus=cpus_per_worker, max_restarts=WORKER_RETRIES, max_task_retries=WORKER_RETRIES)(
+            ShardWorker
+        )
         self.actors = [actor.remote(extractor_options, cpus_per_worker) for _ in range(count)]
         described = self._get([a.describe.remote() for a in self.actors])
         failed = [why for meta, why in described if meta is None]
@@ -177,8 +185,10 @@ class RayEngine(Engine):
         try:
             return ray.get(refs)
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
-            raise PTLError(f"a Ray worker died {WORKER_RETRIES + 1} times ({type(exc).__name__}); "
-                           "finished shards are kept: rerun the same command to resume") from None
+            raise PTLError(
+                f"a Ray worker died {WORKER_RETRIES + 1} times ({type(exc).__name__}); "
+                "finished shards are kept: rerun the same command to resume"
+            ) from None
 
     def run(self, tasks):
         ray = self._ray

@@ -29,7 +29,9 @@ from .store import FeatureSet, feature_file, has_feature_file, read_features
 METRICS = "metrics.json"
 
 
-def default_split(bundle: Bundle, splits: Sequence[str | None], features_dir: str | Path, dataset_dir: str | Path) -> str:
+def default_split(
+    bundle: Bundle, splits: Sequence[str | None], features_dir: str | Path, dataset_dir: str | Path
+) -> str:
     """The first of ``splits`` (held-out, then validation) that has data for ``bundle``."""
     from .layouts import read_manifest
 
@@ -40,9 +42,15 @@ def default_split(bundle: Bundle, splits: Sequence[str | None], features_dir: st
     return next((s for s in candidates if has_feature_file(features_dir, s)), candidates[0])
 
 
-def features_for(bundle: Bundle, split: str, features_dir: str | Path, dataset_dir: str | Path,
-                 batch_size: int = 32, max_pixels: int = MAX_PIXELS,
-                 runtime: str = "auto") -> tuple[FeatureSet, list[tuple[str, str]]]:
+def features_for(
+    bundle: Bundle,
+    split: str,
+    features_dir: str | Path,
+    dataset_dir: str | Path,
+    batch_size: int = 32,
+    max_pixels: int = MAX_PIXELS,
+    runtime: str = "auto",
+) -> tuple[FeatureSet, list[tuple[str, str]]]:
     """The features ``bundle`` is evaluated on, and the images skipped while making them.
 
     Stored features (``features_dir``) for bundles trained on them; for a fine-tuned bundle, the
@@ -62,8 +70,13 @@ def features_for(bundle: Bundle, split: str, features_dir: str | Path, dataset_d
 
 
 @locks_output("output_dir")
-def evaluate(bundle: Bundle, features: FeatureSet, output_dir: str | Path | None = None, split: str = "",
-             model_path: str | Path | None = None) -> dict:
+def evaluate(
+    bundle: Bundle,
+    features: FeatureSet,
+    output_dir: str | Path | None = None,
+    split: str = "",
+    model_path: str | Path | None = None,
+) -> dict:
     """Classification report, confusion matrix, accuracy, ROC AUC (binary), macro F1, rank-1/5 (> 5 classes).
 
     With ``output_dir``, writes ``metrics.json``, ``confusion_matrix.png`` and (binary) ``roc_curve.png``.
@@ -81,10 +94,12 @@ def evaluate(bundle: Bundle, features: FeatureSet, output_dir: str | Path | None
         "split": split,
         "images": int(len(features.labels)),
         "accuracy": float(accuracy_score(features.labels, predicted)),
-        "classification_report": classification_report(features.labels, predicted, labels=labels,
-                                                       target_names=names, output_dict=True, zero_division=0),
-        "report_text": classification_report(features.labels, predicted, labels=labels, target_names=names,
-                                             digits=4, zero_division=0),
+        "classification_report": classification_report(
+            features.labels, predicted, labels=labels, target_names=names, output_dict=True, zero_division=0
+        ),
+        "report_text": classification_report(
+            features.labels, predicted, labels=labels, target_names=names, digits=4, zero_division=0
+        ),
         "confusion_matrix": confusion_matrix(features.labels, predicted, labels=labels).tolist(),
         "labels": names,
         "score_kind": kind,
@@ -114,7 +129,8 @@ def _plot(metrics: dict, labels: np.ndarray, scores: np.ndarray, output_dir: Pat
     figure = new_figure(figsize=(1.2 * len(names) + 3, 1.2 * len(names) + 2.5))
     axes = figure.subplots()
     ConfusionMatrixDisplay(np.array(metrics["confusion_matrix"]), display_labels=names).plot(
-        ax=axes, cmap="Blues", colorbar=False, xticks_rotation=45 if len(names) > 4 else "horizontal")
+        ax=axes, cmap="Blues", colorbar=False, xticks_rotation=45 if len(names) > 4 else "horizontal"
+    )
     axes.set_title(f"{metrics['model']} on {metrics['split']}: accuracy {metrics['accuracy']:.4f}")
     written.append(save_figure(figure, output_dir / "confusion_matrix.png"))
     if len(names) == 2 and metrics["roc_auc"] is not None:
@@ -129,8 +145,19 @@ def _plot(metrics: dict, labels: np.ndarray, scores: np.ndarray, output_dir: Pat
 # --- comparing every evaluated model of a run ------------------------------------------------------
 
 #: Columns of ``comparison.csv``, in order.
-COMPARISON_FIELDS = ["model", "kind", "backbone", "split", "images", "accuracy", "roc_auc", "macro_f1",
-                     "train_seconds", "model_mb", "metrics"]
+COMPARISON_FIELDS = [
+    "model",
+    "kind",
+    "backbone",
+    "split",
+    "images",
+    "accuracy",
+    "roc_auc",
+    "macro_f1",
+    "train_seconds",
+    "model_mb",
+    "metrics",
+]
 
 
 def compare(run_dir: str | Path) -> tuple[list[dict], list[str]]:
@@ -154,11 +181,21 @@ def compare(run_dir: str | Path) -> tuple[list[dict], list[str]]:
     rows = []
     for path, m in everything:
         size = m.get("model_bytes")
-        rows.append(dict(model=Path(m["model_file"]).stem if m.get("model_file") else m.get("model"),
-                         kind=m.get("kind", ""), backbone=m.get("backbone", ""), split=m.get("split", ""),
-                         images=m.get("images"), accuracy=m.get("accuracy"), roc_auc=m.get("roc_auc"),
-                         macro_f1=m.get("macro_f1"), train_seconds=m.get("train_seconds"),
-                         model_mb=None if size is None else size / 2**20, metrics=str(path.relative_to(run_dir))))
+        rows.append(
+            dict(
+                model=Path(m["model_file"]).stem if m.get("model_file") else m.get("model"),
+                kind=m.get("kind", ""),
+                backbone=m.get("backbone", ""),
+                split=m.get("split", ""),
+                images=m.get("images"),
+                accuracy=m.get("accuracy"),
+                roc_auc=m.get("roc_auc"),
+                macro_f1=m.get("macro_f1"),
+                train_seconds=m.get("train_seconds"),
+                model_mb=None if size is None else size / 2**20,
+                metrics=str(path.relative_to(run_dir)),
+            )
+        )
     order = sorted(range(len(rows)), key=lambda i: -(rows[i]["accuracy"] or 0))
     rows, everything = [rows[i] for i in order], [everything[i] for i in order]
     written = [str(run_dir / "comparison.csv"), str(run_dir / "comparison.json")]
@@ -176,7 +213,9 @@ def comparison_warning(rows: list[dict]) -> str | None:
     """Why the rows are not directly comparable, if they are not (different splits or image counts)."""
     evaluated_on = {(r["split"], r["images"]) for r in rows}
     if len(evaluated_on) > 1:
-        return "models were evaluated on different data: " + "; ".join(f"{s} ({n} images)" for s, n in sorted(evaluated_on, key=str))
+        return "models were evaluated on different data: " + "; ".join(
+            f"{s} ({n} images)" for s, n in sorted(evaluated_on, key=str)
+        )
     return None
 
 
@@ -205,7 +244,8 @@ def _plot_comparison(rows: list[dict], metrics: list[dict], path: Path) -> str:
     for i, (row, m) in enumerate(zip(rows, metrics)):
         axes = figure.add_subplot(grid[1, i])
         ConfusionMatrixDisplay(np.array(m["confusion_matrix"]), display_labels=m["labels"]).plot(
-            ax=axes, cmap="Blues", colorbar=False, xticks_rotation=45 if len(m["labels"]) > 3 else "horizontal")
+            ax=axes, cmap="Blues", colorbar=False, xticks_rotation=45 if len(m["labels"]) > 3 else "horizontal"
+        )
         seconds = "-" if row["train_seconds"] is None else f"{row['train_seconds']:.0f} s"
         size = "-" if row["model_mb"] is None else f"{row['model_mb']:.1f} MB"
         axes.set_title(f"{row['model']}\nacc {row['accuracy']:.3f} · train {seconds} · {size}", fontsize=9)

@@ -36,14 +36,18 @@ def _dense_head(head: DenseHead):
 
     dim, classes = head.kernel.shape
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["features", "kernel"], ["logits"]),
-         helper.make_node("Add", ["logits", "bias"], ["shifted"]),
-         helper.make_node("Softmax", ["shifted"], ["probabilities"], axis=1),
-         helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0)],
+        [
+            helper.make_node("MatMul", ["features", "kernel"], ["logits"]),
+            helper.make_node("Add", ["logits", "bias"], ["shifted"]),
+            helper.make_node("Softmax", ["shifted"], ["probabilities"], axis=1),
+            helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
+        ],
         "dense_head",
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, [None, dim])],
-        [helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
-         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, classes])],
+        [
+            helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, classes]),
+        ],
         [numpy_helper.from_array(head.kernel, "kernel"), numpy_helper.from_array(head.bias, "bias")],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
@@ -58,8 +62,12 @@ def _sklearn_head(pipeline, dim: int):
     options = {} if isinstance(estimator, LinearSVC) else {"zipmap": False}
     if not hasattr(estimator, "predict_proba"):
         options["raw_scores"] = True  # decision values, as Bundle.scores gives them
-    return to_onnx(pipeline, np.zeros((1, dim), np.float32), target_opset={"": OPSET, "ai.onnx.ml": ML_OPSET},
-                   options={id(estimator): options})
+    return to_onnx(
+        pipeline,
+        np.zeros((1, dim), np.float32),
+        target_opset={"": OPSET, "ai.onnx.ml": ML_OPSET},
+        options={id(estimator): options},
+    )
 
 
 def _same_opsets(*models) -> None:
@@ -81,23 +89,33 @@ def export_bundle(bundle: Bundle, output: str | Path) -> Path:
     from onnx import compose
 
     if bundle.meta.precision != "float32":
-        raise BundleError(f"only float32 models export to ONNX; this one was trained on {bundle.meta.precision} features")
+        raise BundleError(
+            f"only float32 models export to ONNX; this one was trained on {bundle.meta.precision} features"
+        )
     extractor = FeatureExtractor.from_meta(bundle.meta, finetuned_weights=bundle.backbone_weights, runtime="tensorflow")
     backbone = onnx.compose.add_prefix(extractor.to_onnx(), "backbone/")
     dim = bundle.meta.feature_dim
-    head = _dense_head(bundle.classifier) if isinstance(bundle.classifier, DenseHead) else _sklearn_head(bundle.classifier, dim)
+    head = (
+        _dense_head(bundle.classifier)
+        if isinstance(bundle.classifier, DenseHead)
+        else _sklearn_head(bundle.classifier, dim)
+    )
     head = onnx.compose.add_prefix(head, "head/")
     head.ir_version = backbone.ir_version
     _same_opsets(backbone, head)
     kind = bundle.score_kind
     scores = "probabilities" if kind == "probability" else "scores"
     merged = compose.merge_models(
-        backbone, head, io_map=[(backbone.graph.output[0].name, head.graph.input[0].name)],
+        backbone,
+        head,
+        io_map=[(backbone.graph.output[0].name, head.graph.input[0].name)],
         outputs=["head/label", "head/probabilities"],
     )
     graph = merged.graph
-    graph.input[0].name, renames = "pixels", {backbone.graph.input[0].name: "pixels", "head/label": "label",
-                                              "head/probabilities": scores}
+    graph.input[0].name, renames = (
+        "pixels",
+        {backbone.graph.input[0].name: "pixels", "head/label": "label", "head/probabilities": scores},
+    )
     for node in graph.node:
         node.input[:] = [renames.get(name, name) for name in node.input]
         node.output[:] = [renames.get(name, name) for name in node.output]
@@ -109,8 +127,13 @@ def export_bundle(bundle: Bundle, output: str | Path) -> Path:
         dims.add().dim_param = "N"
         if value.name == scores:
             dims.add().dim_value = classes
-    metadata = {"label_names": json.dumps(bundle.label_names), "input_size": str(extractor.input_size),
-                "score_kind": kind, "feature_layout": json.dumps(bundle.meta.to_attrs()), "model": bundle.name}
+    metadata = {
+        "label_names": json.dumps(bundle.label_names),
+        "input_size": str(extractor.input_size),
+        "score_kind": kind,
+        "feature_layout": json.dumps(bundle.meta.to_attrs()),
+        "model": bundle.name,
+    }
     onnx.helper.set_model_props(merged, metadata)
     merged.producer_name = "pyimagesearch_tl"
     onnx.checker.check_model(merged)

@@ -37,8 +37,21 @@ from .errors import DatasetError, FeatureFileError
 from .features import ShardTask, dataset_rows, interrupt_after_batch
 from .images import MAX_PIXELS
 from .locks import locks_output
-from .store import (LABEL_ENCODER, SHARDS, SUFFIXES, WRITERS, FeatureMeta, Shard, read_fingerprint, read_meta, read_sha256,
-                    read_shard, read_skipped, row_reader, write_shard)
+from .store import (
+    LABEL_ENCODER,
+    SHARDS,
+    SUFFIXES,
+    WRITERS,
+    FeatureMeta,
+    Shard,
+    read_fingerprint,
+    read_meta,
+    read_sha256,
+    read_shard,
+    read_skipped,
+    row_reader,
+    write_shard,
+)
 
 
 @dataclasses.dataclass
@@ -80,8 +93,9 @@ class PlannedShard:
     path: Path
 
 
-def plan_shards(rows: Sequence[dict[str, str]], meta: FeatureMeta, reusable: set[str], shard_size: int,
-                shard_dir: Path) -> list[PlannedShard]:
+def plan_shards(
+    rows: Sequence[dict[str, str]], meta: FeatureMeta, reusable: set[str], shard_size: int, shard_dir: Path
+) -> list[PlannedShard]:
     """Cut ``rows`` into shards of ``shard_size`` consecutive rows, each named by its identity."""
     shards = []
     for index, start in enumerate(range(0, len(rows), shard_size)):
@@ -104,9 +118,18 @@ def _previous_index(path: Path, meta: FeatureMeta) -> dict[str, int]:
         return {}
 
 
-def extract_split(engine: Engine, dataset_dir: Path, rows: Sequence[dict[str, str]], split: str, output_dir: Path,
-                  feature_format: str = "hdf5", shard_size: int = 256, chunk_rows: int = 32, progress: bool = True,
-                  interrupted: Callable[[], bool] = lambda: False) -> SplitReport:
+def extract_split(
+    engine: Engine,
+    dataset_dir: Path,
+    rows: Sequence[dict[str, str]],
+    split: str,
+    output_dir: Path,
+    feature_format: str = "hdf5",
+    shard_size: int = 256,
+    chunk_rows: int = 32,
+    progress: bool = True,
+    interrupted: Callable[[], bool] = lambda: False,
+) -> SplitReport:
     """Extract one split into ``output_dir/<split>.<h5|csv>`` on ``engine``, resuming or reusing where possible.
 
     Undecodable images are skipped and listed in the feature file and in ``<split>.skipped.csv``.
@@ -149,15 +172,33 @@ def extract_split(engine: Engine, dataset_dir: Path, rows: Sequence[dict[str, st
     with contextlib.suppress(OSError):
         shard_dir.parent.rmdir()  # .shards, once no split has shards left
     skipped_rows = read_skipped(path)
-    atomic_write_csv(output_dir / f"{split}.skipped.csv", ["path", "reason"],
-                     [dict(path=p, reason=r) for p, r in skipped_rows])
-    return SplitReport(split, path, extracted, skipped_rows, reused, shards=len(working),
-                       shards_resumed=len(working) - len(todo), seconds=time.perf_counter() - started,
-                       nodes=dict(nodes), runtimes=engine.runtimes() if todo else [])
+    atomic_write_csv(
+        output_dir / f"{split}.skipped.csv", ["path", "reason"], [dict(path=p, reason=r) for p, r in skipped_rows]
+    )
+    return SplitReport(
+        split,
+        path,
+        extracted,
+        skipped_rows,
+        reused,
+        shards=len(working),
+        shards_resumed=len(working) - len(todo),
+        seconds=time.perf_counter() - started,
+        nodes=dict(nodes),
+        runtimes=engine.runtimes() if todo else [],
+    )
 
 
-def _assemble(path: Path, meta: FeatureMeta, identity: str, rows: Sequence[dict[str, str]],
-              shards: Sequence[PlannedShard], previous: dict[str, int], feature_format: str, chunk_rows: int) -> int:
+def _assemble(
+    path: Path,
+    meta: FeatureMeta,
+    identity: str,
+    rows: Sequence[dict[str, str]],
+    shards: Sequence[PlannedShard],
+    previous: dict[str, int],
+    feature_format: str,
+    chunk_rows: int,
+) -> int:
     """Write the finished feature file from the shard files and the reused rows; return how many were reused."""
     label_index = {name: i for i, name in enumerate(meta.label_names)}
     empty = Shard(np.zeros((0, meta.feature_dim), np.float32), np.zeros(0, np.int64), [])
@@ -189,13 +230,28 @@ def _assemble(path: Path, meta: FeatureMeta, identity: str, rows: Sequence[dict[
 
 
 @locks_output("output_dir")
-def extract_dataset(dataset_dir: str | Path, output_dir: str | Path, *, splits: Sequence[str],
-                    backbone: str, weights: str = "imagenet", pooling: str = "avg", feature_format: str = "hdf5",
-                    dtype: str = "float32", precision: str = "float32", batch_size: int = 32,
-                    max_pixels: int = MAX_PIXELS, runtime: str = "auto", engine: str = "local",
-                    ray_address: str | None = None,
-                    ray_cpus_per_worker: int = 1, shard_size: int = 256, progress: bool = True,
-                    on_split=None, on_engine=None) -> list[SplitReport]:
+def extract_dataset(
+    dataset_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    splits: Sequence[str],
+    backbone: str,
+    weights: str = "imagenet",
+    pooling: str = "avg",
+    feature_format: str = "hdf5",
+    dtype: str = "float32",
+    precision: str = "float32",
+    batch_size: int = 32,
+    max_pixels: int = MAX_PIXELS,
+    runtime: str = "auto",
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_cpus_per_worker: int = 1,
+    shard_size: int = 256,
+    progress: bool = True,
+    on_split=None,
+    on_engine=None,
+) -> list[SplitReport]:
     """Extract every configured split of ``dataset_dir`` into ``output_dir`` and save the label encoder.
 
     The label encoder is fitted on the class names of the whole dataset and saved once as
@@ -210,23 +266,45 @@ def extract_dataset(dataset_dir: str | Path, output_dir: str | Path, *, splits: 
     by_split = dataset_rows(dataset_dir)
     present = [s for s in splits if by_split.get(s)]
     if not present:
-        raise DatasetError(f"dataset {dataset_dir} has none of the configured splits ({', '.join(splits)}); "
-                           f"it has: {', '.join(by_split)}")
+        raise DatasetError(
+            f"dataset {dataset_dir} has none of the configured splits ({', '.join(splits)}); "
+            f"it has: {', '.join(by_split)}"
+        )
     label_names = sorted({row["label"] for rows in by_split.values() for row in rows})
     encoder = LabelEncoder().fit(label_names)
-    extractor_options = dict(backbone=backbone, weights=weights, pooling=pooling, batch_size=batch_size,
-                             max_pixels=max_pixels, dtype=dtype, precision=precision, runtime=runtime,
-                             label_names=[str(c) for c in encoder.classes_])
+    extractor_options = dict(
+        backbone=backbone,
+        weights=weights,
+        pooling=pooling,
+        batch_size=batch_size,
+        max_pixels=max_pixels,
+        dtype=dtype,
+        precision=precision,
+        runtime=runtime,
+        label_names=[str(c) for c in encoder.classes_],
+    )
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_joblib_dump(output_dir / LABEL_ENCODER, encoder)
     reports = []
-    with create_engine(engine, extractor_options, address=ray_address, cpus_per_worker=ray_cpus_per_worker) as runner, \
-            interrupt_after_batch() as interrupted:
+    with (
+        create_engine(engine, extractor_options, address=ray_address, cpus_per_worker=ray_cpus_per_worker) as runner,
+        interrupt_after_batch() as interrupted,
+    ):
         if on_engine is not None:
             on_engine(runner)
         for split in present:
-            report = extract_split(runner, dataset_dir, by_split[split], split, output_dir, feature_format,
-                                   shard_size, batch_size, progress, interrupted)
+            report = extract_split(
+                runner,
+                dataset_dir,
+                by_split[split],
+                split,
+                output_dir,
+                feature_format,
+                shard_size,
+                batch_size,
+                progress,
+                interrupted,
+            )
             reports.append(report)
             if on_split is not None:
                 on_split(report)

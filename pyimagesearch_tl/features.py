@@ -1,10 +1,11 @@
 """Feature extraction: images -> backbone -> feature vectors, batch by batch.
 
 :class:`FeatureExtractor` is the one path from image files to feature vectors; ``extract`` (through
-:func:`extract_shards`, on whichever engine), ``predict`` and fine-tuned evaluation all use it. Images are decoded by :func:`pyimagesearch_tl.images.load_image` in a
-thread pool that runs ahead of the model (decoding overlaps inference, order is kept), and the
-model is called on whole batches inside a ``tf.function`` that also casts and preprocesses, so
-NumPy hands over uint8 pixels only.
+:func:`extract_shards`, on whichever engine), ``predict`` and fine-tuned evaluation all use it.
+Images are decoded by :func:`pyimagesearch_tl.images.load_image` in a thread pool that runs ahead
+of the model (decoding overlaps inference, order is kept), and the model is called on whole batches
+(in the runtime :mod:`pyimagesearch_tl.runtimes` chose) on uint8 pixels: casting and preprocessing
+are part of the network.
 """
 
 from __future__ import annotations
@@ -38,8 +39,14 @@ class Batch:
     skipped: list[tuple[int, str]]
 
 
-def decode_batches(paths: Sequence, size: int, batch_size: int, max_pixels: int = MAX_PIXELS,
-                   workers: int | None = None, prefetch: int = 2) -> Iterator[Batch]:
+def decode_batches(
+    paths: Sequence,
+    size: int,
+    batch_size: int,
+    max_pixels: int = MAX_PIXELS,
+    workers: int | None = None,
+    prefetch: int = 2,
+) -> Iterator[Batch]:
     """Decode ``paths`` (files or binary file objects) in order, ``batch_size`` at a time.
 
     A thread pool keeps ``prefetch`` batches in flight ahead of the consumer, so decoding overlaps
@@ -69,7 +76,7 @@ def decode_batches(paths: Sequence, size: int, batch_size: int, max_pixels: int 
     with ThreadPoolExecutor(workers or os.cpu_count() or 1, initializer=_lowest_priority) as pool:
         pending: deque = deque()
         for start in range(0, len(paths), batch_size):
-            pending.append((start, [pool.submit(decode, p) for p in paths[start:start + batch_size]]))
+            pending.append((start, [pool.submit(decode, p) for p in paths[start : start + batch_size]]))
             if len(pending) > prefetch:
                 yield collect(*pending.popleft())
         while pending:
@@ -104,10 +111,20 @@ class FeatureExtractor:
         TensorFlow when new, on the first batch. :attr:`runtime` then names the one in use.
     """
 
-    def __init__(self, backbone: str, weights: str = "imagenet", pooling: str = "avg", batch_size: int = 32,
-                 max_pixels: int = MAX_PIXELS, workers: int | None = None, input_size: int | None = None,
-                 dtype: str = "float32", label_names: Sequence[str] = (), precision: str = "float32",
-                 runtime: str = "auto"):
+    def __init__(
+        self,
+        backbone: str,
+        weights: str = "imagenet",
+        pooling: str = "avg",
+        batch_size: int = 32,
+        max_pixels: int = MAX_PIXELS,
+        workers: int | None = None,
+        input_size: int | None = None,
+        dtype: str = "float32",
+        label_names: Sequence[str] = (),
+        precision: str = "float32",
+        runtime: str = "auto",
+    ):
         import tensorflow as tf
 
         self.runtime, self._run = requested_runtime(runtime, precision), None
@@ -146,8 +163,14 @@ class FeatureExtractor:
         )
 
     @classmethod
-    def from_meta(cls, meta: FeatureMeta, batch_size: int = 32, max_pixels: int = MAX_PIXELS,
-                  finetuned_weights: Sequence[np.ndarray] | None = None, runtime: str = "auto") -> "FeatureExtractor":
+    def from_meta(
+        cls,
+        meta: FeatureMeta,
+        batch_size: int = 32,
+        max_pixels: int = MAX_PIXELS,
+        finetuned_weights: Sequence[np.ndarray] | None = None,
+        runtime: str = "auto",
+    ) -> "FeatureExtractor":
         """Rebuild exactly the extractor that produced features described by ``meta``.
 
         A fine-tuned backbone (``meta.weights == "finetuned"``) needs its weight arrays, which
@@ -159,8 +182,18 @@ class FeatureExtractor:
             if finetuned_weights is None:
                 raise BundleError(f"{meta.describe()}: the fine-tuned backbone weights are missing")
             weights = list(finetuned_weights)
-        return cls(meta.backbone, weights, meta.pooling, batch_size, max_pixels, input_size=meta.input_size,
-                   dtype=meta.dtype, label_names=meta.label_names, precision=meta.precision, runtime=runtime)
+        return cls(
+            meta.backbone,
+            weights,
+            meta.pooling,
+            batch_size,
+            max_pixels,
+            input_size=meta.input_size,
+            dtype=meta.dtype,
+            label_names=meta.label_names,
+            precision=meta.precision,
+            runtime=runtime,
+        )
 
     def decode(self, path: str | Path) -> np.ndarray:
         """One image as this extractor's model sees it (uint8, ``input_size`` square)."""
@@ -191,8 +224,13 @@ class FeatureExtractor:
         """Settle the runtime on the first real batch (converting and checking it when new)."""
         import warnings
 
-        settings = dict(backbone=self.meta.backbone, input_size=self.input_size, pooling=self.meta.pooling,
-                        preprocessing=self.meta.preprocessing, precision=self.meta.precision)
+        settings = dict(
+            backbone=self.meta.backbone,
+            input_size=self.input_size,
+            pooling=self.meta.pooling,
+            preprocessing=self.meta.preprocessing,
+            precision=self.meta.precision,
+        )
 
         def network():
             return cached_network(network_key(self.model.get_weights(), **settings), self._forward, self.input_size)
@@ -274,8 +312,9 @@ def extract_shards(extractor: FeatureExtractor, tasks: Sequence[ShardTask]) -> I
             current += 1
 
 
-def extract_in_memory(extractor: FeatureExtractor, dataset_dir: str | Path,
-                      rows: Sequence[dict[str, str]]) -> tuple[FeatureSet, list[tuple[str, str]]]:
+def extract_in_memory(
+    extractor: FeatureExtractor, dataset_dir: str | Path, rows: Sequence[dict[str, str]]
+) -> tuple[FeatureSet, list[tuple[str, str]]]:
     """Features of manifest ``rows`` held in memory (no feature file), and the skipped images.
 
     For models whose features are never stored: a fine-tuned backbone is evaluated this way.
@@ -288,8 +327,13 @@ def extract_in_memory(extractor: FeatureExtractor, dataset_dir: str | Path,
         kept += batch.indices
         skipped += [(rows[i]["path"], reason) for i, reason in batch.skipped]
     features_array = np.concatenate(features) if features else np.zeros((0, extractor.meta.feature_dim), np.float32)
-    return FeatureSet(features_array, np.array([label_index[rows[i]["label"]] for i in kept], dtype=np.int64),
-                      [rows[i]["path"] for i in kept], [rows[i].get("sha256", "") for i in kept], extractor.meta), skipped
+    return FeatureSet(
+        features_array,
+        np.array([label_index[rows[i]["label"]] for i in kept], dtype=np.int64),
+        [rows[i]["path"] for i in kept],
+        [rows[i].get("sha256", "") for i in kept],
+        extractor.meta,
+    ), skipped
 
 
 def dataset_rows(dataset_dir: str | Path) -> dict[str, list[dict[str, str]]]:

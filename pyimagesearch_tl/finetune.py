@@ -77,16 +77,23 @@ class Preprocess(keras.layers.Layer):
 
 def _light(seed):
     layers = keras.layers
-    return [layers.RandomFlip("horizontal", seed=seed), layers.RandomRotation(0.05, seed=seed),
-            layers.RandomZoom(0.1, seed=seed)]
+    return [
+        layers.RandomFlip("horizontal", seed=seed),
+        layers.RandomRotation(0.05, seed=seed),
+        layers.RandomZoom(0.1, seed=seed),
+    ]
 
 
 def _strong(seed):
     layers = keras.layers
-    return [layers.RandomFlip("horizontal", seed=seed), layers.RandomRotation(0.1, seed=seed),
-            layers.RandomZoom(0.2, seed=seed), layers.RandomTranslation(0.1, 0.1, seed=seed),
-            layers.RandomBrightness(0.2, value_range=(0, 255), seed=seed),
-            layers.RandomContrast(0.2, value_range=(0, 255), seed=seed)]
+    return [
+        layers.RandomFlip("horizontal", seed=seed),
+        layers.RandomRotation(0.1, seed=seed),
+        layers.RandomZoom(0.2, seed=seed),
+        layers.RandomTranslation(0.1, 0.1, seed=seed),
+        layers.RandomBrightness(0.2, value_range=(0, 255), seed=seed),
+        layers.RandomContrast(0.2, value_range=(0, 255), seed=seed),
+    ]
 
 
 #: ``--augment`` levels: each builds the list of Keras preprocessing layers applied to training images.
@@ -104,8 +111,14 @@ def make_augmenter(level: str, seed: int):
 # --- the network ---------------------------------------------------------------------------------
 
 
-def build_model(backbone: str, n_classes: int, weights="imagenet", input_size: int | None = None,
-                dropout: float = 0.2, batchnorm: bool = True):
+def build_model(
+    backbone: str,
+    n_classes: int,
+    weights="imagenet",
+    input_size: int | None = None,
+    dropout: float = 0.2,
+    batchnorm: bool = True,
+):
     """The network to fine-tune and its backbone (frozen): image -> preprocess -> backbone -> head.
 
     Returns
@@ -173,8 +186,16 @@ class ImageBatches:
     collected in :attr:`skipped`.
     """
 
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int], n_classes: int, size: int, batch_size: int,
-                 max_pixels: int, seed: int | None = None):
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int],
+        n_classes: int,
+        size: int,
+        batch_size: int,
+        max_pixels: int,
+        seed: int | None = None,
+    ):
         self.paths, self.labels = list(paths), np.asarray(labels, dtype=np.int64)
         self.n_classes, self.size, self.batch_size, self.max_pixels = n_classes, size, batch_size, max_pixels
         self.seed, self.epoch = seed, 0
@@ -200,7 +221,10 @@ class ImageBatches:
         """
         import tensorflow as tf
 
-        spec = (tf.TensorSpec((None, self.size, self.size, 3), tf.uint8), tf.TensorSpec((None, self.n_classes), tf.float32))
+        spec = (
+            tf.TensorSpec((None, self.size, self.size, 3), tf.uint8),
+            tf.TensorSpec((None, self.n_classes), tf.float32),
+        )
         data = tf.data.Dataset.from_generator(self, output_signature=spec)
         data = data.map(lambda x, y: (tf.cast(x, tf.float32), y))
         if augmenter is not None:
@@ -284,28 +308,56 @@ def _improves(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value < best if mode == "min" else value > best)
 
 
-def _fit_stage(model, stage: str, train_data, validation_data, epochs: int, lr: float, settings: FinetuneSettings,
-               checkpoint: Path, best: float | None, class_weight, first_epoch: int, on_epoch,
-               interrupted: Callable[[], bool]) -> tuple[dict, list[float]]:
+def _fit_stage(
+    model,
+    stage: str,
+    train_data,
+    validation_data,
+    epochs: int,
+    lr: float,
+    settings: FinetuneSettings,
+    checkpoint: Path,
+    best: float | None,
+    class_weight,
+    first_epoch: int,
+    on_epoch,
+    interrupted: Callable[[], bool],
+) -> tuple[dict, list[float]]:
     """Compile with ``lr``, fit with early stopping and best-only checkpointing; return history and epoch times.
 
     The checkpoint is written only when the monitored value beats ``best`` (the best of earlier
     stages), so after the stage it holds the best weights of the whole run.
     """
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss="categorical_crossentropy",
-                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")])
+    model.compile(
+        optimizer=keras.optimizers.Adam(lr),
+        loss="categorical_crossentropy",
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+    )
     report = _EpochReport(stage, first_epoch, on_epoch)
     callbacks = [
         keras.callbacks.EarlyStopping(settings.monitor, mode=settings.mode, patience=settings.patience),
-        keras.callbacks.ModelCheckpoint(str(checkpoint), settings.monitor, mode=settings.mode, save_best_only=True,
-                                        save_weights_only=True, initial_value_threshold=best),
+        keras.callbacks.ModelCheckpoint(
+            str(checkpoint),
+            settings.monitor,
+            mode=settings.mode,
+            save_best_only=True,
+            save_weights_only=True,
+            initial_value_threshold=best,
+        ),
         report,
         keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: _stop_if(model, interrupted())),
     ]
     with warnings.catch_warnings():  # the generator's length is unknown to Keras: it ends each epoch
         warnings.filterwarnings("ignore", message="Your input ran out of data")
-        history = model.fit(train_data, validation_data=validation_data, epochs=epochs, class_weight=class_weight,
-                            callbacks=callbacks, shuffle=False, verbose=0)
+        history = model.fit(
+            train_data,
+            validation_data=validation_data,
+            epochs=epochs,
+            class_weight=class_weight,
+            callbacks=callbacks,
+            shuffle=False,
+            verbose=0,
+        )
     return {k: [float(v) for v in values] for k, values in history.history.items()}, report.seconds
 
 
@@ -314,22 +366,35 @@ def training_rows(dataset_dir: Path, training_split: str, validation_split: str 
     by_split = dataset_rows(dataset_dir)
     training = by_split.get(training_split, [])
     if not training:
-        raise DatasetError(f"dataset {dataset_dir} has no {training_split!r} split (it has: {', '.join(by_split) or 'none'})")
+        raise DatasetError(
+            f"dataset {dataset_dir} has no {training_split!r} split (it has: {', '.join(by_split) or 'none'})"
+        )
     validation = by_split.get(validation_split or "", [])
     if validation:
         return training, validation, f"the {validation_split} split"
     assignment = stratified_split([row["label"] for row in training], [1 - HOLDOUT, HOLDOUT], seed)
     held_out = [row for row, part in zip(training, assignment) if part == 1]
     if not held_out:
-        raise DatasetError(f"dataset {dataset_dir}: too few {training_split} images to hold {HOLDOUT:.0%} out for validation")
-    return ([row for row, part in zip(training, assignment) if part == 0], held_out,
-            f"{HOLDOUT:.0%} of the {training_split} split held out (no {validation_split or 'validation'} split)")
+        raise DatasetError(
+            f"dataset {dataset_dir}: too few {training_split} images to hold {HOLDOUT:.0%} out for validation"
+        )
+    return (
+        [row for row, part in zip(training, assignment) if part == 0],
+        held_out,
+        f"{HOLDOUT:.0%} of the {training_split} split held out (no {validation_split or 'validation'} split)",
+    )
 
 
 @locks_output("output_dir")
-def finetune(dataset_dir: str | Path, output_dir: str | Path, settings: FinetuneSettings, *,
-             training_split: str = "training", validation_split: str | None = "validation",
-             on_epoch: Callable[[str, int, dict], None] | None = None) -> FinetuneReport:
+def finetune(
+    dataset_dir: str | Path,
+    output_dir: str | Path,
+    settings: FinetuneSettings,
+    *,
+    training_split: str = "training",
+    validation_split: str | None = "validation",
+    on_epoch: Callable[[str, int, dict], None] | None = None,
+) -> FinetuneReport:
     """Fine-tune ``settings.backbone`` on the dataset in two stages and write the outputs.
 
     Parameters
@@ -356,13 +421,26 @@ def finetune(dataset_dir: str | Path, output_dir: str | Path, settings: Finetune
     names = [str(c) for c in encoder.classes_]
     if len(names) < 2:
         raise DatasetError(f"dataset {dataset_dir}: fine-tuning needs at least 2 classes, found {names}")
-    model, base = build_model(settings.backbone, len(names), settings.weights, settings.input_size,
-                              settings.head_dropout, settings.head_batchnorm)
+    model, base = build_model(
+        settings.backbone,
+        len(names),
+        settings.weights,
+        settings.input_size,
+        settings.head_dropout,
+        settings.head_batchnorm,
+    )
     size = int(model.input.shape[1])
 
     def batches(rows, seed=None):
-        return ImageBatches([dataset_dir / row["path"] for row in rows], encoder.transform([row["label"] for row in rows]),
-                            len(names), size, settings.batch_size, settings.max_image_pixels, seed)
+        return ImageBatches(
+            [dataset_dir / row["path"] for row in rows],
+            encoder.transform([row["label"] for row in rows]),
+            len(names),
+            size,
+            settings.batch_size,
+            settings.max_image_pixels,
+            seed,
+        )
 
     train_batches, validation_batches = batches(training, settings.seed), batches(validation)
     train_data = train_batches.dataset(make_augmenter(settings.augment, settings.seed))
@@ -373,8 +451,12 @@ def finetune(dataset_dir: str | Path, output_dir: str | Path, settings: Finetune
         class_weight = dict(enumerate(compute_class_weight("balanced", classes=np.arange(len(names)), y=labels)))
 
     record = _train(model, base, settings, train_data, validation_data, class_weight, output_dir / CHECKPOINT, on_epoch)
-    record.update(validation=holdout, settings=dataclasses.asdict(settings), labels=names,
-                  images=dict(training=len(training), validation=len(validation)))
+    record.update(
+        validation=holdout,
+        settings=dataclasses.asdict(settings),
+        labels=names,
+        images=dict(training=len(training), validation=len(validation)),
+    )
 
     output_dir.mkdir(parents=True, exist_ok=True)
     model_path = output_dir / KERAS_MODEL
@@ -382,19 +464,36 @@ def finetune(dataset_dir: str | Path, output_dir: str | Path, settings: Finetune
         model.save(temporary)
     bundle, validation_metrics = _bundle(model, base, settings, dataset_dir, training, validation, encoder, record)
     seconds = time.perf_counter() - started
-    bundle.info.update(fit_seconds=seconds, validation_accuracy=validation_metrics[0], validation_auc=validation_metrics[1])
+    bundle.info.update(
+        fit_seconds=seconds, validation_accuracy=validation_metrics[0], validation_auc=validation_metrics[1]
+    )
     bundle_path = bundle.save(output_dir / BUNDLE)
-    record.update(seconds=seconds, validation_accuracy=validation_metrics[0], validation_auc=validation_metrics[1],
-                  skipped=dict(train_batches.skipped, **validation_batches.skipped))
+    record.update(
+        seconds=seconds,
+        validation_accuracy=validation_metrics[0],
+        validation_auc=validation_metrics[1],
+        skipped=dict(train_batches.skipped, **validation_batches.skipped),
+    )
     atomic_write_json(output_dir / HISTORY, record)
     plot_curves(record, output_dir)
-    return FinetuneReport(output_dir, model_path, bundle_path, record, validation_metrics[0], validation_metrics[1],
-                          seconds, record["stages"][-1]["unfrozen_blocks"], holdout, record["skipped"],
-                          record["interrupted"])
+    return FinetuneReport(
+        output_dir,
+        model_path,
+        bundle_path,
+        record,
+        validation_metrics[0],
+        validation_metrics[1],
+        seconds,
+        record["stages"][-1]["unfrozen_blocks"],
+        holdout,
+        record["skipped"],
+        record["interrupted"],
+    )
 
 
-def _train(model, base, settings: FinetuneSettings, train_data, validation_data, class_weight, checkpoint: Path,
-           on_epoch) -> dict:
+def _train(
+    model, base, settings: FinetuneSettings, train_data, validation_data, class_weight, checkpoint: Path, on_epoch
+) -> dict:
     """Run the stages, restoring the best checkpoint of the run after each; the history record.
 
     Ctrl-C stops after the batch in flight (the partial epoch is still validated and may be
@@ -409,11 +508,27 @@ def _train(model, base, settings: FinetuneSettings, train_data, validation_data,
     stages, history, best = [], {}, None
     with interrupt_after_batch() as interrupted:
         for stage, epochs, lr in plan:
-            unfrozen = unfreeze_last_blocks(model, base, settings.backbone, settings.unfreeze_blocks) if stage == "finetune" else []
+            unfrozen = (
+                unfreeze_last_blocks(model, base, settings.backbone, settings.unfreeze_blocks)
+                if stage == "finetune"
+                else []
+            )
             started, first_epoch = time.perf_counter(), len(history.get("loss", []))
-            logs, seconds = _fit_stage(model, stage, train_data, validation_data, epochs, lr, settings, checkpoint,
-                                       None if best is None else best["value"], class_weight, first_epoch, on_epoch,
-                                       interrupted)
+            logs, seconds = _fit_stage(
+                model,
+                stage,
+                train_data,
+                validation_data,
+                epochs,
+                lr,
+                settings,
+                checkpoint,
+                None if best is None else best["value"],
+                class_weight,
+                first_epoch,
+                on_epoch,
+                interrupted,
+            )
             for key, values in logs.items():
                 history.setdefault(key, []).extend(values)
             for index, value in enumerate(logs.get(settings.monitor, [])):  # the same rule as the checkpoint's
@@ -424,13 +539,28 @@ def _train(model, base, settings: FinetuneSettings, train_data, validation_data,
             with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed
                 warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
                 model.load_weights(checkpoint)  # the best weights so far, from this stage or an earlier one
-            stages.append(dict(name=stage, learning_rate=lr, epochs_run=len(seconds), epoch_seconds=seconds,
-                               seconds=time.perf_counter() - started, unfrozen_blocks=unfrozen,
-                               trainable_parameters=int(sum(np.prod(w.shape) for w in model.trainable_weights))))
+            stages.append(
+                dict(
+                    name=stage,
+                    learning_rate=lr,
+                    epochs_run=len(seconds),
+                    epoch_seconds=seconds,
+                    seconds=time.perf_counter() - started,
+                    unfrozen_blocks=unfrozen,
+                    trainable_parameters=int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+                )
+            )
             if interrupted():
                 break
-    return dict(monitor=settings.monitor, mode=settings.mode, stages=stages, history=history, best=best,
-                stage_boundary=stages[0]["epochs_run"], interrupted=interrupted())
+    return dict(
+        monitor=settings.monitor,
+        mode=settings.mode,
+        stages=stages,
+        history=history,
+        best=best,
+        stage_boundary=stages[0]["epochs_run"],
+        interrupted=interrupted(),
+    )
 
 
 def _bundle(model, base, settings: FinetuneSettings, dataset_dir: Path, training, validation, encoder, record):
@@ -438,21 +568,35 @@ def _bundle(model, base, settings: FinetuneSettings, dataset_dir: Path, training
     from sklearn.metrics import accuracy_score
 
     backbone_weights = base.get_weights()
-    extractor = FeatureExtractor(settings.backbone, backbone_weights, "avg", settings.batch_size, settings.max_image_pixels,
-                                 input_size=int(model.input.shape[1]), label_names=[str(c) for c in encoder.classes_])
+    extractor = FeatureExtractor(
+        settings.backbone,
+        backbone_weights,
+        "avg",
+        settings.batch_size,
+        settings.max_image_pixels,
+        input_size=int(model.input.shape[1]),
+        label_names=[str(c) for c in encoder.classes_],
+    )
     head = dense_head(model)
     train_set, _ = extract_in_memory(extractor, dataset_dir, training)
     validation_set, _ = extract_in_memory(extractor, dataset_dir, validation)
     centroids = NoveltyDetector.centroids_of([(train_set.features, train_set.labels)], len(encoder.classes_))
     novelty = NoveltyDetector.fit(centroids, validation_set.features, settings.unknown_keep, record["validation"])
     scores = head.predict_proba(validation_set.features)
-    metrics = (float(accuracy_score(validation_set.labels, scores.argmax(axis=1))),
-               roc_auc(validation_set.labels, scores, len(encoder.classes_)))
-    info = dict(best=record["best"], monitor=record["monitor"], stages=[
-        {k: v for k, v in stage.items() if k != "epoch_seconds"} for stage in record["stages"]],
-        settings=record["settings"], validation=record["validation"])
-    bundle = Bundle(head, encoder, extractor.meta, "finetune", info=info, novelty=novelty,
-                    backbone_weights=backbone_weights)
+    metrics = (
+        float(accuracy_score(validation_set.labels, scores.argmax(axis=1))),
+        roc_auc(validation_set.labels, scores, len(encoder.classes_)),
+    )
+    info = dict(
+        best=record["best"],
+        monitor=record["monitor"],
+        stages=[{k: v for k, v in stage.items() if k != "epoch_seconds"} for stage in record["stages"]],
+        settings=record["settings"],
+        validation=record["validation"],
+    )
+    bundle = Bundle(
+        head, encoder, extractor.meta, "finetune", info=info, novelty=novelty, backbone_weights=backbone_weights
+    )
     return bundle, metrics
 
 
@@ -476,7 +620,9 @@ def plot_curves(record: dict, output_dir: str | Path) -> list[str]:
         if boundary < len(epochs):
             axes.axvline(boundary + 0.5, color="grey", linestyle="--", label="stage 2: blocks unfrozen")
         if f"val_{metric}" == record["monitor"]:
-            axes.plot([best["epoch"]], [best["value"]], "k*", markersize=14, label=f"best (restored), epoch {best['epoch']}")
+            axes.plot(
+                [best["epoch"]], [best["value"]], "k*", markersize=14, label=f"best (restored), epoch {best['epoch']}"
+            )
         axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axes.set_xlabel("epoch")
         axes.set_ylabel(metric)

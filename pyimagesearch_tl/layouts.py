@@ -33,10 +33,10 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from .atomic import atomic_write_csv
 from .config import SPLIT_ROLES
 from .errors import DatasetError, ImageError
 from .images import MAX_PIXELS, is_image_name, probe_image, sha256_file
-from .atomic import atomic_write_csv
 from .locks import locks_output
 
 #: Folder names recognised as pre-existing splits, mapped to their role.
@@ -108,7 +108,9 @@ def parse_labels(text: str) -> list[str]:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_file() and is_image_name(p.name)), key=lambda p: natural_key(p.name))
+    return sorted(
+        (p for p in folder.iterdir() if p.is_file() and is_image_name(p.name)), key=lambda p: natural_key(p.name)
+    )
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -138,7 +140,9 @@ def _food5k(input_dir: Path, classes: Sequence[str], labels_file: Path | None) -
             if index is None:
                 raise DatasetError(f"{path}: not a Food-5K name '<class index>_<n>.<ext>'")
             if classes and index >= len(classes):
-                raise DatasetError(f"{path}: class index {index} but only {len(classes)} classes given ({', '.join(classes)})")
+                raise DatasetError(
+                    f"{path}: class index {index} but only {len(classes)} classes given ({', '.join(classes)})"
+                )
             items.append(Item(path, classes[index] if classes else str(index), role))
     return LayoutResult("food5k", items)
 
@@ -171,7 +175,7 @@ def _labels_file(input_dir: Path, classes: Sequence[str], labels_file: Path | No
             f"labels file {str(labels_path)!r} has {len(labels)} labels but there are only {len(images)} images"
         )
     items = [Item(path, label) for path, label in zip(images, labels) if not classes or label in classes]
-    return LayoutResult("labels-file", items, unlabelled=images[len(labels):])
+    return LayoutResult("labels-file", items, unlabelled=images[len(labels) :])
 
 
 LAYOUTS: dict[str, Callable[[Path, Sequence[str], Path | None], LayoutResult]] = {
@@ -194,7 +198,9 @@ def detect_layout(input_dir: Path, labels_file: Path | None = None) -> str:
     raise DatasetError(f"no images found in {input_dir} (expected class folders, Food-5K names or a labels file)")
 
 
-def read_layout(input_dir: str | Path, layout: str = "auto", classes: Sequence[str] = (), labels_file: str | Path | None = None) -> LayoutResult:
+def read_layout(
+    input_dir: str | Path, layout: str = "auto", classes: Sequence[str] = (), labels_file: str | Path | None = None
+) -> LayoutResult:
     """Labelled items of ``input_dir`` under ``layout`` (``auto`` detects it)."""
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
@@ -317,8 +323,11 @@ def build_dataset(
         raise DatasetError(f"none of the {len(result.items)} images in {input_dir} could be decoded")
     if skipped:
         example = f"{len(skipped)} skipped, e.g. {skipped[0][0]}: {skipped[0][1]}"
-        _check_classes(sorted({item.label for item in result.items}), [item.label for item, _, _ in kept],
-                       f"that can be decoded ({example})")
+        _check_classes(
+            sorted({item.label for item in result.items}),
+            [item.label for item, _, _ in kept],
+            f"that can be decoded ({example})",
+        )
 
     roles = [item.role for item, _, _ in kept]
     if all(role is None for role in roles):
@@ -327,7 +336,9 @@ def build_dataset(
         role_to_split = dict(zip(SPLIT_ROLES, splits))
         unknown = sorted({r for r in roles if r not in role_to_split})
         if unknown:
-            raise DatasetError(f"the input has a {unknown[0]} split but only {len(splits)} splits are configured ({', '.join(splits)})")
+            raise DatasetError(
+                f"the input has a {unknown[0]} split but only {len(splits)} splits are configured ({', '.join(splits)})"
+            )
         assignment = [role_to_split[role] for role in roles]
 
     staging = output_dir.with_name(output_dir.name + ".partial")
@@ -342,7 +353,9 @@ def build_dataset(
         used.add(relative.as_posix())
         (staging / relative).parent.mkdir(parents=True, exist_ok=True)
         _place(item.source, staging / relative, link)
-        rows.append(dict(path=relative.as_posix(), split=split, label=item.label, sha256=digest, width=width, height=height))
+        rows.append(
+            dict(path=relative.as_posix(), split=split, label=item.label, sha256=digest, width=width, height=height)
+        )
 
     duplicates = find_leaks(rows)
     atomic_write_csv(staging / MANIFEST, MANIFEST_FIELDS, rows)

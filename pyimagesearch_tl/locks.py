@@ -71,10 +71,15 @@ def output_lock(folder: str | Path, wait: bool = False) -> Iterator[None]:
     outermost = lock.lock_counter == 1
     try:
         if outermost:
-            atomic_write_json(owner_file, dict(
-                command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300], pid=os.getpid(),
-                host=socket.gethostname(), since=datetime.datetime.now().isoformat(timespec="seconds"),
-            ))
+            atomic_write_json(
+                owner_file,
+                dict(
+                    command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300],
+                    pid=os.getpid(),
+                    host=socket.gethostname(),
+                    since=datetime.datetime.now().isoformat(timespec="seconds"),
+                ),
+            )
         yield
     finally:
         if outermost:

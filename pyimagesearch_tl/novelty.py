@@ -60,14 +60,16 @@ class NoveltyDetector:
         return _unit(sums)
 
     @classmethod
-    def fit(cls, centroids: np.ndarray, calibration: np.ndarray, keep: float = 0.95,
-            calibrated_on: str = "validation") -> "NoveltyDetector":
+    def fit(
+        cls, centroids: np.ndarray, calibration: np.ndarray, keep: float = 0.95, calibrated_on: str = "validation"
+    ) -> "NoveltyDetector":
         """Set the threshold so that a ``keep`` share of the ``calibration`` features is known."""
         return cls.from_similarities(centroids, (_unit(calibration) @ centroids.T).max(axis=1), keep, calibrated_on)
 
     @classmethod
-    def from_similarities(cls, centroids: np.ndarray, similarity: np.ndarray, keep: float = 0.95,
-                          calibrated_on: str = "validation") -> "NoveltyDetector":
+    def from_similarities(
+        cls, centroids: np.ndarray, similarity: np.ndarray, keep: float = 0.95, calibrated_on: str = "validation"
+    ) -> "NoveltyDetector":
         """As :meth:`fit`, from the calibration images' similarities already computed (streaming)."""
         if not 0 < keep <= 1:
             raise ValueError(f"keep must be in (0, 1], got {keep}")

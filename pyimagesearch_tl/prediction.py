@@ -12,7 +12,6 @@ from .bundle import Bundle
 from .errors import BundleError, ConfigError, DatasetError
 from .images import MAX_PIXELS, is_image_name
 
-
 #: The label given to images that belong to none of the classes.
 UNKNOWN = "unknown"
 
@@ -52,18 +51,22 @@ def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
 class Predictor:
     """Features and labels for new images, exactly as the bundle's training features were made."""
 
-    def __init__(self, bundle: Bundle, batch_size: int = 32, max_pixels: int = MAX_PIXELS, top_k: int = 3,
-                 runtime: str = "auto"):
+    def __init__(
+        self, bundle: Bundle, batch_size: int = 32, max_pixels: int = MAX_PIXELS, top_k: int = 3, runtime: str = "auto"
+    ):
         from .features import FeatureExtractor
 
         self.bundle, self.top_k = bundle, top_k
         try:
-            self.extractor = FeatureExtractor.from_meta(bundle.meta, batch_size, max_pixels, bundle.backbone_weights,
-                                                        runtime)
+            self.extractor = FeatureExtractor.from_meta(
+                bundle.meta, batch_size, max_pixels, bundle.backbone_weights, runtime
+            )
         except ConfigError:  # a runtime that is not installed: the user's choice, not the bundle's fault
             raise
         except Exception as exc:  # unknown backbone, weights file gone or not downloadable, ...
-            raise BundleError(f"cannot rebuild the feature extractor of this bundle ({bundle.meta.describe()}): {exc}") from None
+            raise BundleError(
+                f"cannot rebuild the feature extractor of this bundle ({bundle.meta.describe()}): {exc}"
+            ) from None
         bundle.check_features(self.extractor.meta, "the rebuilt feature extractor")
 
     @property
@@ -88,7 +91,11 @@ class Predictor:
             for index, row, close in zip(batch.indices, scores, similarity):
                 order = np.argsort(row)[::-1][: self.top_k]
                 known = close is None or close >= novelty.threshold
-                results[index] = Prediction(names[index], classes[order[0]] if known else UNKNOWN, float(row[order[0]]),
-                                            [(classes[i], float(row[i])) for i in order],
-                                            similarity=None if close is None else float(close))
+                results[index] = Prediction(
+                    names[index],
+                    classes[order[0]] if known else UNKNOWN,
+                    float(row[order[0]]),
+                    [(classes[i], float(row[i])) for i in order],
+                    similarity=None if close is None else float(close),
+                )
         return results

@@ -88,9 +88,16 @@ def _onnxruntime(path: Path, threads: int) -> Forward:
 def _openvino(path: Path, threads: int) -> Forward:
     import openvino
 
-    compiled = openvino.Core().compile_model(str(path), "CPU", {
-        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads,
-        "ENABLE_CPU_PINNING": False})  # pinned, the workers of one node would all share its first cores
+    compiled = openvino.Core().compile_model(
+        str(path),
+        "CPU",
+        {
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_NUM_THREADS": threads,
+            "ENABLE_CPU_PINNING": False,
+        },
+    )  # pinned, the workers of one node would all share its first cores
     requests = threading.local()  # an infer request serves one call at a time: one per thread (a server's)
 
     def forward(images: np.ndarray) -> np.ndarray:
@@ -117,8 +124,9 @@ def converter_version() -> str:
 
 def network_key(weights: list[np.ndarray], **settings) -> str:
     """Digest naming a converted network: its weight values plus every setting that shapes it."""
-    digest = hashlib.sha256(json.dumps(dict(settings, converter=converter_version(), opset=OPSET),
-                                       sort_keys=True).encode())
+    digest = hashlib.sha256(
+        json.dumps(dict(settings, converter=converter_version(), opset=OPSET), sort_keys=True).encode()
+    )
     for array in weights:
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()[:32]
@@ -131,8 +139,9 @@ def export_onnx(forward, input_size: int):
 
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
     spec = (tf.TensorSpec([None, input_size, input_size, 3], tf.uint8, name="pixels"),)
-    model, _ = tf2onnx.convert.from_function(tf.function(lambda pixels: forward(pixels)), input_signature=spec,
-                                             opset=OPSET)
+    model, _ = tf2onnx.convert.from_function(
+        tf.function(lambda pixels: forward(pixels)), input_signature=spec, opset=OPSET
+    )
     return model
 
 
@@ -180,8 +189,9 @@ def requested_runtime(requested: str, precision: str) -> str:
     return requested
 
 
-def choose(requested: str, tensorflow: Forward, network: Callable[[], Path], images: np.ndarray, threads: int,
-           what: str) -> Choice:
+def choose(
+    requested: str, tensorflow: Forward, network: Callable[[], Path], images: np.ndarray, threads: int, what: str
+) -> Choice:
     """The runtime that runs ``what`` from now on, checked on ``images`` (real, decoded) when new.
 
     Parameters
@@ -207,7 +217,9 @@ def choose(requested: str, tensorflow: Forward, network: Callable[[], Path], ima
         path = network()
     except Exception as exc:  # whatever tf2onnx cannot convert runs where it was built
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        return Choice(TENSORFLOW, tensorflow, f"{what} could not be converted to ONNX ({reason}); it runs in TensorFlow")
+        return Choice(
+            TENSORFLOW, tensorflow, f"{what} could not be converted to ONNX ({reason}); it runs in TensorFlow"
+        )
     record_path = path.with_suffix(".json")
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     sample, reference, loaded = images[:PARITY_IMAGES], None, {}
@@ -219,13 +231,18 @@ def choose(requested: str, tensorflow: Forward, network: Callable[[], Path], ima
             record[TENSORFLOW] = {"img_per_s": _rate(tensorflow, images)}
         forward = loaded[name] = RUNTIMES[name].load(path, threads)
         difference = float(np.abs(forward(sample) - reference).max())
-        record[name] = {"max_abs_diff": difference, "passed": difference <= PARITY_ATOL,
-                        "img_per_s": _rate(forward, images)}
+        record[name] = {
+            "max_abs_diff": difference,
+            "passed": difference <= PARITY_ATOL,
+            "img_per_s": _rate(forward, images),
+        }
         atomic_write_json(record_path, record)
     passed = [n for n in candidates if record[n]["passed"]]
     if requested != AUTO and not passed:
-        raise PTLError(f"{requested} gives features of {what} up to {record[requested]['max_abs_diff']:.2g} away "
-                       f"from TensorFlow's (the limit is {PARITY_ATOL:g}); refused: use --runtime tensorflow")
+        raise PTLError(
+            f"{requested} gives features of {what} up to {record[requested]['max_abs_diff']:.2g} away "
+            f"from TensorFlow's (the limit is {PARITY_ATOL:g}); refused: use --runtime tensorflow"
+        )
     best = requested
     if requested == AUTO:
         timed = passed + [TENSORFLOW] * (TENSORFLOW in record)

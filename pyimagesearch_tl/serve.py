@@ -55,7 +55,8 @@ PAGE = """<!doctype html>
     {% if r.error %}<div class="error">skipped: {{ r.error }}</div>
     {% else %}
     <div class="label {{ 'unknown' if r.unknown else '' }}" data-label="{{ r.label }}">{{ r.label }}</div>
-    <table>{% for name, value in r.top %}<tr><td>{{ name }}</td><td>{{ "%.4f" | format(value) }}</td></tr>{% endfor %}</table>
+    <table>{% for name, value in r.top %}
+      <tr><td>{{ name }}</td><td>{{ "%.4f" | format(value) }}</td></tr>{% endfor %}</table>
     {% if r.unknown %}<div class="unknown">None of the classes fits: the closest is {{ r.top[0][0] }}.</div>{% endif %}
     {% endif %}
   </div>
@@ -114,16 +115,29 @@ def create_app(predictor: Predictor, max_upload_bytes: int = 10 * 2**20):
     limit = f"{max_upload_bytes / 2**20:g} MB"
 
     def page(status: int = 200, results=(), error: str | None = None):
-        html = render_template_string(PAGE, model=bundle.name, backbone=bundle.meta.backbone, classes=bundle.label_names,
-                                      results=results, error=error)
+        html = render_template_string(
+            PAGE,
+            model=bundle.name,
+            backbone=bundle.meta.backbone,
+            classes=bundle.label_names,
+            results=results,
+            error=error,
+        )
         return html, status
 
     @app.get("/health")
     def health():
         novelty = bundle.novelty
-        return jsonify(status="ok", model=bundle.name, classes=bundle.label_names, backbone=bundle.meta.backbone,
-                       weights=bundle.meta.weights, input_size=bundle.meta.input_size, score=kind,
-                       unknown_threshold=None if novelty is None else novelty.threshold)
+        return jsonify(
+            status="ok",
+            model=bundle.name,
+            classes=bundle.label_names,
+            backbone=bundle.meta.backbone,
+            weights=bundle.meta.weights,
+            input_size=bundle.meta.input_size,
+            score=kind,
+            unknown_threshold=None if novelty is None else novelty.threshold,
+        )
 
     @app.post("/api/predict")
     def api_predict():
@@ -142,8 +156,17 @@ def create_app(predictor: Predictor, max_upload_bytes: int = 10 * 2**20):
     def upload():
         uploads = _uploads(request)
         results = predictor.predict([data for _, data in uploads], [name for name, _ in uploads])
-        shown = [dict(name=r.path, label=r.label, top=r.top, error=r.error, unknown=r.label == UNKNOWN,
-                      thumbnail=_thumbnail(data)) for r, (_, data) in zip(results, uploads)]
+        shown = [
+            dict(
+                name=r.path,
+                label=r.label,
+                top=r.top,
+                error=r.error,
+                unknown=r.label == UNKNOWN,
+                thumbnail=_thumbnail(data),
+            )
+            for r, (_, data) in zip(results, uploads)
+        ]
         return page(400 if all(r.error for r in results) else 200, shown)
 
     def wants_json() -> bool:
@@ -165,10 +188,20 @@ def create_app(predictor: Predictor, max_upload_bytes: int = 10 * 2**20):
     return app
 
 
-def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000, max_upload_bytes: int = 10 * 2**20,
-          threads: int = 4) -> None:
+def serve(
+    predictor: Predictor,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_upload_bytes: int = 10 * 2**20,
+    threads: int = 4,
+) -> None:
     """Run the application under waitress until interrupted."""
     import waitress
 
-    waitress.serve(create_app(predictor, max_upload_bytes), host=host, port=port, threads=threads,
-                   max_request_body_size=max_upload_bytes + 2**20)
+    waitress.serve(
+        create_app(predictor, max_upload_bytes),
+        host=host,
+        port=port,
+        threads=threads,
+        max_request_body_size=max_upload_bytes + 2**20,
+    )

@@ -39,8 +39,17 @@ SHARDS = ".shards"  # <features dir>/.shards/<split>/: shard files of an extract
 LABEL_ENCODER = "label_encoder.joblib"  # <features dir>/label_encoder.joblib: the class names, fitted once
 
 #: Meta fields that must be equal for two feature sets (or a bundle and new images) to be comparable.
-LAYOUT_FIELDS = ("backbone", "weights", "weights_sha256", "pooling", "input_size", "preprocessing", "decoder",
-                 "feature_dim", "precision")
+LAYOUT_FIELDS = (
+    "backbone",
+    "weights",
+    "weights_sha256",
+    "pooling",
+    "input_size",
+    "preprocessing",
+    "decoder",
+    "feature_dim",
+    "precision",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +69,10 @@ class FeatureMeta:
     precision: str = "float32"
 
     def describe(self) -> str:
-        return f"{self.backbone} ({self.weights} weights, {self.pooling} pooling, {self.input_size}px, {self.feature_dim} values)"
+        return (
+            f"{self.backbone} ({self.weights} weights, {self.pooling} pooling, {self.input_size}px, "
+            f"{self.feature_dim} values)"
+        )
 
     def to_attrs(self) -> dict[str, object]:
         values = dataclasses.asdict(self)
@@ -89,7 +101,9 @@ def check_same_layout(reference: FeatureMeta, other: FeatureMeta, what: str) -> 
                 "features from different backbones or settings cannot be mixed"
             )
     if reference.label_names != other.label_names:
-        raise FeatureFileError(f"{what} has labels {list(other.label_names)} but the reference has {list(reference.label_names)}")
+        raise FeatureFileError(
+            f"{what} has labels {list(other.label_names)} but the reference has {list(reference.label_names)}"
+        )
 
 
 @dataclasses.dataclass
@@ -148,14 +162,20 @@ class HDF5FeatureWriter:
         f = self.file
         start, count = self.rows, len(labels)
         if count:
-            for name, values in (("features", np.asarray(features, dtype=self.meta.dtype)), ("labels", labels),
-                                 ("paths", [os.fsencode(p) for p in paths]), ("sha256", [s.encode() for s in sha256])):
+            for name, values in (
+                ("features", np.asarray(features, dtype=self.meta.dtype)),
+                ("labels", labels),
+                ("paths", [os.fsencode(p) for p in paths]),
+                ("sha256", [s.encode() for s in sha256]),
+            ):
                 f[name].resize(start + count, axis=0)
-                f[name][start:start + count] = values
+                f[name][start : start + count] = values
         if skipped:
             done = f["skipped_paths"].shape[0]
-            for name, values in (("skipped_paths", [os.fsencode(p) for p, _ in skipped]),
-                                 ("skipped_reasons", [r.encode() for _, r in skipped])):
+            for name, values in (
+                ("skipped_paths", [os.fsencode(p) for p, _ in skipped]),
+                ("skipped_reasons", [r.encode() for _, r in skipped]),
+            ):
                 f[name].resize(done + len(skipped), axis=0)
                 f[name][done:] = values
 
@@ -199,11 +219,18 @@ class CSVFeatureWriter:
 
     def finish(self) -> Path:
         self.handle.close()
-        atomic_write_json(_csv_meta_path(self.path), dict(
-            self.meta.to_attrs(), format_version=FORMAT_VERSION, fingerprint=self.fingerprint, complete=True,
-            paths=[os.fsencode(p).decode("utf-8", "surrogateescape") for p in self.paths], sha256=self.sha256,
-            skipped=[list(s) for s in self.skipped],
-        ))
+        atomic_write_json(
+            _csv_meta_path(self.path),
+            dict(
+                self.meta.to_attrs(),
+                format_version=FORMAT_VERSION,
+                fingerprint=self.fingerprint,
+                complete=True,
+                paths=[os.fsencode(p).decode("utf-8", "surrogateescape") for p in self.paths],
+                sha256=self.sha256,
+                skipped=[list(s) for s in self.skipped],
+            ),
+        )
         os.replace(self.partial, self.path)
         return self.path
 
@@ -233,8 +260,9 @@ def write_shard(path: str | Path, identity: str, shard: Shard) -> None:
             f.create_dataset("features", data=np.asarray(shard.features, np.float32))
             f.create_dataset("positions", data=np.asarray(shard.positions, np.int64))
             f.create_dataset("skipped_positions", data=np.array([p for p, _ in shard.skipped], np.int64))
-            f.create_dataset("skipped_reasons", data=[r.encode() for _, r in shard.skipped],
-                             dtype=h5py.vlen_dtype(bytes))
+            f.create_dataset(
+                "skipped_reasons", data=[r.encode() for _, r in shard.skipped], dtype=h5py.vlen_dtype(bytes)
+            )
             f.attrs["identity"] = identity
 
 
@@ -246,8 +274,11 @@ def read_shard(path: str | Path, identity: str) -> Shard | None:
         with h5py.File(path, "r") as f:
             if f.attrs.get("identity") != identity:
                 return None
-            return Shard(f["features"][:], f["positions"][:],
-                         [(int(p), bytes(r).decode()) for p, r in zip(f["skipped_positions"][:], f["skipped_reasons"][:])])
+            return Shard(
+                f["features"][:],
+                f["positions"][:],
+                [(int(p), bytes(r).decode()) for p, r in zip(f["skipped_positions"][:], f["skipped_reasons"][:])],
+            )
     except (OSError, KeyError):
         return None
 
@@ -269,9 +300,13 @@ def feature_file(features_dir: str | Path, split: str) -> Path:
         if path.is_file():
             return path
     if (features_dir / SHARDS / split).is_dir() or list(features_dir.glob(f"{split}.*{PARTIAL}")):
-        raise FeatureFileError(f"the {split!r} features in {features_dir} are an unfinished extraction; rerun extract to resume it")
+        raise FeatureFileError(
+            f"the {split!r} features in {features_dir} are an unfinished extraction; rerun extract to resume it"
+        )
     found = sorted(p.name for p in features_dir.iterdir() if p.suffix in SUFFIXES.values())
-    raise FeatureFileError(f"no feature file for split {split!r} in {features_dir} (found: {', '.join(found) or 'none'})")
+    raise FeatureFileError(
+        f"no feature file for split {split!r} in {features_dir} (found: {', '.join(found) or 'none'})"
+    )
 
 
 def has_feature_file(features_dir: str | Path, split: str) -> bool:
@@ -343,7 +378,7 @@ def iter_chunks(path: str | Path, rows: int | None = None, blocks=None) -> Itera
         step = rows or features.chunks[0]
         for block in range(-(-features.shape[0] // step)) if blocks is None else blocks:
             start = block * step
-            yield features[start:start + step], labels[start:start + step]
+            yield features[start : start + step], labels[start : start + step]
 
 
 def read_labels(path: str | Path) -> np.ndarray:
@@ -391,7 +426,9 @@ def read_skipped(path: str | Path) -> list[tuple[str, str]]:
     if path.suffix == ".csv":
         return [tuple(s) for s in _read_csv_sidecar(path)["skipped"]]
     with _open_h5(path) as f:
-        return [(os.fsdecode(bytes(p)), bytes(r).decode()) for p, r in zip(f["skipped_paths"][:], f["skipped_reasons"][:])]
+        return [
+            (os.fsdecode(bytes(p)), bytes(r).decode()) for p, r in zip(f["skipped_paths"][:], f["skipped_reasons"][:])
+        ]
 
 
 def read_fingerprint(path: str | Path) -> str | None:

@@ -49,7 +49,9 @@ def load_label_encoder(features_dir: Path, label_names: Sequence[str]):
     path = features_dir / LABEL_ENCODER
     encoder = joblib.load(path) if path.is_file() else LabelEncoder().fit(list(label_names))
     if [str(c) for c in encoder.classes_] != list(label_names):
-        raise DatasetError(f"{path} has classes {[str(c) for c in encoder.classes_]} but the feature files have {list(label_names)}")
+        raise DatasetError(
+            f"{path} has classes {[str(c) for c in encoder.classes_]} but the feature files have {list(label_names)}"
+        )
     return encoder
 
 
@@ -85,9 +87,20 @@ def _validation_metrics(bundle: Bundle, features: FeatureSet | None) -> tuple[fl
 
 
 @locks_output("output_dir")
-def train(features_dir: str | Path, output_dir: str | Path, *, training_split: str, validation_split: str | None,
-          classifier: str = "logreg", cv: str = "5", class_weight: str = "none", grids: dict | None = None,
-          seed: int = 42, n_jobs: int = -1, unknown_keep: float = 0.95) -> list[TrainReport]:
+def train(
+    features_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    training_split: str,
+    validation_split: str | None,
+    classifier: str = "logreg",
+    cv: str = "5",
+    class_weight: str = "none",
+    grids: dict | None = None,
+    seed: int = 42,
+    n_jobs: int = -1,
+    unknown_keep: float = 0.95,
+) -> list[TrainReport]:
     """Grid-search, refit and save one bundle per classifier (``"all"``: every registered one).
 
     Parameters
@@ -131,7 +144,11 @@ def train(features_dir: str | Path, output_dir: str | Path, *, training_split: s
         search = GridSearchCV(
             make_pipeline(spec, seed, None if class_weight == "none" else class_weight),
             {f"clf__{param}": values for param, values in grid.items()},
-            cv=splitter, scoring="accuracy", n_jobs=n_jobs, refit=True, error_score="raise",
+            cv=splitter,
+            scoring="accuracy",
+            n_jobs=n_jobs,
+            refit=True,
+            error_score="raise",
         )
         started = time.perf_counter()
         with warnings.catch_warnings():
@@ -140,10 +157,22 @@ def train(features_dir: str | Path, output_dir: str | Path, *, training_split: s
             search.fit(X, y)
         seconds = time.perf_counter() - started
         best = {key.removeprefix("clf__"): value for key, value in search.best_params_.items()}
-        bundle = Bundle(search.best_estimator_, encoder, train_set.meta, name,
-                        info=dict(best_params=best, cv=cv, cv_score=float(search.best_score_), fit_seconds=seconds,
-                                  training_images=int(len(y)), class_weight=class_weight, grid=grid),
-                        novelty=novelty)
+        bundle = Bundle(
+            search.best_estimator_,
+            encoder,
+            train_set.meta,
+            name,
+            info=dict(
+                best_params=best,
+                cv=cv,
+                cv_score=float(search.best_score_),
+                fit_seconds=seconds,
+                training_images=int(len(y)),
+                class_weight=class_weight,
+                grid=grid,
+            ),
+            novelty=novelty,
+        )
         path = bundle.save(output_dir / f"{name}.joblib")
         accuracy, auc = _validation_metrics(bundle, None if cv == "validation" else validation_set)
         reports.append(TrainReport(name, path, best, float(search.best_score_), accuracy, auc, seconds))
@@ -154,10 +183,20 @@ def train(features_dir: str | Path, output_dir: str | Path, *, training_split: s
 
 
 @locks_output("output_dir")
-def train_streaming(features_dir: str | Path, output_dir: str | Path, *, training_split: str,
-                    validation_split: str | None, classifier: str = "sgd", class_weight: str = "none",
-                    grids: dict | None = None, seed: int = 42, epochs: int = 5, block_rows: int = 256,
-                    unknown_keep: float = 0.95) -> TrainReport:
+def train_streaming(
+    features_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    training_split: str,
+    validation_split: str | None,
+    classifier: str = "sgd",
+    class_weight: str = "none",
+    grids: dict | None = None,
+    seed: int = 42,
+    epochs: int = 5,
+    block_rows: int = 256,
+    unknown_keep: float = 0.95,
+) -> TrainReport:
     """Train a ``partial_fit`` classifier over HDF5 blocks; memory does not grow with the row count.
 
     One pass fits the ``StandardScaler`` incrementally; then every candidate of the grid learns
@@ -171,16 +210,20 @@ def train_streaming(features_dir: str | Path, output_dir: str | Path, *, trainin
 
     streaming = [name for name in list_classifiers() if get_classifier(name).streaming]
     if classifier == "all":
-        raise ConfigError(f"--streaming trains one classifier that learns incrementally ({', '.join(streaming)}), "
-                          f"not {classifier!r}")
+        raise ConfigError(
+            f"--streaming trains one classifier that learns incrementally ({', '.join(streaming)}), not {classifier!r}"
+        )
     spec = get_classifier(classifier)
     if not spec.streaming:
-        raise ConfigError(f"--streaming needs a classifier that learns incrementally ({', '.join(streaming)}), "
-                          f"not {classifier!r}")
+        raise ConfigError(
+            f"--streaming needs a classifier that learns incrementally ({', '.join(streaming)}), not {classifier!r}"
+        )
     features_dir, output_dir = Path(features_dir), Path(output_dir)
     train_path = feature_file(features_dir, training_split)
     if train_path.suffix != ".h5":
-        raise FeatureFileError(f"{train_path}: streaming training reads HDF5 feature files (extract with --format hdf5)")
+        raise FeatureFileError(
+            f"{train_path}: streaming training reads HDF5 feature files (extract with --format hdf5)"
+        )
     meta, labels = read_meta(train_path), read_labels(train_path)
     _check_trainable(labels, meta.label_names, None)
     encoder = load_label_encoder(features_dir, meta.label_names)
@@ -194,8 +237,10 @@ def train_streaming(features_dir: str | Path, output_dir: str | Path, *, trainin
         held_out = blocks[4::5]
         train_blocks = [b for b in blocks if b not in held_out]
         if not held_out:
-            raise DatasetError(f"{train_path}: {len(labels)} images are too few to hold some out for the grid "
-                               f"search; give a validation split")
+            raise DatasetError(
+                f"{train_path}: {len(labels)} images are too few to hold some out for the grid "
+                f"search; give a validation split"
+            )
     fitted = sum(min(block_rows, len(labels) - b * block_rows) for b in train_blocks)
 
     classes = np.arange(len(meta.label_names))
@@ -211,7 +256,9 @@ def train_streaming(features_dir: str | Path, output_dir: str | Path, *, trainin
             scaler.partial_fit(X)
             yield X, y
 
-    centroids = NoveltyDetector.centroids_of(fit_scaler(iter_chunks(train_path, block_rows, train_blocks)), len(classes))
+    centroids = NoveltyDetector.centroids_of(
+        fit_scaler(iter_chunks(train_path, block_rows, train_blocks)), len(classes)
+    )
     grid = list(ParameterGrid((grids or {}).get(classifier) or spec.grid))
     candidates = [spec.make(seed, None).set_params(class_weight=weights, **params) for params in grid]
     rng = np.random.default_rng(seed)
@@ -222,7 +269,9 @@ def train_streaming(features_dir: str | Path, output_dir: str | Path, *, trainin
             for model in candidates:
                 model.partial_fit(X, y[order], classes=classes)
     correct, seen, similarities = np.zeros(len(candidates)), 0, []
-    source = iter_chunks(validation_path, block_rows) if validation_path else iter_chunks(train_path, block_rows, held_out)
+    source = (
+        iter_chunks(validation_path, block_rows) if validation_path else iter_chunks(train_path, block_rows, held_out)
+    )
     probe = NoveltyDetector(centroids, 0.0, 1.0, "")
     for X, y in source:
         similarities.append(probe.similarity(X))
@@ -235,10 +284,24 @@ def train_streaming(features_dir: str | Path, output_dir: str | Path, *, trainin
     pipeline = Pipeline([("scale", scaler), ("clf", candidates[best])])
     selection = validation_split if validation_path else "held-out training blocks"
     novelty = NoveltyDetector.from_similarities(centroids, np.concatenate(similarities), unknown_keep, selection)
-    bundle = Bundle(pipeline, encoder, meta, classifier, novelty=novelty,
-                    info=dict(best_params=grid[best], cv=f"streaming, selected on {selection}", cv_score=score,
-                              fit_seconds=seconds, training_images=int(len(labels)), fitted_images=fitted,
-                              held_out_images=int(len(labels)) - fitted if held_out else 0, epochs=epochs,
-                              class_weight=class_weight, grid=(grids or {}).get(classifier) or spec.grid))
+    bundle = Bundle(
+        pipeline,
+        encoder,
+        meta,
+        classifier,
+        novelty=novelty,
+        info=dict(
+            best_params=grid[best],
+            cv=f"streaming, selected on {selection}",
+            cv_score=score,
+            fit_seconds=seconds,
+            training_images=int(len(labels)),
+            fitted_images=fitted,
+            held_out_images=int(len(labels)) - fitted if held_out else 0,
+            epochs=epochs,
+            class_weight=class_weight,
+            grid=(grids or {}).get(classifier) or spec.grid,
+        ),
+    )
     path = bundle.save(output_dir / f"{classifier}.joblib")
     return TrainReport(classifier, path, grid[best], score, score if validation_path else None, None, seconds)

@@ -69,6 +69,7 @@ def pipeline_run(cats_dogs, tmp_path_factory) -> dict[str, Path]:
     work = tmp_path_factory.mktemp("pipeline")
     splits = ["training", "validation", "evaluation"]
     build_dataset(cats_dogs, work / "dataset", splits=splits, fractions=[0.75, 0.15, 0.10])
-    extract_dataset(work / "dataset", work / "features", splits=splits, backbone="efficientnet_lite0",
-                    batch_size=16, progress=False)
+    extract_dataset(
+        work / "dataset", work / "features", splits=splits, backbone="efficientnet_lite0", batch_size=16, progress=False
+    )
     return {"work": work, "dataset": work / "dataset", "features": work / "features"}

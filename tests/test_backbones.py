@@ -15,8 +15,15 @@ skimage_data = pytest.importorskip("skimage.data")
 
 def test_registry_lists_and_rejects_with_names():
     names = list_backbones()
-    for expected in ["vgg16", "vgg19", "resnet50", "mobilenetv2", "efficientnet_lite0", "efficientnet_lite1",
-                     "efficientnet_lite2"] + [f"efficientnetb{i}" for i in range(8)]:
+    for expected in [
+        "vgg16",
+        "vgg19",
+        "resnet50",
+        "mobilenetv2",
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
+    ] + [f"efficientnetb{i}" for i in range(8)]:
         assert expected in names
     assert list_backbones("efficientnet_lite*") == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
     with pytest.raises(ConfigError, match="unknown backbone 'alexnet'; choose one of: efficientnet_lite0.*vgg16"):
@@ -25,8 +32,13 @@ def test_registry_lists_and_rejects_with_names():
 
 @pytest.mark.parametrize(
     "name, pooling, width",
-    [("vgg16", "flatten", 7 * 7 * 512), ("vgg16", "max", 512), ("mobilenetv2", "avg", 1280),
-     ("efficientnetb0", "avg", 1280), ("efficientnet_lite2", "avg", 1280)],
+    [
+        ("vgg16", "flatten", 7 * 7 * 512),
+        ("vgg16", "max", 512),
+        ("mobilenetv2", "avg", 1280),
+        ("efficientnetb0", "avg", 1280),
+        ("efficientnet_lite2", "avg", 1280),
+    ],
 )
 def test_random_weight_models_have_the_documented_feature_width(name, pooling, width):
     model = create_model(name, weights="none", pooling=pooling)
@@ -64,7 +76,9 @@ class _Evil:
 
 
 def _legacy_checkpoint(state_pickle: bytes) -> bytes:
-    header = b"".join(pickle.dumps(x, protocol=2) for x in (lite._MAGIC_NUMBER, lite._PROTOCOL_VERSION, {"little_endian": True}))
+    header = b"".join(
+        pickle.dumps(x, protocol=2) for x in (lite._MAGIC_NUMBER, lite._PROTOCOL_VERSION, {"little_endian": True})
+    )
     return header + state_pickle + pickle.dumps([], protocol=2)
 
 

@@ -6,8 +6,8 @@ import threading
 import zipfile
 
 import pytest
-
 from conftest import copy_subset, shared
+
 from pyimagesearch_tl import demo
 from pyimagesearch_tl.errors import DatasetError
 

@@ -18,8 +18,20 @@ from pyimagesearch_tl import finetune as ft  # noqa: E402  (registers the Prepro
 from pyimagesearch_tl.images import load_image  # noqa: E402
 
 SIZE = 64
-TINY = ["--input-size", str(SIZE), "--batch-size", "8", "--head-epochs", "1", "--finetune-epochs", "1",
-        "--unfreeze-blocks", "2", "--seed", "7"]
+TINY = [
+    "--input-size",
+    str(SIZE),
+    "--batch-size",
+    "8",
+    "--head-epochs",
+    "1",
+    "--finetune-epochs",
+    "1",
+    "--unfreeze-blocks",
+    "2",
+    "--seed",
+    "7",
+]
 
 
 def run(*args: str, ok: bool = True) -> str:
@@ -44,8 +56,15 @@ def tuned(pipeline_run, tmp_path_factory):
 def test_outputs_exist_and_load_back(tuned, pipeline_run):
     out, output = tuned
     assert "stage 2 unfroze: block15, top" in output
-    for name in ("finetune.keras", "finetune.joblib", "history.json", "curve_loss.png", "curve_accuracy.png",
-                 "curve_auc.png", "checkpoints/best.weights.h5"):
+    for name in (
+        "finetune.keras",
+        "finetune.joblib",
+        "history.json",
+        "curve_loss.png",
+        "curve_accuracy.png",
+        "curve_auc.png",
+        "checkpoints/best.weights.h5",
+    ):
         assert (out / name).is_file(), name
     for curve in out.glob("curve_*.png"):
         assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -102,15 +121,24 @@ def test_predict_evaluate_serve_and_compare_accept_the_bundle(tuned, pipeline_ru
     assert "predicted 1" in output
 
     evaluation = tmp_path / "run" / "evaluation"
-    output = run("evaluate", "--model", bundle_path, "--dataset", str(pipeline_run["dataset"]), "--output", str(evaluation))
+    output = run(
+        "evaluate", "--model", bundle_path, "--dataset", str(pipeline_run["dataset"]), "--output", str(evaluation)
+    )
     metrics = json.loads((evaluation / "finetune" / "metrics.json").read_text())
     assert metrics["split"] == "validation" and metrics["kind"] == "fine-tuned"
     assert metrics["images"] == len(validation_rows(pipeline_run["dataset"]))
     assert metrics["model_bytes"] == (out / "finetune.joblib").stat().st_size and metrics["train_seconds"] > 0
 
     run("train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path / "run" / "models"), "--cv", "3")
-    run("evaluate", "--model", str(tmp_path / "run" / "models" / "logreg.joblib"), "--features",
-        str(pipeline_run["features"]), "--output", str(evaluation))
+    run(
+        "evaluate",
+        "--model",
+        str(tmp_path / "run" / "models" / "logreg.joblib"),
+        "--features",
+        str(pipeline_run["features"]),
+        "--output",
+        str(evaluation),
+    )
     output = run("compare", "--output", str(tmp_path / "run"))
     lines = (tmp_path / "run" / "comparison.csv").read_text().splitlines()
     assert lines[0].startswith("model,kind,backbone,split,images,accuracy,roc_auc,macro_f1,train_seconds,model_mb")
@@ -125,7 +153,8 @@ def test_predict_evaluate_serve_and_compare_accept_the_bundle(tuned, pipeline_ru
 
 
 def test_stage_two_trains_exactly_the_chosen_blocks_and_never_batchnorm(pipeline_run):
-    """After a real training epoch: BatchNorm (weights and statistics) and frozen blocks unchanged; chosen convs moved."""
+    """After a real training epoch: BatchNorm (weights and statistics) and frozen blocks unchanged;
+    the chosen convolutions moved."""
     from pyimagesearch_tl.backbones import backbone_blocks, create_model
 
     blocks = backbone_blocks("efficientnet_lite0", create_model("efficientnet_lite0", "none", "avg", SIZE))
@@ -134,8 +163,12 @@ def test_stage_two_trains_exactly_the_chosen_blocks_and_never_batchnorm(pipeline
     assert chosen == ["block14", "block15", "top"]
     batchnorms = [layer for layer in model.layers + base.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert batchnorms and not any(layer.trainable for layer in batchnorms)
-    expected = {layer.name for name in chosen for layer in blocks[name]
-                if not isinstance(layer, keras.layers.BatchNormalization)}
+    expected = {
+        layer.name
+        for name in chosen
+        for layer in blocks[name]
+        if not isinstance(layer, keras.layers.BatchNormalization)
+    }
     assert {layer.name for layer in base.layers if layer.trainable_weights} == expected
 
     rows = validation_rows(pipeline_run["dataset"])
@@ -164,14 +197,29 @@ def test_whole_blocks_are_unfrozen_for_every_family(backbone):
     chosen = ft.unfreeze_last_blocks(model, base, backbone, 2)
     trainable = {layer.name for layer in base.layers if layer.trainable_weights}
     assert chosen == list(blocks)[-2:]
-    assert trainable == {layer.name for name in chosen for layer in blocks[name]
-                         if not isinstance(layer, keras.layers.BatchNormalization)}
+    assert trainable == {
+        layer.name
+        for name in chosen
+        for layer in blocks[name]
+        if not isinstance(layer, keras.layers.BatchNormalization)
+    }
     assert trainable  # something is trainable in every family's last blocks
 
 
 def test_unfreezing_more_blocks_than_exist_is_a_clear_error(pipeline_run, tmp_path):
-    output = run("finetune", "--dataset", str(pipeline_run["dataset"]), "--output", str(tmp_path), *TINY[:-4],
-                 "--unfreeze-blocks", "99", "--head-epochs", "1", ok=False)
+    output = run(
+        "finetune",
+        "--dataset",
+        str(pipeline_run["dataset"]),
+        "--output",
+        str(tmp_path),
+        *TINY[:-4],
+        "--unfreeze-blocks",
+        "99",
+        "--head-epochs",
+        "1",
+        ok=False,
+    )
     assert "Error: unfreeze_blocks=99 but efficientnet_lite0 has 18 blocks" in output
     assert "Traceback" not in output
 
@@ -183,8 +231,16 @@ def test_best_checkpoint_is_restored_and_validation_is_not_augmented(pipeline_ru
     Its loss on the un-augmented validation images equals the best validation loss recorded during
     training, which also shows that the validation input was never augmented.
     """
-    settings = ft.FinetuneSettings(input_size=SIZE, batch_size=8, head_epochs=2, finetune_epochs=2, finetune_lr=5.0,
-                                   unfreeze_blocks=3, augment="strong", seed=3)
+    settings = ft.FinetuneSettings(
+        input_size=SIZE,
+        batch_size=8,
+        head_epochs=2,
+        finetune_epochs=2,
+        finetune_lr=5.0,
+        unfreeze_blocks=3,
+        augment="strong",
+        seed=3,
+    )
     report = ft.finetune(pipeline_run["dataset"], tmp_path, settings)
     history = report.history
     assert history["best"]["stage"] == "head"
@@ -195,19 +251,22 @@ def test_best_checkpoint_is_restored_and_validation_is_not_augmented(pipeline_ru
     network = keras.models.load_model(tmp_path / "finetune.keras")
     assert not [layer for layer in network.layers if type(layer).__name__.startswith("Random")]
     rows = validation_rows(pipeline_run["dataset"])
-    batches = ft.ImageBatches([pipeline_run["dataset"] / r["path"] for r in rows], [r["label"] == "dogs" for r in rows],
-                              2, SIZE, 8, 10**8)
+    batches = ft.ImageBatches(
+        [pipeline_run["dataset"] / r["path"] for r in rows], [r["label"] == "dogs" for r in rows], 2, SIZE, 8, 10**8
+    )
     network.compile(loss="categorical_crossentropy")
-    assert network.evaluate(batches.dataset(), verbose=0, return_dict=True)["loss"] == pytest.approx(history["best"]["value"], rel=1e-4)
+    assert network.evaluate(batches.dataset(), verbose=0, return_dict=True)["loss"] == pytest.approx(
+        history["best"]["value"], rel=1e-4
+    )
 
 
 def test_augmentation_touches_training_input_only(pipeline_run):
     photos = [pipeline_run["dataset"] / row["path"] for row in validation_rows(pipeline_run["dataset"])][:8]
     batches = ft.ImageBatches(photos, [0] * len(photos), 2, SIZE, 8, 10**8)
     decoded = np.stack([load_image(p, SIZE) for p in photos]).astype("float32")
-    (plain, _), = list(batches.dataset().as_numpy_iterator())
+    ((plain, _),) = list(batches.dataset().as_numpy_iterator())
     np.testing.assert_array_equal(plain, decoded)
-    (augmented, _), = list(batches.dataset(ft.make_augmenter("strong", seed=1)).as_numpy_iterator())
+    ((augmented, _),) = list(batches.dataset(ft.make_augmenter("strong", seed=1)).as_numpy_iterator())
     assert augmented.shape == decoded.shape and np.abs(augmented - decoded).mean() > 1.0
 
 
@@ -260,8 +319,17 @@ def test_a_keras_applications_backbone_fine_tunes_with_class_weights(pipeline_ru
     """MobileNetV2 (random weights offline, 'tf' preprocessing): the network and its bundle agree."""
     from pyimagesearch_tl.prediction import Predictor
 
-    settings = ft.FinetuneSettings(backbone="mobilenetv2", weights="none", input_size=SIZE, batch_size=8, head_epochs=1,
-                                   finetune_epochs=1, unfreeze_blocks=1, class_weight="balanced", seed=2)
+    settings = ft.FinetuneSettings(
+        backbone="mobilenetv2",
+        weights="none",
+        input_size=SIZE,
+        batch_size=8,
+        head_epochs=1,
+        finetune_epochs=1,
+        unfreeze_blocks=1,
+        class_weight="balanced",
+        seed=2,
+    )
     report = ft.finetune(pipeline_run["dataset"], tmp_path, settings)
     assert report.unfrozen == ["Conv_1"]
     paths = [pipeline_run["dataset"] / row["path"] for row in validation_rows(pipeline_run["dataset"])][:6]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared
 from PIL import Image
 
-from conftest import shared
 from pyimagesearch_tl.errors import ImageError
 from pyimagesearch_tl.images import load_image, probe_image
 

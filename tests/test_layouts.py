@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import copy_subset, shared
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import copy_subset, shared
 from pyimagesearch_tl.cli import cli
 from pyimagesearch_tl.errors import DatasetError
 from pyimagesearch_tl.layouts import (
@@ -107,7 +107,13 @@ def test_real_house_rooms_labels_file(tmp_path):
     assert result.layout == "labels-file"
     assert len(result.items) == len((source / "labels.txt").read_text().strip())
     assert {item.label for item in result.items} == {"M", "O"}
-    assert [item.source.name for item in result.items[:5]] == ["bed_1.jpg", "bed_2.jpg", "bed_3.jpg", "bed_4.jpg", "bed_8.jpg"]
+    assert [item.source.name for item in result.items[:5]] == [
+        "bed_1.jpg",
+        "bed_2.jpg",
+        "bed_3.jpg",
+        "bed_4.jpg",
+        "bed_8.jpg",
+    ]
     assert len(result.unlabelled) == len(list((source / "Bedroom").glob("*.jpg"))) - len(result.items)
 
 
@@ -128,11 +134,16 @@ def test_real_flowers_duplicates_under_two_labels_are_found(tmp_path):
     from pyimagesearch_tl.images import sha256_file
     from pyimagesearch_tl.layouts import find_leaks
 
-    rows = [dict(path=str(p), split="training", label=label, sha256=sha256_file(p))
-            for label in ("rose", "tulip") for p in shared("flowers", label).glob("*.jpg")]
+    rows = [
+        dict(path=str(p), split="training", label=label, sha256=sha256_file(p))
+        for label in ("rose", "tulip")
+        for p in shared("flowers", label).glob("*.jpg")
+    ]
     leaks = find_leaks(rows)
     assert len({r["sha256"] for r in leaks}) >= 4
-    assert all({r["label"] for r in leaks if r["sha256"] == s} == {"rose", "tulip"} for s in {r["sha256"] for r in leaks})
+    assert all(
+        {r["label"] for r in leaks if r["sha256"] == s} == {"rose", "tulip"} for s in {r["sha256"] for r in leaks}
+    )
 
 
 def test_undecodable_images_are_skipped_and_listed(tmp_path, photos):
@@ -199,8 +210,9 @@ def test_anything_else_is_rejected_or_parsed_consistently(name):
     index = parse_food5k_name(name)
     stem, dot, extension = name.rpartition(".")
     prefix, underscore, number = stem.partition("_")
-    well_formed = bool(dot and underscore and prefix.isdecimal() and number.isdecimal() and extension.isalnum()
-                       and extension.isascii())
+    well_formed = bool(
+        dot and underscore and prefix.isdecimal() and number.isdecimal() and extension.isalnum() and extension.isascii()
+    )
     assert (index is not None) == well_formed
     if well_formed:
         assert index == int(prefix)
@@ -227,5 +239,5 @@ def test_stratified_split_assigns_every_item_by_the_fractions(labels, seed):
     assignment = stratified_split(labels, [0.75, 0.15, 0.10], seed)
     assert len(assignment) == len(labels) and set(assignment) <= {0, 1, 2}
     for label in set(labels):
-        members = [a for a, l in zip(assignment, labels) if l == label]
+        members = [a for a, given in zip(assignment, labels) if given == label]
         assert abs(members.count(0) - 0.75 * len(members)) <= 1

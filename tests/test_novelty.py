@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import shared
+
 from pyimagesearch_tl.bundle import Bundle
 from pyimagesearch_tl.cli import cli
 from pyimagesearch_tl.novelty import NoveltyDetector
@@ -24,15 +24,19 @@ def test_threshold_keeps_the_requested_share_of_calibration_images():
 @pytest.fixture(scope="module")
 def cats_dogs_model(pipeline_run, tmp_path_factory):
     models = tmp_path_factory.mktemp("novelty_models")
-    result = CliRunner().invoke(cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(models), "--cv", "2"])
+    result = CliRunner().invoke(
+        cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(models), "--cv", "2"]
+    )
     assert result.exit_code == 0, result.output
     return models / "logreg.joblib"
 
 
 def test_out_of_distribution_photos_are_mostly_unknown(cats_dogs_model, cats_dogs):
     predictor = Predictor(Bundle.load(cats_dogs_model))
-    strangers = (sorted(shared("flowers", "daisy").glob("*.jpg"))[:10]
-                 + sorted(shared("hymenoptera_data", "val", "ants").glob("*.jpg"))[:10])
+    strangers = (
+        sorted(shared("flowers", "daisy").glob("*.jpg"))[:10]
+        + sorted(shared("hymenoptera_data", "val", "ants").glob("*.jpg"))[:10]
+    )
     results = predictor.predict(strangers)
     unknown = [r for r in results if r.label == UNKNOWN]
     assert len(unknown) >= 0.8 * len(strangers)

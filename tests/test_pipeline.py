@@ -10,8 +10,8 @@ import joblib
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import ROOT
+
 from pyimagesearch_tl.bundle import Bundle
 from pyimagesearch_tl.classifiers import list_classifiers
 from pyimagesearch_tl.cli import cli
@@ -26,12 +26,23 @@ def run(*args: str) -> str:
 
 def test_extraction_writes_one_file_per_split_with_metadata(pipeline_run):
     features = pipeline_run["features"]
-    assert sorted(p.name for p in features.iterdir()) == ["label_encoder.joblib", "training.h5", "training.skipped.csv",
-                                                              "validation.h5", "validation.skipped.csv"]
+    assert sorted(p.name for p in features.iterdir()) == [
+        "label_encoder.joblib",
+        "training.h5",
+        "training.skipped.csv",
+        "validation.h5",
+        "validation.skipped.csv",
+    ]
     training = read_features(features / "training.h5")
     assert training.features.shape == (len(training.paths), 1280) and training.features.dtype == np.float32
     meta = training.meta
-    assert (meta.backbone, meta.weights, meta.pooling, meta.input_size, meta.preprocessing) == ("efficientnet_lite0", "imagenet", "avg", 224, "lite")
+    assert (meta.backbone, meta.weights, meta.pooling, meta.input_size, meta.preprocessing) == (
+        "efficientnet_lite0",
+        "imagenet",
+        "avg",
+        224,
+        "lite",
+    )
     assert meta.label_names == ("cats", "dogs")
     assert list(joblib.load(features / "label_encoder.joblib").classes_) == ["cats", "dogs"]
     # deterministic order: the manifest's
@@ -66,7 +77,9 @@ def test_train_grid_search_picks_c_and_bundle_carries_everything(pipeline_run, t
 def test_train_all_reuses_the_feature_files(pipeline_run, tmp_path):
     features = pipeline_run["features"]
     before = {p.name: p.stat().st_mtime_ns for p in features.iterdir()}
-    output = run("train", "--features", str(features), "--output", str(tmp_path), "--classifier", "all", "--cv", "validation")
+    output = run(
+        "train", "--features", str(features), "--output", str(tmp_path), "--classifier", "all", "--cv", "validation"
+    )
     assert {p.name for p in tmp_path.glob("*.joblib")} == {f"{name}.joblib" for name in list_classifiers()}
     assert {"logreg", "linear-svm", "sgd"} <= set(list_classifiers())
     assert before == {p.name: p.stat().st_mtime_ns for p in features.iterdir()}
@@ -79,8 +92,15 @@ def test_train_all_reuses_the_feature_files(pipeline_run, tmp_path):
 
 def test_evaluate_prints_accuracy_and_writes_metrics_and_plots(pipeline_run, tmp_path):
     run("train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path), "--cv", "2")
-    output = run("evaluate", "--model", str(tmp_path / "logreg.joblib"), "--features", str(pipeline_run["features"]),
-                 "--output", str(tmp_path / "eval"))
+    output = run(
+        "evaluate",
+        "--model",
+        str(tmp_path / "logreg.joblib"),
+        "--features",
+        str(pipeline_run["features"]),
+        "--output",
+        str(tmp_path / "eval"),
+    )
     accuracy_line = [line for line in output.splitlines() if line.startswith("accuracy: ")]
     assert len(accuracy_line) == 1 and len(accuracy_line[0].split()[1]) == 6
     metrics = json.loads((tmp_path / "eval" / "logreg" / "metrics.json").read_text())
@@ -101,8 +121,12 @@ def test_plots_leave_the_users_matplotlib_backend_alone(pipeline_run, tmp_path):
     previous = matplotlib.get_backend()
     matplotlib.use("svg")  # a notebook user's choice
     try:
-        evaluate(Bundle.load(tmp_path / "logreg.joblib"), read_features(pipeline_run["features"] / "validation.h5"),
-                 tmp_path / "eval" / "logreg", "validation")
+        evaluate(
+            Bundle.load(tmp_path / "logreg.joblib"),
+            read_features(pipeline_run["features"] / "validation.h5"),
+            tmp_path / "eval" / "logreg",
+            "validation",
+        )
         compare(tmp_path)
         assert matplotlib.get_backend() == "svg"
     finally:
@@ -118,8 +142,17 @@ def test_predict_rebuilds_the_backbone_from_the_bundle(pipeline_run, tmp_path, c
     # a config with another backbone must not change how the bundle's features are made
     config = tmp_path / "other.toml"
     config.write_text('backbone = "vgg16"\npooling = "flatten"\n')
-    output = run("predict", "--config", str(config), "--model", str(tmp_path / "logreg.joblib"),
-                 *map(str, photos), str(broken), "--output", str(tmp_path / "p.json"))
+    output = run(
+        "predict",
+        "--config",
+        str(config),
+        "--model",
+        str(tmp_path / "logreg.joblib"),
+        *map(str, photos),
+        str(broken),
+        "--output",
+        str(tmp_path / "p.json"),
+    )
     lines = [line for line in output.splitlines() if line.startswith(str(photos[0].parent))]
     assert len(lines) == 3 and all(line.split("\t")[1] == "dogs" for line in lines)
     results = json.loads((tmp_path / "p.json").read_text())
@@ -132,17 +165,30 @@ def test_predict_refuses_a_bundle_whose_features_cannot_be_rebuilt(pipeline_run,
     bundle = Bundle.load(tmp_path / "logreg.joblib")
     bundle.meta = bundle.meta.__class__(**{**bundle.meta.__dict__, "decoder": "some-other-decoder"})
     bundle.save(tmp_path / "tampered.joblib")
-    result = CliRunner().invoke(cli, ["predict", "--model", str(tmp_path / "tampered.joblib"), str(pipeline_run["dataset"])])
+    result = CliRunner().invoke(
+        cli, ["predict", "--model", str(tmp_path / "tampered.joblib"), str(pipeline_run["dataset"])]
+    )
     assert result.exit_code == 1 and "decoder=" in result.output and "Traceback" not in result.output
     bundle.meta = bundle.meta.__class__(**{**bundle.meta.__dict__, "backbone": "gone_net"})
     bundle.save(tmp_path / "unknown.joblib")
-    result = CliRunner().invoke(cli, ["predict", "--model", str(tmp_path / "unknown.joblib"), str(pipeline_run["dataset"])])
+    result = CliRunner().invoke(
+        cli, ["predict", "--model", str(tmp_path / "unknown.joblib"), str(pipeline_run["dataset"])]
+    )
     assert result.exit_code == 1 and "unknown backbone 'gone_net'" in result.output
 
 
 def test_csv_features_train_too(pipeline_run, tmp_path):
-    output = run("extract", "--dataset", str(pipeline_run["dataset"]), "--output", str(tmp_path / "csv"), "--format", "csv",
-                 "--batch-size", "16")
+    output = run(
+        "extract",
+        "--dataset",
+        str(pipeline_run["dataset"]),
+        "--output",
+        str(tmp_path / "csv"),
+        "--format",
+        "csv",
+        "--batch-size",
+        "16",
+    )
     assert "extracted" in output
     first = (tmp_path / "csv" / "training.csv").read_text().splitlines()[0].split(",")
     assert first[0] in ("0", "1") and len(first) == 1 + 1280  # label first, then the values
@@ -158,8 +204,19 @@ def test_mixing_feature_files_from_different_backbones_is_refused(pipeline_run, 
     shutil.copytree(pipeline_run["features"], features)
     dataset = tmp_path / "dataset"
     shutil.copytree(pipeline_run["dataset"], dataset)
-    run("extract", "--dataset", str(dataset), "--output", str(tmp_path / "other"), "--backbone", "mobilenetv2",
-        "--weights", "none", "--batch-size", "16")
+    run(
+        "extract",
+        "--dataset",
+        str(dataset),
+        "--output",
+        str(tmp_path / "other"),
+        "--backbone",
+        "mobilenetv2",
+        "--weights",
+        "none",
+        "--batch-size",
+        "16",
+    )
     shutil.copy(tmp_path / "other" / "validation.h5", features / "validation.h5")
     result = CliRunner().invoke(cli, ["train", "--features", str(features), "--output", str(tmp_path / "m")])
     assert result.exit_code == 1
@@ -167,7 +224,9 @@ def test_mixing_feature_files_from_different_backbones_is_refused(pipeline_run, 
 
 
 def test_too_few_images_for_the_folds_is_a_clear_error(pipeline_run, tmp_path):
-    result = CliRunner().invoke(cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path), "--cv", "50"])
+    result = CliRunner().invoke(
+        cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path), "--cv", "50"]
+    )
     assert result.exit_code == 1
     assert "fewer than the 50 cross-validation folds" in result.output
 
@@ -182,26 +241,67 @@ def test_numbered_scripts_run_in_order(tmp_path, cats_dogs):
     out = tmp_path / "out"
 
     def script(name: str, *args: str) -> str:
-        result = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
-                                env=env, cwd=tmp_path, timeout=600)
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / name), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout
 
     script("01_build_dataset.py", "--input", str(cats_dogs), "--output", str(out / "dataset"))
-    script("02_extract_features.py", "--dataset", str(out / "dataset"), "--output", str(out / "features"), "--batch-size", "16")
+    script(
+        "02_extract_features.py",
+        "--dataset",
+        str(out / "dataset"),
+        "--output",
+        str(out / "features"),
+        "--batch-size",
+        "16",
+    )
     assert {p.name for p in (out / "features").glob("*.h5")} == {"training.h5", "validation.h5"}
-    script("03_train.py", "--features", str(out / "features"), "--output", str(out / "models"), "--classifier", "all", "--cv", "3")
-    evaluation = script("04_evaluate.py", "--model", str(out / "models" / "logreg.joblib"), "--features",
-                        str(out / "features"), "--output", str(out / "evaluation"))
+    script(
+        "03_train.py",
+        "--features",
+        str(out / "features"),
+        "--output",
+        str(out / "models"),
+        "--classifier",
+        "all",
+        "--cv",
+        "3",
+    )
+    evaluation = script(
+        "04_evaluate.py",
+        "--model",
+        str(out / "models" / "logreg.joblib"),
+        "--features",
+        str(out / "features"),
+        "--output",
+        str(out / "evaluation"),
+    )
     assert (out / "evaluation" / "logreg" / "metrics.json").is_file()
     assert float(evaluation.strip().splitlines()[-2].split()[1]) >= 0.8  # 'accuracy: 0.XXXX'
-    predicted = script("05_predict.py", "--model", str(out / "models" / "linear-svm.joblib"), str(cats_dogs / "validation" / "cats"))
+    predicted = script(
+        "05_predict.py", "--model", str(out / "models" / "linear-svm.joblib"), str(cats_dogs / "validation" / "cats")
+    )
     assert "predicted 15 (0 unknown), skipped 0" in predicted
 
 
 def test_streaming_sgd_trains_from_blocks(pipeline_run, tmp_path):
-    output = run("train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path),
-                 "--classifier", "sgd", "--streaming")
+    output = run(
+        "train",
+        "--features",
+        str(pipeline_run["features"]),
+        "--output",
+        str(tmp_path),
+        "--classifier",
+        "sgd",
+        "--streaming",
+    )
     bundle = Bundle.load(tmp_path / "sgd.joblib")
     assert bundle.info["cv"] == "streaming, selected on validation"
     assert bundle.info["best_params"]["loss"] in ("log_loss", "hinge")
@@ -215,8 +315,14 @@ def test_streaming_sgd_trains_from_blocks(pipeline_run, tmp_path):
 def test_streaming_without_validation_split_holds_out_training_blocks(pipeline_run, tmp_path, block_rows):
     from pyimagesearch_tl.training import train_streaming
 
-    report = train_streaming(pipeline_run["features"], tmp_path, training_split="training", validation_split=None,
-                             block_rows=block_rows, epochs=3)
+    report = train_streaming(
+        pipeline_run["features"],
+        tmp_path,
+        training_split="training",
+        validation_split=None,
+        block_rows=block_rows,
+        epochs=3,
+    )
     info = Bundle.load(report.path).info
     assert info["cv"] == "streaming, selected on held-out training blocks"
     total = len(read_features(pipeline_run["features"] / "training.h5").labels)
@@ -227,16 +333,38 @@ def test_streaming_without_validation_split_holds_out_training_blocks(pipeline_r
 
 
 def test_streaming_all_says_streaming_trains_one_classifier(pipeline_run, tmp_path):
-    result = CliRunner().invoke(cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path),
-                                      "--classifier", "all", "--streaming"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--features",
+            str(pipeline_run["features"]),
+            "--output",
+            str(tmp_path),
+            "--classifier",
+            "all",
+            "--streaming",
+        ],
+    )
     assert result.exit_code == 1
     assert "--streaming trains one classifier that learns incrementally (sgd), not 'all'" in result.output
     assert "choose one of" not in result.output  # the old message offered 'all', the value it refused
 
 
 def test_streaming_needs_an_incremental_classifier(pipeline_run, tmp_path):
-    result = CliRunner().invoke(cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path),
-                                      "--classifier", "logreg", "--streaming"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--features",
+            str(pipeline_run["features"]),
+            "--output",
+            str(tmp_path),
+            "--classifier",
+            "logreg",
+            "--streaming",
+        ],
+    )
     assert result.exit_code == 1 and "learns incrementally (sgd), not 'logreg'" in result.output
 
 

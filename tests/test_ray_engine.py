@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import copy_subset, shared
+
 from pyimagesearch_tl.extraction import extract_dataset
 from pyimagesearch_tl.store import read_features, read_skipped
 
@@ -39,8 +39,9 @@ def dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def local_reference(dataset, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("local")
-    extract_dataset(dataset, output, splits=SPLITS, backbone="efficientnet_lite0", batch_size=8, shard_size=SHARD,
-                    progress=False)
+    extract_dataset(
+        dataset, output, splits=SPLITS, backbone="efficientnet_lite0", batch_size=8, shard_size=SHARD, progress=False
+    )
     return output
 
 
@@ -49,8 +50,9 @@ def cluster_address():
     """A head and one more node, one CPU each: two Ray nodes on this machine."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, object_store_memory=100 * 2**20,
-                                                                include_dashboard=False))
+    cluster = Cluster(
+        initialize_head=True, head_node_args=dict(num_cpus=1, object_store_memory=100 * 2**20, include_dashboard=False)
+    )
     cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
     cluster.wait_for_nodes()
     yield cluster.address
@@ -58,8 +60,21 @@ def cluster_address():
 
 
 def _command(dataset: Path, output: Path, address: str) -> list[str]:
-    return PTL + ["extract", "--dataset", str(dataset), "--output", str(output), "--engine", "ray",
-                  "--ray-address", address, "--shard-size", str(SHARD), "--batch-size", "8"]
+    return PTL + [
+        "extract",
+        "--dataset",
+        str(dataset),
+        "--output",
+        str(output),
+        "--engine",
+        "ray",
+        "--ray-address",
+        address,
+        "--shard-size",
+        str(SHARD),
+        "--batch-size",
+        "8",
+    ]
 
 
 def _finished_shards(output: Path) -> list[Path]:
@@ -103,8 +118,9 @@ def test_ray_on_two_nodes_equals_the_local_engine(dataset, local_reference, clus
     assert not (tmp_path / ".shards").exists()
 
 
-def test_a_worker_killed_mid_run_is_restarted_and_the_output_is_identical(dataset, local_reference, cluster_address,
-                                                                          tmp_path):
+def test_a_worker_killed_mid_run_is_restarted_and_the_output_is_identical(
+    dataset, local_reference, cluster_address, tmp_path
+):
     process = _start_and_wait_for_shards(_command(dataset, tmp_path, cluster_address), tmp_path, 2)
     workers = subprocess.run(["pgrep", "-f", "ray::ShardWorker"], capture_output=True, text=True).stdout.split()
     assert workers, "no Ray worker process found"
@@ -115,8 +131,9 @@ def test_a_worker_killed_mid_run_is_restarted_and_the_output_is_identical(datase
     assert_same_as_local(tmp_path, local_reference)
 
 
-def test_a_killed_driver_resumes_without_recomputing_finished_shards(dataset, local_reference, cluster_address,
-                                                                     tmp_path):
+def test_a_killed_driver_resumes_without_recomputing_finished_shards(
+    dataset, local_reference, cluster_address, tmp_path
+):
     command = _command(dataset, tmp_path, cluster_address)
     process = _start_and_wait_for_shards(command, tmp_path, 3)
     process.send_signal(signal.SIGKILL)
@@ -141,19 +158,29 @@ def _rows_in_shard(path: Path) -> int:
 
 
 def test_without_ray_installed_the_error_says_how_to_install_it(dataset, tmp_path):
-    blocked = [sys.executable, "-c",
-               "import sys; sys.modules['ray'] = None; from pyimagesearch_tl.cli import main; main()"]
-    result = subprocess.run(blocked + ["extract", "--dataset", str(dataset), "--output", str(tmp_path), "--engine", "ray"],
-                            capture_output=True, text=True, timeout=120)
+    blocked = [
+        sys.executable,
+        "-c",
+        "import sys; sys.modules['ray'] = None; from pyimagesearch_tl.cli import main; main()",
+    ]
+    result = subprocess.run(
+        blocked + ["extract", "--dataset", str(dataset), "--output", str(tmp_path), "--engine", "ray"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "Error: the ray engine needs Ray, an optional extra: pip install 'pyimagesearch_tl[ray]'"]
+        "Error: the ray engine needs Ray, an optional extra: pip install 'pyimagesearch_tl[ray]'"
+    ]
 
 
 def test_the_local_engine_never_imports_ray(dataset, tmp_path):
-    script = (f"from pyimagesearch_tl.extraction import extract_dataset; import sys; "
-              f"extract_dataset({str(dataset)!r}, {str(tmp_path)!r}, splits=['validation', 'training'], "
-              f"backbone='efficientnet_lite0', progress=False); print('ray' in sys.modules)")
+    script = (
+        f"from pyimagesearch_tl.extraction import extract_dataset; import sys; "
+        f"extract_dataset({str(dataset)!r}, {str(tmp_path)!r}, splits=['validation', 'training'], "
+        f"backbone='efficientnet_lite0', progress=False); print('ray' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False"
@@ -162,8 +189,12 @@ def test_the_local_engine_never_imports_ray(dataset, tmp_path):
 def test_a_worker_that_cannot_build_the_backbone_says_why_in_one_line(dataset, cluster_address, tmp_path):
     junk = tmp_path / "junk.weights.h5"
     junk.write_bytes(b"not an HDF5 file")  # exists, so only the workers find out
-    result = subprocess.run(_command(dataset, tmp_path / "out", cluster_address) + ["--weights", str(junk)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        _command(dataset, tmp_path / "out", cluster_address) + ["--weights", str(junk)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"Error: weights file {str(junk)!r} cannot be loaded into efficientnet_lite0: ")

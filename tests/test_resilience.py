@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import copy_subset, shared
+
 from pyimagesearch_tl.bundle import Bundle
 from pyimagesearch_tl.cli import cli
 from pyimagesearch_tl.errors import BundleError, DatasetError
@@ -54,15 +54,29 @@ def assert_same_features(path: Path, reference) -> None:
 
 
 def _extract_args(dataset: Path, output: Path, *extra: str) -> list[str]:
-    return ["extract", "--dataset", str(dataset), "--output", str(output), "--batch-size", "8",
-            "--shard-size", str(SHARD), *extra]
+    return [
+        "extract",
+        "--dataset",
+        str(dataset),
+        "--output",
+        str(output),
+        "--batch-size",
+        "8",
+        "--shard-size",
+        str(SHARD),
+        *extra,
+    ]
 
 
 def _start_extract(dataset: Path, output: Path, *extra: str) -> subprocess.Popen:
     # As in a terminal's foreground job: Ctrl-C (SIGINT) delivered, even when these tests run in the background.
-    return subprocess.Popen(PTL + _extract_args(dataset, output, *extra),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        PTL + _extract_args(dataset, output, *extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def _finished_shards(output: Path) -> list[Path]:
@@ -143,8 +157,12 @@ def test_wait_queues_behind_the_running_extraction(big_dataset, lone_run, tmp_pa
     first = _start_extract(big_dataset, output)
     try:
         _wait_for_lock_holder(first, output)
-        second = subprocess.Popen(PTL + _extract_args(big_dataset, output, "--wait"), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True)
+        second = subprocess.Popen(
+            PTL + _extract_args(big_dataset, output, "--wait"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         time.sleep(3)
         assert second.poll() is None  # still waiting for the lock
     finally:
@@ -158,18 +176,29 @@ def test_wait_queues_behind_the_running_extraction(big_dataset, lone_run, tmp_pa
 
 @pytest.mark.parametrize("command", ["build-dataset", "train", "evaluate", "finetune"])
 def test_every_writing_command_locks_its_output_folder(pipeline_run, tmp_path, command):
-    folders = {"build-dataset": tmp_path / "dataset", "train": tmp_path / "models",
-               "evaluate": tmp_path / "evaluation" / "logreg", "finetune": tmp_path / "finetune"}
+    folders = {
+        "build-dataset": tmp_path / "dataset",
+        "train": tmp_path / "models",
+        "evaluate": tmp_path / "evaluation" / "logreg",
+        "finetune": tmp_path / "finetune",
+    }
     arguments = {
         "build-dataset": ["--input", str(pipeline_run["dataset"]), "--output", str(folders["build-dataset"])],
         "train": ["--features", str(pipeline_run["features"]), "--output", str(folders["train"])],
-        "evaluate": ["--model", str(tmp_path / "logreg.joblib"), "--features", str(pipeline_run["features"]),
-                     "--output", str(tmp_path / "evaluation")],
+        "evaluate": [
+            "--model",
+            str(tmp_path / "logreg.joblib"),
+            "--features",
+            str(pipeline_run["features"]),
+            "--output",
+            str(tmp_path / "evaluation"),
+        ],
         "finetune": ["--dataset", str(pipeline_run["dataset"]), "--output", str(folders["finetune"])],
     }
     if command == "evaluate":
-        trained = CliRunner().invoke(cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path),
-                                           "--cv", "2"])
+        trained = CliRunner().invoke(
+            cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path), "--cv", "2"]
+        )
         assert trained.exit_code == 0, trained.output
     with output_lock(folders[command]):  # this test process holds the folder, as a running ptl would
         result = subprocess.run(PTL + [command, *arguments[command]], capture_output=True, text=True, timeout=120)
@@ -181,15 +210,27 @@ def test_added_images_are_the_only_ones_extracted(tmp_path):
     photos = shared("cats_and_dogs_filtered", "train")
     source = copy_subset(photos, tmp_path / "photos", 10)
     build_dataset(source, tmp_path / "dataset", splits=SPLITS, fractions=[1.0, 0.0, 0.0])
-    [first] = extract_dataset(tmp_path / "dataset", tmp_path / "features", splits=SPLITS, backbone="efficientnet_lite0",
-                              batch_size=8, progress=False)
+    [first] = extract_dataset(
+        tmp_path / "dataset",
+        tmp_path / "features",
+        splits=SPLITS,
+        backbone="efficientnet_lite0",
+        batch_size=8,
+        progress=False,
+    )
     before = read_features(tmp_path / "features" / "training.h5")
     for name in ("cats", "dogs"):
         for path in sorted((photos / name).glob("*.jpg"))[10:13]:
             shutil.copy(path, source / name)
     build_dataset(source, tmp_path / "dataset", splits=SPLITS, fractions=[1.0, 0.0, 0.0])
-    [second] = extract_dataset(tmp_path / "dataset", tmp_path / "features", splits=SPLITS, backbone="efficientnet_lite0",
-                               batch_size=8, progress=False)
+    [second] = extract_dataset(
+        tmp_path / "dataset",
+        tmp_path / "features",
+        splits=SPLITS,
+        backbone="efficientnet_lite0",
+        batch_size=8,
+        progress=False,
+    )
     assert (first.extracted, second.extracted, second.reused) == (20, 6, 20)
     after = read_features(tmp_path / "features" / "training.h5")
     assert len(after.paths) == 26
@@ -206,11 +247,17 @@ def test_bad_images_in_the_dataset_are_skipped_and_listed(tmp_path):
     real = sorted((dataset / "validation" / "dogs").glob("*.jpg"))[0]
     (dataset / "validation" / "dogs" / "cut.jpg").write_bytes(real.read_bytes()[:2000])
     (dataset / "validation" / "dogs" / "page.png").write_text("<!doctype html><title>Moved</title>")
-    result = CliRunner().invoke(cli, ["extract", "--dataset", str(dataset), "--output", str(tmp_path / "f"), "--batch-size", "4"])
+    result = CliRunner().invoke(
+        cli, ["extract", "--dataset", str(dataset), "--output", str(tmp_path / "f"), "--batch-size", "4"]
+    )
     assert result.exit_code == 0, result.output
     assert "extracted 8, skipped 3" in result.output
     listing = (tmp_path / "f" / "validation.skipped.csv").read_text()
-    assert "zero.jpg,empty file (0 bytes)" in listing and "cut.jpg,corrupt image" in listing and "page.png,not an image" in listing
+    assert (
+        "zero.jpg,empty file (0 bytes)" in listing
+        and "cut.jpg,corrupt image" in listing
+        and "page.png,not an image" in listing
+    )
     assert len(read_features(tmp_path / "f" / "validation.h5").paths) == 8
 
 
@@ -227,7 +274,9 @@ def test_class_left_without_decodable_images_is_an_error(tmp_path):
 
 
 def test_bundle_checks(pipeline_run, tmp_path):
-    result = CliRunner().invoke(cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path), "--cv", "2"])
+    result = CliRunner().invoke(
+        cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path), "--cv", "2"]
+    )
     assert result.exit_code == 0, result.output
     bundle = Bundle.load(tmp_path / "logreg.joblib")
     bundle.versions = dict(bundle.versions, **{"scikit-learn": "0.1.0"})
@@ -243,7 +292,9 @@ def test_bundle_checks(pipeline_run, tmp_path):
     (tmp_path / "junk.joblib").write_bytes(b"not a pickle")
     with pytest.raises(BundleError, match="not a readable model bundle"):
         Bundle.load(tmp_path / "junk.joblib")
-    result = CliRunner().invoke(cli, ["predict", "--model", str(tmp_path / "old.joblib"), str(pipeline_run["dataset"] / "validation")])
+    result = CliRunner().invoke(
+        cli, ["predict", "--model", str(tmp_path / "old.joblib"), str(pipeline_run["dataset"] / "validation")]
+    )
     assert result.exit_code == 0 and "warning: old.joblib was saved with scikit-learn 0.1.0" in result.output
 
 
@@ -257,8 +308,14 @@ def test_odd_file_names_survive_every_stage(tmp_path):
     odd = os.fsdecode(os.path.join(os.fsencode(source / "cats"), b"caf\xe9 au lait (2).jpg"))  # Latin-1 byte
     os.rename(cat, odd)
     build_dataset(source, tmp_path / "dataset", splits=SPLITS, fractions=[1.0, 0.0, 0.0])
-    extract_dataset(tmp_path / "dataset", tmp_path / "features", splits=SPLITS, backbone="efficientnet_lite0",
-                    batch_size=4, progress=False)
+    extract_dataset(
+        tmp_path / "dataset",
+        tmp_path / "features",
+        splits=SPLITS,
+        backbone="efficientnet_lite0",
+        batch_size=4,
+        progress=False,
+    )
     paths = read_features(tmp_path / "features" / "training.h5").paths
     assert "training/cats/" + os.path.basename(odd) in paths
     assert (tmp_path / "dataset" / [p for p in paths if "lait" in p][0]).is_file()

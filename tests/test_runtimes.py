@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import shared
+
 from pyimagesearch_tl.bundle import Bundle
 from pyimagesearch_tl.cache import cache_dir
 from pyimagesearch_tl.cli import cli
@@ -47,9 +47,9 @@ def test_every_float32_runtime_gives_tensorflow_features(photos, tensorflow_feat
     # A server's threads call one extractor at once: each call still gets its own images' features.
     starts = [0, 4, 8, 12] * 4
     with ThreadPoolExecutor(4) as pool:
-        outputs = list(pool.map(lambda start: extractor.transform(photos[start:start + 4]), starts))
+        outputs = list(pool.map(lambda start: extractor.transform(photos[start : start + 4]), starts))
     for start, output in zip(starts, outputs):
-        np.testing.assert_allclose(output, tensorflow_features[start:start + 4], rtol=0, atol=PARITY_ATOL)
+        np.testing.assert_allclose(output, tensorflow_features[start : start + 4], rtol=0, atol=PARITY_ATOL)
 
 
 def _network_files():
@@ -59,8 +59,11 @@ def _network_files():
 def test_auto_uses_the_fastest_runtime_that_passed_and_remembers_it(photos, tensorflow_features):
     auto = FeatureExtractor("efficientnet_lite0", label_names=["ants", "bees"])  # runtime="auto", the default
     features = auto.transform(photos)
-    auto_network = next(p for p in _network_files() if p.with_suffix(".json").exists()
-                                  and set(json.loads(p.with_suffix(".json").read_text())) >= set(ONNX_RUNTIMES))
+    auto_network = next(
+        p
+        for p in _network_files()
+        if p.with_suffix(".json").exists() and set(json.loads(p.with_suffix(".json").read_text())) >= set(ONNX_RUNTIMES)
+    )
     record = json.loads(auto_network.with_suffix(".json").read_text())
     assert all(record[name]["passed"] and record[name]["max_abs_diff"] <= PARITY_ATOL for name in ONNX_RUNTIMES)
     fastest = max([TENSORFLOW, *ONNX_RUNTIMES], key=lambda name: record[name]["img_per_s"])
@@ -80,8 +83,11 @@ def test_a_network_that_fails_the_parity_check_is_refused(photos, tmp_path, monk
     network.with_suffix(".json").unlink()
     other = FeatureExtractor("efficientnet_lite0", weights="none", runtime="tensorflow")  # same shapes, other values
     network.write_bytes(other.to_onnx().SerializeToString())
-    with pytest.raises(PTLError, match=r"onnxruntime gives features of efficientnet_lite0 .* away from TensorFlow's "
-                                       r"\(the limit is 0.0001\); refused: use --runtime tensorflow"):
+    with pytest.raises(
+        PTLError,
+        match=r"onnxruntime gives features of efficientnet_lite0 .* away from TensorFlow's "
+        r"\(the limit is 0.0001\); refused: use --runtime tensorflow",
+    ):
         FeatureExtractor("efficientnet_lite0", runtime="onnxruntime", label_names=["a"]).transform(photos)
     auto = FeatureExtractor("efficientnet_lite0", label_names=["a"])
     auto.transform(photos)
@@ -107,19 +113,41 @@ def test_reduced_precision_and_missing_runtimes_are_clear_errors():
 
 
 def test_a_runtime_that_is_not_installed_says_how_to_install_it(pipeline_run, tmp_path):
-    blocked = [sys.executable, "-c", "import sys; sys.modules['openvino'] = None; from pyimagesearch_tl.cli import main; main()"]
-    result = subprocess.run(blocked + ["extract", "--dataset", str(pipeline_run["dataset"]), "--output", str(tmp_path),
-                                       "--runtime", "openvino"], capture_output=True, text=True, timeout=120)
+    blocked = [
+        sys.executable,
+        "-c",
+        "import sys; sys.modules['openvino'] = None; from pyimagesearch_tl.cli import main; main()",
+    ]
+    result = subprocess.run(
+        blocked
+        + ["extract", "--dataset", str(pipeline_run["dataset"]), "--output", str(tmp_path), "--runtime", "openvino"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "Error: runtime 'openvino' is not installed: pip install 'pyimagesearch_tl[openvino]'"]
+        "Error: runtime 'openvino' is not installed: pip install 'pyimagesearch_tl[openvino]'"
+    ]
 
 
 @pytest.fixture(scope="module")
 def bundles(pipeline_run, tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
-    result = CliRunner().invoke(cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(models),
-                                      "--classifier", "all", "--cv", "2"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--features",
+            str(pipeline_run["features"]),
+            "--output",
+            str(models),
+            "--classifier",
+            "all",
+            "--cv",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return models
 
@@ -128,8 +156,9 @@ def bundles(pipeline_run, tmp_path_factory):
 def test_the_exported_onnx_graph_predicts_what_the_bundle_predicts(bundles, pipeline_run, tmp_path, classifier):
     import onnxruntime
 
-    result = CliRunner().invoke(cli, ["export", "--model", str(bundles / f"{classifier}.joblib"),
-                                      "--output", str(tmp_path / "model.onnx")])
+    result = CliRunner().invoke(
+        cli, ["export", "--model", str(bundles / f"{classifier}.joblib"), "--output", str(tmp_path / "model.onnx")]
+    )
     assert result.exit_code == 0, result.output
     bundle = Bundle.load(bundles / f"{classifier}.joblib")
     paths = sorted((pipeline_run["dataset"] / "validation").rglob("*.jpg"))
@@ -142,8 +171,9 @@ def test_the_exported_onnx_graph_predicts_what_the_bundle_predicts(bundles, pipe
     assert json.loads(metadata["label_names"]) == bundle.label_names == ["cats", "dogs"]
     size = int(metadata["input_size"])
     labels, scores = session.run(None, {"pixels": np.stack([load_image(p, size) for p in paths])})
-    assert [o.name for o in session.get_outputs()][1] == ("probabilities" if metadata["score_kind"] == "probability"
-                                                          else "scores")
+    assert [o.name for o in session.get_outputs()][1] == (
+        "probabilities" if metadata["score_kind"] == "probability" else "scores"
+    )
     for row, label, prediction in zip(scores, labels, expected):
         assert bundle.label_names[label] == prediction.top[0][0]
         by_name = dict(prediction.top)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import shared
+
 from pyimagesearch_tl.bundle import Bundle
 from pyimagesearch_tl.cli import cli
 from pyimagesearch_tl.prediction import Predictor
@@ -22,7 +22,9 @@ from pyimagesearch_tl.serve import create_app
 @pytest.fixture(scope="module")
 def model(pipeline_run, tmp_path_factory) -> Path:
     models = tmp_path_factory.mktemp("serve_models")
-    result = CliRunner().invoke(cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(models), "--cv", "2"])
+    result = CliRunner().invoke(
+        cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(models), "--cv", "2"]
+    )
     assert result.exit_code == 0, result.output
     return models / "logreg.joblib"
 
@@ -44,7 +46,9 @@ def photos(cats_dogs):
 
 
 def upload(*items):
-    return {"file": [(io.BytesIO(Path(p).read_bytes()) if isinstance(p, (str, Path)) else p, name) for p, name in items]}
+    return {
+        "file": [(io.BytesIO(Path(p).read_bytes()) if isinstance(p, (str, Path)) else p, name) for p, name in items]
+    }
 
 
 def test_health_names_classes_and_backbone(client):
@@ -56,8 +60,11 @@ def test_health_names_classes_and_backbone(client):
 
 
 def test_api_predicts_each_uploaded_photo(client, photos):
-    response = client.post("/api/predict", data=upload((photos["cat"], "a.jpg"), (photos["dog"], "b.jpg")),
-                           content_type="multipart/form-data")
+    response = client.post(
+        "/api/predict",
+        data=upload((photos["cat"], "a.jpg"), (photos["dog"], "b.jpg")),
+        content_type="multipart/form-data",
+    )
     assert response.status_code == 200, response.get_data(as_text=True)
     predictions = response.get_json()["predictions"]
     assert [p["label"] for p in predictions] == ["cats", "dogs"]
@@ -66,7 +73,9 @@ def test_api_predicts_each_uploaded_photo(client, photos):
 
 
 def test_api_answers_unknown_for_a_flower(client, photos):
-    response = client.post("/api/predict", data=upload((photos["flower"], "sunflower.jpg")), content_type="multipart/form-data")
+    response = client.post(
+        "/api/predict", data=upload((photos["flower"], "sunflower.jpg")), content_type="multipart/form-data"
+    )
     [prediction] = response.get_json()["predictions"]
     assert prediction["label"] == "unknown" and prediction["unknown"] is True
     assert prediction["top"][0]["label"] in ("cats", "dogs") and prediction["probability"] > 0
@@ -76,14 +85,18 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_answering(client, ph
     monkeypatch.chdir(tmp_path)
     none = client.post("/api/predict", data={}, content_type="multipart/form-data")
     assert none.status_code == 400 and "no file" in none.get_json()["error"]
-    text = client.post("/api/predict", data=upload((io.BytesIO(b"hello, not a photo"), "../../etc/passwd")),
-                       content_type="multipart/form-data")
+    text = client.post(
+        "/api/predict",
+        data=upload((io.BytesIO(b"hello, not a photo"), "../../etc/passwd")),
+        content_type="multipart/form-data",
+    )
     assert text.status_code == 400
     assert text.get_json()["error"] == "../../etc/passwd: not an image (unrecognised file content)"
     empty = client.post("/api/predict", data=upload((io.BytesIO(b""), "empty.jpg")), content_type="multipart/form-data")
     assert empty.status_code == 400 and "empty file" in empty.get_json()["error"]
-    big = client.post("/api/predict", data=upload((io.BytesIO(os.urandom(3 * 2**20)), "huge.jpg")),
-                      content_type="multipart/form-data")
+    big = client.post(
+        "/api/predict", data=upload((io.BytesIO(os.urandom(3 * 2**20)), "huge.jpg")), content_type="multipart/form-data"
+    )
     assert big.status_code == 413 and "larger than the 2 MB limit" in big.get_json()["error"]
     assert list(tmp_path.iterdir()) == []  # nothing the client sent was written
     again = client.post("/api/predict", data=upload((photos["cat"], "cat.jpg")), content_type="multipart/form-data")
@@ -92,8 +105,11 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_answering(client, ph
 
 def test_page_shows_each_image_with_its_labels(client, photos):
     assert b'<input type="file" name="file"' in client.get("/").data
-    response = client.post("/", data=upload((photos["dog"], "<b>dog</b>.jpg"), (io.BytesIO(b"junk"), "junk.jpg")),
-                           content_type="multipart/form-data")
+    response = client.post(
+        "/",
+        data=upload((photos["dog"], "<b>dog</b>.jpg"), (io.BytesIO(b"junk"), "junk.jpg")),
+        content_type="multipart/form-data",
+    )
     html = response.get_data(as_text=True)
     assert response.status_code == 200
     assert 'data-label="dogs"' in html and "data:image/jpeg;base64," in html
@@ -113,9 +129,21 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(model):
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-c", "from pyimagesearch_tl.cli import main; main()", "serve",
-                                "--model", str(model), "--port", str(port)], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from pyimagesearch_tl.cli import main; main()",
+            "serve",
+            "--model",
+            str(model),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     import urllib.request
@@ -147,8 +175,10 @@ def test_served_by_waitress(server):
 def test_headless_browser_uploads_a_photo_and_sees_its_label(server, photos):
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
-        pytest.skip("Chromium and its driver are not installed (make test installs Debian's chromium and "
-                    "chromium-driver where apt-get can)")
+        pytest.skip(
+            "Chromium and its driver are not installed (make test installs Debian's chromium and "
+            "chromium-driver where apt-get can)"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By

@@ -8,6 +8,7 @@ from pyimagesearch_tl.store import (
     CSVFeatureWriter,
     FeatureMeta,
     HDF5FeatureWriter,
+    Shard,
     check_same_layout,
     feature_file,
     iter_chunks,
@@ -16,20 +17,31 @@ from pyimagesearch_tl.store import (
     read_shard,
     read_skipped,
     row_reader,
-    Shard,
     write_shard,
 )
 
-META = FeatureMeta(backbone="efficientnet_lite0", weights="imagenet", pooling="avg", input_size=224,
-                   preprocessing="lite", decoder="test-decoder", feature_dim=5, dtype="float32",
-                   label_names=("cats", "dogs"))
+META = FeatureMeta(
+    backbone="efficientnet_lite0",
+    weights="imagenet",
+    pooling="avg",
+    input_size=224,
+    preprocessing="lite",
+    decoder="test-decoder",
+    feature_dim=5,
+    dtype="float32",
+    label_names=("cats", "dogs"),
+)
 
 
 def _batches(rng):
     for start in range(0, 20, 8):
         n = min(8, 20 - start)
-        yield (rng.normal(size=(n, 5)).astype(np.float32), rng.integers(0, 2, n),
-               [f"training/c/img {i}é.jpg" for i in range(start, start + n)], [f"{i:064x}" for i in range(start, start + n)])
+        yield (
+            rng.normal(size=(n, 5)).astype(np.float32),
+            rng.integers(0, 2, n),
+            [f"training/c/img {i}é.jpg" for i in range(start, start + n)],
+            [f"{i:064x}" for i in range(start, start + n)],
+        )
 
 
 @pytest.mark.parametrize("fmt, writer_class", [("h5", HDF5FeatureWriter), ("csv", CSVFeatureWriter)])
@@ -39,7 +51,13 @@ def test_round_trip_keeps_values_labels_paths_and_metadata(tmp_path, fmt, writer
     writer = writer_class(path, META, "fp", chunk_rows=8)
     expected = list(_batches(rng))
     for number, (features, labels, paths, shas) in enumerate(expected):
-        writer.append(features, labels, paths, shas, skipped=[("training/c/bad.jpg", "empty file (0 bytes)")] if number == 0 else [])
+        writer.append(
+            features,
+            labels,
+            paths,
+            shas,
+            skipped=[("training/c/bad.jpg", "empty file (0 bytes)")] if number == 0 else [],
+        )
     assert not path.exists()  # only the .partial exists until finished
     writer.finish()
     loaded = read_features(path)

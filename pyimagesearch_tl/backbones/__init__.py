@@ -161,8 +161,13 @@ def resolve_weights(weights):
     return str(path)
 
 
-def create_model(name: str, weights: str | None = "imagenet", pooling: str = "avg", input_size: int | None = None,
-                 precision: str = "float32"):
+def create_model(
+    name: str,
+    weights: str | None = "imagenet",
+    pooling: str = "avg",
+    input_size: int | None = None,
+    precision: str = "float32",
+):
     """Build the headless feature model of backbone ``name``.
 
     Parameters

