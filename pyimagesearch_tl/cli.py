@@ -293,6 +293,10 @@ def train_command(config: Config, wait, **options):
     from .training import train, train_streaming
 
     config = _apply(config, **options)
+    if config.streaming and options["cv"] is not None:
+        raise ConfigError(
+            "--streaming selects on the validation split (or held-out training blocks); --cv does not apply to it"
+        )
     splits = dict(training_split=config.split_for("training"), validation_split=config.split_for("validation"))
     if config.streaming:
         reports = [

@@ -332,6 +332,30 @@ def test_streaming_without_validation_split_holds_out_training_blocks(pipeline_r
     assert 0.5 <= report.cv_score <= 1.0
 
 
+def test_streaming_refuses_cv_instead_of_ignoring_it(pipeline_run, tmp_path):
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--features",
+            str(pipeline_run["features"]),
+            "--output",
+            str(tmp_path),
+            "--classifier",
+            "sgd",
+            "--streaming",
+            "--cv",
+            "3",
+        ],
+    )
+    assert result.exit_code == 1
+    assert (
+        "--streaming selects on the validation split (or held-out training blocks); --cv does not apply"
+        in result.output
+    )
+    assert not (tmp_path / "sgd.joblib").exists()
+
+
 def test_streaming_all_says_streaming_trains_one_classifier(pipeline_run, tmp_path):
     result = CliRunner().invoke(
         cli,
