@@ -220,11 +220,10 @@ class FeatureExtractor:
     def _tensorflow(self, images: np.ndarray) -> np.ndarray:
         return self._forward(images).numpy().astype(np.float32, copy=False)
 
-    def _choose_runtime(self, images: np.ndarray) -> None:
-        """Settle the runtime on the first real batch (converting and checking it when new)."""
-        import warnings
-
-        settings = dict(
+    def network_key(self) -> str:
+        """The key of this extractor's converted network (see :func:`~pyimagesearch_tl.runtimes.network_key`)."""
+        return network_key(
+            self.model.get_weights(),
             backbone=self.meta.backbone,
             input_size=self.input_size,
             pooling=self.meta.pooling,
@@ -232,8 +231,12 @@ class FeatureExtractor:
             precision=self.meta.precision,
         )
 
+    def _choose_runtime(self, images: np.ndarray) -> None:
+        """Settle the runtime on the first real batch (converting and checking it when new)."""
+        import warnings
+
         def network():
-            return cached_network(network_key(self.model.get_weights(), **settings), self._forward, self.input_size)
+            return cached_network(self.network_key(), self._forward, self.input_size)
 
         choice = choose(self.runtime, self._tensorflow, network, images, self.workers, self.meta.describe())
         if choice.note:

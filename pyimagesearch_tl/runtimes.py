@@ -145,9 +145,14 @@ def export_onnx(forward, input_size: int):
     return model
 
 
+def network_path(key: str) -> Path:
+    """Where network ``key`` is cached (its verdicts lie beside it, ``.json``)."""
+    return cache_dir() / "networks" / f"{key}.onnx"
+
+
 def cached_network(key: str, forward, input_size: int) -> Path:
     """The cached ONNX file of network ``key``, converted from ``forward`` on first use."""
-    path = cache_dir() / "networks" / f"{key}.onnx"
+    path = network_path(key)
     if not path.exists():
         model = export_onnx(forward, input_size)
         with atomic_path(path) as temporary:

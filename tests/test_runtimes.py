@@ -17,7 +17,7 @@ from pyimagesearch_tl.errors import ConfigError, PTLError
 from pyimagesearch_tl.features import FeatureExtractor
 from pyimagesearch_tl.images import load_image
 from pyimagesearch_tl.prediction import Predictor
-from pyimagesearch_tl.runtimes import PARITY_ATOL, RUNTIMES, TENSORFLOW
+from pyimagesearch_tl.runtimes import PARITY_ATOL, RUNTIMES, TENSORFLOW, network_path
 
 ONNX_RUNTIMES = [name for name in RUNTIMES if name != TENSORFLOW]
 
@@ -59,11 +59,7 @@ def _network_files():
 def test_auto_uses_the_fastest_runtime_that_passed_and_remembers_it(photos, tensorflow_features):
     auto = FeatureExtractor("efficientnet_lite0", label_names=["ants", "bees"])  # runtime="auto", the default
     features = auto.transform(photos)
-    auto_network = next(
-        p
-        for p in _network_files()
-        if p.with_suffix(".json").exists() and set(json.loads(p.with_suffix(".json").read_text())) >= set(ONNX_RUNTIMES)
-    )
+    auto_network = network_path(auto.network_key())
     record = json.loads(auto_network.with_suffix(".json").read_text())
     assert all(record[name]["passed"] and record[name]["max_abs_diff"] <= PARITY_ATOL for name in ONNX_RUNTIMES)
     fastest = max([TENSORFLOW, *ONNX_RUNTIMES], key=lambda name: record[name]["img_per_s"])
