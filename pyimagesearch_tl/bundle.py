@@ -136,6 +136,30 @@ class Bundle:
             decision = np.column_stack([-decision, decision])
         return decision, "decision"
 
+    def feature_extractor(self, batch_size: int = 32, max_pixels: int | None = None, runtime: str = "auto"):
+        """Rebuild the :class:`~pyimagesearch_tl.features.FeatureExtractor` this bundle was trained on.
+
+        Built from the bundle's feature meta (and its fine-tuned backbone weights, if any), never from
+        the configuration; refused with a :class:`BundleError` when it cannot be rebuilt or would
+        make features of another layout.
+        """
+        from .errors import ConfigError
+        from .features import FeatureExtractor
+        from .images import MAX_PIXELS
+
+        try:
+            extractor = FeatureExtractor.from_meta(
+                self.meta, batch_size, max_pixels or MAX_PIXELS, self.backbone_weights, runtime
+            )
+        except ConfigError:  # a runtime that is not installed: the user's choice, not the bundle's fault
+            raise
+        except Exception as exc:  # unknown backbone, weights file gone or not downloadable, ...
+            raise BundleError(
+                f"cannot rebuild the feature extractor of this bundle ({self.meta.describe()}): {exc}"
+            ) from None
+        self.check_features(extractor.meta, "the rebuilt feature extractor")
+        return extractor
+
     def check_features(self, meta: FeatureMeta, what: str) -> None:
         """Refuse features made differently from the training features."""
         from .errors import FeatureFileError

@@ -61,12 +61,11 @@ def features_for(
         features = read_features(path)
         return features, []
     from .features import dataset_rows, extract_in_memory
-    from .prediction import Predictor
 
     rows = dataset_rows(dataset_dir).get(split)
     if not rows:
         raise DatasetError(f"dataset {dataset_dir} has no {split!r} split to evaluate the fine-tuned model on")
-    return extract_in_memory(Predictor(bundle, batch_size, max_pixels, runtime=runtime).extractor, dataset_dir, rows)
+    return extract_in_memory(bundle.feature_extractor(batch_size, max_pixels, runtime), dataset_dir, rows)
 
 
 @locks_output("output_dir")

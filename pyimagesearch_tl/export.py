@@ -24,7 +24,6 @@ from .atomic import atomic_path
 from .bundle import Bundle
 from .classifiers import DenseHead
 from .errors import BundleError
-from .features import FeatureExtractor
 from .runtimes import OPSET
 
 ML_OPSET = 3  # the ai.onnx.ml opset of the classifier part
@@ -92,7 +91,7 @@ def export_bundle(bundle: Bundle, output: str | Path) -> Path:
         raise BundleError(
             f"only float32 models export to ONNX; this one was trained on {bundle.meta.precision} features"
         )
-    extractor = FeatureExtractor.from_meta(bundle.meta, finetuned_weights=bundle.backbone_weights, runtime="tensorflow")
+    extractor = bundle.feature_extractor(runtime="tensorflow")
     backbone = onnx.compose.add_prefix(extractor.to_onnx(), "backbone/")
     dim = bundle.meta.feature_dim
     head = (

@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .bundle import Bundle
-from .errors import BundleError, ConfigError, DatasetError
+from .errors import DatasetError
 from .images import MAX_PIXELS, is_image_name
 
 #: The label given to images that belong to none of the classes.
@@ -54,20 +54,8 @@ class Predictor:
     def __init__(
         self, bundle: Bundle, batch_size: int = 32, max_pixels: int = MAX_PIXELS, top_k: int = 3, runtime: str = "auto"
     ):
-        from .features import FeatureExtractor
-
         self.bundle, self.top_k = bundle, top_k
-        try:
-            self.extractor = FeatureExtractor.from_meta(
-                bundle.meta, batch_size, max_pixels, bundle.backbone_weights, runtime
-            )
-        except ConfigError:  # a runtime that is not installed: the user's choice, not the bundle's fault
-            raise
-        except Exception as exc:  # unknown backbone, weights file gone or not downloadable, ...
-            raise BundleError(
-                f"cannot rebuild the feature extractor of this bundle ({bundle.meta.describe()}): {exc}"
-            ) from None
-        bundle.check_features(self.extractor.meta, "the rebuilt feature extractor")
+        self.extractor = bundle.feature_extractor(batch_size, max_pixels, runtime)
 
     @property
     def score_kind(self) -> str:
