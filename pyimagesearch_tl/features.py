@@ -299,6 +299,17 @@ def extract_shards(extractor: FeatureExtractor, tasks: Sequence[ShardTask]) -> I
     rows: list[list] = [[] for _ in tasks]
     skipped: list[list] = [[] for _ in tasks]
     current, seen = 0, 0
+
+    def completed():  # the tasks whose every image has been seen, in order (empty tasks included)
+        nonlocal current
+        while current < len(tasks) and ends[current] <= seen:
+            done = rows[current]
+            features = np.stack([v for _, v in done]) if done else np.zeros((0, extractor.meta.feature_dim), np.float32)
+            yield tasks[current].index, Shard(features, np.array([p for p, _ in done], np.int64), skipped[current])
+            rows[current], skipped[current] = [], []
+            current += 1
+
+    yield from completed()
     for batch in extractor.iter_batches([tasks[t].paths[p] for t, p in owners]):
         for i, vector in zip(batch.indices, extractor.transform(batch.images)):
             t, p = owners[i]
@@ -307,12 +318,7 @@ def extract_shards(extractor: FeatureExtractor, tasks: Sequence[ShardTask]) -> I
             t, p = owners[i]
             skipped[t].append((p, reason))
         seen += len(batch.indices) + len(batch.skipped)
-        while current < len(tasks) and ends[current] <= seen:
-            done = rows[current]
-            features = np.stack([v for _, v in done]) if done else np.zeros((0, extractor.meta.feature_dim), np.float32)
-            yield tasks[current].index, Shard(features, np.array([p for p, _ in done], np.int64), skipped[current])
-            rows[current], skipped[current] = [], []
-            current += 1
+        yield from completed()
 
 
 def extract_in_memory(
@@ -323,15 +329,12 @@ def extract_in_memory(
     For models whose features are never stored: a fine-tuned backbone is evaluated this way.
     """
     label_index = {name: i for i, name in enumerate(extractor.meta.label_names)}
-    features, kept, skipped = [], [], []
-    paths = [Path(dataset_dir) / row["path"] for row in rows]
-    for batch in extractor.iter_batches(paths):
-        features.append(extractor.transform(batch.images))
-        kept += batch.indices
-        skipped += [(rows[i]["path"], reason) for i, reason in batch.skipped]
-    features_array = np.concatenate(features) if features else np.zeros((0, extractor.meta.feature_dim), np.float32)
+    task = ShardTask(0, [str(Path(dataset_dir) / row["path"]) for row in rows])
+    [(_, shard)] = extract_shards(extractor, [task])  # the whole list as one shard, held in memory
+    kept = shard.positions.tolist()
+    skipped = [(rows[i]["path"], reason) for i, reason in shard.skipped]
     return FeatureSet(
-        features_array,
+        shard.features,
         np.array([label_index[rows[i]["label"]] for i in kept], dtype=np.int64),
         [rows[i]["path"] for i in kept],
         [rows[i].get("sha256", "") for i in kept],
