@@ -19,12 +19,14 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from .backbones import list_backbones
+from .classifiers import list_classifiers
+from .engines import list_engines
 from .errors import ConfigError
 from .images import MAX_PIXELS
-
-#: Role of each configured split, by position: the first trains, the second validates,
-#: the third is held out for the final evaluation (PyImageSearch's names by default).
-SPLIT_ROLES = ("training", "validation", "evaluation")
+from .layouts import SPLIT_ROLES
+from .runtimes import list_runtimes
+from .store import SHARD_SIZE
 
 DEFAULTS: dict[str, Any] = {
     # where things are
@@ -56,7 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "engine": "local",  # where extraction runs: this process, or a Ray cluster
     "ray_address": None,  # ray engine: unset starts a local Ray instance; "auto" joins this machine's cluster
     "ray_cpus_per_worker": 1,  # ray engine: CPUs per worker (each builds the backbone once)
-    "shard_size": 256,  # images per shard file: the unit of work and of resume
+    "shard_size": SHARD_SIZE,  # images per shard file: the unit of work and of resume
     # train
     "classifier": "logreg",
     "cv": "5",
@@ -126,17 +128,11 @@ def _cv(value: Any) -> str | None:
     return "an integer of at least 2 (stratified folds) or 'validation'"
 
 
-def _registered(kind: str) -> Callable[[Any], str | None]:
+def _registered(names: Callable[[], list[str]], *extra: str) -> Callable[[Any], str | None]:
+    """A name from a registry (read when checked, so later registrations count)."""
+
     def check(value: Any) -> str | None:
-        if kind == "backbone":
-            from .backbones import list_backbones as names
-        elif kind == "engine":
-            from .engines import list_engines as names
-        elif kind == "runtime":
-            from .runtimes import list_runtimes as names
-        else:
-            from .classifiers import list_classifiers as names
-        allowed = names() + (["all"] if kind == "classifier" else [])
+        allowed = names() + list(extra)
         return None if value in allowed else f"one of: {', '.join(allowed)}"
 
     return check
@@ -165,19 +161,19 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "link": _choice("copy", "hardlink", "symlink"),
     "seed": _typed(int, "an integer >= 0", lambda v: v >= 0),
     "max_image_pixels": _typed(int, "an integer > 0", lambda v: v > 0),
-    "backbone": _registered("backbone"),
+    "backbone": _registered(list_backbones),
     "weights": _typed(str, "'imagenet', 'none' or a path to a weights file", bool),
     "pooling": _choice("avg", "max", "flatten"),
     "feature_format": _choice("hdf5", "csv"),
     "dtype": _choice("float32", "float16"),
     "precision": _choice("float32", "bfloat16"),
     "batch_size": _typed(int, "an integer between 1 and 4096", lambda v: 1 <= v <= 4096),
-    "runtime": _registered("runtime"),
-    "engine": _registered("engine"),
+    "runtime": _registered(list_runtimes),
+    "engine": _registered(list_engines),
     "ray_address": _optional_str,
     "ray_cpus_per_worker": _typed(int, "an integer >= 1", lambda v: v >= 1),
     "shard_size": _typed(int, "an integer between 1 and 1000000", lambda v: 1 <= v <= 1_000_000),
-    "classifier": _registered("classifier"),
+    "classifier": _registered(list_classifiers, "all"),
     "cv": _cv,
     "class_weight": _choice("none", "balanced"),
     "streaming": _typed(bool, "true or false"),

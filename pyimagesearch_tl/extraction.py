@@ -39,6 +39,7 @@ from .images import MAX_PIXELS
 from .locks import locks_output
 from .store import (
     LABEL_ENCODER,
+    SHARD_SIZE,
     SHARDS,
     SUFFIXES,
     WRITERS,
@@ -125,7 +126,7 @@ def extract_split(
     split: str,
     output_dir: Path,
     feature_format: str = "hdf5",
-    shard_size: int = 256,
+    shard_size: int = SHARD_SIZE,
     chunk_rows: int = 32,
     progress: bool = True,
     interrupted: Callable[[], bool] = lambda: False,
@@ -247,7 +248,7 @@ def extract_dataset(
     engine: str = "local",
     ray_address: str | None = None,
     ray_cpus_per_worker: int = 1,
-    shard_size: int = 256,
+    shard_size: int = SHARD_SIZE,
     progress: bool = True,
     on_split=None,
     on_engine=None,

@@ -44,7 +44,6 @@ from .bundle import Bundle
 from .classifiers import DenseHead
 from .errors import ConfigError, DatasetError
 from .features import FeatureExtractor, dataset_rows, decode_batches, extract_in_memory, interrupt_after_batch
-from .images import MAX_PIXELS
 from .layouts import stratified_split
 from .locks import locks_output
 from .metrics import roc_auc
@@ -237,26 +236,27 @@ class ImageBatches:
 
 @dataclasses.dataclass
 class FinetuneSettings:
-    """The knobs of :func:`finetune` (the config keys of the same names)."""
+    """The knobs of :func:`finetune`: the config keys of the same names, whose defaults are in
+    :data:`pyimagesearch_tl.config.DEFAULTS` (build it with :meth:`from_config`)."""
 
-    backbone: str = "efficientnet_lite0"
-    weights: str = "imagenet"
-    input_size: int | None = None
-    head_epochs: int = 10
-    finetune_epochs: int = 10
-    unfreeze_blocks: int = 2
-    head_lr: float = 1e-3
-    finetune_lr: float = 1e-4
-    augment: str = "light"
-    monitor: str = "val_loss"
-    patience: int = 3
-    head_dropout: float = 0.2
-    head_batchnorm: bool = True
-    batch_size: int = 32
-    class_weight: str = "none"
-    seed: int = 42
-    max_image_pixels: int = MAX_PIXELS
-    unknown_keep: float = 0.95
+    backbone: str
+    weights: str
+    input_size: int | None
+    head_epochs: int
+    finetune_epochs: int
+    unfreeze_blocks: int
+    head_lr: float
+    finetune_lr: float
+    augment: str
+    monitor: str
+    patience: int
+    head_dropout: float
+    head_batchnorm: bool
+    batch_size: int
+    class_weight: str
+    seed: int
+    max_image_pixels: int
+    unknown_keep: float
 
     @classmethod
     def from_config(cls, config) -> "FinetuneSettings":
@@ -580,8 +580,14 @@ def _bundle(model, base, settings: FinetuneSettings, dataset_dir: Path, training
     head = dense_head(model)
     train_set, _ = extract_in_memory(extractor, dataset_dir, training)
     validation_set, _ = extract_in_memory(extractor, dataset_dir, validation)
-    centroids = NoveltyDetector.centroids_of([(train_set.features, train_set.labels)], len(encoder.classes_))
-    novelty = NoveltyDetector.fit(centroids, validation_set.features, settings.unknown_keep, record["validation"])
+    novelty = NoveltyDetector.fit(
+        train_set.features,
+        train_set.labels,
+        len(encoder.classes_),
+        validation_set.features,
+        settings.unknown_keep,
+        record["validation"],
+    )
     scores = head.predict_proba(validation_set.features)
     metrics = (
         float(accuracy_score(validation_set.labels, scores.argmax(axis=1))),

@@ -34,10 +34,13 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .atomic import atomic_write_csv
-from .config import SPLIT_ROLES
 from .errors import DatasetError, ImageError
 from .images import MAX_PIXELS, is_image_name, probe_image, sha256_file
 from .locks import locks_output
+
+#: Role of each configured split, by position: the first trains, the second validates,
+#: the third is held out for the final evaluation (PyImageSearch's names by default).
+SPLIT_ROLES = ("training", "validation", "evaluation")
 
 #: Folder names recognised as pre-existing splits, mapped to their role.
 SPLIT_ALIASES = {

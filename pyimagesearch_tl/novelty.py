@@ -61,10 +61,29 @@ class NoveltyDetector:
 
     @classmethod
     def fit(
-        cls, centroids: np.ndarray, calibration: np.ndarray, keep: float = 0.95, calibrated_on: str = "validation"
+        cls,
+        features: np.ndarray,
+        labels: np.ndarray,
+        n_classes: int,
+        calibration: np.ndarray,
+        keep: float = 0.95,
+        calibrated_on: str = "validation",
     ) -> "NoveltyDetector":
-        """Set the threshold so that a ``keep`` share of the ``calibration`` features is known."""
-        return cls.from_similarities(centroids, (_unit(calibration) @ centroids.T).max(axis=1), keep, calibrated_on)
+        """Centroids of the training ``features``, threshold keeping a ``keep`` share of ``calibration``.
+
+        Parameters
+        ----------
+        features, labels : ndarray
+            Training features and their integer labels (``0 .. n_classes - 1``).
+        calibration : ndarray
+            In-distribution features held out from training (the validation split when there is one).
+        keep : float
+            Share of ``calibration`` that must come out known, in (0, 1].
+        calibrated_on : str
+            Recorded with the detector: which images set the threshold.
+        """
+        centroids = cls.centroids_of([(features, labels)], n_classes)
+        return cls.from_similarities(centroids, similarity_to(centroids, calibration), keep, calibrated_on)
 
     @classmethod
     def from_similarities(
@@ -78,7 +97,19 @@ class NoveltyDetector:
         return cls(centroids, threshold, keep, calibrated_on)
 
     def similarity(self, features: np.ndarray) -> np.ndarray:
-        return (_unit(features) @ self.centroids.T).max(axis=1)
+        """Cosine similarity of each row of ``features`` to its nearest class centroid."""
+        return similarity_to(self.centroids, features)
+
+    def assess(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's :meth:`similarity` and whether it is known (at or above the threshold)."""
+        similarity = self.similarity(features)
+        return similarity, similarity >= self.threshold
 
     def is_known(self, features: np.ndarray) -> np.ndarray:
-        return self.similarity(features) >= self.threshold
+        """Whether each row of ``features`` belongs to one of the classes."""
+        return self.assess(features)[1]
+
+
+def similarity_to(centroids: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``features`` to the nearest of the unit ``centroids``."""
+    return (_unit(features) @ centroids.T).max(axis=1)

@@ -75,13 +75,15 @@ class Predictor:
                 continue
             features = self.extractor.transform(batch.images)
             scores, _ = self.bundle.scores(features)
-            similarity = novelty.similarity(features) if novelty is not None else [None] * len(features)
-            for index, row, close in zip(batch.indices, scores, similarity):
+            if novelty is None:
+                similarity, known = [None] * len(features), [True] * len(features)
+            else:
+                similarity, known = novelty.assess(features)
+            for index, row, close, is_known in zip(batch.indices, scores, similarity, known):
                 order = np.argsort(row)[::-1][: self.top_k]
-                known = close is None or close >= novelty.threshold
                 results[index] = Prediction(
                     names[index],
-                    classes[order[0]] if known else UNKNOWN,
+                    classes[order[0]] if is_known else UNKNOWN,
                     float(row[order[0]]),
                     [(classes[i], float(row[i])) for i in order],
                     similarity=None if close is None else float(close),

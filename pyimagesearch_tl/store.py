@@ -35,6 +35,7 @@ from .errors import FeatureFileError
 FORMAT_VERSION = 1
 SUFFIXES = {"hdf5": ".h5", "csv": ".csv"}
 PARTIAL = ".partial"
+SHARD_SIZE = 256  # images per shard file: the unit of extraction work and of resume
 SHARDS = ".shards"  # <features dir>/.shards/<split>/: shard files of an extraction in progress
 LABEL_ENCODER = "label_encoder.joblib"  # <features dir>/label_encoder.joblib: the class names, fitted once
 

@@ -16,7 +16,7 @@ from .classifiers import get_classifier, list_classifiers, make_pipeline
 from .errors import ConfigError, DatasetError, FeatureFileError
 from .locks import locks_output
 from .metrics import roc_auc
-from .novelty import NoveltyDetector
+from .novelty import NoveltyDetector, similarity_to
 from .store import (
     LABEL_ENCODER,
     FeatureSet,
@@ -124,9 +124,15 @@ def train(
     folds = None if cv == "validation" else int(cv)
     _check_trainable(train_set.labels, train_set.meta.label_names, folds)
     encoder = load_label_encoder(features_dir, train_set.meta.label_names)
-    centroids = NoveltyDetector.centroids_of([(train_set.features, train_set.labels)], len(encoder.classes_))
     calibration = (validation_set, validation_split) if validation_set is not None else (train_set, training_split)
-    novelty = NoveltyDetector.fit(centroids, calibration[0].features, unknown_keep, calibration[1])
+    novelty = NoveltyDetector.fit(
+        train_set.features,
+        train_set.labels,
+        len(encoder.classes_),
+        calibration[0].features,
+        unknown_keep,
+        calibration[1],
+    )
 
     if cv == "validation":
         X = np.concatenate([train_set.features, validation_set.features])
@@ -272,9 +278,8 @@ def train_streaming(
     source = (
         iter_chunks(validation_path, block_rows) if validation_path else iter_chunks(train_path, block_rows, held_out)
     )
-    probe = NoveltyDetector(centroids, 0.0, 1.0, "")
     for X, y in source:
-        similarities.append(probe.similarity(X))
+        similarities.append(similarity_to(centroids, X))
         X = scaler.transform(X)
         correct += [np.sum(model.predict(X) == y) for model in candidates]
         seen += len(y)

@@ -15,7 +15,14 @@ from pyimagesearch_tl.cli import cli
 
 keras = pytest.importorskip("keras")
 from pyimagesearch_tl import finetune as ft  # noqa: E402  (registers the Preprocess layer)
+from pyimagesearch_tl.config import load_config  # noqa: E402
 from pyimagesearch_tl.images import load_image  # noqa: E402
+
+
+def settings_with(**overrides) -> ft.FinetuneSettings:
+    """The default configuration's fine-tuning settings, with ``overrides``."""
+    return ft.FinetuneSettings.from_config(load_config().replace(**overrides))
+
 
 SIZE = 64
 TINY = [
@@ -231,7 +238,7 @@ def test_best_checkpoint_is_restored_and_validation_is_not_augmented(pipeline_ru
     Its loss on the un-augmented validation images equals the best validation loss recorded during
     training, which also shows that the validation input was never augmented.
     """
-    settings = ft.FinetuneSettings(
+    settings = settings_with(
         input_size=SIZE,
         batch_size=8,
         head_epochs=2,
@@ -271,7 +278,7 @@ def test_augmentation_touches_training_input_only(pipeline_run):
 
 
 def test_same_seed_same_run(pipeline_run, tmp_path):
-    settings = ft.FinetuneSettings(input_size=SIZE, batch_size=8, head_epochs=1, finetune_epochs=1, seed=11)
+    settings = settings_with(input_size=SIZE, batch_size=8, head_epochs=1, finetune_epochs=1, seed=11)
     first = ft.finetune(pipeline_run["dataset"], tmp_path / "a", settings).history["history"]
     second = ft.finetune(pipeline_run["dataset"], tmp_path / "b", settings).history["history"]
     assert first == second
@@ -305,7 +312,7 @@ def test_ctrl_c_stops_early_and_keeps_the_best_weights_and_corrupt_images_are_sk
             presses.append(epoch)
             os.kill(os.getpid(), signal.SIGINT)
 
-    settings = ft.FinetuneSettings(input_size=SIZE, batch_size=8, head_epochs=3, finetune_epochs=3, seed=5)
+    settings = settings_with(input_size=SIZE, batch_size=8, head_epochs=3, finetune_epochs=3, seed=5)
     report = ft.finetune(dataset, tmp_path / "out", settings, on_epoch=press_ctrl_c)
     assert presses == [1] and report.interrupted
     assert [s["name"] for s in report.history["stages"]] == ["head"]  # stage 2 skipped
@@ -319,7 +326,7 @@ def test_a_keras_applications_backbone_fine_tunes_with_class_weights(pipeline_ru
     """MobileNetV2 (random weights offline, 'tf' preprocessing): the network and its bundle agree."""
     from pyimagesearch_tl.prediction import Predictor
 
-    settings = ft.FinetuneSettings(
+    settings = settings_with(
         backbone="mobilenetv2",
         weights="none",
         input_size=SIZE,

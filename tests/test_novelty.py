@@ -13,12 +13,15 @@ from pyimagesearch_tl.prediction import UNKNOWN, Predictor
 
 def test_threshold_keeps_the_requested_share_of_calibration_images():
     rng = np.random.default_rng(0)
-    centroids = NoveltyDetector.centroids_of([(rng.normal(size=(200, 8)) + 3, rng.integers(0, 2, 200))], 2)
+    features, labels = rng.normal(size=(200, 8)) + 3, rng.integers(0, 2, 200)
     calibration = rng.normal(size=(1000, 8)) + 3
     for keep in (0.5, 0.9, 0.95, 1.0):
-        detector = NoveltyDetector.fit(centroids, calibration, keep)
+        detector = NoveltyDetector.fit(features, labels, 2, calibration, keep)
         assert detector.is_known(calibration).mean() == pytest.approx(keep, abs=0.002)
-    assert np.allclose(np.linalg.norm(centroids, axis=1), 1.0)
+    assert np.allclose(np.linalg.norm(detector.centroids, axis=1), 1.0)
+    # The streaming path (centroids in one pass over blocks, then similarities) gives the same detector.
+    centroids = NoveltyDetector.centroids_of([(features[:120], labels[:120]), (features[120:], labels[120:])], 2)
+    assert np.allclose(centroids, detector.centroids)
 
 
 @pytest.fixture(scope="module")
