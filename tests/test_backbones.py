@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pyimagesearch_tl.backbones import create_model, get_backbone, list_backbones
+from pyimagesearch_tl.backbones import create_model, get_backbone, list_backbones, torch_checkpoint
 from pyimagesearch_tl.backbones import efficientnet_lite as lite
 from pyimagesearch_tl.errors import ConfigError
 
@@ -28,6 +28,24 @@ def test_registry_lists_and_rejects_with_names():
     assert list_backbones("efficientnet_lite*") == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
     with pytest.raises(ConfigError, match="unknown backbone 'alexnet'; choose one of: efficientnet_lite0.*vgg16"):
         get_backbone("alexnet")
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_every_registered_backbone_builds_pools_and_splits_into_blocks(name):
+    """What extraction and fine-tuning rely on, for every entry of the registry (as timm checks list_models())."""
+    from pyimagesearch_tl.backbones import backbone_blocks, preprocess_input
+
+    record = get_backbone(name)
+    model = create_model(name, weights="none", pooling="avg")
+    size = record.input_size
+    assert model.input_shape == (None, size, size, 3)
+    assert len(model.output_shape) == 2 and model.output_shape[1] > 0
+    assert create_model(name, weights="none", pooling="max").output_shape == model.output_shape
+    blocks = backbone_blocks(name, model)  # raises when the block pattern leaves a weighted layer out
+    assert len(blocks) >= 3
+    pixels = np.array([[[0.0, 127.5, 255.0]]], np.float32)
+    scaled = np.asarray(preprocess_input(pixels.copy(), record.preprocessing))
+    assert scaled.shape == pixels.shape and np.isfinite(scaled).all()
 
 
 @pytest.mark.parametrize(
@@ -52,7 +70,7 @@ def test_random_weight_models_have_the_documented_feature_width(name, pooling, w
 
 @pytest.fixture(scope="module")
 def lite0_state():
-    return lite.read_torch_checkpoint(lite.packaged_checkpoint("efficientnet_lite0"))
+    return torch_checkpoint.read_torch_checkpoint(lite.packaged_checkpoint("efficientnet_lite0"))
 
 
 def test_checkpoint_reader_reads_all_296_tensors(lite0_state):
@@ -77,7 +95,8 @@ class _Evil:
 
 def _legacy_checkpoint(state_pickle: bytes) -> bytes:
     header = b"".join(
-        pickle.dumps(x, protocol=2) for x in (lite._MAGIC_NUMBER, lite._PROTOCOL_VERSION, {"little_endian": True})
+        pickle.dumps(x, protocol=2)
+        for x in (torch_checkpoint._MAGIC_NUMBER, torch_checkpoint._PROTOCOL_VERSION, {"little_endian": True})
     )
     return header + state_pickle + pickle.dumps([], protocol=2)
 
@@ -85,11 +104,11 @@ def _legacy_checkpoint(state_pickle: bytes) -> bytes:
 def test_reader_refuses_any_other_callable(tmp_path):
     path = tmp_path / "evil.pth"
     path.write_bytes(_legacy_checkpoint(pickle.dumps({"x": _Evil()}, protocol=2)))
-    with pytest.raises(lite.UnsafeCheckpointError, match=r"refusing to load __builtin__\.print"):
-        lite.read_torch_checkpoint(path)
+    with pytest.raises(torch_checkpoint.UnsafeCheckpointError, match=r"refusing to load __builtin__\.print"):
+        torch_checkpoint.read_torch_checkpoint(path)
     path.write_bytes(_legacy_checkpoint(b"\x80\x02cos\nsystem\nX\x02\x00\x00\x00idq\x00\x85R."))
-    with pytest.raises(lite.UnsafeCheckpointError, match="os.system"):
-        lite.read_torch_checkpoint(path)
+    with pytest.raises(torch_checkpoint.UnsafeCheckpointError, match="os.system"):
+        torch_checkpoint.read_torch_checkpoint(path)
 
 
 def test_reader_rejects_truncated_checkpoint(tmp_path):
@@ -97,7 +116,7 @@ def test_reader_rejects_truncated_checkpoint(tmp_path):
     path = tmp_path / "cut.pth"
     path.write_bytes(data[: len(data) - 1000])
     with pytest.raises(Exception, match="truncated"):
-        lite.read_torch_checkpoint(path)
+        torch_checkpoint.read_torch_checkpoint(path)
 
 
 def _classify(model, photo: np.ndarray, size: int) -> list[int]:
@@ -117,7 +136,7 @@ def test_weights_are_converted_once_then_read_from_the_cache(tmp_path, monkeypat
     first = lite.cached_weights("efficientnet_lite0")
     assert first.parent == tmp_path / "pyimagesearch_tl" / "weights" and first.name.endswith(".weights.h5")
     stamp = first.stat().st_mtime_ns
-    monkeypatch.setattr(lite, "_convert_to", lambda *a: pytest.fail("converted again instead of using the cache"))
+    monkeypatch.setattr(lite, "_from_checkpoint", lambda *a: pytest.fail("converted again instead of using the cache"))
     assert lite.cached_weights("efficientnet_lite0") == first
     assert first.stat().st_mtime_ns == stamp
 

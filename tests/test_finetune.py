@@ -153,10 +153,14 @@ def test_predict_evaluate_serve_and_compare_accept_the_bundle(tuned, pipeline_ru
     assert (tmp_path / "run" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert "warning" not in output  # same split, same images
 
-    client = create_app(Predictor(Bundle.load(bundle_path))).test_client()
+    predictor = Predictor(Bundle.load(bundle_path))
+    (expected,) = predictor.predict([photo])
+    client = create_app(predictor).test_client()
     reply = client.post("/api/predict", data={"file": (photo.open("rb"), photo.name)})
     assert reply.status_code == 200
-    assert reply.get_json()["predictions"][0]["label"] in ("cats", "dogs", "unknown")
+    answer = reply.get_json()["predictions"][0]
+    assert answer["label"] == expected.label
+    assert answer["probability"] == pytest.approx(expected.score, abs=1e-6)
 
 
 def test_stage_two_trains_exactly_the_chosen_blocks_and_never_batchnorm(pipeline_run):

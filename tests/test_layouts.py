@@ -75,10 +75,14 @@ def test_food5k_layout(tmp_path, photos):
     assert detect_layout(source) == "food5k"
     report = build_dataset(source, tmp_path / "out", splits=SPLITS, fractions=FRACTIONS, classes=["non_food", "food"])
     assert report.layout == "food5k"
-    assert dict(report.counts["training"]) == {"non_food": 6, "food": 6}
+    for split, count in (("training", 6), ("validation", 2), ("evaluation", 2)):
+        assert dict(report.counts[split]) == {"non_food": count, "food": count}
     rows = manifest(tmp_path / "out")
-    origin = {r["path"]: r for r in rows}
-    assert origin["evaluation/food/1_0.jpg"]["label"] == "food"
+    for row in rows:  # every file kept its split and got the class its name's index gives
+        split, label, name = row["path"].split("/")
+        assert (row["split"], row["label"]) == (split, ["non_food", "food"][int(name[0])])
+        assert (source / split / name).read_bytes() == (tmp_path / "out" / row["path"]).read_bytes()
+    assert len(rows) == 20
     with pytest.raises(DatasetError, match="class index 1 but only 1 classes"):
         read_layout(source, "food5k", classes=["non_food"])
 
