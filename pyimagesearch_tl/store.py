@@ -315,13 +315,113 @@ def has_feature_file(features_dir: str | Path, split: str) -> bool:
     return any((Path(features_dir) / f"{split}{suffix}").is_file() for suffix in SUFFIXES.values())
 
 
-def read_meta(path: str | Path) -> FeatureMeta:
-    """The metadata of a finished feature file, without reading the features."""
+class HDF5FeatureReader:
+    """Reads the parts of a finished ``.h5`` feature file, each on its own (features only when asked)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def meta(self) -> FeatureMeta:
+        with _open_h5(self.path) as f:
+            return FeatureMeta.from_attrs(f.attrs)
+
+    def load(self) -> FeatureSet:
+        with _open_h5(self.path) as f:
+            return FeatureSet(
+                features=f["features"][:],
+                labels=f["labels"][:],
+                paths=[os.fsdecode(bytes(p)) for p in f["paths"][:]],
+                sha256=[s.decode() for s in f["sha256"][:]],
+                meta=FeatureMeta.from_attrs(f.attrs),
+            )
+
+    def sha256(self) -> list[str]:
+        with _open_h5(self.path) as f:
+            return [s.decode() for s in f["sha256"][:]]
+
+    def skipped(self) -> list[tuple[str, str]]:
+        with _open_h5(self.path) as f:
+            pairs = zip(f["skipped_paths"][:], f["skipped_reasons"][:])
+            return [(os.fsdecode(bytes(p)), bytes(r).decode()) for p, r in pairs]
+
+    def fingerprint(self) -> str | None:
+        with _open_h5(self.path) as f:
+            value = f.attrs.get("fingerprint")
+            return value.decode() if isinstance(value, bytes) else value
+
+    @contextlib.contextmanager
+    def rows(self) -> Iterator[Callable[[Sequence[int]], np.ndarray]]:
+        """Rows read on demand (a file larger than memory is fine)."""
+        with _open_h5(self.path) as f:
+            dataset = f["features"]
+
+            def read(rows: Sequence[int]) -> np.ndarray:
+                if len(rows) == 0:
+                    return np.zeros((0, dataset.shape[1]), dataset.dtype)
+                unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+                return dataset[unique][inverse]  # h5py reads increasing row numbers
+
+            yield read
+
+
+class CSVFeatureReader:
+    """Reads a ``.csv`` feature file and its JSON sidecar (paths, hashes, metadata).
+
+    CSV is a compatibility format: its features are always loaded whole.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def _sidecar(self) -> dict:
+        sidecar = _csv_meta_path(self.path)
+        try:
+            return json.loads(sidecar.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FeatureFileError(f"{self.path}: its metadata file {sidecar.name} is missing") from None
+        except json.JSONDecodeError as exc:
+            raise FeatureFileError(f"{sidecar}: unreadable metadata ({exc})") from None
+
+    def meta(self) -> FeatureMeta:
+        return FeatureMeta.from_attrs(self._sidecar())
+
+    def load(self) -> FeatureSet:
+        sidecar = self._sidecar()
+        meta = FeatureMeta.from_attrs(sidecar)
+        data = np.loadtxt(self.path, delimiter=",", dtype=np.float64, ndmin=2)
+        if data.size == 0:
+            data = np.zeros((0, meta.feature_dim + 1))
+        paths = [os.fsdecode(p.encode("utf-8", "surrogateescape")) for p in sidecar["paths"]]
+        return FeatureSet(data[:, 1:].astype(meta.dtype), data[:, 0].astype(np.int64), paths, sidecar["sha256"], meta)
+
+    def sha256(self) -> list[str]:
+        return list(self._sidecar()["sha256"])
+
+    def skipped(self) -> list[tuple[str, str]]:
+        return [tuple(s) for s in self._sidecar()["skipped"]]
+
+    def fingerprint(self) -> str | None:
+        return self._sidecar().get("fingerprint")
+
+    @contextlib.contextmanager
+    def rows(self) -> Iterator[Callable[[Sequence[int]], np.ndarray]]:
+        features = self.load().features
+        yield lambda rows: features[np.asarray(rows, dtype=np.int64)]
+
+
+#: Reader class by file suffix, one per format of :data:`WRITERS`.
+READERS = {SUFFIXES["hdf5"]: HDF5FeatureReader, SUFFIXES["csv"]: CSVFeatureReader}
+
+
+def feature_reader(path: str | Path) -> HDF5FeatureReader | CSVFeatureReader:
+    """The reader for the finished feature file ``path``, chosen by its suffix."""
     path = Path(path)
-    if path.suffix == ".csv":
-        return FeatureMeta.from_attrs(_read_csv_sidecar(path))
-    with _open_h5(path) as f:
-        return FeatureMeta.from_attrs(f.attrs)
+    try:
+        return READERS[path.suffix](path)
+    except KeyError:
+        raise FeatureFileError(
+            f"{path}: not a feature file (expected a name ending in {' or '.join(READERS)})"
+        ) from None
 
 
 def _open_h5(path: Path):
@@ -337,35 +437,14 @@ def _open_h5(path: Path):
     return handle
 
 
-def _read_csv_sidecar(path: Path) -> dict:
-    sidecar = _csv_meta_path(path)
-    try:
-        return json.loads(sidecar.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FeatureFileError(f"{path}: its metadata file {sidecar.name} is missing") from None
-    except json.JSONDecodeError as exc:
-        raise FeatureFileError(f"{sidecar}: unreadable metadata ({exc})") from None
+def read_meta(path: str | Path) -> FeatureMeta:
+    """The metadata of a finished feature file, without reading the features."""
+    return feature_reader(path).meta()
 
 
 def read_features(path: str | Path) -> FeatureSet:
     """Load a whole finished feature file (HDF5 or CSV) into memory."""
-    path = Path(path)
-    if path.suffix == ".csv":
-        sidecar = _read_csv_sidecar(path)
-        meta = FeatureMeta.from_attrs(sidecar)
-        data = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
-        if data.size == 0:
-            data = np.zeros((0, meta.feature_dim + 1))
-        paths = [os.fsdecode(p.encode("utf-8", "surrogateescape")) for p in sidecar["paths"]]
-        return FeatureSet(data[:, 1:].astype(meta.dtype), data[:, 0].astype(np.int64), paths, sidecar["sha256"], meta)
-    with _open_h5(path) as f:
-        return FeatureSet(
-            features=f["features"][:],
-            labels=f["labels"][:],
-            paths=[os.fsdecode(bytes(p)) for p in f["paths"][:]],
-            sha256=[s.decode() for s in f["sha256"][:]],
-            meta=FeatureMeta.from_attrs(f.attrs),
-        )
+    return feature_reader(path).load()
 
 
 def iter_chunks(path: str | Path, rows: int | None = None, blocks=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -390,56 +469,26 @@ def read_labels(path: str | Path) -> np.ndarray:
 
 def read_sha256(path: str | Path) -> list[str]:
     """Only the content-hash column of a finished feature file."""
-    path = Path(path)
-    if path.suffix == ".csv":
-        return list(_read_csv_sidecar(path)["sha256"])
-    with _open_h5(path) as f:
-        return [s.decode() for s in f["sha256"][:]]
+    return feature_reader(path).sha256()
 
 
-@contextlib.contextmanager
-def row_reader(path: str | Path) -> Iterator[Callable[[Sequence[int]], np.ndarray]]:
-    """Yield a function reading feature rows of a finished file by row number, in the order asked.
+def row_reader(path: str | Path) -> contextlib.AbstractContextManager[Callable[[Sequence[int]], np.ndarray]]:
+    """A context giving a function that reads feature rows of a finished file by row number, in the order asked.
 
     HDF5 files are read row by row on demand (a file larger than memory is fine); CSV files,
     a compatibility format, are loaded whole once.
     """
-    path = Path(path)
-    if path.suffix == ".csv":
-        features = read_features(path).features
-        yield lambda rows: features[np.asarray(rows, dtype=np.int64)]
-        return
-    with _open_h5(path) as f:
-        dataset = f["features"]
-
-        def read(rows: Sequence[int]) -> np.ndarray:
-            if len(rows) == 0:
-                return np.zeros((0, dataset.shape[1]), dataset.dtype)
-            unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
-            return dataset[unique][inverse]  # h5py reads increasing row numbers
-
-        yield read
+    return feature_reader(path).rows()
 
 
 def read_skipped(path: str | Path) -> list[tuple[str, str]]:
     """The (path, reason) pairs of images a finished feature file could not include."""
-    path = Path(path)
-    if path.suffix == ".csv":
-        return [tuple(s) for s in _read_csv_sidecar(path)["skipped"]]
-    with _open_h5(path) as f:
-        return [
-            (os.fsdecode(bytes(p)), bytes(r).decode()) for p, r in zip(f["skipped_paths"][:], f["skipped_reasons"][:])
-        ]
+    return feature_reader(path).skipped()
 
 
 def read_fingerprint(path: str | Path) -> str | None:
     """The input fingerprint of a finished feature file, or None if it has none or is unreadable."""
-    path = Path(path)
     try:
-        if path.suffix == ".csv":
-            return _read_csv_sidecar(path).get("fingerprint")
-        with _open_h5(path) as f:
-            value = f.attrs.get("fingerprint")
-            return value.decode() if isinstance(value, bytes) else value
+        return feature_reader(path).fingerprint()
     except FeatureFileError:
         return None

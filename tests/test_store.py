@@ -5,7 +5,9 @@ import pytest
 
 from pyimagesearch_tl.errors import FeatureFileError
 from pyimagesearch_tl.store import (
-    CSVFeatureWriter,
+    READERS,
+    SUFFIXES,
+    WRITERS,
     FeatureMeta,
     HDF5FeatureWriter,
     Shard,
@@ -13,7 +15,9 @@ from pyimagesearch_tl.store import (
     feature_file,
     iter_chunks,
     read_features,
+    read_fingerprint,
     read_meta,
+    read_sha256,
     read_shard,
     read_skipped,
     row_reader,
@@ -44,11 +48,11 @@ def _batches(rng):
         )
 
 
-@pytest.mark.parametrize("fmt, writer_class", [("h5", HDF5FeatureWriter), ("csv", CSVFeatureWriter)])
-def test_round_trip_keeps_values_labels_paths_and_metadata(tmp_path, fmt, writer_class):
+@pytest.mark.parametrize("fmt", list(WRITERS))
+def test_round_trip_keeps_values_labels_paths_and_metadata(tmp_path, fmt):
     rng = np.random.default_rng(0)
-    path = tmp_path / f"training.{fmt}"
-    writer = writer_class(path, META, "fp", chunk_rows=8)
+    path = tmp_path / f"training{SUFFIXES[fmt]}"
+    writer = WRITERS[fmt](path, META, "fp", chunk_rows=8)
     expected = list(_batches(rng))
     for number, (features, labels, paths, shas) in enumerate(expected):
         writer.append(
@@ -67,7 +71,15 @@ def test_round_trip_keeps_values_labels_paths_and_metadata(tmp_path, fmt, writer
     assert loaded.sha256 == [s for b in expected for s in b[3]]
     assert loaded.meta == META == read_meta(path)
     assert read_skipped(path) == [("training/c/bad.jpg", "empty file (0 bytes)")]
+    assert read_sha256(path) == loaded.sha256 and read_fingerprint(path) == "fp"
     assert feature_file(tmp_path, "training") == path
+
+
+def test_every_writer_has_a_reader_and_other_files_are_refused(tmp_path):
+    assert sorted(SUFFIXES[fmt] for fmt in WRITERS) == sorted(READERS)
+    with pytest.raises(FeatureFileError, match=r"features\.npz: not a feature file \(expected a name ending in"):
+        read_meta(tmp_path / "features.npz")
+    assert read_fingerprint(tmp_path / "features.npz") is None
 
 
 def test_float16_storage(tmp_path):
@@ -120,10 +132,10 @@ def test_shard_round_trip_and_identity(tmp_path):
     assert read_shard(tmp_path / "junk.h5", "identity-1") is None
 
 
-@pytest.mark.parametrize("fmt, writer_class", [("h5", HDF5FeatureWriter), ("csv", CSVFeatureWriter)])
-def test_rows_are_read_back_by_number_in_the_order_asked(tmp_path, fmt, writer_class):
+@pytest.mark.parametrize("fmt", list(WRITERS))
+def test_rows_are_read_back_by_number_in_the_order_asked(tmp_path, fmt):
     values = np.arange(40, dtype=np.float32).reshape(8, 5)
-    writer = writer_class(tmp_path / f"training.{fmt}", META, "fp", chunk_rows=3)
+    writer = WRITERS[fmt](tmp_path / f"training{SUFFIXES[fmt]}", META, "fp", chunk_rows=3)
     writer.append(values, [0, 1] * 4, list("abcdefgh"), ["0" * 64] * 8, [])
     writer.finish()
     with row_reader(tmp_path / f"training.{fmt}") as read:
