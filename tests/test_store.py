@@ -138,7 +138,7 @@ def test_rows_are_read_back_by_number_in_the_order_asked(tmp_path, fmt):
     writer = WRITERS[fmt](tmp_path / f"training{SUFFIXES[fmt]}", META, "fp", chunk_rows=3)
     writer.append(values, [0, 1] * 4, list("abcdefgh"), ["0" * 64] * 8, [])
     writer.finish()
-    with row_reader(tmp_path / f"training.{fmt}") as read:
+    with row_reader(tmp_path / f"training{SUFFIXES[fmt]}") as read:
         np.testing.assert_array_equal(read([6, 1, 6, 0]), values[[6, 1, 6, 0]])
         assert read([]).shape == (0, 5)
 
