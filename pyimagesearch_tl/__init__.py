@@ -7,4 +7,6 @@ The package mirrors the pipeline, one module per arrow of the data flow::
            ──classifiers/training──▶ bundle ──evaluation / prediction──▶ metrics, labels
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
+
+__all__ = ["__version__"]

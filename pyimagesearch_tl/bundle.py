@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from .atomic import atomic_joblib_dump
 from .errors import BundleError
 from .store import FeatureMeta
