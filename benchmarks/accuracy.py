@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import click
+from benchmarks_common import save_results
 
 from pyimagesearch_tl.bundle import Bundle
 from pyimagesearch_tl.config import load_config
@@ -99,6 +100,13 @@ def main(data, backbone, work, precision, runtime, datasets):
             f"{r['dataset']:<24} {r['classes']:>7} {r['train']:>6} {r['test']:>5} {r['test_split']:<11} "
             f"{r['classifier']:<11} {r['accuracy']:>8.4f} {auc:>7} {r['seconds']:>7.1f}"
         )
+    variant = "" if (precision, runtime) == ("float32", "auto") and backbone is None else f"-{config.backbone}"
+    variant += "" if precision == "float32" else f"-{precision}"
+    variant += "" if runtime == "auto" else f"-{runtime}"
+    save_results(
+        f"accuracy{variant}",
+        dict(backbone=config.backbone, precision=config.precision, runtime=config.runtime, cv="5", rows=rows),
+    )
 
 
 if __name__ == "__main__":

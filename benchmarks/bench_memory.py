@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 import numpy as np
-from benchmarks_common import SHARED, real_photos
+from benchmarks_common import SHARED, real_photos, save_results
 
 
 def peak_rss_mib(*ptl_args: str) -> float:
@@ -115,6 +115,16 @@ def main(images, rows, width, data):
             )
             print(f"streaming sgd peak RSS, {r} x {width} ({size:.0f} MiB file): {stream[r]:.0f} MiB")
         print(f"streaming sgd peak RSS ratio 2R/R: {stream[2 * rows] / stream[rows]:.3f}")
+    save_results(
+        "bench_memory",
+        dict(
+            extract_peak_mib={str(n): round(v) for n, v in extract.items()},
+            extract_ratio_3n_n=round(extract[3 * images] / extract[images], 3),
+            width=width,
+            streaming_peak_mib={str(r): round(v) for r, v in stream.items()},
+            streaming_ratio_2r_r=round(stream[2 * rows] / stream[rows], 3),
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+from benchmarks_common import save_results
 
 from pyimagesearch_tl.store import CSVFeatureWriter, FeatureMeta, HDF5FeatureWriter, read_features
 
@@ -94,6 +95,20 @@ def main(rows, width, source):
             f"read {csv_read / seconds_read:.1f}x faster, "
             f"{csv_size / size:.1f}x smaller"
         )
+    save_results(
+        "bench_storage",
+        dict(
+            rows=int(features.shape[0]),
+            width=int(features.shape[1]),
+            origin=origin,
+            formats={
+                name: dict(write_s=round(w, 3), read_s=round(r, 3), mib=round(size / 2**20, 1))
+                for name, (w, r, size) in results.items()
+            },
+            write_speedup_hdf5_vs_csv=round(csv_write / results["hdf5 float32"][0], 1),
+            read_speedup_hdf5_vs_csv=round(csv_read / results["hdf5 float32"][1], 1),
+        ),
+    )
 
 
 if __name__ == "__main__":
