@@ -79,7 +79,7 @@ def wide_feature_file(folder: Path, rows: int, width: int, seed: int) -> Path:
             n = min(256, count - start)
             labels = rng.integers(0, 2, n)
             values = np.maximum(centres[labels] + rng.normal(0, 2, size=(n, width)), 0).astype(np.float32)
-            writer.append(values, labels, [f"{start + i}.jpg" for i in range(n)], ["0" * 64] * n, [], start + n)
+            writer.append(values, labels, [f"{start + i}.jpg" for i in range(n)], ["0" * 64] * n, [])
         writer.finish()
     return folder
 

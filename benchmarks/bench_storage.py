@@ -48,7 +48,6 @@ def write(writer_class, path: Path, features: np.ndarray, labels: np.ndarray, dt
             [f"img_{i}.jpg" for i in range(start, stop)],
             ["0" * 64] * (stop - start),
             [],
-            stop,
         )
     writer.finish()
     return time.perf_counter() - started
