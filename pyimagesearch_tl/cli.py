@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -19,8 +18,6 @@ import click
 
 from .config import Config, load_config
 from .errors import ConfigError, PTLError
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the reports
 
 
 class PTLCommand(click.Command):
@@ -157,24 +154,9 @@ def show_backbones():
 @with_config
 def build_dataset_command(config: Config, wait, **options):
     """Build dataset/<split>/<class>/ and manifest.csv from a folder of photos."""
-    from .layouts import build_dataset
+    from . import api
 
-    config = _apply(config, **options)
-    if not config.input_dir:
-        raise ConfigError("no input folder: give --input DIR (or input_dir in the config file)")
-    report = build_dataset(
-        config.input_dir,
-        config.dataset_dir,
-        splits=config.splits,
-        fractions=config.split_fractions,
-        layout=config.layout,
-        classes=config.classes,
-        labels_file=config.labels_file,
-        seed=config.seed,
-        link=config.link,
-        max_pixels=config.max_image_pixels,
-        wait=wait,
-    )
+    report = api.build_dataset(config=_apply(config, **options), wait=wait).report
     click.echo(f"layout: {report.layout}")
     for split, counts in report.counts.items():
         detail = ", ".join(f"{label} {n}" for label, n in sorted(counts.items()))
@@ -217,7 +199,7 @@ def build_dataset_command(config: Config, wait, **options):
 @with_config
 def extract_command(config: Config, wait, **options):
     """Extract one feature file per split with a pretrained backbone."""
-    from .extraction import extract_dataset
+    from . import api
 
     config = _apply(config, **options)
 
@@ -246,28 +228,9 @@ def extract_command(config: Config, wait, **options):
             click.echo(f"{engine.name}: {len(engine.workers)} workers ({'; '.join(engine.workers)})")
 
     try:
-        reports = extract_dataset(
-            config.dataset_dir,
-            config.features_dir,
-            splits=config.splits,
-            backbone=config.backbone,
-            weights=config.weights,
-            pooling=config.pooling,
-            feature_format=config.feature_format,
-            dtype=config.dtype,
-            precision=config.precision,
-            batch_size=config.batch_size,
-            max_pixels=config.max_image_pixels,
-            runtime=config.runtime,
-            engine=config.engine,
-            ray_address=config.ray_address,
-            ray_cpus_per_worker=config.ray_cpus_per_worker,
-            shard_size=config.shard_size,
-            wait=wait,
-            progress=sys.stderr.isatty(),
-            on_split=report,
-            on_engine=started,
-        )
+        reports = api.extract(
+            config=config, wait=wait, progress=sys.stderr.isatty(), on_split=report, on_engine=started
+        ).reports
     except KeyboardInterrupt:
         raise click.ClickException("interrupted; finished shards are saved: rerun the same command to resume") from None
     extracted = sum(r.extracted for r in reports)
@@ -290,41 +253,10 @@ def extract_command(config: Config, wait, **options):
 @with_config
 def train_command(config: Config, wait, **options):
     """Grid-search and save one bundle per classifier."""
-    from .training import train, train_streaming
+    from . import api
 
-    config = _apply(config, **options)
-    if config.streaming and options["cv"] is not None:
-        raise ConfigError(
-            "--streaming selects on the validation split (or held-out training blocks); --cv does not apply to it"
-        )
-    splits = dict(training_split=config.split_for("training"), validation_split=config.split_for("validation"))
-    if config.streaming:
-        reports = [
-            train_streaming(
-                config.features_dir,
-                config.models_dir,
-                classifier=config.classifier,
-                class_weight=config.class_weight,
-                grids=config.grids,
-                seed=config.seed,
-                unknown_keep=config.unknown_keep,
-                wait=wait,
-                **splits,
-            )
-        ]
-    else:
-        reports = train(
-            config.features_dir,
-            config.models_dir,
-            classifier=config.classifier,
-            cv=config.cv,
-            class_weight=config.class_weight,
-            grids=config.grids,
-            seed=config.seed,
-            unknown_keep=config.unknown_keep,
-            wait=wait,
-            **splits,
-        )
+    models = api.train(config=config, wait=wait, **options)  # options not given are None: the config's
+    reports = [model.report for model in (models.values() if isinstance(models, dict) else [models])]
     click.echo(f"{'classifier':<12} {'best params':<28} {'cv acc':>7} {'val acc':>8} {'val auc':>8} {'fit s':>7}")
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for r in reports:
@@ -493,15 +425,14 @@ def finetune_command(config: Config, wait, **options):
 @with_config
 def predict_command(config: Config, model_path, paths, output_file, top_k, **options):
     """Classify images (files or folders) with a bundle."""
+    from . import api
     from .atomic import atomic_write_csv, atomic_write_json
-    from .bundle import Bundle
-    from .prediction import UNKNOWN, Predictor, expand_paths
+    from .prediction import UNKNOWN, expand_paths
 
-    config = _apply(config, **options)
     files = expand_paths(paths)
     if not files:
         raise ConfigError(f"no image files found in: {', '.join(paths)}")
-    predictor = Predictor(Bundle.load(model_path), config.batch_size, config.max_image_pixels, top_k, config.runtime)
+    predictor = api.load_model(model_path, config=_apply(config, **options)).predictor(top_k)
     results = predictor.predict(files)
     for r in results:
         if r.error:
@@ -540,12 +471,10 @@ def predict_command(config: Config, model_path, paths, output_file, top_k, **opt
 @with_config
 def serve_command(config: Config, model_path, host, port, max_upload_mb, threads, top_k, runtime):
     """Serve an upload page and an HTTP API (POST /api/predict, GET /health) for a bundle."""
-    from .bundle import Bundle
-    from .prediction import Predictor
+    from . import api
     from .serve import serve
 
-    config = _apply(config, runtime=runtime)
-    predictor = Predictor(Bundle.load(model_path), config.batch_size, config.max_image_pixels, top_k, config.runtime)
+    predictor = api.load_model(model_path, config=_apply(config, runtime=runtime)).predictor(top_k)
     click.echo(f"serving {model_path} ({predictor.bundle.meta.describe()}) on http://{host}:{port}/  (Ctrl-C stops)")
     serve(predictor, host, port, int(max_upload_mb * 2**20), threads)
 

@@ -146,6 +146,19 @@ def load_image(path, size: int | tuple[int, int], max_pixels: int = MAX_PIXELS) 
         raise ImageError(f"corrupt image: {reason}") from None
 
 
+def resize_pixels(pixels: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """An RGB uint8 array ``(height, width, 3)`` resized as :func:`load_image` resizes a decoded file.
+
+    For images already in memory (a camera frame, a dataset loaded as arrays): the same filters,
+    so their features match those of the same pixels read from a lossless file.
+    """
+    width, height = (size, size) if isinstance(size, int) else size
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    image = Image.fromarray(pixels, "RGB")
+    return np.asarray(image.resize((width, height), _resampling(image.size, (width, height))), dtype=np.uint8)
+
+
 def probe_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     """Check that ``path`` decodes and return its displayed ``(width, height)``.
 

@@ -19,6 +19,7 @@ LAYERS = [
     ["bundle", "training"],  # train: <split>.h5 -> bundle
     ["evaluation", "prediction", "serve", "export", "finetune"],  # use a bundle
     ["config", "demo"],  # settings of every stage
+    ["estimators", "api"],  # the Python way in: scikit-learn transformer, stage functions
     ["cli", "__init__"],  # the ways in
 ]
 RANK = {name: (row, column) for row, names in enumerate(LAYERS) for column, name in enumerate(names)}

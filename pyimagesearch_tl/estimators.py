@@ -1,0 +1,167 @@
+"""Images to feature vectors as a scikit-learn transformer, for pipelines, grid searches and cross-validation.
+
+::
+
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.linear_model import LogisticRegression
+    import pyimagesearch_tl as ptl
+
+    model = make_pipeline(ptl.ImageFeatures(), StandardScaler(), LogisticRegression(max_iter=1000))
+    model.fit(paths, labels)            # image file paths (or a uint8 array of images)
+    model.predict(["new.jpg"])
+
+The transformer follows scikit-learn's estimator rules: the constructor only stores its parameters,
+``fit`` validates them and the input, ``transform`` before ``fit`` raises ``NotFittedError``. The
+backbone is built when first needed and is never pickled with the estimator (a pickled pipeline
+stays small and rebuilds it on first use). Built backbones are shared between clones with the same
+parameters, so a grid search over the classifier builds the backbone once.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+
+from .config import DEFAULTS, Config
+from .errors import ImageError
+from .images import resize_pixels
+
+
+@functools.lru_cache(maxsize=2)
+def _extractor(backbone: str, weights: str, pooling: str, batch_size: int, max_pixels: int, runtime: str):
+    from .features import FeatureExtractor
+
+    return FeatureExtractor(backbone, weights, pooling, batch_size, max_pixels, runtime=runtime)
+
+
+def _as_images(X: Any) -> tuple[str, Any]:
+    """``("paths", list of str)`` or ``("pixels", uint8 array (n, h, w, 3))``; anything else is a ValueError."""
+    if hasattr(X, "tocsr") or hasattr(X, "todense"):
+        raise TypeError("ImageFeatures does not take sparse input: give image file paths or a uint8 image array")
+    if isinstance(X, np.ndarray) and X.dtype == np.uint8:
+        if X.ndim != 4 or X.shape[-1] != 3 or 0 in X.shape:
+            raise ValueError(f"ImageFeatures takes uint8 images of shape (n, height, width, 3); got shape {X.shape}")
+        return "pixels", X
+    items = list(X) if isinstance(X, (list, tuple, np.ndarray)) else None
+    if items and all(isinstance(item, (str, Path)) for item in items):
+        return "paths", [str(item) for item in items]
+    shown = f"{X.dtype} array of shape {X.shape}" if isinstance(X, np.ndarray) else type(X).__name__
+    raise ValueError(
+        f"ImageFeatures takes a non-empty list of image file paths or a uint8 array of images "
+        f"(n, height, width, 3); got {shown}"
+    )
+
+
+class ImageFeatures(TransformerMixin, BaseEstimator):
+    """The pooled features of a pretrained backbone for each image.
+
+    Parameters
+    ----------
+    backbone : str
+        A registered backbone (``ptl backbones`` lists them); the default is the offline one.
+    weights : str
+        ``"imagenet"``, ``"none"`` (random, for tests) or a path to a weights file.
+    pooling : {"avg", "max", "flatten"}
+    batch_size : int
+    runtime : {"auto", "tensorflow", "onnxruntime", "openvino"}
+        Where the network runs (same features within 1e-4 in each).
+    max_image_pixels : int
+        Larger images are refused as decompression bombs.
+
+    Attributes
+    ----------
+    meta_ : FeatureMeta
+        How the features are made (backbone, weights, input size, preprocessing, decoder, ...).
+    n_features_out_ : int
+        Length of each feature vector.
+    """
+
+    def __init__(
+        self,
+        backbone: str = DEFAULTS["backbone"],
+        weights: str = DEFAULTS["weights"],
+        pooling: str = DEFAULTS["pooling"],
+        batch_size: int = DEFAULTS["batch_size"],
+        runtime: str = DEFAULTS["runtime"],
+        max_image_pixels: int = DEFAULTS["max_image_pixels"],
+    ):
+        self.backbone = backbone
+        self.weights = weights
+        self.pooling = pooling
+        self.batch_size = batch_size
+        self.runtime = runtime
+        self.max_image_pixels = max_image_pixels
+
+    def _network(self):
+        return _extractor(
+            self.backbone, self.weights, self.pooling, self.batch_size, self.max_image_pixels, self.runtime
+        )
+
+    def fit(self, X, y=None):
+        """Check the parameters and the images' form, and build the backbone. Nothing is learnt.
+
+        Raises
+        ------
+        ConfigError
+            A parameter the configuration would refuse, with the same message.
+        ValueError
+            ``X`` is neither image paths nor a uint8 image array.
+        """
+        Config(dict(DEFAULTS)).replace(
+            backbone=self.backbone,
+            weights=self.weights,
+            pooling=self.pooling,
+            batch_size=self.batch_size,
+            runtime=self.runtime,
+            max_image_pixels=self.max_image_pixels,
+        )
+        _as_images(X)
+        self.meta_ = self._network().meta
+        self.n_features_out_ = self.meta_.feature_dim
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        """Feature matrix ``(n_images, n_features_out_)``, float32, one row per image in order.
+
+        Raises
+        ------
+        ImageError
+            An image file that cannot be decoded (the row cannot be left out of a transform).
+        """
+        check_is_fitted(self, "meta_")
+        kind, images = _as_images(X)
+        network = self._network()
+        size = network.input_size
+        if kind == "pixels":
+            rows = [
+                network.transform(
+                    np.stack([resize_pixels(image, size) for image in images[start : start + self.batch_size]])
+                )
+                for start in range(0, len(images), self.batch_size)
+            ]
+            return np.concatenate(rows)
+        features = np.zeros((len(images), self.n_features_out_), np.float32)
+        for batch in network.iter_batches(images):
+            if batch.skipped:
+                index, reason = batch.skipped[0]
+                raise ImageError(f"{images[index]}: {reason}")
+            features[batch.indices] = network.transform(batch.images)
+        return features
+
+    def get_feature_names_out(self, input_features=None) -> np.ndarray:
+        """``<backbone>_<pooling>_<i>`` for each feature."""
+        check_is_fitted(self, "meta_")
+        return np.asarray([f"{self.backbone}_{self.pooling}_{i}" for i in range(self.n_features_out_)], dtype=object)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False  # images, not a numeric table
+        tags.input_tags.string = True  # file paths
+        tags.requires_fit = True
+        return tags
