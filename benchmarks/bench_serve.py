@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 import numpy as np
-from benchmarks_common import SHARED, real_photos
+from benchmarks_common import SHARED, real_photos, save_results
 
 
 def multipart(path: Path) -> tuple[bytes, str]:
@@ -98,6 +98,17 @@ def main(model, count, concurrency, data):
     print(f"requests/s: {count / elapsed:.1f}")
     print(f"latency p50: {np.percentile(latencies, 50):.0f} ms, p95: {np.percentile(latencies, 95):.0f} ms")
     print(f"errors: {errors}")
+    save_results(
+        "bench_serve",
+        dict(
+            requests=count,
+            concurrency=concurrency,
+            requests_per_s=round(count / elapsed, 1),
+            latency_p50_ms=round(float(np.percentile(latencies, 50))),
+            latency_p95_ms=round(float(np.percentile(latencies, 95))),
+            errors=errors,
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 import numpy as np
-from benchmarks_common import SHARED
+from benchmarks_common import SHARED, save_results
 
 from pyimagesearch_tl.bundle import Bundle
 from pyimagesearch_tl.extraction import extract_dataset
@@ -84,6 +84,7 @@ def main(data, keep):
 
     print(f"cats-vs-dogs logreg, {len(validation.labels)} validation photos set the thresholds (keep {keep:.0%})")
     print(f"{'photos':<34} {'count':>6} {'centroid similarity':>20} {'top-class probability':>22}")
+    rows = []
     for name, features, labels in (
         ("held-out cats and dogs (evaluation)", held_out.features, held_out.labels),
         ("unseen cats and dogs (validation/)", unseen, unseen_labels),
@@ -96,12 +97,17 @@ def main(data, keep):
             f"{'kept ' + format(probability, '.3f'):>22}"
             f"   accuracy on kept {accuracy:.4f}"
         )
+        rows.append(dict(photos=name, count=len(features), kept_centroid=centroid, kept_probability=probability))
     for name, paths in strangers.items():
         centroid, probability = kept(features_of(extractor, paths))
         print(
             f"{name:<34} {len(paths):>6} {'unknown ' + format(1 - centroid, '.3f'):>20} "
             f"{'unknown ' + format(1 - probability, '.3f'):>22}"
         )
+        rows.append(dict(photos=name, count=len(paths), kept_centroid=centroid, kept_probability=probability))
+    save_results(
+        "bench_unknown", dict(model="cats-vs-dogs logreg", keep=keep, calibration=len(validation.labels), rows=rows)
+    )
 
 
 if __name__ == "__main__":

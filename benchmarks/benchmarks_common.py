@@ -23,50 +23,57 @@ def real_photos(data: Path, count: int) -> list[Path]:
     return photos[:count]
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _git(*args: str) -> str:
+    import subprocess
+
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+#: The code a benchmark runs: the commit, and whether tracked files differed from it, when it started
+#: (edits made while it runs are not part of the run).
+STARTED_FROM = {
+    "commit": _git("rev-parse", "--short", "HEAD"),
+    "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+}
+
+
 def save_results(name: str, figures: dict) -> Path:
     """Write ``figures`` to ``benchmarks/results/<name>.json`` with where they were measured.
 
-    The record holds the commit (and whether the tree had uncommitted changes), the library
-    versions, the CPU and the date, so a figure in the README can be traced to its run.
+    The record holds the commit the run started from (and whether the tree had uncommitted
+    changes then), the library versions, the CPU and the date, so a figure in the README can be
+    traced to its run; ``benchmarks/report.py`` renders the README's tables from these files.
     """
     import datetime
     import json
     import os
     import platform
-    import subprocess
 
     from pyimagesearch_tl.bundle import library_versions
 
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
-
-    cpu = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else platform.processor()
-    )
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
     record = {
         "benchmark": name,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "commit": git("rev-parse", "--short", "HEAD"),
-        "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
+        **STARTED_FROM,
         "cpu": cpu,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "versions": library_versions(),
         "figures": figures,
     }
-    path = root / "benchmarks" / "results" / f"{name}.json"
+    path = ROOT / "benchmarks" / "results" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path.relative_to(root)}")
+    print(f"wrote {path.relative_to(ROOT)}")
     return path

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import click
-from benchmarks_common import SHARED
+from benchmarks_common import SHARED, save_results
 
 from pyimagesearch_tl.bundle import Bundle
 from pyimagesearch_tl.config import load_config
@@ -161,6 +161,28 @@ def main(data, datasets, work, **overrides):
             f"{metrics['images']:>4} {metrics['accuracy']:>8.4f} {auc:>7} {metrics['macro_f1']:>8.4f} "
             f"{seconds:>7.1f}  {detail}"
         )
+    save_results(
+        "finetune",
+        dict(
+            backbone=config.backbone,
+            settings={k: v for k, v in vars(settings).items() if k not in ("weights", "backbone")},
+            rows=[
+                dict(
+                    dataset=name,
+                    approach=approach,
+                    train=sizes.get(training_split, 0),
+                    validation=sizes.get(validation_split, 0),
+                    test=metrics["images"],
+                    accuracy=metrics["accuracy"],
+                    roc_auc=metrics["roc_auc"],
+                    macro_f1=metrics["macro_f1"],
+                    seconds=round(seconds, 1),
+                    detail=detail,
+                )
+                for name, approach, sizes, metrics, seconds, detail in rows
+            ],
+        ),
+    )
 
 
 if __name__ == "__main__":
