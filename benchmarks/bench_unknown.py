@@ -97,7 +97,15 @@ def main(data, keep):
             f"{'kept ' + format(probability, '.3f'):>22}"
             f"   accuracy on kept {accuracy:.4f}"
         )
-        rows.append(dict(photos=name, count=len(features), kept_centroid=centroid, kept_probability=probability))
+        rows.append(
+            dict(
+                photos=name,
+                count=len(features),
+                kept_centroid=centroid,
+                kept_probability=probability,
+                accuracy_on_kept=float(accuracy),
+            )
+        )
     for name, paths in strangers.items():
         centroid, probability = kept(features_of(extractor, paths))
         print(
