@@ -32,11 +32,13 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
-#: The code a benchmark runs: the commit, and whether tracked files differed from it, when it started
+#: The code a benchmark runs: the commit, and whether the package or benchmark code differed from it, when it started
 #: (edits made while it runs are not part of the run).
 STARTED_FROM = {
     "commit": _git("rev-parse", "--short", "HEAD"),
-    "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    "uncommitted_changes": bool(
+        _git("status", "--porcelain", "--untracked-files=no", "--", "pyimagesearch_tl", "benchmarks", "setup.cfg")
+    ),
 }
 
 
