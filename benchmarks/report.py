@@ -151,7 +151,76 @@ def performance_table() -> list[str]:
     return lines + ["", "Measured on: " + "; ".join(where) + "."]
 
 
-TABLES: dict[str, Callable[[], list[str]]] = {"accuracy": accuracy_table, "performance": performance_table}
+def unknown_table() -> list[str]:
+    record = load("bench_unknown")
+    if record is None:
+        return ["(run `python benchmarks/bench_unknown.py` to fill this table)"]
+    f = record["figures"]
+    lines = [
+        "| photos | count | nearest-centroid similarity (used) | top-class probability (for comparison) |",
+        "|---|---|---|---|",
+    ]
+    for row in f["rows"]:
+        if "accuracy_on_kept" in row:
+            lines.append(
+                f"| {row['photos']} | {row['count']} | {row['kept_centroid']:.1%} kept (accuracy on kept "
+                f"{row['accuracy_on_kept']:.4f}) | {row['kept_probability']:.1%} kept |"
+            )
+        else:
+            lines.append(
+                f"| {row['photos']} | {row['count']} | **{1 - row['kept_centroid']:.1%} unknown** | "
+                f"{1 - row['kept_probability']:.1%} unknown |"
+            )
+    return lines + [
+        "",
+        f"{f['model']}, thresholds set on {f['calibration']} validation photos to keep {f['keep']:.0%}. "
+        f"Measured on {_where(record)}.",
+    ]
+
+
+def serve_line() -> list[str]:
+    record = load("bench_serve")
+    if record is None:
+        return ["(run `python benchmarks/bench_serve.py --model FILE` to fill this line)"]
+    f = record["figures"]
+    return [
+        f"`python benchmarks/bench_serve.py --model output/models/logreg.joblib`: {f['requests']} requests of one "
+        f"real photo each at concurrency {f['concurrency']}: **{f['requests_per_s']} requests/s**, p50 "
+        f"{f['latency_p50_ms']} ms, p95 {f['latency_p95_ms']} ms, {f['errors']} errors ({_where(record)})."
+    ]
+
+
+def finetune_table() -> list[str]:
+    record = load("finetune")
+    if record is None:
+        return ["(run `python benchmarks/finetune.py` to fill this table)"]
+    f = record["figures"]
+    s = f["settings"]
+    lines = [
+        "| dataset | approach | train | val | test | accuracy | ROC AUC | macro F1 | wall s | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in f["rows"]:
+        auc = "-" if row["roc_auc"] is None else f"{row['roc_auc']:.4f}"
+        lines.append(
+            f"| {row['dataset']} | {row['approach']} | {row['train']} | {row['validation']} | {row['test']} | "
+            f"{row['accuracy']:.4f} | {auc} | {row['macro_f1']:.4f} | {row['seconds']} | {row['detail']} |"
+        )
+    return lines + [
+        "",
+        f"{f['backbone']}; head {s['head_epochs']} epochs at {s['head_lr']:g}, then {s['finetune_epochs']} at "
+        f"{s['finetune_lr']:g} with the last {s['unfreeze_blocks']} blocks, augment {s['augment']}, patience "
+        f"{s['patience']}, batch {s['batch_size']}. Measured on {_where(record)}.",
+    ]
+
+
+TABLES: dict[str, Callable[[], list[str]]] = {
+    "accuracy": accuracy_table,
+    "performance": performance_table,
+    "unknown": unknown_table,
+    "serve": serve_line,
+    "finetune": finetune_table,
+}
 
 
 def render(text: str) -> str:
