@@ -12,6 +12,7 @@ from conftest import shared
 
 from pyimagesearch_tl.bundle import Bundle
 from pyimagesearch_tl.cache import cache_dir
+from pyimagesearch_tl.classifiers import list_classifiers
 from pyimagesearch_tl.cli import cli
 from pyimagesearch_tl.errors import ConfigError, PTLError
 from pyimagesearch_tl.features import FeatureExtractor
@@ -148,7 +149,7 @@ def bundles(pipeline_run, tmp_path_factory):
     return models
 
 
-@pytest.mark.parametrize("classifier", ["logreg", "linear-svm", "sgd"])
+@pytest.mark.parametrize("classifier", list_classifiers())
 def test_the_exported_onnx_graph_predicts_what_the_bundle_predicts(bundles, pipeline_run, tmp_path, classifier):
     import onnxruntime
 
