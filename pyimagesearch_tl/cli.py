@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -115,10 +116,15 @@ def _apply(config: Config, **overrides) -> Config:
     default=None,
     help="TOML file overriding the defaults for every subcommand.",
 )
+@click.option(
+    "--verbose", is_flag=True, default=False, help="Let TensorFlow print its start-up and C++ log lines (stderr)."
+)
 @click.version_option(package_name="pyimagesearch_tl")
 @click.pass_context
-def cli(ctx: click.Context, config_file):
+def cli(ctx: click.Context, config_file, verbose):
     """Transfer learning by feature extraction: build-dataset, extract, train, evaluate, predict."""
+    if verbose:  # TensorFlow reads it when first imported, which no command has done yet
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
     ctx.obj = {"config_file": config_file}
 
 

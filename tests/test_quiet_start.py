@@ -1,0 +1,74 @@
+"""No TensorFlow start-up chatter on stderr by default: commands, scripts and `import pyimagesearch_tl`."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHATTER = (
+    "oneDNN custom operations",
+    "absl::InitializeLog",
+    "This TensorFlow binary is optimized",
+    "cpu_feature_guard",
+)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One cache for the module, empty at first: the first run converts and checks the network too."""
+    return tmp_path_factory.mktemp("quiet-cache")
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(pipeline_run):
+    return pipeline_run["dataset"]
+
+
+def _run(args, cache):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user's shell has it
+    env["XDG_CACHE_HOME"] = str(cache)
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_ptl_extract_writes_no_tensorflow_lines_and_verbose_lets_them_through(tiny_dataset, cache, tmp_path):
+    ptl = [sys.executable, "-c", "from pyimagesearch_tl.cli import main; main()"]
+    quiet = _run([*ptl, "extract", "--dataset", str(tiny_dataset), "--output", str(tmp_path / "f1")], cache)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "extracted" in quiet.stdout
+    assert not [line for line in quiet.stderr.splitlines() if any(c in line for c in CHATTER)], quiet.stderr
+    loud = _run(
+        [*ptl, "--verbose", "extract", "--dataset", str(tiny_dataset), "--output", str(tmp_path / "f2")], tmp_path
+    )
+    assert loud.returncode == 0, loud.stderr
+    assert any(c in loud.stderr for c in CHATTER)  # the chatter exists: the quiet run really suppressed it
+
+
+def test_a_numbered_script_and_a_notebook_style_import_are_quiet(tiny_dataset, cache, tmp_path):
+    script = _run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "02_extract_features.py"),
+            "--dataset",
+            str(tiny_dataset),
+            "--output",
+            str(tmp_path / "features"),
+        ],
+        cache,
+    )
+    assert script.returncode == 0, script.stderr
+    assert not any(c in script.stderr for c in CHATTER), script.stderr
+    photo = next(tiny_dataset.rglob("*.jpg"))
+    notebook = _run(
+        [
+            sys.executable,
+            "-c",
+            f"import pyimagesearch_tl as ptl; print(ptl.ImageFeatures().fit_transform([{str(photo)!r}]).shape)",
+        ],
+        cache,
+    )
+    assert notebook.returncode == 0, notebook.stderr
+    assert notebook.stdout.strip() == "(1, 1280)"
+    assert not any(c in notebook.stderr for c in CHATTER), notebook.stderr
