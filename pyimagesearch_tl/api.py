@@ -124,7 +124,7 @@ def build_dataset(
     wait : bool
         Queue behind another run writing ``output_dir`` instead of refusing.
     **overrides
-        Configuration keys: ``layout``, ``classes``, ``labels_file``, ``splits``, ``split_fractions``,
+        Configuration keys: ``layout``, ``classes``, ``labels_file``, ``split_files``, ``splits``, ``split_fractions``,
         ``seed``, ``link``, ``max_image_pixels``.
     """
     from .layouts import build_dataset as build
@@ -140,6 +140,7 @@ def build_dataset(
         layout=config.layout,
         classes=config.classes,
         labels_file=config.labels_file,
+        split_files=config.split_files,
         seed=config.seed,
         link=config.link,
         max_pixels=config.max_image_pixels,

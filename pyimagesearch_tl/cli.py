@@ -19,6 +19,7 @@ import click
 
 from .config import Config, load_config
 from .errors import ConfigError, PTLError
+from .layouts import LAYOUTS
 
 
 class PTLCommand(click.Command):
@@ -54,6 +55,19 @@ def _split_list(kind):
             ) from None
 
     return convert
+
+
+def _name_paths(ctx, param, values):
+    """``NAME=PATH`` pairs into a dict (None when none were given, so the config's value stands)."""
+    if not values:
+        return None
+    pairs = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"expected NAME=PATH, got {value!r}")
+        pairs[name] = path
+    return pairs
 
 
 def with_config(command):
@@ -150,9 +164,17 @@ def show_backbones():
 @cli.command("build-dataset")
 @click.option("--input", "input_dir", help="Folder of photos (class folders, Food-5K names or a labels file).")
 @click.option("--output", "dataset_dir", help="Where to write <split>/<class>/ and manifest.csv.")
-@click.option("--layout", type=click.Choice(["auto", "food5k", "class-folders", "labels-file"]))
+@click.option("--layout", type=click.Choice(["auto", *LAYOUTS]))
 @click.option("--classes", callback=_split_list(str), help="Comma-separated class names (Food-5K: in index order).")
 @click.option("--labels", "labels_file", help="Labels file for the labels-file layout.")
+@click.option(
+    "--split-file",
+    "split_files",
+    multiple=True,
+    callback=_name_paths,
+    metavar="NAME=PATH",
+    help="split-lists layout: the list file of one split (repeat per split), e.g. train=meta/train.txt.",
+)
 @click.option("--split-fractions", callback=_split_list(float), help="e.g. 0.75,0.15,0.10")
 @click.option("--seed", type=int)
 @click.option("--link", type=click.Choice(["copy", "hardlink", "symlink"]))

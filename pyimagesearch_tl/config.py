@@ -24,7 +24,7 @@ from .classifiers import list_classifiers
 from .engines import list_engines
 from .errors import ConfigError
 from .images import MAX_PIXELS
-from .layouts import SPLIT_ROLES
+from .layouts import LAYOUTS, SPLIT_ROLES
 from .runtimes import list_runtimes
 from .store import SHARD_SIZE
 
@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     # build-dataset
     "layout": "auto",
     "labels_file": None,
+    "split_files": {},  # split-lists layout: {split name: list file}; empty: found in meta/ or annotations/
     "classes": [],  # empty: taken from the data
     "splits": ["training", "validation", "evaluation"],
     "split_fractions": [0.75, 0.15, 0.10],
@@ -153,8 +154,13 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "models_dir": _typed(str, "a path"),
     "evaluation_dir": _typed(str, "a path"),
     "finetune_dir": _typed(str, "a path"),
-    "layout": _choice("auto", "food5k", "class-folders", "labels-file"),
+    "layout": _choice("auto", *LAYOUTS),
     "labels_file": _optional_str,
+    "split_files": lambda v: (
+        None
+        if isinstance(v, dict) and all(isinstance(k, str) and isinstance(p, str) and p for k, p in v.items())
+        else "a table of split name -> list file path"
+    ),
     "classes": _str_list,
     "splits": _splits,
     "split_fractions": _fractions,
@@ -226,9 +232,14 @@ class Config:
         lines, tables = [], []
         for key, value in self.values.items():
             if isinstance(value, dict):
+                flat = {name: v for name, v in value.items() if not isinstance(v, dict)}
+                if flat:
+                    tables.append(f"\n[{key}]")
+                    tables += [f"{json.dumps(name)} = {json.dumps(v)}" for name, v in flat.items()]
                 for name, grid in value.items():
-                    tables.append(f"\n[{key}.{name}]")
-                    tables += [f"{param} = {json.dumps(vals)}" for param, vals in grid.items()]
+                    if isinstance(grid, dict):
+                        tables.append(f"\n[{key}.{name}]")
+                        tables += [f"{param} = {json.dumps(vals)}" for param, vals in grid.items()]
             elif value is None:
                 lines.append(f"# {key} = (unset)")
             else:

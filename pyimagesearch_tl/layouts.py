@@ -1,6 +1,6 @@
 """Dataset layouts: turn a folder of photos into labelled items, and build ``dataset/<split>/<class>/``.
 
-Three layouts are read, each by one function registered in :data:`LAYOUTS`:
+Four layouts are read, each by one function registered in :data:`LAYOUTS`:
 
 ``food5k``
     Split folders whose files are named ``<class index>_<n>.jpg`` (Food-5K); class names come
@@ -13,6 +13,14 @@ Three layouts are read, each by one function registered in :data:`LAYOUTS`:
     One flat folder of images plus a labels file: one label per line, or a single line with one
     character per image (``MOOM...``). Images are matched to labels in natural order of the
     integers in their names (bed_1, bed_2, ..., bed_10); images beyond the labels are unlabelled.
+``split-lists``
+    A folder of images (``DIR/images/`` or ``DIR``) plus one list file per split, as public datasets
+    ship them: Food-101's ``meta/train.txt`` and ``meta/test.txt`` (``class/name`` lines, no
+    extension), Oxford-IIIT Pet's ``annotations/trainval.txt`` and ``test.txt`` (``Name_12 1 1 1``
+    lines, the class is the name without its number), or any ``--split-file NAME=PATH`` whose lines
+    are ``path [label]`` (without a label, the path's first folder is the class). A listed file that
+    is not there is skipped and reported; a file in two lists lands in two splits and is reported as
+    a leak.
 
 :func:`build_dataset` writes the chosen split layout plus ``manifest.csv`` (path, split, label,
 sha256, width, height), lists undecodable images in ``skipped.csv`` and reports exact duplicates
@@ -45,6 +53,7 @@ SPLIT_ROLES = ("training", "validation", "evaluation")
 #: Folder names recognised as pre-existing splits, mapped to their role.
 SPLIT_ALIASES = {
     "train": "training",
+    "trainval": "training",
     "training": "training",
     "val": "validation",
     "valid": "validation",
@@ -72,12 +81,21 @@ class Item:
     role: str | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Annotations:
+    """Files that say what the images are, beside the images: a labels file, split list files."""
+
+    labels_file: Path | None = None
+    split_files: dict[str, Path] = dataclasses.field(default_factory=dict)  # split name or alias -> list file
+
+
 @dataclasses.dataclass
 class LayoutResult:
     layout: str
     items: list[Item]
     unlabelled: list[Path] = dataclasses.field(default_factory=list)
     declared: list[str] = dataclasses.field(default_factory=list)  # classes the layout names (folders)
+    missing: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (listed path, reason)
 
 
 # --- parsers (pure functions, property-tested) -------------------------------------------------
@@ -134,7 +152,7 @@ def _split_folders(folder: Path) -> dict[str, Path] | None:
     return roles
 
 
-def _food5k(input_dir: Path, classes: Sequence[str], labels_file: Path | None) -> LayoutResult:
+def _food5k(input_dir: Path, classes: Sequence[str], annotations: Annotations) -> LayoutResult:
     folders = _split_folders(input_dir) or {None: input_dir}
     items = []
     for role, folder in folders.items():
@@ -150,7 +168,7 @@ def _food5k(input_dir: Path, classes: Sequence[str], labels_file: Path | None) -
     return LayoutResult("food5k", items)
 
 
-def _class_folders(input_dir: Path, classes: Sequence[str], labels_file: Path | None) -> LayoutResult:
+def _class_folders(input_dir: Path, classes: Sequence[str], annotations: Annotations) -> LayoutResult:
     folders = _split_folders(input_dir) or {None: input_dir}
     items, declared = [], set()
     for role, folder in folders.items():
@@ -162,8 +180,8 @@ def _class_folders(input_dir: Path, classes: Sequence[str], labels_file: Path | 
     return LayoutResult("class-folders", items, declared=sorted(declared))
 
 
-def _labels_file(input_dir: Path, classes: Sequence[str], labels_file: Path | None) -> LayoutResult:
-    labels_path = labels_file or input_dir / DEFAULT_LABELS_FILE
+def _labels_file(input_dir: Path, classes: Sequence[str], annotations: Annotations) -> LayoutResult:
+    labels_path = annotations.labels_file or input_dir / DEFAULT_LABELS_FILE
     if not labels_path.is_file():
         raise DatasetError(f"labels file {str(labels_path)!r} does not exist (give one with --labels FILE)")
     labels = parse_labels(labels_path.read_text(encoding="utf-8", errors="replace"))
@@ -181,16 +199,103 @@ def _labels_file(input_dir: Path, classes: Sequence[str], labels_file: Path | No
     return LayoutResult("labels-file", items, unlabelled=images[len(labels) :])
 
 
-LAYOUTS: dict[str, Callable[[Path, Sequence[str], Path | None], LayoutResult]] = {
+#: Where list files are looked for when none is given: Food-101 (meta/), Oxford-IIIT Pet (annotations/).
+LIST_FOLDERS = ("meta", "annotations", "")
+_NUMBERED = re.compile(r"_\d+$")
+
+
+def parse_list_line(line: str) -> tuple[str, str] | None:
+    """``(path, label)`` of one list-file line, or None for a blank or ``#`` comment line.
+
+    ``class/name`` (Food-101): the class is the first folder. ``Name_12 1 1 1`` (Oxford-IIIT Pet: a
+    name and numeric columns): the class is the name without its ``_<number>``. ``path label``: as
+    given.
+    """
+    parts = line.split()
+    if not parts or parts[0].startswith("#"):
+        return None
+    path = parts[0]
+    if len(parts) > 1 and not parts[1].isdigit():
+        return path, parts[1]
+    if "/" in path:
+        return path, path.split("/", 1)[0]
+    label = _NUMBERED.sub("", Path(path).stem)
+    if label == Path(path).stem:
+        raise DatasetError(f"list line {line.strip()!r}: no class (expected class/name, Name_<n> or 'path label')")
+    return path, label
+
+
+def find_split_lists(input_dir: Path) -> dict[str, Path]:
+    """``{split role: list file}`` found in ``input_dir``'s meta/, annotations/ or top folder."""
+    found: dict[str, Path] = {}
+    for folder in LIST_FOLDERS:
+        directory = input_dir / folder
+        for path in sorted(directory.glob("*.txt")) if directory.is_dir() else []:
+            role = SPLIT_ALIASES.get(path.stem.lower())
+            if role is not None and role not in found:
+                found[role] = path
+        if found:
+            return found
+    return found
+
+
+def _split_lists(input_dir: Path, classes: Sequence[str], annotations: Annotations) -> LayoutResult:
+    images_dir = input_dir / "images" if (input_dir / "images").is_dir() else input_dir
+    if annotations.split_files:
+        lists = {}
+        for name, path in annotations.split_files.items():
+            role = SPLIT_ALIASES.get(name.lower(), name)
+            if not Path(path).is_file():
+                raise DatasetError(f"split list {str(path)!r} (for {name}) does not exist")
+            lists[role] = Path(path)
+    else:
+        lists = find_split_lists(input_dir)
+        if not lists:
+            raise DatasetError(
+                f"{input_dir}: no split list files (meta/train.txt, annotations/trainval.txt, ...; "
+                f"or give them with --split-file NAME=PATH)"
+            )
+    files: dict[str, Path] = {}  # listed name (relative, with and without extension) -> file
+    for path in images_dir.rglob("*"):
+        if path.is_file() and is_image_name(path.name):
+            relative = path.relative_to(images_dir).as_posix()
+            files[relative] = path
+            files.setdefault(relative.rsplit(".", 1)[0], path)
+    items, missing = [], []
+    for role, list_file in lists.items():
+        for number, line in enumerate(list_file.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            parsed = parse_list_line(line)
+            if parsed is None:
+                continue
+            listed, label = parsed
+            source = files.get(listed)
+            if source is None:
+                missing.append((f"{images_dir / listed}", f"listed in {list_file.name} line {number} but not found"))
+            else:
+                items.append(Item(source, label, role))
+    if classes:
+        unknown = sorted({item.label for item in items} - set(classes))
+        if unknown:
+            raise DatasetError(
+                f"the split lists name classes that are not in --classes: {', '.join(unknown[:10])}"
+                + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+            )
+    return LayoutResult("split-lists", items, missing=missing)
+
+
+LAYOUTS: dict[str, Callable[[Path, Sequence[str], Annotations], LayoutResult]] = {
     "food5k": _food5k,
     "class-folders": _class_folders,
     "labels-file": _labels_file,
+    "split-lists": _split_lists,
 }
 
 
-def detect_layout(input_dir: Path, labels_file: Path | None = None) -> str:
+def detect_layout(input_dir: Path, annotations: Annotations = Annotations()) -> str:
     """Which of :data:`LAYOUTS` applies to ``input_dir`` (see the module docstring)."""
-    if labels_file is not None or (input_dir / DEFAULT_LABELS_FILE).is_file():
+    if annotations.split_files or find_split_lists(input_dir):
+        return "split-lists"
+    if annotations.labels_file is not None or (input_dir / DEFAULT_LABELS_FILE).is_file():
         return "labels-file"
     folders = list((_split_folders(input_dir) or {None: input_dir}).values())
     names = [p.name for folder in folders for p in _image_files(folder)]
@@ -202,7 +307,11 @@ def detect_layout(input_dir: Path, labels_file: Path | None = None) -> str:
 
 
 def read_layout(
-    input_dir: str | Path, layout: str = "auto", classes: Sequence[str] = (), labels_file: str | Path | None = None
+    input_dir: str | Path,
+    layout: str = "auto",
+    classes: Sequence[str] = (),
+    labels_file: str | Path | None = None,
+    split_files: dict[str, str | Path] | None = None,
 ) -> LayoutResult:
     """Labelled items of ``input_dir`` under ``layout`` (``auto`` detects it)."""
     input_dir = Path(input_dir)
@@ -210,11 +319,13 @@ def read_layout(
         raise DatasetError(f"input folder {str(input_dir)!r} does not exist")
     if not any(input_dir.iterdir()):
         raise DatasetError(f"input folder {str(input_dir)!r} is empty")
-    labels_path = Path(labels_file) if labels_file else None
-    name = detect_layout(input_dir, labels_path) if layout == "auto" else layout
+    annotations = Annotations(
+        Path(labels_file) if labels_file else None, {k: Path(v) for k, v in (split_files or {}).items()}
+    )
+    name = detect_layout(input_dir, annotations) if layout == "auto" else layout
     if name not in LAYOUTS:
         raise DatasetError(f"unknown layout {layout!r}; choose one of: auto, {', '.join(LAYOUTS)}")
-    result = LAYOUTS[name](input_dir, list(classes), labels_path)
+    result = LAYOUTS[name](input_dir, list(classes), annotations)
     if not result.items:
         raise DatasetError(f"no labelled images found in {input_dir} with the {name} layout")
     _check_classes(classes or result.declared, [item.label for item in result.items], f"in {input_dir}")
@@ -301,6 +412,7 @@ def build_dataset(
     layout: str = "auto",
     classes: Sequence[str] = (),
     labels_file: str | Path | None = None,
+    split_files: dict[str, str | Path] | None = None,
     seed: int = 42,
     link: str = "copy",
     max_pixels: int = MAX_PIXELS,
@@ -312,14 +424,14 @@ def build_dataset(
     never leaves half a dataset; an existing target is replaced only if it holds a manifest (it
     was built here), never a folder of the user's own.
     """
-    result = read_layout(input_dir, layout, classes, labels_file)
+    result = read_layout(input_dir, layout, classes, labels_file, split_files)
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / MANIFEST).exists():
         raise DatasetError(f"output folder {str(output_dir)!r} is not empty and was not built by ptl; choose another")
 
     with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
         inspected = list(pool.map(lambda item: _inspect(item.source, max_pixels), result.items))
-    kept, skipped = [], []
+    kept, skipped = [], list(result.missing)
     for item, (size, info) in zip(result.items, inspected):
         (kept.append((item, size, info)) if size else skipped.append((str(item.source), info)))
     if not kept:

@@ -18,6 +18,7 @@ from pyimagesearch_tl.layouts import (
     natural_key,
     parse_food5k_name,
     parse_labels,
+    parse_list_line,
     read_layout,
     stratified_split,
 )
@@ -245,3 +246,105 @@ def test_stratified_split_assigns_every_item_by_the_fractions(labels, seed):
     for label in set(labels):
         members = [a for a, given in zip(assignment, labels) if given == label]
         assert abs(members.count(0) - 0.75 * len(members)) <= 1
+
+
+# --- split-lists: an images folder plus one list file per split (Food-101, Oxford-IIIT Pet, generic) ----
+
+
+@pytest.fixture()
+def food101_style(tmp_path):
+    """images/<class>/<id>.jpg from real flower photos, meta/train.txt and meta/test.txt of class/id lines."""
+    root = tmp_path / "food-101"
+    train, test = [], []
+    for name in ("daisy", "rose", "tulip"):
+        (root / "images" / name).mkdir(parents=True)
+        for n, photo in enumerate(sorted(shared("flowers", name).glob("*.jpg"))[:6]):
+            shutil.copy(photo, root / "images" / name / f"{1000 + n}.jpg")
+            (train if n < 4 else test).append(f"{name}/{1000 + n}")
+    (root / "meta").mkdir()
+    (root / "meta" / "train.txt").write_text("\n".join(train + ["rose/9999"]) + "\n")  # one listed file is missing
+    (root / "meta" / "test.txt").write_text("\n".join(test + ["daisy/1000"]) + "\n")  # and one is in both lists
+    return root
+
+
+def test_food101_style_lists_are_detected_and_read(food101_style, tmp_path):
+    assert detect_layout(food101_style) == "split-lists"
+    report = build_dataset(food101_style, tmp_path / "out", splits=SPLITS, fractions=FRACTIONS)
+    assert report.layout == "split-lists"
+    assert dict(report.counts["training"]) == {"daisy": 4, "rose": 4, "tulip": 4}
+    assert dict(report.counts["evaluation"]) == {"daisy": 3, "rose": 2, "tulip": 2}
+    assert not report.counts["validation"]
+    assert [(Path(p).as_posix().split("images/")[1], r) for p, r in report.skipped] == [
+        ("rose/9999", "listed in train.txt line 13 but not found")
+    ]
+    leaked = {(row["split"], row["label"]) for row in report.duplicates}
+    assert leaked == {("training", "daisy"), ("evaluation", "daisy")}  # the file listed twice is a leak
+    for row in manifest(tmp_path / "out"):
+        split, label, name = row["path"].split("/")
+        assert (food101_style / "images" / label / name).read_bytes() == (tmp_path / "out" / row["path"]).read_bytes()
+
+
+def test_oxford_pet_style_lists_take_the_class_from_the_name(tmp_path, photos):
+    root = tmp_path / "pets"
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    lines = {"trainval": ["#Image CLASS-ID SPECIES BREED ID"], "test": []}
+    for label, prefix in (("cats", "Bengal"), ("dogs", "american_bulldog")):
+        for n, photo in enumerate(photos[label][:5], start=1):
+            shutil.copy(photo, root / "images" / f"{prefix}_{n}.jpg")
+            lines["trainval" if n <= 3 else "test"].append(f"{prefix}_{n} {1 if label == 'cats' else 2} 1 1")
+    for name, rows in lines.items():
+        (root / "annotations" / f"{name}.txt").write_text("\n".join(rows) + "\n")
+    (root / "annotations" / "list.txt").write_text("not a split list\n")
+    report = build_dataset(root, tmp_path / "out", splits=SPLITS, fractions=FRACTIONS)
+    assert dict(report.counts["training"]) == {"Bengal": 3, "american_bulldog": 3}
+    assert dict(report.counts["evaluation"]) == {"Bengal": 2, "american_bulldog": 2}
+    with pytest.raises(DatasetError, match="classes that are not in --classes: american_bulldog"):
+        build_dataset(root, tmp_path / "out2", splits=SPLITS, fractions=FRACTIONS, classes=["Bengal"])
+
+
+def test_generic_split_files_from_the_command_line(tmp_path, photos):
+    root = tmp_path / "mine"
+    (root / "pics").mkdir(parents=True)
+    lists = {"train": [], "val": []}
+    for label in ("cats", "dogs"):
+        for n, photo in enumerate(photos[label][:4]):
+            shutil.copy(photo, root / "pics" / f"{label}{n}.jpg")
+            lists["train" if n < 3 else "val"].append(f"pics/{label}{n}.jpg {label[:-1]}")
+    (root / "pics" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not really")
+    lists["train"].append("pics/corrupt.jpg cat")
+    for name, rows in lists.items():
+        (tmp_path / f"{name}.lst").write_text("\n".join(rows) + "\n")
+    result = CliRunner().invoke(
+        cli,
+        ["build-dataset", "--input", str(root), "--output", str(tmp_path / "out"), "--layout", "split-lists",
+         "--split-file", f"train={tmp_path / 'train.lst'}", "--split-file", f"val={tmp_path / 'val.lst'}"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "training: 6 images (cat 3, dog 3)" in result.output
+    assert "validation: 2 images (cat 1, dog 1)" in result.output
+    assert "skipped" in result.output and "corrupt.jpg" in result.output
+    result = CliRunner().invoke(
+        cli, ["build-dataset", "--input", str(root), "--output", str(tmp_path / "o2"), "--split-file", "train"]
+    )
+    assert result.exit_code != 0 and "expected NAME=PATH, got 'train'" in result.output
+
+
+@pytest.mark.parametrize(
+    "line, parsed",
+    [
+        ("apple_pie/1005649", ("apple_pie/1005649", "apple_pie")),
+        ("Abyssinian_100 1 1 1", ("Abyssinian_100", "Abyssinian")),
+        ("american_pit_bull_terrier_12 2 2 3", ("american_pit_bull_terrier_12", "american_pit_bull_terrier")),
+        ("photos/a.jpg dog", ("photos/a.jpg", "dog")),
+        ("# comment", None),
+        ("   ", None),
+    ],
+)
+def test_list_lines(line, parsed):
+    assert parse_list_line(line) == parsed
+
+
+def test_a_list_line_without_a_class_is_an_error():
+    with pytest.raises(DatasetError, match="no class"):
+        parse_list_line("image.jpg")
