@@ -6,7 +6,9 @@ WSGI server. ``ptl predict`` and the server share the prediction code path.
 
 Routes
 ------
-``GET /``            an upload page; ``POST /`` shows each image with its top-k labels.
+``GET /``            the page: drop or choose photos, previews at once, probability bars and the
+                     "unknown" verdict explained (JavaScript); without JavaScript the form posts to
+                     ``POST /``, which draws the same results on the server.
 ``POST /api/predict``  multipart form field ``file`` (repeatable); JSON with ``label``,
                      ``probability`` (or ``decision`` for classifiers without probabilities), ``top``.
 ``GET /health``      the model's classes, backbone and unknown threshold.
@@ -19,52 +21,34 @@ used as a path (its file name is only echoed back as text). An upload over the s
 from __future__ import annotations
 
 import base64
+import importlib.resources
 import io
 
 from .images import load_image
 from .prediction import UNKNOWN, Prediction, Predictor
 
-PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>pyimagesearch_tl: {{ model }}</title>
-<style>
- body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 52rem; color: #222; }
- .result { display: flex; gap: 1rem; align-items: flex-start; border-top: 1px solid #ddd; padding: 1rem 0; }
- .result img { width: 160px; height: 160px; object-fit: cover; border-radius: 4px; }
- .label { font-size: 1.4rem; font-weight: 600; }
- .unknown { color: #a15c00; }
- .error { color: #b00020; }
- table { border-collapse: collapse; } td { padding: 0.1rem 0.8rem 0.1rem 0; }
-</style>
-</head>
-<body>
-<h1>Classify images</h1>
-<p>Model <b>{{ model }}</b> on {{ backbone }} features; classes: {{ classes | join(", ") }}.</p>
-<form method="post" enctype="multipart/form-data">
-  <input type="file" name="file" accept="image/*" multiple required>
-  <button type="submit">Classify</button>
-</form>
-{% if error %}<p class="error" id="error">{{ error }}</p>{% endif %}
-{% for r in results %}
-<div class="result">
-  {% if r.thumbnail %}<img src="data:image/jpeg;base64,{{ r.thumbnail }}" alt="{{ r.name }}">{% endif %}
-  <div>
-    <div>{{ r.name }}</div>
-    {% if r.error %}<div class="error">skipped: {{ r.error }}</div>
-    {% else %}
-    <div class="label {{ 'unknown' if r.unknown else '' }}" data-label="{{ r.label }}">{{ r.label }}</div>
-    <table>{% for name, value in r.top %}
-      <tr><td>{{ name }}</td><td>{{ "%.4f" | format(value) }}</td></tr>{% endfor %}</table>
-    {% if r.unknown %}<div class="unknown">None of the classes fits: the closest is {{ r.top[0][0] }}.</div>{% endif %}
-    {% endif %}
-  </div>
-</div>
-{% endfor %}
-</body>
-</html>
-"""
+#: The page: a form that works without JavaScript, and a script that previews, classifies photo by
+#: photo and draws the same bars as the server (templates/classify.html).
+PAGE = importlib.resources.files(__package__).joinpath("templates", "classify.html").read_text(encoding="utf-8")
+
+
+def _bars(top: list[tuple[str, float]], kind: str) -> list[tuple[str, float, float]]:
+    """``(class, score, bar width %)``: probabilities as they are, decision scores scaled lowest..best."""
+    values = [value for _, value in top]
+    if kind == "probability":
+        widths = [100 * v for v in values]
+    else:
+        low, high = min(values), max(values)
+        widths = [100 * (v - low) / (high - low) if high > low else 100.0 for v in values]
+    return [(name, value, width) for (name, value), width in zip(top, widths)]
+
+
+def _why_unknown(result: Prediction, threshold: float, keep: float) -> str:
+    return (
+        f"None of the classes fits: its similarity to the nearest class ({result.top[0][0]}) is "
+        f"{result.similarity:.3f}, below {threshold:.3f}, the level {round(100 * keep)}% of the "
+        "validation photos reach."
+    )
 
 
 class UploadError(ValueError):
@@ -114,12 +98,17 @@ def create_app(predictor: Predictor, max_upload_bytes: int = 10 * 2**20):
     app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
     limit = f"{max_upload_bytes / 2**20:g} MB"
 
+    novelty = bundle.novelty
+
     def page(status: int = 200, results=(), error: str | None = None):
         html = render_template_string(
             PAGE,
             model=bundle.name,
             backbone=bundle.meta.backbone,
             classes=bundle.label_names,
+            kind=kind,
+            threshold=None if novelty is None else novelty.threshold,
+            keep=None if novelty is None else novelty.keep,
             results=results,
             error=error,
         )
@@ -127,7 +116,6 @@ def create_app(predictor: Predictor, max_upload_bytes: int = 10 * 2**20):
 
     @app.get("/health")
     def health():
-        novelty = bundle.novelty
         return jsonify(
             status="ok",
             model=bundle.name,
@@ -160,9 +148,10 @@ def create_app(predictor: Predictor, max_upload_bytes: int = 10 * 2**20):
             dict(
                 name=r.path,
                 label=r.label,
-                top=r.top,
+                bars=_bars(r.top, kind) if r.top else [],
                 error=r.error,
                 unknown=r.label == UNKNOWN,
+                why=_why_unknown(r, novelty.threshold, novelty.keep) if r.label == UNKNOWN else "",
                 thumbnail=_thumbnail(data),
             )
             for r, (_, data) in zip(results, uploads)

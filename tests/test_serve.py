@@ -1,7 +1,9 @@
 """The web page and the HTTP API, through Flask's test client and a real headless browser."""
 
+import base64
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -104,10 +106,12 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_answering(client, ph
 
 
 def test_page_shows_each_image_with_its_labels(client, photos):
-    assert b'<input type="file" name="file"' in client.get("/").data
+    page = client.get("/").get_data(as_text=True)
+    assert '<form id="upload" method="post" enctype="multipart/form-data">' in page  # works without JavaScript
+    assert 'type="file" id="file" name="file" accept="image/*" multiple' in page
     response = client.post(
         "/",
-        data=upload((photos["dog"], "<b>dog</b>.jpg"), (io.BytesIO(b"junk"), "junk.jpg")),
+        data=upload((photos["dog"], "<b>dog</b>.jpg"), (io.BytesIO(b"junk"), "junk.jpg"), (photos["flower"], "f.jpg")),
         content_type="multipart/form-data",
     )
     html = response.get_data(as_text=True)
@@ -115,6 +119,12 @@ def test_page_shows_each_image_with_its_labels(client, photos):
     assert 'data-label="dogs"' in html and "data:image/jpeg;base64," in html
     assert "&lt;b&gt;dog&lt;/b&gt;.jpg" in html and "<b>dog</b>" not in html  # names are escaped
     assert "skipped: not an image" in html
+    # one probability bar per class, as wide as the probability; the flower's "unknown" is explained
+    widths = [float(w) for w in re.findall(r'class="fill" style="width: ([0-9.]+)%"', html)]
+    values = [float(v) for v in re.findall(r'<span class="value">([0-9.]+)</span>', html)]
+    assert len(widths) == len(values) == 4 and widths == pytest.approx([100 * v for v in values], abs=0.06)
+    assert 'data-label="unknown"' in html
+    assert "None of the classes fits: its similarity to the nearest class" in html
 
 
 # --- a real server and a real browser ----------------------------------------------------------
@@ -172,30 +182,111 @@ def test_served_by_waitress(server):
         assert response.headers["Server"] == "waitress"
 
 
-def test_headless_browser_uploads_a_photo_and_sees_its_label(server, photos):
+ARTIFACTS = Path(__file__).resolve().parents[1] / "output" / "test-artifacts"
+
+
+def _browser(javascript: bool = True):
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
-        pytest.skip(
-            "Chromium and its driver are not installed (make test installs Debian's chromium and "
-            "chromium-driver where apt-get can)"
-        )
+        message = "Chromium and its driver are not installed (make test installs Debian's chromium and chromium-driver)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1100,1300",
+    ):
         options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(driver), options=options)
+    if not javascript:
+        options.add_experimental_option("prefs", {"profile.managed_default_content_settings.javascript": 2})
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def _bars_match_values(card) -> None:
+    from selenium.webdriver.common.by import By
+
+    for row in card.find_elements(By.CSS_SELECTOR, ".bars li"):
+        value = float(row.find_element(By.CSS_SELECTOR, ".value").text)
+        width = row.find_element(By.CSS_SELECTOR, ".fill").value_of_css_property("width")
+        track = row.find_element(By.CSS_SELECTOR, ".track").value_of_css_property("width")
+        assert float(width[:-2]) / float(track[:-2]) == pytest.approx(value, abs=0.01)
+
+
+def test_the_page_in_chromium_previews_classifies_each_photo_and_explains_unknown(server, photos):
+    """Choose two photos: previews at once, then a label and probability bars each; the flower is
+    "unknown" with the reason. Then a photo dropped on the page, and the keyboard path."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _browser()
     try:
         browser.get(server)
         assert "Classify images" in browser.page_source
-        browser.find_element(By.NAME, "file").send_keys(str(photos["cat"]))
+        keyboard = ActionChains(browser)
+        keyboard.send_keys(Keys.TAB).perform()
+        assert browser.switch_to.active_element.get_attribute("id") == "file"  # the first stop of the keyboard
+        keyboard.send_keys(Keys.TAB).perform()
+        assert browser.switch_to.active_element.text == "Classify"
+
+        browser.find_element(By.ID, "file").send_keys(f"{photos['cat']}\n{photos['flower']}")
+        previews = browser.find_elements(By.CSS_SELECTOR, "#results .result img")
+        assert [p.get_attribute("src")[:5] for p in previews] == ["blob:", "blob:"]  # shown before any answer
+        WebDriverWait(browser, 60).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#results .label")) == 2)
+        cards = browser.find_elements(By.CSS_SELECTOR, "#results .result")
+        assert [c.find_element(By.CSS_SELECTOR, ".name").text for c in cards] == [
+            photos["cat"].name,
+            photos["flower"].name,
+        ]
+        cat, flower = cards
+        assert cat.find_element(By.CSS_SELECTOR, ".label").text == "cats"
+        assert flower.find_element(By.CSS_SELECTOR, ".label").text == "unknown"
+        assert "None of the classes fits" in flower.find_element(By.CSS_SELECTOR, ".why").text
+        _bars_match_values(cat)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shot = ARTIFACTS / "serve_page.png"
+        assert browser.save_screenshot(str(shot)) and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+        dropped = base64.b64encode(photos["dog"].read_bytes()).decode()
+        browser.execute_script(
+            """const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "dropped.jpg", {type: "image/jpeg"}));
+            document.getElementById("drop").dispatchEvent(
+                new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));""",
+            dropped,
+        )
+        WebDriverWait(browser, 60).until(
+            lambda b: [e.text for e in b.find_elements(By.CSS_SELECTOR, "#results .label")] == ["dogs"]
+        )
+        assert browser.find_element(By.CSS_SELECTOR, "#results .name").text == "dropped.jpg"
+    finally:
+        browser.quit()
+
+
+def test_the_page_without_javascript_posts_the_form_and_the_server_draws_the_results(server, photos):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _browser(javascript=False)
+    try:
+        browser.get(server)
+        browser.find_element(By.ID, "file").send_keys(f"{photos['cat']}\n{photos['dog']}")
+        assert browser.find_elements(By.CSS_SELECTOR, "#results .result") == []  # no script: no previews
         browser.find_element(By.TAG_NAME, "button").click()
-        label = WebDriverWait(browser, 60).until(lambda b: b.find_element(By.CSS_SELECTOR, ".label"))
-        assert label.text == "cats"
-        assert browser.find_element(By.CSS_SELECTOR, ".result img").get_attribute("src").startswith("data:image/jpeg")
+        labels = WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#results .label"))
+        assert [label.text for label in labels] == ["cats", "dogs"]
+        for card in browser.find_elements(By.CSS_SELECTOR, "#results .result"):
+            assert card.find_element(By.TAG_NAME, "img").get_attribute("src").startswith("data:image/jpeg")
+            _bars_match_values(card)
     finally:
         browser.quit()
