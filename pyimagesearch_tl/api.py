@@ -32,7 +32,7 @@ from .bundle import Bundle
 from .config import Config, load_config
 from .errors import ConfigError
 from .layouts import BuildReport, read_manifest
-from .store import FeatureMeta, FeatureSet, feature_file, has_feature_file, read_features, read_meta
+from .store import FeatureMeta, FeatureSet, combine, feature_file, has_feature_file, read_features, read_meta
 
 __all__ = [
     "Dataset",
@@ -57,11 +57,17 @@ def configure(config: Config | None = None, **overrides: Any) -> Config:
 
 def _with(overrides: dict[str, Any], **given: Any) -> dict[str, Any]:
     """``overrides`` plus the folders given as arguments (an argument left out keeps the override)."""
-    return dict(overrides, **{key: str(value) for key, value in given.items() if value is not None})
+    folders = {
+        key: value if isinstance(value, list) else str(value) for key, value in given.items() if value is not None
+    }
+    return dict(overrides, **folders)
 
 
-def _folder(value: Any) -> Path:
-    """A folder given as a path or as one of this module's results (which know their folder)."""
+def _folder(value: Any) -> Path | list[str]:
+    """A folder given as a path or as one of this module's results (which know their folder); a list
+    of them (feature folders to combine) gives a list."""
+    if isinstance(value, (list, tuple)):
+        return [str(_folder(item)) for item in value]
     return Path(value.path if isinstance(value, (Dataset, Features)) else value)
 
 
@@ -248,12 +254,16 @@ def extract(
         Called with each split's report as it finishes, and with the engine once it has started.
     **overrides
         Configuration keys: ``backbone``, ``weights``, ``pooling``, ``feature_format``, ``dtype``,
-        ``precision``, ``batch_size``, ``runtime``, ``engine``, ``shard_size``, ...
+        ``precision``, ``batch_size``, ``runtime``, ``views``, ``engine``, ``shard_size``, ...
     """
     from .extraction import extract_dataset
 
     folder = None if dataset is None else _folder(dataset)
     config = configure(config, **_with(overrides, dataset_dir=folder, features_dir=output_dir))
+    if isinstance(config.features_dir, list):
+        raise ConfigError(
+            "extract writes one feature folder; give one output folder per backbone and run it per folder"
+        )
     reports = extract_dataset(
         config.dataset_dir,
         config.features_dir,
@@ -267,6 +277,7 @@ def extract(
         batch_size=config.batch_size,
         max_pixels=config.max_image_pixels,
         runtime=config.runtime,
+        views=config.views,
         engine=config.engine,
         ray_address=config.ray_address,
         ray_cpus_per_worker=config.ray_cpus_per_worker,
@@ -334,7 +345,7 @@ class Model:
 
     def evaluate(
         self,
-        data: FeatureFile | FeatureSet | str | Path,
+        data: FeatureFile | FeatureSet | str | Path | Sequence[FeatureFile | str | Path],
         output_dir: str | Path | None = None,
         *,
         wait: bool = False,
@@ -348,10 +359,15 @@ class Model:
         """
         from .evaluation import evaluate
 
-        if isinstance(data, (str, Path)):
-            data = FeatureFile(Path(data))
-        split = data.split if isinstance(data, FeatureFile) else ""
-        features = data.read() if isinstance(data, FeatureFile) else data
+        if isinstance(data, (list, tuple)):  # one file per feature folder of a combined model
+            files = [item if isinstance(item, FeatureFile) else FeatureFile(Path(item)) for item in data]
+            split = files[0].split
+            features = combine([f.read() for f in files], [str(f.path) for f in files])
+        else:
+            if isinstance(data, (str, Path)):
+                data = FeatureFile(Path(data))
+            split = data.split if isinstance(data, FeatureFile) else ""
+            features = data.read() if isinstance(data, FeatureFile) else data
         return evaluate(self.bundle, features, output_dir, split, self.path, wait=wait)
 
     def save(self, path: str | Path) -> Path:
@@ -380,8 +396,9 @@ def train(
 
     Parameters
     ----------
-    features : Features or path, optional
-        Default: the configuration's ``features_dir``.
+    features : Features or path, or a list of them, optional
+        Default: the configuration's ``features_dir``. Several folders extracted from the same
+        dataset (e.g. by two backbones) are combined: their vectors are concatenated image by image.
     output_dir : path, optional
         Where ``<classifier>.joblib`` goes. Default: the configuration's ``models_dir``.
     config : Config, optional

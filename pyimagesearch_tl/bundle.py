@@ -24,7 +24,7 @@ import numpy as np
 from ._version import __version__
 from .atomic import atomic_joblib_dump
 from .errors import BundleError
-from .store import FeatureMeta
+from .store import CombinedMeta, FeatureMeta
 
 FORMAT_VERSION = 1
 
@@ -52,8 +52,9 @@ class Bundle:
         Fitted scikit-learn estimator (a pipeline) taking the feature vectors.
     label_encoder : sklearn.preprocessing.LabelEncoder
         Maps class indices to names.
-    meta : FeatureMeta
-        How the training features were made; prediction must make them the same way.
+    meta : FeatureMeta or CombinedMeta
+        How the training features were made (one extractor, or several concatenated); prediction
+        must make them the same way.
     name : str
         The classifier's registry name.
     info : dict
@@ -67,7 +68,7 @@ class Bundle:
 
     classifier: Any
     label_encoder: Any
-    meta: FeatureMeta
+    meta: FeatureMeta | CombinedMeta
     name: str
     info: dict = dataclasses.field(default_factory=dict)
     novelty: Any = None
@@ -144,23 +145,28 @@ class Bundle:
         make features of another layout.
         """
         from .errors import ConfigError
-        from .features import FeatureExtractor
+        from .features import CombinedExtractor, FeatureExtractor
         from .images import MAX_PIXELS
 
-        try:
-            extractor = FeatureExtractor.from_meta(
-                self.meta, batch_size, max_pixels or MAX_PIXELS, self.backbone_weights, runtime
-            )
-        except ConfigError:  # a runtime that is not installed: the user's choice, not the bundle's fault
-            raise
-        except Exception as exc:  # unknown backbone, weights file gone or not downloadable, ...
-            raise BundleError(
-                f"cannot rebuild the feature extractor of this bundle ({self.meta.describe()}): {exc}"
-            ) from None
+        parts = []
+        for part in self.meta.parts:  # one extractor, or one per feature folder of a combined model
+            try:
+                parts.append(
+                    FeatureExtractor.from_meta(
+                        part, batch_size, max_pixels or MAX_PIXELS, self.backbone_weights, runtime
+                    )
+                )
+            except ConfigError:  # a runtime that is not installed: the user's choice, not the bundle's fault
+                raise
+            except Exception as exc:  # unknown backbone, weights file gone or not downloadable, ...
+                raise BundleError(
+                    f"cannot rebuild the feature extractor {part.describe()} of this bundle: {exc}"
+                ) from None
+        extractor = parts[0] if len(parts) == 1 else CombinedExtractor(parts)
         self.check_features(extractor.meta, "the rebuilt feature extractor")
         return extractor
 
-    def check_features(self, meta: FeatureMeta, what: str) -> None:
+    def check_features(self, meta: FeatureMeta | CombinedMeta, what: str) -> None:
         """Refuse features made differently from the training features."""
         from .errors import FeatureFileError
         from .store import check_same_layout

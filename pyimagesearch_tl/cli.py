@@ -70,6 +70,17 @@ def _name_paths(ctx, param, values):
     return pairs
 
 
+def features_option(help: str):
+    """``--features DIR``, repeatable: one folder, or several whose features are combined."""
+    return click.option(
+        "--features",
+        "features_dir",
+        multiple=True,
+        callback=lambda ctx, param, values: None if not values else values[0] if len(values) == 1 else list(values),
+        help=help,
+    )
+
+
 def with_config(command):
     """Add ``--config FILE`` and pass the effective :class:`Config` as ``config``."""
 
@@ -218,6 +229,12 @@ def build_dataset_command(config: Config, wait, **options):
     help="Arithmetic of the backbone; bfloat16 is faster on CPUs with AVX512-BF16/AMX.",
 )
 @click.option("--batch-size", type=int)
+@click.option(
+    "--views",
+    type=click.Choice(["1", "2"]),
+    callback=lambda ctx, param, value: None if value is None else int(value),
+    help="2: average each image's features with its left-right mirror's (one more forward pass per image).",
+)
 @runtime_option
 @click.option("--engine", help="Where extraction runs: local (this process) or ray (a Ray cluster).")
 @click.option("--ray-address", help="ray engine: the cluster to join ('auto': this machine's); unset: start one.")
@@ -267,7 +284,7 @@ def extract_command(config: Config, wait, **options):
 
 
 @cli.command("train")
-@click.option("--features", "features_dir", help="Folder of feature files written by extract.")
+@features_option("Folder of feature files written by extract; repeat to combine several (e.g. two backbones).")
 @click.option("--output", "models_dir", help="Where to write <classifier>.joblib bundles.")
 @click.option("--classifier", help="Registered classifier, or 'all'.")
 @click.option("--cv", help="Number of stratified folds, or 'validation'.")
@@ -299,7 +316,7 @@ def train_command(config: Config, wait, **options):
 
 @cli.command("evaluate")
 @click.option("--model", "model_path", required=True, help="A bundle written by train or finetune.")
-@click.option("--features", "features_dir", help="Folder of feature files (bundles trained on features).")
+@features_option("Folder of feature files (bundles trained on features); one per folder the model combines.")
 @click.option("--dataset", "dataset_dir", help="Dataset folder (fine-tuned bundles are evaluated on its images).")
 @click.option("--split", help="Split to evaluate (default: evaluation, else validation).")
 @click.option("--output", "evaluation_dir", help="Evaluation folder: writes <model>/metrics.json and the plots there.")

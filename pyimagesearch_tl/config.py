@@ -23,6 +23,7 @@ from .backbones import list_backbones
 from .classifiers import list_classifiers
 from .engines import list_engines
 from .errors import ConfigError
+from .features import VIEWS
 from .images import MAX_PIXELS
 from .layouts import LAYOUTS, SPLIT_ROLES
 from .runtimes import list_runtimes
@@ -32,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
     # where things are
     "input_dir": None,  # the raw photos; build-dataset needs it
     "dataset_dir": "output/dataset",
-    "features_dir": "output/features",
+    "features_dir": "output/features",  # train/evaluate: a list of folders combines their features
     "models_dir": "output/models",
     "evaluation_dir": "output/evaluation",
     "finetune_dir": "output/finetune",
@@ -55,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
     "precision": "float32",
     "batch_size": 32,
+    "views": 1,  # 2: average each image's features with its left-right mirror's (one more forward pass)
     "runtime": "auto",  # where the backbone runs: the fastest that matches TensorFlow, or one by name
     "engine": "local",  # where extraction runs: this process, or a Ray cluster
     "ray_address": None,  # ray engine: unset starts a local Ray instance; "auto" joins this machine's cluster
@@ -85,6 +87,14 @@ DEFAULTS: dict[str, Any] = {
 def _choice(*allowed: str) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         return None if value in allowed else f"one of {', '.join(map(repr, allowed))}"
+
+    return check
+
+
+def _choice_of(allowed: tuple) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        ok = value in allowed and not isinstance(value, bool)
+        return None if ok else f"one of {', '.join(map(str, allowed))}"
 
     return check
 
@@ -150,7 +160,11 @@ def _grids(value: Any) -> str | None:
 RULES: dict[str, Callable[[Any], str | None]] = {
     "input_dir": _optional_str,
     "dataset_dir": _typed(str, "a path"),
-    "features_dir": _typed(str, "a path"),
+    "features_dir": lambda v: (
+        None
+        if (isinstance(v, str) and v) or (isinstance(v, list) and v and all(isinstance(p, str) and p for p in v))
+        else "a path, or a list of paths (train and evaluate: features of several folders combined)"
+    ),
     "models_dir": _typed(str, "a path"),
     "evaluation_dir": _typed(str, "a path"),
     "finetune_dir": _typed(str, "a path"),
@@ -174,6 +188,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "dtype": _choice("float32", "float16"),
     "precision": _choice("float32", "bfloat16"),
     "batch_size": _typed(int, "an integer between 1 and 4096", lambda v: 1 <= v <= 4096),
+    "views": _choice_of(VIEWS),
     "runtime": _registered(list_runtimes),
     "engine": _registered(list_engines),
     "ray_address": _optional_str,

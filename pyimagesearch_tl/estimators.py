@@ -34,10 +34,10 @@ from .images import resize_pixels
 
 
 @functools.lru_cache(maxsize=2)
-def _extractor(backbone: str, weights: str, pooling: str, batch_size: int, max_pixels: int, runtime: str):
+def _extractor(backbone: str, weights: str, pooling: str, batch_size: int, max_pixels: int, runtime: str, views: int):
     from .features import FeatureExtractor
 
-    return FeatureExtractor(backbone, weights, pooling, batch_size, max_pixels, runtime=runtime)
+    return FeatureExtractor(backbone, weights, pooling, batch_size, max_pixels, runtime=runtime, views=views)
 
 
 def _as_images(X: Any) -> tuple[str, Any]:
@@ -73,6 +73,8 @@ class ImageFeatures(TransformerMixin, BaseEstimator):
         Where the network runs (same features within 1e-4 in each).
     max_image_pixels : int
         Larger images are refused as decompression bombs.
+    views : {1, 2}
+        2: average each image's features with those of its left-right mirror.
 
     Attributes
     ----------
@@ -90,6 +92,7 @@ class ImageFeatures(TransformerMixin, BaseEstimator):
         batch_size: int = DEFAULTS["batch_size"],
         runtime: str = DEFAULTS["runtime"],
         max_image_pixels: int = DEFAULTS["max_image_pixels"],
+        views: int = DEFAULTS["views"],
     ):
         self.backbone = backbone
         self.weights = weights
@@ -97,10 +100,17 @@ class ImageFeatures(TransformerMixin, BaseEstimator):
         self.batch_size = batch_size
         self.runtime = runtime
         self.max_image_pixels = max_image_pixels
+        self.views = views
 
     def _network(self):
         return _extractor(
-            self.backbone, self.weights, self.pooling, self.batch_size, self.max_image_pixels, self.runtime
+            self.backbone,
+            self.weights,
+            self.pooling,
+            self.batch_size,
+            self.max_image_pixels,
+            self.runtime,
+            self.views,
         )
 
     def fit(self, X, y=None):
@@ -120,6 +130,7 @@ class ImageFeatures(TransformerMixin, BaseEstimator):
             batch_size=self.batch_size,
             runtime=self.runtime,
             max_image_pixels=self.max_image_pixels,
+            views=self.views,
         )
         _as_images(X)
         self.meta_ = self._network().meta

@@ -24,7 +24,7 @@ from .images import MAX_PIXELS
 from .locks import locks_output
 from .metrics import roc_auc
 from .plots import new_figure, save_figure
-from .store import FeatureSet, feature_file, has_feature_file, read_features
+from .store import FeatureSet, feature_folders, has_feature_file, read_split
 
 METRICS = "metrics.json"
 
@@ -39,13 +39,14 @@ def default_split(
     if bundle.meta.weights == FINETUNED:
         present = {row["split"] for row in read_manifest(dataset_dir)}
         return next((s for s in candidates if s in present), candidates[0])
-    return next((s for s in candidates if has_feature_file(features_dir, s)), candidates[0])
+    first = feature_folders(features_dir)[0]
+    return next((s for s in candidates if has_feature_file(first, s)), candidates[0])
 
 
 def features_for(
     bundle: Bundle,
     split: str,
-    features_dir: str | Path,
+    features_dir: str | Path | Sequence[str | Path],
     dataset_dir: str | Path,
     batch_size: int = 32,
     max_pixels: int = MAX_PIXELS,
@@ -53,13 +54,18 @@ def features_for(
 ) -> tuple[FeatureSet, list[tuple[str, str]]]:
     """The features ``bundle`` is evaluated on, and the images skipped while making them.
 
-    Stored features (``features_dir``) for bundles trained on them; for a fine-tuned bundle, the
-    split's images in ``dataset_dir`` through the bundle's own backbone.
+    Stored features (``features_dir``, or one folder per part of a model trained on combined
+    folders, in the same order) for bundles trained on them; for a fine-tuned bundle, the split's
+    images in ``dataset_dir`` through the bundle's own backbone.
     """
     if bundle.meta.weights != FINETUNED:
-        path = feature_file(features_dir, split)
-        features = read_features(path)
-        return features, []
+        folders = feature_folders(features_dir)
+        if len(folders) != len(bundle.meta.parts):
+            raise DatasetError(
+                f"this model was trained on {len(bundle.meta.parts)} feature folder(s) ({bundle.meta.backbone}); "
+                f"give as many --features, in the same order (got {len(folders)})"
+            )
+        return read_split(folders, split), []
     from .features import dataset_rows, extract_in_memory
 
     rows = dataset_rows(dataset_dir).get(split)

@@ -87,6 +87,11 @@ def export_bundle(bundle: Bundle, output: str | Path) -> Path:
     import onnx
     from onnx import compose
 
+    if len(bundle.meta.parts) > 1:
+        raise BundleError(
+            f"this model combines {len(bundle.meta.parts)} feature extractors ({bundle.meta.backbone}); "
+            "ONNX export takes a model of one extractor (ptl predict and ptl serve take this one)"
+        )
     if bundle.meta.precision != "float32":
         raise BundleError(
             f"only float32 models export to ONNX; this one was trained on {bundle.meta.precision} features"

@@ -245,6 +245,7 @@ def extract_dataset(
     batch_size: int = 32,
     max_pixels: int = MAX_PIXELS,
     runtime: str = "auto",
+    views: int = 1,
     engine: str = "local",
     ray_address: str | None = None,
     ray_cpus_per_worker: int = 1,
@@ -282,6 +283,7 @@ def extract_dataset(
         dtype=dtype,
         precision=precision,
         runtime=runtime,
+        views=views,
         label_names=[str(c) for c in encoder.classes_],
     )
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -23,25 +23,29 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .backbones import FINETUNED, create_model, get_backbone, preprocess_input, resolve_weights, weights_digest
-from .errors import BundleError, ImageError
+from .errors import BundleError, ConfigError, ImageError
 from .images import DECODER, MAX_PIXELS, load_image, sha256_file
 from .layouts import read_manifest
 from .runtimes import cached_network, choose, export_onnx, network_key, requested_runtime
-from .store import FeatureMeta, FeatureSet, Shard
+from .store import CombinedMeta, FeatureMeta, FeatureSet, Shard
 
 
 @dataclasses.dataclass
 class Batch:
-    """One decoded batch: the positions (in the input list) that decoded, their pixels, and the skips."""
+    """One decoded batch: the positions (in the input list) that decoded, their pixels, and the skips.
+
+    ``images`` is one ``(n, size, size, 3)`` uint8 array, or a tuple of them, one per size, when the
+    batch was decoded at several sizes (combined backbones).
+    """
 
     indices: list[int]
-    images: np.ndarray  # (n, size, size, 3) uint8
+    images: np.ndarray | tuple[np.ndarray, ...]
     skipped: list[tuple[int, str]]
 
 
 def decode_batches(
     paths: Sequence,
-    size: int,
+    size: int | tuple[int, ...],
     batch_size: int,
     max_pixels: int = MAX_PIXELS,
     workers: int | None = None,
@@ -51,14 +55,22 @@ def decode_batches(
 
     A thread pool keeps ``prefetch`` batches in flight ahead of the consumer, so decoding overlaps
     the model. Images the decoder refuses are reported in :attr:`Batch.skipped` with the reason.
-    The decoding threads run at the lowest scheduling priority: on a CPU the model is the
-    bottleneck, so they should only use the cycles it leaves idle; when the model waits for
-    images, nothing else competes and they get the CPU anyway (see benchmarks/bench_extract.py).
+    With a tuple of sizes, every image is decoded from its file at each size (exactly as an
+    extractor of that size alone decodes it). The decoding threads run at the lowest scheduling
+    priority: on a CPU the model is the bottleneck, so they should only use the cycles it leaves
+    idle; when the model waits for images, nothing else competes and they get the CPU anyway (see
+    benchmarks/bench_extract.py).
     """
+    sizes = size if isinstance(size, tuple) else (size,)
 
-    def decode(path) -> np.ndarray | str:
+    def decode(path) -> list[np.ndarray] | str:
         try:
-            return load_image(path, size, max_pixels)
+            decoded = []
+            for side in sizes:
+                if hasattr(path, "seek"):  # an upload held in memory, read once per size
+                    path.seek(0)
+                decoded.append(load_image(path, side, max_pixels))
+            return decoded
         except ImageError as exc:
             return str(exc)
 
@@ -71,7 +83,11 @@ def decode_batches(
             else:
                 indices.append(start + offset)
                 images.append(result)
-        return Batch(indices, np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8), skipped)
+        stacked = tuple(
+            np.stack([views[k] for views in images]) if images else np.zeros((0, side, side, 3), np.uint8)
+            for k, side in enumerate(sizes)
+        )
+        return Batch(indices, stacked if isinstance(size, tuple) else stacked[0], skipped)
 
     with ThreadPoolExecutor(workers or os.cpu_count() or 1, initializer=_lowest_priority) as pool:
         pending: deque = deque()
@@ -81,6 +97,10 @@ def decode_batches(
                 yield collect(*pending.popleft())
         while pending:
             yield collect(*pending.popleft())
+
+
+#: Views of each image whose features are averaged: 1 (the image) or 2 (the image and its mirror).
+VIEWS = (1, 2)
 
 
 class FeatureExtractor:
@@ -109,6 +129,10 @@ class FeatureExtractor:
     runtime : {"auto", "tensorflow", "onnxruntime", "openvino"}
         Where the network runs (see :mod:`pyimagesearch_tl.runtimes`); chosen, and checked against
         TensorFlow when new, on the first batch. :attr:`runtime` then names the one in use.
+    views : {1, 2}
+        2: each vector is the mean of the features of the image and of its left-right mirror (one
+        more forward pass per image, inside the network, so every runtime and the ONNX export
+        compute it the same way).
     """
 
     def __init__(
@@ -124,9 +148,13 @@ class FeatureExtractor:
         label_names: Sequence[str] = (),
         precision: str = "float32",
         runtime: str = "auto",
+        views: int = 1,
     ):
         import tensorflow as tf
 
+        if views not in VIEWS:
+            raise ConfigError(f"views must be one of {', '.join(map(str, VIEWS))}, got {views!r}")
+        self.views = views
         self.runtime, self._run = requested_runtime(runtime, precision), None
         self._choosing = threading.Lock()  # a server's threads may send the first batches together
         record = get_backbone(backbone)
@@ -140,7 +168,12 @@ class FeatureExtractor:
 
         @tf.function(input_signature=[tf.TensorSpec([None, self.input_size, self.input_size, 3], tf.uint8)])
         def forward(images):
-            return tf.cast(model(preprocess_input(tf.cast(images, tf.float32), mode), training=False), tf.float32)
+            pixels = preprocess_input(tf.cast(images, tf.float32), mode)
+            if views == 2:  # the image and its left-right mirror in one batch, their features averaged
+                both = tf.cast(model(tf.concat([pixels, tf.reverse(pixels, axis=[2])], 0), training=False), tf.float32)
+                original, mirrored = tf.split(both, 2, axis=0)
+                return (original + mirrored) / 2.0
+            return tf.cast(model(pixels, training=False), tf.float32)
 
         self._forward = forward
         if isinstance(weights_path, list):
@@ -160,6 +193,7 @@ class FeatureExtractor:
             dtype=dtype,
             label_names=tuple(label_names),
             precision=precision,
+            views=views,
         )
 
     @classmethod
@@ -193,6 +227,7 @@ class FeatureExtractor:
             label_names=meta.label_names,
             precision=meta.precision,
             runtime=runtime,
+            views=meta.views,
         )
 
     def decode(self, path: str | Path) -> np.ndarray:
@@ -204,7 +239,11 @@ class FeatureExtractor:
         return decode_batches(paths, self.input_size, self.batch_size, self.max_pixels, self.workers, prefetch)
 
     def transform(self, images: np.ndarray) -> np.ndarray:
-        """Feature vectors (float32) of a uint8 batch ``(n, size, size, 3)``."""
+        """Feature vectors (float32) of a uint8 batch ``(n, size, size, 3)``.
+
+        With ``views=2``, each vector is the mean of the image's features and those of its left-right
+        mirror (one more forward pass per image).
+        """
         if len(images) == 0:
             return np.zeros((0, self.meta.feature_dim), np.float32)
         if self._run is None:
@@ -229,6 +268,7 @@ class FeatureExtractor:
             pooling=self.meta.pooling,
             preprocessing=self.meta.preprocessing,
             precision=self.meta.precision,
+            views=self.meta.views,
         )
 
     def _choose_runtime(self, images: np.ndarray) -> None:
@@ -242,6 +282,33 @@ class FeatureExtractor:
         if choice.note:
             warnings.warn(choice.note, stacklevel=3)
         self.runtime, self._run = choice.name, choice.forward
+
+
+class CombinedExtractor:
+    """Several extractors whose features are concatenated, for a model trained on combined feature folders.
+
+    Each image is decoded at every part's input size and each part's network sees exactly what it saw
+    when its folder was extracted; :attr:`meta` is the :class:`~pyimagesearch_tl.store.CombinedMeta`.
+    """
+
+    def __init__(self, parts: Sequence[FeatureExtractor]):
+        self.parts = list(parts)
+        self.meta = CombinedMeta(tuple(part.meta for part in self.parts))
+        self.batch_size, self.max_pixels = self.parts[0].batch_size, self.parts[0].max_pixels
+        self.workers = self.parts[0].workers
+
+    @property
+    def runtime(self) -> str:
+        return "/".join(part.runtime for part in self.parts)
+
+    def iter_batches(self, paths: Sequence, prefetch: int = 2) -> Iterator[Batch]:
+        """Decode ``paths`` at each part's input size (see :func:`decode_batches`)."""
+        sizes = tuple(part.input_size for part in self.parts)
+        return decode_batches(paths, sizes, self.batch_size, self.max_pixels, self.workers, prefetch)
+
+    def transform(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """The parts' feature vectors of one decoded batch (one array per part), side by side."""
+        return np.hstack([part.transform(pixels) for part, pixels in zip(self.parts, images)])
 
 
 @contextlib.contextmanager

@@ -50,6 +50,7 @@ LAYOUT_FIELDS = (
     "decoder",
     "feature_dim",
     "precision",
+    "views",
 )
 
 
@@ -68,11 +69,13 @@ class FeatureMeta:
     label_names: tuple[str, ...]
     weights_sha256: str = ""
     precision: str = "float32"
+    views: int = 1  # 2: each vector is the mean of the image's features and its left-right mirror's
 
     def describe(self) -> str:
+        mirrored = ", mirrored views averaged" if self.views == 2 else ""
         return (
             f"{self.backbone} ({self.weights} weights, {self.pooling} pooling, {self.input_size}px, "
-            f"{self.feature_dim} values)"
+            f"{self.feature_dim} values{mirrored})"
         )
 
     def to_attrs(self) -> dict[str, object]:
@@ -87,20 +90,75 @@ class FeatureMeta:
             values["label_names"] = tuple(json.loads(values["label_names"]))
             values["input_size"] = int(values["input_size"])
             values["feature_dim"] = int(values["feature_dim"])
+            values["views"] = int(values.get("views", 1))  # files written before views existed have one
             values = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in values.items()}
             return cls(**values)
         except (KeyError, TypeError, ValueError) as exc:
             raise FeatureFileError(f"feature file metadata is incomplete or unreadable ({exc})") from None
 
+    @property
+    def parts(self) -> tuple["FeatureMeta", ...]:
+        """The extractors whose features make up a vector: this one alone (see :class:`CombinedMeta`)."""
+        return (self,)
 
-def check_same_layout(reference: FeatureMeta, other: FeatureMeta, what: str) -> None:
+
+@dataclasses.dataclass(frozen=True)
+class CombinedMeta:
+    """The layout of vectors that concatenate the features of several extractors (combined backbones).
+
+    Each part is the :class:`FeatureMeta` of one feature folder, in the order the vectors concatenate
+    them; all parts describe the same images with the same label names.
+    """
+
+    parts: tuple[FeatureMeta, ...]
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return self.parts[0].label_names
+
+    @property
+    def feature_dim(self) -> int:
+        return sum(part.feature_dim for part in self.parts)
+
+    @property
+    def dtype(self) -> str:
+        return "float32" if len({part.dtype for part in self.parts}) > 1 else self.parts[0].dtype
+
+    @property
+    def backbone(self) -> str:
+        return "+".join(part.backbone for part in self.parts)
+
+    @property
+    def weights(self) -> str:
+        return "+".join(part.weights for part in self.parts)
+
+    @property
+    def precision(self) -> str:
+        return "+".join(sorted({part.precision for part in self.parts}))
+
+    @property
+    def input_size(self) -> tuple[int, ...]:
+        return tuple(part.input_size for part in self.parts)
+
+    def describe(self) -> str:
+        return " + ".join(part.describe() for part in self.parts)
+
+
+def check_same_layout(reference: FeatureMeta | CombinedMeta, other: FeatureMeta | CombinedMeta, what: str) -> None:
     """Raise :class:`FeatureFileError` naming the first field where ``other`` differs."""
-    for name in LAYOUT_FIELDS:
-        if getattr(reference, name) != getattr(other, name):
-            raise FeatureFileError(
-                f"{what} has {name}={getattr(other, name)!r} but the reference has {getattr(reference, name)!r}; "
-                "features from different backbones or settings cannot be mixed"
-            )
+    if len(reference.parts) != len(other.parts):
+        raise FeatureFileError(
+            f"{what} concatenate {len(other.parts)} feature folders ({other.backbone}) but the reference "
+            f"{len(reference.parts)} ({reference.backbone}); give the same feature folders, in the same order"
+        )
+    for part, (mine, theirs) in enumerate(zip(reference.parts, other.parts)):
+        where = what if len(reference.parts) == 1 else f"{what} (part {part + 1}, {theirs.backbone})"
+        for name in LAYOUT_FIELDS:
+            if getattr(mine, name) != getattr(theirs, name):
+                raise FeatureFileError(
+                    f"{where} has {name}={getattr(theirs, name)!r} but the reference has {getattr(mine, name)!r}; "
+                    "features from different backbones or settings cannot be mixed"
+                )
     if reference.label_names != other.label_names:
         raise FeatureFileError(
             f"{what} has labels {list(other.label_names)} but the reference has {list(reference.label_names)}"
@@ -113,7 +171,50 @@ class FeatureSet:
     labels: np.ndarray
     paths: list[str]
     sha256: list[str]
-    meta: FeatureMeta
+    meta: FeatureMeta | CombinedMeta
+
+
+def combine(sets: Sequence[FeatureSet], names: Sequence[str]) -> FeatureSet:
+    """One feature set whose vectors concatenate ``sets``' vectors of the same images.
+
+    Rows are matched by (path, content hash), never by position, and come out in the first set's
+    order. Every set must hold exactly the same images with the same labels: a missing or extra
+    image, or other label names, is a :class:`FeatureFileError` naming the folder (``names``) and an
+    image, since vectors of different images must never be glued together.
+    """
+    first, reference = sets[0], names[0]
+    if len(sets) == 1:
+        return first
+    keys = list(zip(first.paths, first.sha256))
+    blocks, parts = [first.features], list(first.meta.parts)
+    for other, name in zip(sets[1:], names[1:]):
+        if other.meta.label_names != first.meta.label_names:
+            raise FeatureFileError(
+                f"{name} has labels {list(other.meta.label_names)} but {reference} has "
+                f"{list(first.meta.label_names)}: features of different datasets cannot be combined"
+            )
+        index = {key: row for row, key in enumerate(zip(other.paths, other.sha256))}
+        missing = [path for path, digest in keys if (path, digest) not in index]
+        if missing:
+            raise FeatureFileError(
+                f"{name} lacks {len(missing)} of the {len(keys)} images of {reference} (e.g. {missing[0]}); "
+                "extract every feature folder from the same dataset"
+            )
+        if len(index) != len(keys):
+            extra = sorted(set(index) - set(keys))
+            raise FeatureFileError(
+                f"{name} has {len(extra)} images that {reference} lacks (e.g. {extra[0][0]}); "
+                "extract every feature folder from the same dataset"
+            )
+        order = np.array([index[key] for key in keys], dtype=np.int64)
+        if not np.array_equal(other.labels[order], first.labels):
+            path = first.paths[int(np.flatnonzero(other.labels[order] != first.labels)[0])]
+            raise FeatureFileError(f"{name} labels {path} differently from {reference}")
+        blocks.append(other.features[order])
+        parts += other.meta.parts
+    meta = CombinedMeta(tuple(parts))
+    features = np.hstack([block.astype(meta.dtype, copy=False) for block in blocks])
+    return FeatureSet(features, first.labels, first.paths, first.sha256, meta)
 
 
 # --- writing ---------------------------------------------------------------------------------------
@@ -308,6 +409,22 @@ def feature_file(features_dir: str | Path, split: str) -> Path:
     raise FeatureFileError(
         f"no feature file for split {split!r} in {features_dir} (found: {', '.join(found) or 'none'})"
     )
+
+
+def feature_folders(features_dirs: str | Path | Sequence[str | Path]) -> list[Path]:
+    """One feature folder or several (combined backbones) as a list of paths."""
+    if isinstance(features_dirs, (str, Path)):
+        return [Path(features_dirs)]
+    folders = [Path(d) for d in features_dirs]
+    if len(set(folders)) != len(folders):
+        raise FeatureFileError(f"the same feature folder is given twice: {', '.join(map(str, folders))}")
+    return folders
+
+
+def read_split(features_dirs: str | Path | Sequence[str | Path], split: str) -> FeatureSet:
+    """The features of ``split``: from one folder, or from several concatenated row by row (:func:`combine`)."""
+    folders = feature_folders(features_dirs)
+    return combine([read_features(feature_file(d, split)) for d in folders], [str(d) for d in folders])
 
 
 def has_feature_file(features_dir: str | Path, split: str) -> bool:

@@ -22,11 +22,12 @@ from .store import (
     FeatureSet,
     check_same_layout,
     feature_file,
+    feature_folders,
     has_feature_file,
     iter_chunks,
-    read_features,
     read_labels,
     read_meta,
+    read_split,
 )
 
 
@@ -60,6 +61,17 @@ def _optional_feature_file(features_dir: Path, split: str | None) -> Path | None
     return feature_file(features_dir, split) if split is not None and has_feature_file(features_dir, split) else None
 
 
+def _optional_split(folders: list[Path], split: str | None) -> FeatureSet | None:
+    """The features of ``split`` from every folder, or None when no folder has it; some but not all is an error."""
+    having = [has_feature_file(folder, split) for folder in folders] if split is not None else [False]
+    if not any(having):
+        return None
+    if not all(having):
+        lacking = folders[having.index(False)]
+        raise FeatureFileError(f"{lacking} has no {split!r} features but the other feature folders do")
+    return read_split(folders, split)
+
+
 def _check_trainable(labels: np.ndarray, names: Sequence[str], folds: int | None) -> None:
     counts = Counter(labels.tolist())
     empty = [names[i] for i in range(len(names)) if counts.get(i, 0) == 0]
@@ -88,7 +100,7 @@ def _validation_metrics(bundle: Bundle, features: FeatureSet | None) -> tuple[fl
 
 @locks_output("output_dir")
 def train(
-    features_dir: str | Path,
+    features_dir: str | Path | Sequence[str | Path],
     output_dir: str | Path,
     *,
     training_split: str,
@@ -105,6 +117,9 @@ def train(
 
     Parameters
     ----------
+    features_dir : path or list of paths
+        One feature folder, or several extracted from the same dataset (e.g. by two backbones): their
+        vectors are concatenated row by row, matched by image path and content hash.
     cv : str
         A number of stratified folds, or ``"validation"`` to use the validation split as the single
         held-out fold (the best model is then refit on training + validation).
@@ -112,13 +127,12 @@ def train(
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
 
-    features_dir, output_dir = Path(features_dir), Path(output_dir)
-    train_set = read_features(feature_file(features_dir, training_split))
-    validation_set = None
-    path = _optional_feature_file(features_dir, validation_split)
-    if path is not None:
-        validation_set = read_features(path)
-        check_same_layout(train_set.meta, validation_set.meta, path.name)
+    folders, output_dir = feature_folders(features_dir), Path(output_dir)
+    features_dir = folders[0]  # the label encoder's folder (every folder's labels are checked equal)
+    train_set = read_split(folders, training_split)
+    validation_set = _optional_split(folders, validation_split)
+    if validation_set is not None:
+        check_same_layout(train_set.meta, validation_set.meta, f"the {validation_split!r} features")
     if cv == "validation" and validation_set is None:
         raise DatasetError(f"--cv validation needs features of the {validation_split!r} split in {features_dir}")
     folds = None if cv == "validation" else int(cv)
@@ -224,7 +238,10 @@ def train_streaming(
         raise ConfigError(
             f"--streaming needs a classifier that learns incrementally ({', '.join(streaming)}), not {classifier!r}"
         )
-    features_dir, output_dir = Path(features_dir), Path(output_dir)
+    folders = feature_folders(features_dir)
+    if len(folders) > 1:
+        raise ConfigError("--streaming reads one feature folder; combined feature folders train in memory")
+    features_dir, output_dir = folders[0], Path(output_dir)
     train_path = feature_file(features_dir, training_split)
     if train_path.suffix != ".h5":
         raise FeatureFileError(
