@@ -10,6 +10,13 @@ and wall time (build + extract + train + evaluate).
     python benchmarks/accuracy.py [--data ../shared/datasets] [--backbone efficientnet_lite0] [--work DIR]
         [--precision float32|bfloat16] [--runtime auto|tensorflow|onnxruntime|openvino]
         [--datasets cats_and_dogs_filtered,flowers]
+
+With ``--recipes``, compares instead the cheap levers on the same photos (logistic regression, 5-fold
+grid search): lite0; lite2; lite0 with mirrored views; lite0+lite2 combined; lite0+lite2 combined,
+each with mirrored views. Each feature folder is extracted once and reused by every recipe that
+needs it; a recipe's wall time is its folders' extraction plus its training and evaluation.
+
+    python benchmarks/accuracy.py --recipes [--datasets hymenoptera_data,flowers]
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from pyimagesearch_tl.config import load_config
 from pyimagesearch_tl.evaluation import evaluate
 from pyimagesearch_tl.extraction import extract_dataset
 from pyimagesearch_tl.layouts import build_dataset
-from pyimagesearch_tl.store import feature_file, has_feature_file, read_features
+from pyimagesearch_tl.store import feature_file, has_feature_file, read_features, read_split
 from pyimagesearch_tl.training import train
 
 DATASETS = ["cats_and_dogs_filtered", "hymenoptera_data", "flowers", "house_rooms"]
@@ -38,8 +45,14 @@ DATASETS = ["cats_and_dogs_filtered", "hymenoptera_data", "flowers", "house_room
 @click.option("--work", default=None, help="Keep the intermediate files here (default: a temporary folder).")
 @click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--runtime", default="auto", show_default=True, help="Where the backbone runs (see runtimes.py).")
-@click.option("--datasets", default=",".join(DATASETS), show_default=True, help="Comma-separated subset.")
-def main(data, backbone, work, precision, runtime, datasets):
+@click.option(
+    "--datasets", default=None, help="Comma-separated subset (default: all; --recipes: hymenoptera, flowers)."
+)
+@click.option("--recipes", is_flag=True, help="Compare backbones, mirrored views and combined folders instead.")
+def main(data, backbone, work, precision, runtime, datasets, recipes):
+    if recipes:
+        return compare_recipes(Path(data), work, (datasets or "hymenoptera_data,flowers").split(","), runtime)
+    datasets = datasets or ",".join(DATASETS)
     config = load_config().replace(backbone=backbone, precision=precision, runtime=runtime)
     splits = config.splits
     rows = []
@@ -107,6 +120,95 @@ def main(data, backbone, work, precision, runtime, datasets):
         f"accuracy{variant}",
         dict(backbone=config.backbone, precision=config.precision, runtime=config.runtime, cv="5", rows=rows),
     )
+
+
+#: Feature folders: (backbone, views).
+FOLDERS = {
+    "lite0": ("efficientnet_lite0", 1),
+    "lite0 mirrored": ("efficientnet_lite0", 2),
+    "lite2": ("efficientnet_lite2", 1),
+    "lite2 mirrored": ("efficientnet_lite2", 2),
+}
+#: Recipes: the feature folders whose vectors are combined.
+RECIPES = {
+    "lite0 (default)": ["lite0"],
+    "lite2": ["lite2"],
+    "lite0, mirrored views": ["lite0 mirrored"],
+    "lite0 + lite2": ["lite0", "lite2"],
+    "lite0 + lite2, mirrored views": ["lite0 mirrored", "lite2 mirrored"],
+}
+
+
+def compare_recipes(data: Path, work: str | None, datasets: list[str], runtime: str) -> None:
+    config = load_config().replace(runtime=runtime)
+    splits = config.splits
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(work or scratch)
+        for name in datasets:
+            source = data / name
+            if not source.is_dir():
+                print(f"{name}: not found in {data}, skipped")
+                continue
+            dataset = root / name / "dataset"
+            started = time.perf_counter()
+            report = build_dataset(source, dataset, splits=splits, fractions=config.split_fractions, seed=config.seed)
+            build_seconds = time.perf_counter() - started
+            extract_seconds = {}
+            for folder, (backbone, views) in FOLDERS.items():
+                started = time.perf_counter()
+                extract_dataset(
+                    dataset,
+                    root / name / folder,
+                    splits=splits,
+                    backbone=backbone,
+                    views=views,
+                    batch_size=config.batch_size,
+                    runtime=config.runtime,
+                    progress=False,
+                )
+                extract_seconds[folder] = time.perf_counter() - started
+                print(f"{name}: extracted {folder} in {extract_seconds[folder]:.1f} s", flush=True)
+            folders = {folder: root / name / folder for folder in FOLDERS}
+            test_split = next(s for s in (splits[2], splits[1]) if has_feature_file(folders["lite0"], s))
+            for recipe, parts in RECIPES.items():
+                started = time.perf_counter()
+                (result,) = train(
+                    [folders[p] for p in parts],
+                    root / name / "models" / recipe.replace(" ", "_").replace(",", ""),
+                    training_split=splits[0],
+                    validation_split=splits[1],
+                    classifier="logreg",
+                    cv="5",
+                    seed=config.seed,
+                )
+                test = read_split([folders[p] for p in parts], test_split)
+                metrics = evaluate(Bundle.load(result.path), test, split=test_split)
+                train_seconds = time.perf_counter() - started
+                rows.append(
+                    dict(
+                        dataset=name,
+                        recipe=recipe,
+                        train=sum(report.counts[splits[0]].values()),
+                        test=len(test.labels),
+                        test_split=test_split,
+                        accuracy=metrics["accuracy"],
+                        macro_f1=metrics["macro_f1"],
+                        extract_seconds=round(sum(extract_seconds[p] for p in parts), 1),
+                        train_seconds=round(train_seconds, 1),
+                        seconds=round(build_seconds + sum(extract_seconds[p] for p in parts) + train_seconds, 1),
+                    )
+                )
+                print(f"{name}: {recipe}: accuracy {metrics['accuracy']:.4f} ({rows[-1]['seconds']} s)", flush=True)
+    print(
+        f"\n{'dataset':<18} {'recipe':<32} {'test':>5} {'accuracy':>8} {'macro F1':>8} {'extract s':>9} {'wall s':>7}"
+    )
+    for r in rows:
+        print(
+            f"{r['dataset']:<18} {r['recipe']:<32} {r['test']:>5} {r['accuracy']:>8.4f} {r['macro_f1']:>8.4f} "
+            f"{r['extract_seconds']:>9.1f} {r['seconds']:>7.1f}"
+        )
+    save_results("accuracy-recipes", dict(classifier="logreg", cv="5", runtime=config.runtime, rows=rows))
 
 
 if __name__ == "__main__":
