@@ -214,7 +214,29 @@ def finetune_table() -> list[str]:
     ]
 
 
+def recipes_table() -> list[str]:
+    record = load("accuracy-recipes")
+    if record is None:
+        return ["(run `python benchmarks/accuracy.py --recipes` to fill this table)"]
+    f = record["figures"]
+    lines = [
+        "| dataset | recipe | test (split) | accuracy | macro F1 | extraction s | wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in f["rows"]:
+        lines.append(
+            f"| {row['dataset']} | {row['recipe']} | {row['test']} ({row['test_split']}) | {row['accuracy']:.4f} | "
+            f"{row['macro_f1']:.4f} | {row['extract_seconds']} | {row['seconds']} |"
+        )
+    return lines + [
+        "",
+        f"Logistic regression, {f['cv']}-fold grid search, runtime {f['runtime']}; wall time is build + the recipe's "
+        f"extractions + training + evaluation. Measured on {_where(record)}.",
+    ]
+
+
 TABLES: dict[str, Callable[[], list[str]]] = {
+    "recipes": recipes_table,
     "accuracy": accuracy_table,
     "performance": performance_table,
     "unknown": unknown_table,
