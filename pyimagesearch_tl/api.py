@@ -35,6 +35,7 @@ from .layouts import BuildReport, read_manifest
 from .store import FeatureMeta, FeatureSet, combine, feature_file, has_feature_file, read_features, read_meta
 
 __all__ = [
+    "audit",
     "Dataset",
     "FeatureFile",
     "Features",
@@ -130,7 +131,8 @@ def build_dataset(
     wait : bool
         Queue behind another run writing ``output_dir`` instead of refusing.
     **overrides
-        Configuration keys: ``layout``, ``classes``, ``labels_file``, ``split_files``, ``splits``, ``split_fractions``,
+        Configuration keys: ``layout``, ``classes``, ``labels_file``, ``split_files``, ``exclude``, ``splits``,
+        ``split_fractions``,
         ``seed``, ``link``, ``max_image_pixels``.
     """
     from .layouts import build_dataset as build
@@ -147,6 +149,7 @@ def build_dataset(
         classes=config.classes,
         labels_file=config.labels_file,
         split_files=config.split_files,
+        exclude=config.exclude,
         seed=config.seed,
         link=config.link,
         max_pixels=config.max_image_pixels,
@@ -374,6 +377,57 @@ class Model:
         """Write the bundle (atomically) to ``path``; :func:`load_model` reads it back."""
         self.path = self.bundle.save(path)
         return self.path
+
+
+def audit(
+    features: Features | str | Path | None = None,
+    dataset: Dataset | str | Path | None = None,
+    output_dir: str | Path | None = None,
+    *,
+    config: Config | None = None,
+    wait: bool = False,
+    **overrides: Any,
+):
+    """Find near-duplicate leaks, likely label errors and outliers in a features folder.
+
+    Parameters
+    ----------
+    features : Features or path, optional
+        Default: the configuration's ``features_dir``.
+    dataset : Dataset or path, optional
+        The dataset the features were extracted from (photos for calibration and contact sheets).
+        Default: the configuration's ``dataset_dir``.
+    output_dir : path, optional
+        Where ``audit.csv``, ``audit.json`` and ``audit_<kind>.png`` go. Default: ``audit_dir``.
+
+    Returns
+    -------
+    AuditReport
+        ``rows`` (one dict per finding, as in audit.csv), ``summary`` (as audit.json), ``files``.
+    """
+    from .audit import audit as run_audit
+
+    config = configure(
+        config,
+        **_with(
+            overrides,
+            features_dir=None if features is None else _folder(features),
+            dataset_dir=None if dataset is None else _folder(dataset),
+            audit_dir=output_dir,
+        ),
+    )
+    if isinstance(config.features_dir, list):
+        raise ConfigError("audit reads one feature folder")
+    return run_audit(
+        config.features_dir,
+        config.dataset_dir,
+        config.audit_dir,
+        splits=config.splits,
+        seed=config.seed,
+        batch_size=config.batch_size,
+        runtime=config.runtime,
+        wait=wait,
+    )
 
 
 def load_model(path: str | Path, *, config: Config | None = None, **overrides: Any) -> Model:

@@ -189,6 +189,7 @@ def show_backbones():
 @click.option("--split-fractions", callback=_split_list(float), help="e.g. 0.75,0.15,0.10")
 @click.option("--seed", type=int)
 @click.option("--link", type=click.Choice(["copy", "hardlink", "symlink"]))
+@click.option("--exclude", help="An audit.csv trimmed to the rows to drop: those images are left out.")
 @wait_option
 @with_config
 def build_dataset_command(config: Config, wait, **options):
@@ -362,6 +363,31 @@ def evaluate_command(config: Config, model_path, split, wait, **options):
     click.echo(f"macro F1: {metrics['macro_f1']:.4f}")
     click.echo(f"accuracy: {metrics['accuracy']:.4f}")
     click.echo(f"wrote {output_dir / 'metrics.json'}")
+
+
+@cli.command("audit")
+@click.option("--features", "features_dir", help="Folder of feature files written by extract.")
+@click.option("--dataset", "dataset_dir", help="The dataset folder the features were extracted from.")
+@click.option("--output", "audit_dir", help="Where to write audit.csv, audit.json and the contact sheets.")
+@runtime_option
+@wait_option
+@with_config
+def audit_command(config: Config, wait, **options):
+    """Find near-duplicate leaks, likely label errors and outliers from the feature files."""
+    from . import api
+
+    report = api.audit(config=_apply(config, **options), wait=wait)
+    summary = report.summary
+    images = ", ".join(f"{split} {n}" for split, n in summary["images"].items())
+    click.echo(f"audited {sum(summary['images'].values())} images ({images}) in {summary['seconds']} s")
+    click.echo(
+        f"near-duplicates: cosine similarity >= {summary['duplicate_threshold']:.3f} "
+        f"({summary['duplicate_calibration']['method']})"
+    )
+    for kind, by_split in summary["counts"].items():
+        detail = ", ".join(f"{split} {n}" for split, n in by_split.items())
+        click.echo(f"{kind:<10} {sum(by_split.values()):>5}" + (f"  ({detail})" if detail else ""))
+    click.echo("wrote " + ", ".join(report.files))
 
 
 @cli.command("compare")

@@ -36,10 +36,12 @@ DEFAULTS: dict[str, Any] = {
     "features_dir": "output/features",  # train/evaluate: a list of folders combines their features
     "models_dir": "output/models",
     "evaluation_dir": "output/evaluation",
+    "audit_dir": "output/audit",
     "finetune_dir": "output/finetune",
     # build-dataset
     "layout": "auto",
     "labels_file": None,
+    "exclude": None,  # an audit.csv trimmed to the rows to drop: those images are left out of the build
     "split_files": {},  # split-lists layout: {split name: list file}; empty: found in meta/ or annotations/
     "classes": [],  # empty: taken from the data
     "splits": ["training", "validation", "evaluation"],
@@ -167,9 +169,11 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     ),
     "models_dir": _typed(str, "a path"),
     "evaluation_dir": _typed(str, "a path"),
+    "audit_dir": _typed(str, "a path"),
     "finetune_dir": _typed(str, "a path"),
     "layout": _choice("auto", *LAYOUTS),
     "labels_file": _optional_str,
+    "exclude": _optional_str,
     "split_files": lambda v: (
         None
         if isinstance(v, dict) and all(isinstance(k, str) and isinstance(p, str) and p for k, p in v.items())

@@ -402,6 +402,20 @@ def find_leaks(rows: Iterable[dict[str, str]]) -> list[dict[str, str]]:
     return leaks
 
 
+def read_exclusions(path: str | Path) -> set[tuple[str, str]]:
+    """``(sha256, file name)`` of every row of an exclusion list (an ``audit.csv`` the user trimmed to the
+    rows to drop): the images are matched by content and name, so a copy kept elsewhere survives."""
+    path = Path(path)
+    try:
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except FileNotFoundError:
+        raise DatasetError(f"exclusion list {str(path)!r} does not exist") from None
+    if rows and not {"sha256", "path"} <= set(rows[0]):
+        raise DatasetError(f"{path} has no sha256 and path columns (expected an audit.csv written by ptl audit)")
+    return {(row["sha256"], Path(row["path"]).name) for row in rows}
+
+
 @locks_output("output_dir")
 def build_dataset(
     input_dir: str | Path,
@@ -413,6 +427,7 @@ def build_dataset(
     classes: Sequence[str] = (),
     labels_file: str | Path | None = None,
     split_files: dict[str, str | Path] | None = None,
+    exclude: str | Path | None = None,
     seed: int = 42,
     link: str = "copy",
     max_pixels: int = MAX_PIXELS,
@@ -432,8 +447,14 @@ def build_dataset(
     with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
         inspected = list(pool.map(lambda item: _inspect(item.source, max_pixels), result.items))
     kept, skipped = [], list(result.missing)
+    dropped = read_exclusions(exclude) if exclude else set()
     for item, (size, info) in zip(result.items, inspected):
-        (kept.append((item, size, info)) if size else skipped.append((str(item.source), info)))
+        if size and (info, item.source.name) in dropped:
+            skipped.append((str(item.source), f"excluded: listed in {Path(exclude).name}"))
+        elif size:
+            kept.append((item, size, info))
+        else:
+            skipped.append((str(item.source), info))
     if not kept:
         raise DatasetError(f"none of the {len(result.items)} images in {input_dir} could be decoded")
     if skipped:

@@ -17,7 +17,7 @@ LAYERS = [
     ["layouts"],  # build-dataset: photos -> dataset/ + manifest.csv
     ["features", "engines", "extraction"],  # extract: manifest -> <split>.h5
     ["bundle", "training"],  # train: <split>.h5 -> bundle
-    ["evaluation", "prediction", "serve", "export", "finetune"],  # use a bundle
+    ["evaluation", "prediction", "serve", "export", "finetune", "audit"],  # use a bundle; audit the data
     ["config", "demo"],  # settings of every stage
     ["estimators", "api"],  # the Python way in: scikit-learn transformer, stage functions
     ["cli", "__init__"],  # the ways in
