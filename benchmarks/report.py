@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import click
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -235,7 +236,34 @@ def recipes_table() -> list[str]:
     ]
 
 
+def audit_table() -> list[str]:
+    record = load("bench_audit")
+    if record is None:
+        return ["(run `python benchmarks/bench_audit.py` to fill this table)"]
+    f = record["figures"]
+    planted, flipped, cost = f["planted"], f["flipped"], f["cost"]
+    clean = ", ".join(f"{kind} {n}" for kind, n in f["unmodified cats_and_dogs"].items())
+    rooms = f["house_rooms label issues by file number"]
+    return [
+        "| measure | result |",
+        "|---|---|",
+        f"| planted near-duplicates (50 photos x 4 copies) | recall **{planted['recall']:.3f}** of "
+        f"{planted['pairs']} pairs; {planted['reported_leak_pairs']} leak pairs reported, "
+        f"{planted['unplanted_share']:.1%} not planted; threshold {planted['threshold']:.3f} |",
+        f"| flipped labels (5% of {2 * flipped['flipped'] * 10} training photos, seeded) | precision "
+        f"**{flipped['precision']:.3f}**, recall **{flipped['recall']:.3f}** ({flipped['reported']} training "
+        f"label issues reported) |",
+        f"| unmodified cats_and_dogs_filtered | {clean} |",
+        f"| house_rooms label issues by file number | {len(rooms)} issues; median file number "
+        f"{int(np.median(rooms)) if rooms else '-'}; {sum(n <= 100 for n in rooms)} of them in the first 100 files |",
+        f"| cost on {cost['rows']} rows | {cost['seconds']} s, peak RSS {cost['peak_rss_mib']} MiB (whole process) |",
+        "",
+        f"Measured on {_where(record)}.",
+    ]
+
+
 TABLES: dict[str, Callable[[], list[str]]] = {
+    "audit": audit_table,
     "recipes": recipes_table,
     "accuracy": accuracy_table,
     "performance": performance_table,
