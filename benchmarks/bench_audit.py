@@ -93,6 +93,7 @@ def main(data):
             unplanted=sorted(leaks - set(planted.items())),
             missed=sorted(set(planted.items()) - leaks),
             threshold=summary["duplicate_threshold"],
+            pixel_threshold=summary["pixel_threshold"],
             calibration=summary["duplicate_calibration"],
         )
         figures["flipped"] = dict(

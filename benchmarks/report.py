@@ -249,7 +249,8 @@ def audit_table() -> list[str]:
         "|---|---|",
         f"| planted near-duplicates (50 photos x 4 copies) | recall **{planted['recall']:.3f}** of "
         f"{planted['pairs']} pairs; {planted['reported_leak_pairs']} leak pairs reported, "
-        f"{planted['unplanted_share']:.1%} not planted; threshold {planted['threshold']:.3f} |",
+        f"{planted['unplanted_share']:.1%} not planted; thresholds: features {planted['threshold']:.3f}, pixels "
+        f"{planted['pixel_threshold']:.3f} |",
         f"| flipped labels (5% of {flipped['flipped'] * 20} training photos, seeded) | precision "
         f"**{flipped['precision']:.3f}**, recall **{flipped['recall']:.3f}** ({flipped['reported']} training "
         f"label issues reported) |",

@@ -3,15 +3,15 @@
 A classifier is only as good as its labels and its splits. The feature vectors already on disk make
 an audit nearly free:
 
-1. **Near-duplicates.** Pairs whose unit-length features have a cosine similarity at or above a
-   threshold, found exactly by a radius search over blocks of rows (never an N x N matrix). The
-   threshold is *calibrated*: a sample of the dataset's own photos is resized to half size,
-   re-encoded at JPEG quality 40 and cropped by 10% (the similarity ``DUPLICATE_RECALL`` of those
-   copies keep to their originals), and the training photos' similarity to their nearest *distinct*
-   photo is measured (its ``DISTINCT_QUANTILE``); the threshold is the higher of the two, so
-   look-alike photos of different subjects are not taken for copies. A pair is a **leak** when
-   its images lie in different splits (test data seen in training), a **conflict** when their labels
-   differ, and **redundant** otherwise.
+1. **Near-duplicates.** Candidate pairs whose unit-length features have a cosine similarity at or
+   above a threshold, found exactly by a radius search over blocks of rows (never an N x N matrix),
+   then confirmed pixel by pixel (the correlation of small grayscale thumbnails, whole or cropped by
+   10%): ImageNet features of two different photos of look-alike subjects can be as close as a photo
+   and its crop, their pixels are not. Both thresholds are *calibrated*: a sample of the dataset's
+   own photos is resized to half size, re-encoded at JPEG quality 40 and cropped by 10%, and each
+   threshold is what ``DUPLICATE_RECALL`` of those copies reach against their originals. A pair is a
+   **leak** when its images lie in different splits (test data seen in training), a **conflict** when
+   their labels differ, and **redundant** otherwise.
 2. **Likely label errors.** Out-of-fold class probabilities from the project's own classifier
    (cross-validated on the training split; the other splits predicted by a model trained on the
    training split without them), ranked by confident learning (``cleanlab.filter.find_label_issues``),
@@ -47,11 +47,10 @@ from .novelty import NoveltyDetector
 from .plots import new_figure, save_figure
 from .store import FeatureSet, check_same_layout, feature_file, has_feature_file, read_features
 
-#: Share of edited copies (half size, JPEG quality 40, 10% crop) the duplicate threshold aims to catch.
+#: Share of edited copies (half size, JPEG quality 40, 10% crop) both duplicate thresholds must catch.
 DUPLICATE_RECALL = 0.99
-#: Share of training photos whose nearest *distinct* training photo may reach the threshold: a photo
-#: and a different photo of a look-alike subject must not pass for duplicates.
-DISTINCT_QUANTILE = 0.999
+#: Side of the grayscale thumbnails whose correlation confirms a candidate pair pixel by pixel.
+THUMBNAIL = 40
 #: Photos of the dataset edited to calibrate the duplicate threshold.
 CALIBRATION_PHOTOS = 64
 #: Rows per block of the neighbour search (memory: block x N similarities at most, in sklearn's chunks).
@@ -107,21 +106,35 @@ def edited_copies(path: Path) -> list[io.BytesIO]:
     return files
 
 
-def calibrate_duplicate_threshold(
-    extractor: FeatureExtractor,
-    dataset_dir: Path,
-    paths: Sequence[str],
-    sha256: Sequence[str],
-    unit: np.ndarray,
-    seed: int,
-) -> tuple[float, dict]:
-    """The cosine similarity above which two photos are near-duplicates, set from two measurements.
+def thumbnails(source) -> tuple[np.ndarray, np.ndarray]:
+    """Standardised grayscale thumbnails of an image: whole, and its central 80% (a 10% crop per side)."""
+    views = []
+    for side, margin in ((THUMBNAIL, 0), (THUMBNAIL * 5 // 4, THUMBNAIL // 8)):
+        if hasattr(source, "seek"):
+            source.seek(0)
+        gray = load_image(source, side).astype(np.float32).mean(axis=2)
+        gray = gray[margin : margin + THUMBNAIL, margin : margin + THUMBNAIL] if margin else gray
+        views.append((gray - gray.mean()) / max(float(gray.std()), 1e-6))
+    return views[0], views[1]
 
-    Edited copies (half size, JPEG quality 40, 10% crop) of a sample of the training photos: the
-    similarity ``DUPLICATE_RECALL`` of them keep to their originals. Distinct photos: each training
-    photo's similarity to its nearest training photo with other bytes; the ``DISTINCT_QUANTILE`` of
-    those. The threshold is the higher of the two, so look-alike photos of different subjects stay
-    apart even where some heavy edits then fall below it (the summary reports both figures).
+
+def pixel_agreement(a, b) -> float:
+    """How alike two images are pixel by pixel: the best correlation of their thumbnails, whole or with
+    one of them cropped by 10% per side (so a resized, re-encoded or cropped copy scores near 1, and a
+    different photo of a look-alike subject does not)."""
+    (a_whole, a_crop), (b_whole, b_crop) = thumbnails(a), thumbnails(b)
+    return float(max(np.mean(a_whole * b_whole), np.mean(a_crop * b_whole), np.mean(a_whole * b_crop)))
+
+
+def calibrate_duplicates(
+    extractor: FeatureExtractor, dataset_dir: Path, paths: Sequence[str], unit: np.ndarray, seed: int
+) -> tuple[float, float, dict]:
+    """The two thresholds of a near-duplicate: feature similarity and pixel agreement.
+
+    A sample of the training photos is edited (half size, JPEG quality 40, 10% crop); each threshold
+    is the value ``DUPLICATE_RECALL`` of the edited copies reach against their originals. Features
+    find the candidates (ImageNet features of two different photos of look-alike subjects can be as
+    similar as a photo and its crop), the pixels confirm them.
     """
     rng = np.random.default_rng(seed)
     sample = rng.choice(len(paths), size=min(CALIBRATION_PHOTOS, len(paths)), replace=False)
@@ -130,43 +143,29 @@ def calibrate_duplicate_threshold(
         for copy in edited_copies(dataset_dir / paths[row]):
             sources.append(copy)
             owners.append(row)
-    copies = np.zeros(len(sources), np.float32)
+    similarity = np.zeros(len(sources), np.float32)
     for batch in extractor.iter_batches(sources):
         if batch.indices:
             features = _unit(extractor.transform(batch.images))
-            copies[batch.indices] = np.sum(features * unit[[owners[i] for i in batch.indices]], axis=1)
-    distinct = nearest_distinct(unit, sha256)
-    from_copies = float(np.quantile(copies, 1 - DUPLICATE_RECALL, method="lower"))
-    from_distinct = float(np.quantile(distinct, DISTINCT_QUANTILE, method="higher")) if len(distinct) else -1.0
-    threshold = max(from_copies, np.nextafter(from_distinct, 2.0))
-    return float(threshold), dict(
-        method=f"the higher of: the similarity {DUPLICATE_RECALL:.0%} of edited copies (half size, JPEG quality 40, "
-        f"10% crop) of {len(sample)} training photos keep to their originals ({from_copies:.3f}); the "
-        f"{DISTINCT_QUANTILE:.1%} quantile of training photos' similarity to their nearest distinct photo "
-        f"({from_distinct:.3f})",
-        copies=len(sources),
-        copies_caught=float(np.mean(copies >= threshold)),
-        copy_similarity_median=float(np.median(copies)),
-        from_copies=from_copies,
-        from_distinct=from_distinct,
+            similarity[batch.indices] = np.sum(features * unit[[owners[i] for i in batch.indices]], axis=1)
+    agreement = np.array([pixel_agreement(copy, dataset_dir / paths[row]) for copy, row in zip(sources, owners)])
+    by_features = float(np.quantile(similarity, 1 - DUPLICATE_RECALL, method="lower"))
+    by_pixels = float(np.quantile(agreement, 1 - DUPLICATE_RECALL, method="lower"))
+    return (
+        by_features,
+        by_pixels,
+        dict(
+            method=f"edited copies (half size, JPEG quality 40, 10% crop) of {len(sample)} training photos: a pair "
+            f"is a near-duplicate when its feature similarity and its pixel agreement (correlation of {THUMBNAIL}px "
+            f"grayscale thumbnails) both reach what {DUPLICATE_RECALL:.0%} of the copies reach against their "
+            "originals",
+            copies=len(sources),
+            feature_similarity=by_features,
+            pixel_agreement=by_pixels,
+            copies_feature_similarity_median=float(np.median(similarity)),
+            copies_pixel_agreement_median=float(np.median(agreement)),
+        ),
     )
-
-
-def nearest_distinct(unit: np.ndarray, sha256: Sequence[str], neighbours: int = 4) -> np.ndarray:
-    """Each row's cosine similarity to its most similar row with other bytes (blockwise k-NN)."""
-    from sklearn.neighbors import NearestNeighbors
-
-    if len(unit) < 2:
-        return np.zeros(0, np.float32)
-    index = NearestNeighbors(n_neighbors=min(neighbours + 1, len(unit)), metric="cosine", algorithm="brute").fit(unit)
-    best = np.full(len(unit), -1.0, np.float32)
-    for start in range(0, len(unit), BLOCK_ROWS):
-        distances, found = index.kneighbors(unit[start : start + BLOCK_ROWS])
-        for offset, (rows, distance) in enumerate(zip(found, distances)):
-            row = start + offset
-            others = [1 - d for j, d in zip(rows, distance) if j != row and sha256[j] != sha256[row]]
-            best[row] = others[0] if others else -1.0
-    return best[best > -1.0]
 
 
 def similar_pairs(unit: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
@@ -274,17 +273,24 @@ def audit(
             )
         )
 
-    # 1. near-duplicates
+    # 1. near-duplicates: candidates by features, confirmed by pixels (identical files need no check)
     extractor = FeatureExtractor.from_meta(training.meta, batch_size, runtime=runtime)
-    threshold, calibration = calibrate_duplicate_threshold(
-        extractor, dataset_dir, training.paths, training.sha256, unit[: len(training.labels)], seed
+    threshold, pixel_threshold, calibration = calibrate_duplicates(
+        extractor, dataset_dir, training.paths, unit[: len(training.labels)], seed
     )
     role = {split: position for position, split in enumerate(splits)}
+    candidates = 0
     for i, j, similarity in similar_pairs(unit, threshold):
+        candidates += 1
         if role[split_of[i]] > role[split_of[j]] or (split_of[i] == split_of[j] and i > j):
             i, j = j, i  # the row reported (the copy to drop) is the one in the later split
-        exact = merged.sha256[i] == merged.sha256[j]
-        what = "identical files" if exact else f"cosine similarity {similarity:.3f} >= {threshold:.3f}"
+        if merged.sha256[i] == merged.sha256[j]:
+            what = "identical files"
+        else:
+            agreement = pixel_agreement(dataset_dir / merged.paths[i], dataset_dir / merged.paths[j])
+            if agreement < pixel_threshold:
+                continue  # alike in content, different photos
+            what = f"feature similarity {similarity:.3f} >= {threshold:.3f}, pixel agreement {agreement:.3f}"
         if merged.labels[i] != merged.labels[j]:
             row("conflict", j, similarity, f"{what}, labelled {names[merged.labels[i]]} and {names[merged.labels[j]]}",
                 names[merged.labels[i]], i)  # fmt: skip
@@ -292,6 +298,7 @@ def audit(
             row("leak", j, similarity, f"{what}, in {split_of[i]} and {split_of[j]}", partner=i)
         else:
             row("redundant", j, similarity, f"{what}, both in {split_of[j]}", partner=i)
+    calibration["candidate_pairs"] = candidates
 
     # 2. likely label errors
     is_training = split_of == splits[0]
@@ -331,6 +338,7 @@ def audit(
         images={split: len(s.labels) for split, s in sets.items()},
         counts=counts,
         duplicate_threshold=threshold,
+        pixel_threshold=pixel_threshold,
         duplicate_calibration=calibration,
         label_issues=dict(
             method="cleanlab.filter.find_label_issues (confident learning) on out-of-fold "

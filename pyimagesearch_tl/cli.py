@@ -381,8 +381,9 @@ def audit_command(config: Config, wait, **options):
     images = ", ".join(f"{split} {n}" for split, n in summary["images"].items())
     click.echo(f"audited {sum(summary['images'].values())} images ({images}) in {summary['seconds']} s")
     click.echo(
-        f"near-duplicates: cosine similarity >= {summary['duplicate_threshold']:.3f} "
-        f"({summary['duplicate_calibration']['method']})"
+        f"near-duplicates: feature similarity >= {summary['duplicate_threshold']:.3f} and pixel agreement >= "
+        f"{summary['pixel_threshold']:.3f} (calibrated on {summary['duplicate_calibration']['copies']} edited copies "
+        f"of the dataset's photos)"
     )
     for kind, by_split in summary["counts"].items():
         detail = ", ".join(f"{split} {n}" for split, n in by_split.items())

@@ -80,7 +80,7 @@ def test_planted_near_duplicates_are_found_as_leaks(audited):
     unplanted = [pair for pair in found if pair not in planted]
     assert recall >= 0.95, sorted(planted - found)[:10]
     assert len(unplanted) < 0.01 * len(found), unplanted
-    assert "near-duplicates: cosine similarity >=" in audited["output"]
+    assert "near-duplicates: feature similarity >=" in audited["output"]
 
 
 def test_flipped_labels_are_found_with_their_true_label(audited):
@@ -100,7 +100,7 @@ def test_outputs_summary_and_contact_sheets(audited):
     summary = json.loads((audit / "audit.json").read_text())
     assert summary["images"] == {"training": 600, "validation": 400}
     assert summary["counts"]["leak"]["validation"] == len([r for r in audited["rows"] if r["kind"] == "leak"])
-    assert 0.5 < summary["duplicate_threshold"] < 1.0
+    assert 0.5 < summary["duplicate_threshold"] < 1.0 and 0.5 < summary["pixel_threshold"] < 1.0
     for kind in ("leak", "label"):
         assert (audit / f"audit_{kind}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
