@@ -460,7 +460,7 @@ def train(
         Queue behind another run writing ``output_dir`` instead of refusing.
     **overrides
         Configuration keys: ``classifier`` (a registered name, or ``"all"``), ``cv``, ``class_weight``,
-        ``grids``, ``streaming``, ``unknown_keep``, ``seed``.
+        ``grids``, ``streaming``, ``unknown`` (the detector), ``unknown_keep``, ``seed``.
 
     Returns
     -------
@@ -483,6 +483,7 @@ def train(
         grids=config.grids,
         seed=config.seed,
         unknown_keep=config.unknown_keep,
+        unknown=config.unknown,
         wait=wait,
         **splits,
     )

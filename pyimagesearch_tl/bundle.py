@@ -137,6 +137,13 @@ class Bundle:
             decision = np.column_stack([-decision, decision])
         return decision, "decision"
 
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """The classifier's per-class scores before any softmax, ``(n, classes)``: what the detectors that
+        read the classifier's evidence (energy) use. A binary decision ``d`` becomes ``[-d/2, d/2]``, whose
+        softmax is the classifier's own probability."""
+        decision = self.classifier.decision_function(np.asarray(features, dtype=self.meta.dtype))
+        return np.column_stack([-decision / 2, decision / 2]) if decision.ndim == 1 else decision
+
     def feature_extractor(self, batch_size: int = 32, max_pixels: int | None = None, runtime: str = "auto"):
         """Rebuild the :class:`~pyimagesearch_tl.features.FeatureExtractor` this bundle was trained on.
 

@@ -129,11 +129,16 @@ class DenseHead:
             kernel, bias = kernel * scale[:, None], bias + (beta - mean * scale) @ kernel
         return cls(kernel, bias)
 
-    def predict_proba(self, features):
+    def decision_function(self, features):
+        """The head's logits (what the softmax turns into probabilities)."""
         import numpy as np
+
+        return np.asarray(features, dtype=np.float32) @ self.kernel + self.bias
+
+    def predict_proba(self, features):
         from scipy.special import softmax
 
-        return softmax(np.asarray(features, dtype=np.float32) @ self.kernel + self.bias, axis=1)
+        return softmax(self.decision_function(features), axis=1)
 
     def predict(self, features):
         return self.classes_[self.predict_proba(features).argmax(axis=1)]

@@ -290,6 +290,7 @@ def extract_command(config: Config, wait, **options):
 @click.option("--classifier", help="Registered classifier, or 'all'.")
 @click.option("--cv", help="Number of stratified folds, or 'validation'.")
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]))
+@click.option("--unknown", help="The 'unknown' detector: centroid, knn, mahalanobis, energy or centroid+energy.")
 @click.option(
     "--streaming/--in-memory",
     default=None,
@@ -321,10 +322,15 @@ def train_command(config: Config, wait, **options):
 @click.option("--dataset", "dataset_dir", help="Dataset folder (fine-tuned bundles are evaluated on its images).")
 @click.option("--split", help="Split to evaluate (default: evaluation, else validation).")
 @click.option("--output", "evaluation_dir", help="Evaluation folder: writes <model>/metrics.json and the plots there.")
+@click.option(
+    "--unknown-test",
+    "unknown_test",
+    help="A folder of photos of none of the classes: reports the share the model calls unknown.",
+)
 @runtime_option
 @wait_option
 @with_config
-def evaluate_command(config: Config, model_path, split, wait, **options):
+def evaluate_command(config: Config, model_path, split, wait, unknown_test, **options):
     """Report accuracy, the confusion matrix, ROC AUC and macro F1 of a bundle on a split."""
     from .bundle import Bundle
     from .evaluation import default_split, evaluate, features_for
@@ -362,6 +368,23 @@ def evaluate_command(config: Config, model_path, split, wait, **options):
         click.echo(f"rank-1: {metrics['rank1']:.4f}  rank-5: {metrics['rank5']:.4f}")
     click.echo(f"macro F1: {metrics['macro_f1']:.4f}")
     click.echo(f"accuracy: {metrics['accuracy']:.4f}")
+    if unknown_test:
+        from .atomic import atomic_write_json
+        from .prediction import Predictor, expand_paths, rejection
+
+        if bundle.novelty is None:
+            raise ConfigError(f"{model_path} has no 'unknown' detector to test")
+        strangers = expand_paths([unknown_test])
+        if not strangers:
+            raise ConfigError(f"no image files in {unknown_test}")
+        predictor = Predictor(bundle, config.batch_size, config.max_image_pixels, runtime=config.runtime)
+        metrics["unknown_test"] = dict(rejection(predictor, strangers), folder=unknown_test)
+        atomic_write_json(output_dir / "metrics.json", metrics)
+        test = metrics["unknown_test"]
+        click.echo(
+            f"unknown test: {test['unknown']} of {test['images']} photos in {unknown_test} called unknown "
+            f"({'-' if test['rejected'] is None else format(test['rejected'], '.3f')}, detector {test['detector']})"
+        )
     click.echo(f"wrote {output_dir / 'metrics.json'}")
 
 
@@ -512,7 +535,7 @@ def predict_command(config: Config, model_path, paths, output_file, top_k, **opt
         elif r.label == UNKNOWN:
             click.echo(
                 f"{r.path}\t{UNKNOWN}\t(closest: {r.top[0][0]} {predictor.score_kind}={r.score:.4f}; "
-                f"similarity {r.similarity:.3f} < {predictor.bundle.novelty.threshold:.3f})"
+                f"{predictor.bundle.novelty.score_name} {r.similarity:.3f} < {predictor.bundle.novelty.threshold:.3f})"
             )
         else:
             click.echo(f"{r.path}\t{r.label}\t{predictor.score_kind}={r.score:.4f}")

@@ -26,6 +26,7 @@ from .errors import ConfigError
 from .features import VIEWS
 from .images import MAX_PIXELS
 from .layouts import LAYOUTS, SPLIT_ROLES
+from .novelty import list_detectors
 from .runtimes import list_runtimes
 from .store import SHARD_SIZE
 
@@ -70,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "class_weight": "none",
     "streaming": False,  # train from the feature file block by block (classifiers with partial_fit)
     "unknown_keep": 0.95,  # share of in-distribution validation images kept; the rest is "unknown"
+    "unknown": "centroid",  # the "unknown" detector (novelty.DETECTORS; compared by benchmarks/bench_unknown.py)
     "grids": {},  # per classifier, e.g. {"logreg": {"C": [0.01, 0.1, 1]}}; empty: the registry's
     # finetune (batch_size, class_weight and seed above apply too)
     "input_size": None,  # square input side; unset: the backbone's own
@@ -202,6 +204,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "cv": _cv,
     "class_weight": _choice("none", "balanced"),
     "streaming": _typed(bool, "true or false"),
+    "unknown": _registered(list_detectors),
     "unknown_keep": _typed((int, float), "a share in (0, 1]", lambda v: 0 < v <= 1),
     "grids": _grids,
     "input_size": lambda v: (

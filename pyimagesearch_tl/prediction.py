@@ -35,6 +35,20 @@ class Prediction:
         return dataclasses.asdict(self)
 
 
+def rejection(predictor: "Predictor", paths: Sequence[Path]) -> dict:
+    """How many of ``paths`` -- photos of none of the classes -- ``predictor`` calls unknown."""
+    results = predictor.predict(paths)
+    decoded = [r for r in results if r.error is None]
+    unknown = sum(r.label == UNKNOWN for r in decoded)
+    return dict(
+        images=len(decoded),
+        unknown=unknown,
+        rejected=unknown / len(decoded) if decoded else None,
+        skipped=len(results) - len(decoded),
+        detector=getattr(predictor.bundle.novelty, "kind", None),
+    )
+
+
 def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
     """Files as given, folders expanded to the image files below them (sorted)."""
     paths: list[Path] = []
@@ -78,7 +92,7 @@ class Predictor:
             if novelty is None:
                 similarity, known = [None] * len(features), [True] * len(features)
             else:
-                similarity, known = novelty.assess(features)
+                similarity, known = novelty.assess(features, self.bundle.logits(features))
             for index, row, close, is_known in zip(batch.indices, scores, similarity, known):
                 order = np.argsort(row)[::-1][: self.top_k]
                 results[index] = Prediction(

@@ -43,11 +43,11 @@ def _bars(top: list[tuple[str, float]], kind: str) -> list[tuple[str, float, flo
     return [(name, value, width) for (name, value), width in zip(top, widths)]
 
 
-def _why_unknown(result: Prediction, threshold: float, keep: float) -> str:
+def _why_unknown(result: Prediction, novelty) -> str:
     return (
-        f"None of the classes fits: its similarity to the nearest class ({result.top[0][0]}) is "
-        f"{result.similarity:.3f}, below {threshold:.3f}, the level {round(100 * keep)}% of the "
-        "validation photos reach."
+        f"None of the classes fits: its {novelty.score_name} is {result.similarity:.3f}, below "
+        f"{novelty.threshold:.3f}, the level {round(100 * novelty.keep)}% of the validation photos reach "
+        f"(closest class: {result.top[0][0]})."
     )
 
 
@@ -109,6 +109,7 @@ def create_app(predictor: Predictor, max_upload_bytes: int = 10 * 2**20):
             kind=kind,
             threshold=None if novelty is None else novelty.threshold,
             keep=None if novelty is None else novelty.keep,
+            score_name="" if novelty is None else novelty.score_name,
             results=results,
             error=error,
         )
@@ -151,7 +152,7 @@ def create_app(predictor: Predictor, max_upload_bytes: int = 10 * 2**20):
                 bars=_bars(r.top, kind) if r.top else [],
                 error=r.error,
                 unknown=r.label == UNKNOWN,
-                why=_why_unknown(r, novelty.threshold, novelty.keep) if r.label == UNKNOWN else "",
+                why=_why_unknown(r, novelty) if r.label == UNKNOWN else "",
                 thumbnail=_thumbnail(data),
             )
             for r, (_, data) in zip(results, uploads)

@@ -16,7 +16,7 @@ from .classifiers import get_classifier, list_classifiers, make_pipeline
 from .errors import ConfigError, DatasetError, FeatureFileError
 from .locks import locks_output
 from .metrics import roc_auc
-from .novelty import NoveltyDetector, similarity_to
+from .novelty import NoveltyDetector, fit_detector, similarity_to
 from .store import (
     LABEL_ENCODER,
     FeatureSet,
@@ -112,6 +112,7 @@ def train(
     seed: int = 42,
     n_jobs: int = -1,
     unknown_keep: float = 0.95,
+    unknown: str = "centroid",
 ) -> list[TrainReport]:
     """Grid-search, refit and save one bundle per classifier (``"all"``: every registered one).
 
@@ -120,6 +121,9 @@ def train(
     features_dir : path or list of paths
         One feature folder, or several extracted from the same dataset (e.g. by two backbones): their
         vectors are concatenated row by row, matched by image path and content hash.
+    unknown : str
+        The "unknown" detector (a name of :data:`~pyimagesearch_tl.novelty.DETECTORS`), calibrated on the
+        validation split (else the training split) to keep ``unknown_keep`` of it.
     cv : str
         A number of stratified folds, or ``"validation"`` to use the validation split as the single
         held-out fold (the best model is then refit on training + validation).
@@ -138,14 +142,8 @@ def train(
     folds = None if cv == "validation" else int(cv)
     _check_trainable(train_set.labels, train_set.meta.label_names, folds)
     encoder = load_label_encoder(features_dir, train_set.meta.label_names)
-    calibration = (validation_set, validation_split) if validation_set is not None else (train_set, training_split)
-    novelty = NoveltyDetector.fit(
-        train_set.features,
-        train_set.labels,
-        len(encoder.classes_),
-        calibration[0].features,
-        unknown_keep,
-        calibration[1],
+    calibration, calibrated_on = (
+        (validation_set, validation_split) if validation_set is not None else (train_set, training_split)
     )
 
     if cv == "validation":
@@ -191,8 +189,20 @@ def train(
                 class_weight=class_weight,
                 grid=grid,
             ),
-            novelty=novelty,
         )
+        # The "unknown" detector, fitted per classifier: some detectors read the classifier's evidence.
+        bundle.novelty = fit_detector(
+            unknown,
+            train_set.features,
+            train_set.labels,
+            len(encoder.classes_),
+            bundle.logits(train_set.features),
+            calibration.features,
+            bundle.logits(calibration.features),
+            unknown_keep,
+            calibrated_on,
+        )
+        bundle.info["unknown"] = unknown
         path = bundle.save(output_dir / f"{name}.joblib")
         accuracy, auc = _validation_metrics(bundle, None if cv == "validation" else validation_set)
         reports.append(TrainReport(name, path, best, float(search.best_score_), accuracy, auc, seconds))
@@ -216,6 +226,7 @@ def train_streaming(
     epochs: int = 5,
     block_rows: int = 256,
     unknown_keep: float = 0.95,
+    unknown: str = "centroid",
 ) -> TrainReport:
     """Train a ``partial_fit`` classifier over HDF5 blocks; memory does not grow with the row count.
 
@@ -237,6 +248,10 @@ def train_streaming(
     if not spec.streaming:
         raise ConfigError(
             f"--streaming needs a classifier that learns incrementally ({', '.join(streaming)}), not {classifier!r}"
+        )
+    if unknown != "centroid":
+        raise ConfigError(
+            f"--streaming fits the centroid 'unknown' detector (one pass over the blocks), not {unknown!r}"
         )
     folders = feature_folders(features_dir)
     if len(folders) > 1:

@@ -7,7 +7,7 @@ from conftest import shared
 
 from pyimagesearch_tl.bundle import Bundle
 from pyimagesearch_tl.cli import cli
-from pyimagesearch_tl.novelty import NoveltyDetector
+from pyimagesearch_tl.novelty import NoveltyDetector, list_detectors
 from pyimagesearch_tl.prediction import UNKNOWN, Predictor
 
 
@@ -57,3 +57,99 @@ def test_cli_reports_unknown_with_its_reason(cats_dogs_model):
     result = CliRunner().invoke(cli, ["predict", "--model", str(cats_dogs_model), *map(str, daisy)])
     assert result.exit_code == 0, result.output
     assert "\tunknown\t(closest: " in result.output and "similarity " in result.output
+
+
+# --- the detector registry: each detector on real photos ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flowers_model(tmp_path_factory):
+    """A daisy-vs-dandelion model (20 photos each) and 20 sunflowers it never saw (look-alikes)."""
+    from conftest import copy_subset
+
+    from pyimagesearch_tl.extraction import extract_dataset
+    from pyimagesearch_tl.features import FeatureExtractor
+    from pyimagesearch_tl.layouts import build_dataset
+    from pyimagesearch_tl.store import read_features
+
+    work = tmp_path_factory.mktemp("detectors")
+    for name in ("daisy", "dandelion"):
+        copy_subset(shared("flowers", name), work / "photos" / name, 30)
+    splits = ["training", "validation", "evaluation"]
+    build_dataset(work / "photos", work / "dataset", splits=splits, fractions=[0.5, 0.25, 0.25])
+    extract_dataset(work / "dataset", work / "features", splits=splits, backbone="efficientnet_lite0", progress=False)
+    sunflowers = sorted(shared("flowers", "sunflower").glob("*.jpg"))[:20]
+    extractor = FeatureExtractor("efficientnet_lite0")
+    near = np.concatenate([extractor.transform(b.images) for b in extractor.iter_batches(sunflowers)])
+    sets = {s: read_features(work / "features" / f"{s}.h5") for s in splits}
+    return work, sets, near
+
+
+@pytest.mark.parametrize("detector", list_detectors())
+def test_each_detector_scores_held_out_classes_as_less_familiar(flowers_model, detector, tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    work, sets, near = flowers_model
+    result = CliRunner().invoke(
+        cli,
+        ["train", "--features", str(work / "features"), "--output", str(tmp_path), "--cv", "2", "--unknown", detector],
+    )
+    assert result.exit_code == 0, result.output
+    bundle = Bundle.load(tmp_path / "logreg.joblib")
+    assert bundle.novelty.kind == detector and bundle.info["unknown"] == detector
+    own = bundle.novelty.familiarity(sets["evaluation"].features, bundle.logits(sets["evaluation"].features))
+    strange = bundle.novelty.familiarity(near, bundle.logits(near))
+    assert roc_auc_score(np.r_[np.ones(len(own)), np.zeros(len(strange))], np.r_[own, strange]) > 0.6
+    validation = bundle.novelty.familiarity(sets["validation"].features, bundle.logits(sets["validation"].features))
+    assert np.mean(validation >= bundle.novelty.threshold) >= 0.95  # calibrated to keep 95% of validation
+
+
+def test_a_bundle_saved_with_the_original_centroid_detector_still_loads_and_predicts(pipeline_run, tmp_path):
+    """Bundles made before the registry hold a NoveltyDetector with its four fields only: unchanged."""
+    from pyimagesearch_tl.store import read_features
+
+    result = CliRunner().invoke(
+        cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path), "--cv", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    bundle = Bundle.load(tmp_path / "logreg.joblib")
+    old = NoveltyDetector(bundle.novelty.centroids, bundle.novelty.threshold, 0.95, "validation")
+    assert set(vars(old)) == {"centroids", "threshold", "keep", "calibrated_on"}
+    bundle.novelty = old
+    bundle.save(tmp_path / "old.joblib")
+    again = Bundle.load(tmp_path / "old.joblib")
+    validation = read_features(pipeline_run["features"] / "validation.h5")
+    familiarity, known = again.novelty.assess(validation.features, again.logits(validation.features))
+    np.testing.assert_allclose(familiarity, old.similarity(validation.features))
+    photos = sorted((pipeline_run["dataset"] / "validation").rglob("*.jpg"))[:3]
+    assert [r.label for r in Predictor(again).predict(photos)] == [r.label for r in Predictor(bundle).predict(photos)]
+
+
+def test_streaming_refuses_a_detector_it_cannot_fit_in_one_pass(pipeline_run, tmp_path):
+    result = CliRunner().invoke(
+        cli,
+        ["train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path), "--classifier", "sgd",
+         "--streaming", "--unknown", "knn"],
+    )  # fmt: skip
+    assert result.exit_code == 1 and "--streaming fits the centroid 'unknown' detector" in result.output
+
+
+def test_evaluate_reports_the_rejection_rate_on_a_folder_of_strangers(pipeline_run, tmp_path):
+    import json
+
+    CliRunner().invoke(
+        cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path), "--cv", "2"]
+    )
+    strangers = tmp_path / "strangers"
+    strangers.mkdir()
+    for photo in sorted(shared("hymenoptera_data", "val", "bees").glob("*.jpg"))[:10]:
+        (strangers / photo.name).write_bytes(photo.read_bytes())
+    result = CliRunner().invoke(
+        cli,
+        ["evaluate", "--model", str(tmp_path / "logreg.joblib"), "--features", str(pipeline_run["features"]),
+         "--output", str(tmp_path / "eval"), "--unknown-test", str(strangers)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    test = json.loads((tmp_path / "eval" / "logreg" / "metrics.json").read_text())["unknown_test"]
+    assert test["images"] == 10 and test["detector"] == "centroid" and test["rejected"] >= 0.8
+    assert f"unknown test: {test['unknown']} of 10 photos" in result.output
