@@ -158,23 +158,24 @@ def unknown_table() -> list[str]:
         return ["(run `python benchmarks/bench_unknown.py` to fill this table)"]
     f = record["figures"]
     lines = [
-        "| photos | count | nearest-centroid similarity (used) | top-class probability (for comparison) |",
-        "|---|---|---|---|",
+        "| model (case) | detector | own photos kept | look-alikes unknown | look-alike AUROC | far unknown "
+        "| far AUROC |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for row in f["rows"]:
-        if "accuracy_on_kept" in row:
+    for case, result in f["cases"].items():
+        for row in result["rows"]:
+            near = f"{row['near_unknown']:.3f} | {row['near_auroc']:.3f}" if "near_unknown" in row else "- | -"
             lines.append(
-                f"| {row['photos']} | {row['count']} | {row['kept_centroid']:.1%} kept (accuracy on kept "
-                f"{row['accuracy_on_kept']:.4f}) | {row['kept_probability']:.1%} kept |"
+                f"| {case} | {row['detector']} | {row['kept']:.3f} | {near} | {row['far_unknown']:.3f} | "
+                f"{row['far_auroc']:.3f} |"
             )
-        else:
-            lines.append(
-                f"| {row['photos']} | {row['count']} | **{1 - row['kept_centroid']:.1%} unknown** | "
-                f"{1 - row['kept_probability']:.1%} unknown |"
-            )
+    sizes = "; ".join(
+        f"{case}: {r['evaluation']} own, {r['near']} look-alike, {r['far']} far photos"
+        for case, r in f["cases"].items()
+    )
     return lines + [
         "",
-        f"{f['model']}, thresholds set on {f['calibration']} validation photos to keep {f['keep']:.0%}. "
+        f"Thresholds keep {f['keep']:.0%} of each model's validation photos; rates on its evaluation photos. {sizes}. "
         f"Measured on {_where(record)}.",
     ]
 
