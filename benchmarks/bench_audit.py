@@ -23,19 +23,15 @@ from pathlib import Path
 import click
 import numpy as np
 from benchmarks_common import SHARED, save_results
-from PIL import Image
 
 from pyimagesearch_tl import api
+from pyimagesearch_tl.audit import edited_copies
 
 
-def planted_copies(photo: Path, folder: Path, stem: str) -> list[str]:
-    with Image.open(photo) as image:
-        image = image.convert("RGB")
-        width, height = image.size
-        image.resize((width // 2, height // 2)).save(folder / f"{stem}_half.jpg", quality=90)
-        image.save(folder / f"{stem}_q40.jpg", quality=40)
-        box = (width // 10, height // 10, width - width // 10, height - height // 10)
-        image.crop(box).save(folder / f"{stem}_crop.jpg", quality=90)
+def planted_copies(photo, folder, stem):
+    """The photo as the audit's calibration edits it (half size, JPEG quality 40, 10% crop), and as it is."""
+    for kind, copy in zip(("half", "q40", "crop"), edited_copies(photo)):
+        (folder / f"{stem}_{kind}.jpg").write_bytes(copy.getvalue())
     shutil.copy(photo, folder / f"{stem}_orig.jpg")
     return [f"{stem}_{kind}.jpg" for kind in ("half", "q40", "crop", "orig")]
 

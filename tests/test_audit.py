@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import shared
-from PIL import Image
 
+from pyimagesearch_tl.audit import edited_copies
 from pyimagesearch_tl.cli import cli
 from pyimagesearch_tl.images import sha256_file
 
@@ -22,15 +22,9 @@ def run(*args: str) -> str:
 
 
 def _planted_copies(photo, folder, stem):
-    """The photo resized to half, re-encoded at JPEG quality 40, cropped by 10%, and as it is."""
-    with Image.open(photo) as image:
-        image = image.convert("RGB")
-        width, height = image.size
-        image.resize((width // 2, height // 2)).save(folder / f"{stem}_half.jpg", quality=90)
-        image.save(folder / f"{stem}_q40.jpg", quality=40)
-        image.crop((width // 10, height // 10, width - width // 10, height - height // 10)).save(
-            folder / f"{stem}_crop.jpg", quality=90
-        )
+    """The photo as the audit's calibration edits it (half size, JPEG quality 40, 10% crop), and as it is."""
+    for kind, copy in zip(("half", "q40", "crop"), edited_copies(photo)):
+        (folder / f"{stem}_{kind}.jpg").write_bytes(copy.getvalue())
     shutil.copy(photo, folder / f"{stem}_orig.jpg")
     return [f"{stem}_{kind}.jpg" for kind in ("half", "q40", "crop", "orig")]
 
