@@ -20,6 +20,7 @@ import click
 from .config import Config, load_config
 from .errors import ConfigError, PTLError
 from .layouts import LAYOUTS
+from .novelty import list_detectors
 
 
 class PTLCommand(click.Command):
@@ -290,7 +291,7 @@ def extract_command(config: Config, wait, **options):
 @click.option("--classifier", help="Registered classifier, or 'all'.")
 @click.option("--cv", help="Number of stratified folds, or 'validation'.")
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]))
-@click.option("--unknown", help="The 'unknown' detector: centroid, knn, mahalanobis, energy or centroid+energy.")
+@click.option("--unknown", help=f"The 'unknown' detector: {', '.join(list_detectors())}.")
 @click.option(
     "--streaming/--in-memory",
     default=None,

@@ -71,7 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "class_weight": "none",
     "streaming": False,  # train from the feature file block by block (classifiers with partial_fit)
     "unknown_keep": 0.95,  # share of in-distribution validation images kept; the rest is "unknown"
-    "unknown": "centroid",  # the "unknown" detector (novelty.DETECTORS; compared by benchmarks/bench_unknown.py)
+    "unknown": "mahalanobis+energy",  # the "unknown" detector (novelty.DETECTORS; see benchmarks/bench_unknown.py)
     "grids": {},  # per classifier, e.g. {"logreg": {"C": [0.01, 0.1, 1]}}; empty: the registry's
     # finetune (batch_size, class_weight and seed above apply too)
     "input_size": None,  # square input side; unset: the backbone's own

@@ -47,7 +47,7 @@ from .features import FeatureExtractor, dataset_rows, decode_batches, extract_in
 from .layouts import stratified_split
 from .locks import locks_output
 from .metrics import roc_auc
-from .novelty import NoveltyDetector
+from .novelty import fit_detector
 from .plots import new_figure, save_figure
 
 KERAS_MODEL = "finetune.keras"
@@ -256,6 +256,7 @@ class FinetuneSettings:
     class_weight: str
     seed: int
     max_image_pixels: int
+    unknown: str
     unknown_keep: float
 
     @classmethod
@@ -564,7 +565,8 @@ def _train(
 
 
 def _bundle(model, base, settings: FinetuneSettings, dataset_dir: Path, training, validation, encoder, record):
-    """The fine-tuned backbone and head as a bundle, with a novelty detector fitted on its own features."""
+    """The fine-tuned backbone and head as a bundle, with the configured "unknown" detector fitted on its own
+    features and logits."""
     from sklearn.metrics import accuracy_score
 
     backbone_weights = base.get_weights()
@@ -580,11 +582,14 @@ def _bundle(model, base, settings: FinetuneSettings, dataset_dir: Path, training
     head = dense_head(model)
     train_set, _ = extract_in_memory(extractor, dataset_dir, training)
     validation_set, _ = extract_in_memory(extractor, dataset_dir, validation)
-    novelty = NoveltyDetector.fit(
+    novelty = fit_detector(
+        settings.unknown,
         train_set.features,
         train_set.labels,
         len(encoder.classes_),
+        head.decision_function(train_set.features),
         validation_set.features,
+        head.decision_function(validation_set.features),
         settings.unknown_keep,
         record["validation"],
     )

@@ -1,21 +1,23 @@
 """Saying "unknown" for images that belong to none of the classes (out-of-distribution rejection).
 
-A classifier always picks one of its classes, even for a photo of something else. The detector
-here measures, in the backbone's feature space, the cosine similarity of an image to the nearest
-class centroid (the mean of that class's L2-normalised training features), and calls the image
-unknown below a threshold calibrated on the validation split so that a chosen share of
-in-distribution images (default 95%) is kept.
+A classifier always picks one of its classes, even for a photo of something else. A detector scores
+how familiar an image looks (in the backbone's feature space, or from the classifier's own logits)
+and calls it unknown below a threshold calibrated on in-distribution images the classifier did not
+learn from (the validation split) so that a chosen share of them (default 95%) is kept.
 
-Measured for a cats-vs-dogs model (EfficientNet-Lite0, 500 held-out validation photos kept at
-95.0%): the centroid similarity rejected 99.0% of 693 ant, bee and flower photos, while a
-threshold on the top-class probability rejected only 82.8% (45.1% of the ants and bees) at the same
-kept share. It is also small (classes x features) and can be computed while streaming.
+:data:`DETECTORS` names them: the nearest class centroid (cosine), the k-th nearest training image,
+the Mahalanobis distance to the nearest class, the classifier's energy, and rank combinations of
+two. Distance scores reject photos of other worlds almost perfectly but miss look-alikes (other
+flowers for a flower model); the classifier's energy sees some look-alikes but is confidently
+wrong about far photos. The default, ``mahalanobis+energy``, calls an image unknown when either
+finds it unusual, with one threshold for both; ``benchmarks/bench_unknown.py`` measures them all.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+import functools
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -24,111 +26,6 @@ def _unit(features: np.ndarray) -> np.ndarray:
     features = np.asarray(features, dtype=np.float64)
     norms = np.linalg.norm(features, axis=1, keepdims=True)
     return features / np.maximum(norms, 1e-12)
-
-
-@dataclasses.dataclass
-class NoveltyDetector:
-    """Cosine similarity to the nearest class centroid, with a calibrated threshold.
-
-    Attributes
-    ----------
-    centroids : ndarray of shape (n_classes, n_features)
-        Unit-length mean directions of the classes' training features.
-    threshold : float
-        Images whose similarity is below it are unknown.
-    keep : float
-        Share of the calibration (in-distribution) images at or above the threshold.
-    calibrated_on : str
-        Which images set the threshold.
-    """
-
-    centroids: np.ndarray
-    threshold: float
-    keep: float
-    calibrated_on: str
-
-    @staticmethod
-    def centroids_of(blocks: Iterable[tuple[np.ndarray, np.ndarray]], n_classes: int) -> np.ndarray:
-        """Unit class centroids from ``(features, labels)`` blocks (one pass; works streaming)."""
-        sums, dim = None, None
-        for features, labels in blocks:
-            unit = _unit(features)
-            if sums is None:
-                dim = unit.shape[1]
-                sums = np.zeros((n_classes, dim))
-            np.add.at(sums, np.asarray(labels), unit)
-        return _unit(sums)
-
-    @classmethod
-    def fit(
-        cls,
-        features: np.ndarray,
-        labels: np.ndarray,
-        n_classes: int,
-        calibration: np.ndarray,
-        keep: float = 0.95,
-        calibrated_on: str = "validation",
-    ) -> "NoveltyDetector":
-        """Centroids of the training ``features``, threshold keeping a ``keep`` share of ``calibration``.
-
-        Parameters
-        ----------
-        features, labels : ndarray
-            Training features and their integer labels (``0 .. n_classes - 1``).
-        calibration : ndarray
-            In-distribution features held out from training (the validation split when there is one).
-        keep : float
-            Share of ``calibration`` that must come out known, in (0, 1].
-        calibrated_on : str
-            Recorded with the detector: which images set the threshold.
-        """
-        centroids = cls.centroids_of([(features, labels)], n_classes)
-        return cls.from_similarities(centroids, similarity_to(centroids, calibration), keep, calibrated_on)
-
-    @classmethod
-    def from_similarities(
-        cls, centroids: np.ndarray, similarity: np.ndarray, keep: float = 0.95, calibrated_on: str = "validation"
-    ) -> "NoveltyDetector":
-        """As :meth:`fit`, from the calibration images' similarities already computed (streaming)."""
-        if not 0 < keep <= 1:
-            raise ValueError(f"keep must be in (0, 1], got {keep}")
-        similarity = np.asarray(similarity)
-        threshold = float(np.quantile(similarity, 1 - keep, method="lower")) if len(similarity) else -1.0
-        return cls(centroids, threshold, keep, calibrated_on)
-
-    @classmethod
-    def calibrate(cls, features, labels, n_classes, logits, calibration, calibration_logits, keep, calibrated_on):
-        """:meth:`fit` with the signature every detector of :data:`DETECTORS` shares (logits unused)."""
-        return cls.fit(features, labels, n_classes, calibration, keep, calibrated_on)
-
-    def similarity(self, features: np.ndarray) -> np.ndarray:
-        """Cosine similarity of each row of ``features`` to its nearest class centroid."""
-        return similarity_to(self.centroids, features)
-
-    #: Registry name, and what :meth:`familiarity` measures (shown when an image is called unknown).
-    kind = "centroid"
-    score_name = "similarity to the nearest class"
-
-    def familiarity(self, features: np.ndarray, logits: np.ndarray | None = None) -> np.ndarray:
-        """How much each row looks like the training classes (here: :meth:`similarity`)."""
-        return self.similarity(features)
-
-    def assess(self, features: np.ndarray, logits: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Each row's :meth:`familiarity` and whether it is known (at or above the threshold)."""
-        familiarity = self.familiarity(features, logits)
-        return familiarity, familiarity >= self.threshold
-
-    def is_known(self, features: np.ndarray, logits: np.ndarray | None = None) -> np.ndarray:
-        """Whether each row of ``features`` belongs to one of the classes."""
-        return self.assess(features, logits)[1]
-
-
-def similarity_to(centroids: np.ndarray, features: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each row of ``features`` to the nearest of the unit ``centroids``."""
-    return (_unit(features) @ centroids.T).max(axis=1)
-
-
-# --- more detectors: one registry, one calibration ------------------------------------------------------
 
 
 def _threshold(familiarity: np.ndarray, keep: float) -> float:
@@ -141,9 +38,11 @@ def _threshold(familiarity: np.ndarray, keep: float) -> float:
 class Detector:
     """A familiarity score with a threshold that keeps a ``keep`` share of in-distribution calibration images.
 
-    Subclasses set :attr:`kind` and :attr:`score_name`, learn what they need in :meth:`learn` and score
-    in :meth:`familiarity` (higher: more like the training classes). ``logits`` are the classifier's
-    per-class scores (:meth:`Bundle.logits`), used by detectors that read the classifier's evidence.
+    Fitting is two steps, so that it also works over blocks of a feature file (``train --streaming``):
+    :meth:`learn` from training features (and the classifier's ``logits`` for them,
+    :meth:`Bundle.logits`), then :meth:`set_threshold` from the :meth:`raw_scores` of the calibration
+    images. Higher :meth:`familiarity`: more like the training classes. Subclasses set :attr:`kind`
+    (the registry name) and :attr:`score_name` (shown when an image is called unknown).
     """
 
     threshold: float = 0.0
@@ -153,26 +52,62 @@ class Detector:
     kind = ""
     score_name = ""
 
-    @classmethod
-    def calibrate(cls, features, labels, n_classes, logits, calibration, calibration_logits, keep, calibrated_on):
-        """Learn from the training ``features`` (and ``logits``); set the threshold on ``calibration``."""
-        detector = cls(keep=keep, calibrated_on=calibrated_on)
-        detector.learn(np.asarray(features, dtype=np.float32), np.asarray(labels), n_classes, logits)
-        detector.threshold = _threshold(detector.familiarity(calibration, calibration_logits), keep)
-        return detector
+    def learn(self, features: np.ndarray, labels: np.ndarray, n_classes: int, logits: np.ndarray) -> None:
+        """Learn what the score needs from the training ``features`` (integer ``labels``)."""
 
-    def learn(self, features, labels, n_classes, logits) -> None:
-        pass
+    def raw_scores(self, features: np.ndarray, logits: np.ndarray | None = None) -> np.ndarray:
+        """What :meth:`set_threshold` calibrates from (for a single score: the familiarity itself)."""
+        return self.familiarity(features, logits)
+
+    def set_threshold(self, calibration_scores: np.ndarray) -> None:
+        """Set the threshold that keeps a ``keep`` share of the calibration images' :meth:`raw_scores`."""
+        self.threshold = _threshold(calibration_scores, self.keep)
 
     def familiarity(self, features: np.ndarray, logits: np.ndarray | None = None) -> np.ndarray:
         raise NotImplementedError
 
-    def assess(self, features, logits=None) -> tuple[np.ndarray, np.ndarray]:
+    def assess(self, features: np.ndarray, logits: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's :meth:`familiarity` and whether it is known (at or above the threshold)."""
         familiarity = self.familiarity(features, logits)
         return familiarity, familiarity >= self.threshold
 
-    def is_known(self, features, logits=None) -> np.ndarray:
+    def is_known(self, features: np.ndarray, logits: np.ndarray | None = None) -> np.ndarray:
+        """Whether each row of ``features`` belongs to one of the classes."""
         return self.assess(features, logits)[1]
+
+
+@dataclasses.dataclass
+class NoveltyDetector(Detector):
+    """Cosine similarity to the nearest class centroid (the unit mean of the class's unit training features).
+
+    The detector of bundles made before the registry (which pickled exactly ``centroids``,
+    ``threshold``, ``keep`` and ``calibrated_on``); the audit uses its centroids too.
+    """
+
+    centroids: np.ndarray | None = None
+    kind = "centroid"
+    score_name = "similarity to the nearest class"
+
+    @staticmethod
+    def centroids_of(blocks: Iterable[tuple[np.ndarray, np.ndarray]], n_classes: int) -> np.ndarray:
+        """Unit class centroids from ``(features, labels)`` blocks (one pass; works streaming)."""
+        sums = None
+        for features, labels in blocks:
+            unit = _unit(features)
+            if sums is None:
+                sums = np.zeros((n_classes, unit.shape[1]))
+            np.add.at(sums, np.asarray(labels), unit)
+        return _unit(sums)
+
+    def learn(self, features, labels, n_classes, logits):
+        self.centroids = self.centroids_of([(features, labels)], n_classes)
+
+    def similarity(self, features: np.ndarray) -> np.ndarray:
+        """Cosine similarity of each row of ``features`` to its nearest class centroid."""
+        return (_unit(features) @ self.centroids.T).max(axis=1)
+
+    def familiarity(self, features, logits=None):
+        return self.similarity(features)
 
 
 @dataclasses.dataclass
@@ -200,10 +135,14 @@ class KNNDetector(Detector):
 @dataclasses.dataclass
 class MahalanobisDetector(Detector):
     """Minus the smallest Mahalanobis distance to a class mean, shared covariance (Lee et al., NeurIPS 2018),
-    on unit-length features with Ledoit-Wolf shrinkage."""
+    on unit-length features with Ledoit-Wolf shrinkage.
 
+    Stored as a whitening matrix ``W`` (``precision = W @ W.T``, float32, features x features) and the
+    whitened class means, so a distance is a squared Euclidean distance after one matrix product.
+    """
+
+    whiten: np.ndarray | None = None
     means: np.ndarray | None = None
-    precision: np.ndarray | None = None
     kind = "mahalanobis"
     score_name = "closeness to the nearest class (Mahalanobis)"
 
@@ -211,13 +150,14 @@ class MahalanobisDetector(Detector):
         from sklearn.covariance import LedoitWolf
 
         unit = _unit(features)
-        self.means = np.stack([unit[labels == c].mean(axis=0) for c in range(n_classes)])
-        self.precision = LedoitWolf().fit(unit - self.means[labels]).precision_
+        means = np.stack([unit[labels == c].mean(axis=0) for c in range(n_classes)])
+        precision = LedoitWolf().fit(unit - means[labels]).precision_
+        self.whiten = np.linalg.cholesky(precision).astype(np.float32)
+        self.means = (means @ self.whiten).astype(np.float32)
 
     def familiarity(self, features, logits=None):
-        unit = _unit(features)
-        distances = [np.einsum("ij,jk,ik->i", unit - mean, self.precision, unit - mean) for mean in self.means]
-        return -np.min(distances, axis=0)
+        whitened = _unit(features).astype(np.float32) @ self.whiten
+        return -np.min([((whitened - mean) ** 2).sum(axis=1) for mean in self.means], axis=0)
 
 
 @dataclasses.dataclass
@@ -237,43 +177,75 @@ class EnergyDetector(Detector):
 
 
 @dataclasses.dataclass
-class CentroidEnergyDetector(Detector):
-    """Centroid similarity and energy together, calibrated as one: each score becomes its rank among
-    the calibration images, and the lower rank is the familiarity; one threshold keeps ``keep`` of them."""
+class RankCombination(Detector):
+    """Several detectors calibrated as one: each part's score becomes its rank among the calibration
+    images (the share of them scoring at or below it), the familiarity is the lowest of those ranks,
+    and one threshold on it keeps ``keep`` of the calibration images. An image is unknown when any part
+    finds it unusual, and the kept share is set for the combination, not part by part."""
 
-    centroid: NoveltyDetector | None = None
-    calibration_centroid: np.ndarray | None = None
-    calibration_energy: np.ndarray | None = None
-    kind = "centroid+energy"
-    score_name = "the lower of its centroid-similarity and energy ranks"
+    parts: tuple[Detector, ...] = ()
+    references: tuple[np.ndarray, ...] = ()  # each part's calibration scores, sorted
+    kind: str = ""
+    score_name: str = ""
 
     @classmethod
-    def calibrate(cls, features, labels, n_classes, logits, calibration, calibration_logits, keep, calibrated_on):
-        centroid = NoveltyDetector.fit(features, labels, n_classes, calibration, keep, calibrated_on)
-        detector = cls(
-            keep=keep,
-            calibrated_on=calibrated_on,
-            centroid=centroid,
-            calibration_centroid=np.sort(centroid.familiarity(calibration)),
-            calibration_energy=np.sort(EnergyDetector().familiarity(calibration, calibration_logits)),
-        )
-        detector.threshold = _threshold(detector.familiarity(calibration, calibration_logits), keep)
-        return detector
+    def of(cls, kinds: tuple[str, ...], keep: float, calibrated_on: str) -> "RankCombination":
+        parts = tuple(make_detector(kind, keep, calibrated_on) for kind in kinds)
+        name = f"lowest rank among the {calibrated_on} photos ({' and '.join(kinds)})"
+        return cls(keep=keep, calibrated_on=calibrated_on, parts=parts, kind="+".join(kinds), score_name=name)
+
+    def learn(self, features, labels, n_classes, logits):
+        for part in self.parts:
+            part.learn(features, labels, n_classes, logits)
+
+    def raw_scores(self, features, logits=None):
+        return np.column_stack([part.familiarity(features, logits) for part in self.parts])
+
+    def set_threshold(self, calibration_scores):
+        self.references = tuple(np.sort(column) for column in np.asarray(calibration_scores).T)
+        self.threshold = _threshold(self._lowest_rank(calibration_scores), self.keep)
+
+    def _lowest_rank(self, scores: np.ndarray) -> np.ndarray:
+        ranks = [
+            np.searchsorted(ref, column, side="right") / len(ref) for ref, column in zip(self.references, scores.T)
+        ]
+        return np.min(ranks, axis=0)
 
     def familiarity(self, features, logits=None):
-        ranks = [
-            np.searchsorted(reference, values, side="right") / len(reference)
-            for reference, values in (
-                (self.calibration_centroid, self.centroid.familiarity(features)),
-                (self.calibration_energy, EnergyDetector().familiarity(features, logits)),
-            )
-        ]
-        return np.minimum(*ranks)
+        return self._lowest_rank(self.raw_scores(features, logits))
 
 
-#: The detectors ``train --unknown NAME`` can fit, by name.
-DETECTORS: dict[str, type[Detector]] = {
-    d.kind: d for d in (NoveltyDetector, KNNDetector, MahalanobisDetector, EnergyDetector, CentroidEnergyDetector)
+class CentroidEnergyDetector(RankCombination):
+    """What bundles made with ``--unknown centroid+energy`` before :class:`RankCombination` pickled."""
+
+    def __setstate__(self, state):
+        if "centroid" not in state:  # saved again after loading: already in the combination's fields
+            self.__dict__.update(state)
+            return
+        centroid = state["centroid"]
+        self.__dict__.update(
+            threshold=state["threshold"],
+            keep=state["keep"],
+            calibrated_on=state["calibrated_on"],
+            parts=(centroid, EnergyDetector(keep=state["keep"], calibrated_on=state["calibrated_on"])),
+            references=(state["calibration_centroid"], state["calibration_energy"]),
+            kind="centroid+energy",
+            score_name=f"lowest rank among the {state['calibrated_on']} photos (centroid and energy)",
+        )
+
+
+def _combination(*kinds: str) -> Callable[[float, str], RankCombination]:
+    return functools.partial(RankCombination.of, kinds)
+
+
+#: The detectors ``train --unknown NAME`` can fit: name -> ``make(keep, calibrated_on)``, an unfitted detector.
+DETECTORS: dict[str, Callable[[float, str], Detector]] = {
+    "centroid": NoveltyDetector,
+    "knn": KNNDetector,
+    "mahalanobis": MahalanobisDetector,
+    "energy": EnergyDetector,
+    "centroid+energy": _combination("centroid", "energy"),
+    "mahalanobis+energy": _combination("mahalanobis", "energy"),
 }
 
 
@@ -281,9 +253,45 @@ def list_detectors() -> list[str]:
     return list(DETECTORS)
 
 
-def fit_detector(kind: str, features, labels, n_classes, logits, calibration, calibration_logits, keep, calibrated_on):
-    """Fit detector ``kind`` on training features (and the classifier's logits) and calibrate its threshold."""
+def make_detector(kind: str, keep: float = 0.95, calibrated_on: str = "validation") -> Detector:
+    """An unfitted detector ``kind`` (a name of :data:`DETECTORS`)."""
     if kind not in DETECTORS:
         raise ValueError(f"unknown detector {kind!r}; choose one of: {', '.join(DETECTORS)}")
-    detector = DETECTORS[kind]
-    return detector.calibrate(features, labels, n_classes, logits, calibration, calibration_logits, keep, calibrated_on)
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    return DETECTORS[kind](keep=keep, calibrated_on=calibrated_on)
+
+
+def fit_detector(
+    kind: str,
+    features: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    logits: np.ndarray,
+    calibration: np.ndarray,
+    calibration_logits: np.ndarray,
+    keep: float = 0.95,
+    calibrated_on: str = "validation",
+) -> Detector:
+    """Fit detector ``kind`` on training features and calibrate its threshold on in-distribution images.
+
+    Parameters
+    ----------
+    kind : str
+        A name of :data:`DETECTORS`.
+    features, labels : ndarray
+        Training features and their integer labels (``0 .. n_classes - 1``).
+    logits : ndarray
+        The classifier's logits for ``features`` (:meth:`Bundle.logits`).
+    calibration, calibration_logits : ndarray
+        In-distribution features held out from training (the validation split when there is one), and
+        the classifier's logits for them.
+    keep : float
+        Share of ``calibration`` that must come out known, in (0, 1].
+    calibrated_on : str
+        Recorded with the detector: which images set the threshold.
+    """
+    detector = make_detector(kind, keep, calibrated_on)
+    detector.learn(np.asarray(features), np.asarray(labels), n_classes, logits)
+    detector.set_threshold(detector.raw_scores(calibration, calibration_logits))
+    return detector

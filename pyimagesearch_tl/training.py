@@ -16,7 +16,7 @@ from .classifiers import get_classifier, list_classifiers, make_pipeline
 from .errors import ConfigError, DatasetError, FeatureFileError
 from .locks import locks_output
 from .metrics import roc_auc
-from .novelty import NoveltyDetector, fit_detector, similarity_to
+from .novelty import fit_detector, make_detector
 from .store import (
     LABEL_ENCODER,
     FeatureSet,
@@ -29,6 +29,9 @@ from .store import (
     read_meta,
     read_split,
 )
+
+#: Training rows the "unknown" detector learns from when training streams (a seeded sample).
+DETECTOR_SAMPLE = 10_000
 
 
 @dataclasses.dataclass
@@ -112,7 +115,7 @@ def train(
     seed: int = 42,
     n_jobs: int = -1,
     unknown_keep: float = 0.95,
-    unknown: str = "centroid",
+    unknown: str = "mahalanobis+energy",
 ) -> list[TrainReport]:
     """Grid-search, refit and save one bundle per classifier (``"all"``: every registered one).
 
@@ -226,7 +229,7 @@ def train_streaming(
     epochs: int = 5,
     block_rows: int = 256,
     unknown_keep: float = 0.95,
-    unknown: str = "centroid",
+    unknown: str = "mahalanobis+energy",
 ) -> TrainReport:
     """Train a ``partial_fit`` classifier over HDF5 blocks; memory does not grow with the row count.
 
@@ -234,6 +237,8 @@ def train_streaming(
     from the same reads, ``epochs`` times, blocks in a new seeded order each epoch and rows shuffled
     within each block. The candidate with the best accuracy on the validation split (streamed
     too; without one, every fifth training block is held out) is saved in a bundle like any other.
+    The "unknown" detector learns from a seeded sample of at most :data:`DETECTOR_SAMPLE` training
+    rows (drawn in the first pass; every class in it) and is calibrated over the selection blocks.
     """
     from sklearn.model_selection import ParameterGrid
     from sklearn.pipeline import Pipeline
@@ -248,10 +253,6 @@ def train_streaming(
     if not spec.streaming:
         raise ConfigError(
             f"--streaming needs a classifier that learns incrementally ({', '.join(streaming)}), not {classifier!r}"
-        )
-    if unknown != "centroid":
-        raise ConfigError(
-            f"--streaming fits the centroid 'unknown' detector (one pass over the blocks), not {unknown!r}"
         )
     folders = feature_folders(features_dir)
     if len(folders) > 1:
@@ -289,14 +290,16 @@ def train_streaming(
     started = time.perf_counter()
     scaler = StandardScaler()
 
-    def fit_scaler(blocks):
-        for X, y in blocks:
-            scaler.partial_fit(X)
-            yield X, y
-
-    centroids = NoveltyDetector.centroids_of(
-        fit_scaler(iter_chunks(train_path, block_rows, train_blocks)), len(classes)
-    )
+    # One pass fits the scaler and draws the seeded sample of training rows the "unknown" detector learns from.
+    sampling, share = np.random.default_rng(seed), min(1.0, DETECTOR_SAMPLE / max(fitted, 1))
+    sample, sampled_classes = [], set()
+    for X, y in iter_chunks(train_path, block_rows, train_blocks):
+        scaler.partial_fit(X)
+        chosen = sampling.random(len(y)) < share
+        for label in set(np.unique(y).tolist()) - sampled_classes:  # every class is in the sample
+            chosen[np.flatnonzero(y == label)[0]] = True
+        sampled_classes.update(np.unique(y[chosen]).tolist())
+        sample.append((X[chosen], y[chosen]))
     grid = list(ParameterGrid((grids or {}).get(classifier) or spec.grid))
     candidates = [spec.make(seed, None).set_params(class_weight=weights, **params) for params in grid]
     rng = np.random.default_rng(seed)
@@ -306,12 +309,14 @@ def train_streaming(
             X = scaler.transform(X)[order]
             for model in candidates:
                 model.partial_fit(X, y[order], classes=classes)
-    correct, seen, similarities = np.zeros(len(candidates)), 0, []
-    source = (
-        iter_chunks(validation_path, block_rows) if validation_path else iter_chunks(train_path, block_rows, held_out)
-    )
-    for X, y in source:
-        similarities.append(similarity_to(centroids, X))
+    correct, seen = np.zeros(len(candidates)), 0
+
+    def selection_blocks():
+        if validation_path:
+            return iter_chunks(validation_path, block_rows)
+        return iter_chunks(train_path, block_rows, held_out)
+
+    for X, y in selection_blocks():
         X = scaler.transform(X)
         correct += [np.sum(model.predict(X) == y) for model in candidates]
         seen += len(y)
@@ -320,13 +325,11 @@ def train_streaming(
     score = float(correct[best] / seen) if seen else float("nan")
     pipeline = Pipeline([("scale", scaler), ("clf", candidates[best])])
     selection = validation_split if validation_path else "held-out training blocks"
-    novelty = NoveltyDetector.from_similarities(centroids, np.concatenate(similarities), unknown_keep, selection)
     bundle = Bundle(
         pipeline,
         encoder,
         meta,
         classifier,
-        novelty=novelty,
         info=dict(
             best_params=grid[best],
             cv=f"streaming, selected on {selection}",
@@ -340,5 +343,13 @@ def train_streaming(
             grid=(grids or {}).get(classifier) or spec.grid,
         ),
     )
+    # The detector learns from the sample and sets its threshold over the selection blocks (one more pass).
+    features, sample_labels = (np.concatenate(column) for column in zip(*sample))
+    bundle.novelty = make_detector(unknown, unknown_keep, selection)
+    bundle.novelty.learn(features, sample_labels, len(classes), bundle.logits(features))
+    bundle.novelty.set_threshold(
+        np.concatenate([bundle.novelty.raw_scores(X, bundle.logits(X)) for X, _ in selection_blocks()])
+    )
+    bundle.info.update(unknown=unknown, unknown_learned_from=int(len(sample_labels)))
     path = bundle.save(output_dir / f"{classifier}.joblib")
     return TrainReport(classifier, path, grid[best], score, score if validation_path else None, None, seconds)
