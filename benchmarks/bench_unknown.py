@@ -197,10 +197,11 @@ def main(data, keep, splits, finetune_epochs):
         results["far: cats vs dogs vs ants, bees, flowers"] = over_splits(
             pets, None, far, keep, splits, scratch / "cats_dogs"
         )
+        for case, result in results.items():
+            show(case, result, keep)
+        save_results("bench_unknown", dict(keep=keep, cases=results, finetuned=None))  # kept if fine-tuning fails
         if finetune_epochs:
             tuned = finetuned(scratch / "flowers", flowers, near_paths, far_paths, keep, finetune_epochs)
-    for case, result in results.items():
-        show(case, result, keep)
     if tuned:
         print(f"\nflowers, fine-tuned {tuned['epochs']} epochs ({tuned['seconds']} s) vs frozen features, one split; "
               f"accuracy {tuned['accuracy']}")  # fmt: skip
@@ -210,7 +211,7 @@ def main(data, keep, splits, finetune_epochs):
                     f"{which:<10} {r['detector']:<20} kept {r['kept']:.3f} near {r['near_unknown']:.3f} "
                     f"(AUROC {r['near_auroc']:.3f}) far {r['far_unknown']:.3f} (AUROC {r['far_auroc']:.3f})"
                 )
-    save_results("bench_unknown", dict(keep=keep, cases=results, finetuned=tuned))
+        save_results("bench_unknown", dict(keep=keep, cases=results, finetuned=tuned))
 
 
 if __name__ == "__main__":
