@@ -137,22 +137,31 @@ class MahalanobisDetector(Detector):
     """Minus the smallest Mahalanobis distance to a class mean, shared covariance (Lee et al., NeurIPS 2018),
     on unit-length features with Ledoit-Wolf shrinkage.
 
-    Stored as a whitening matrix ``W`` (``precision = W @ W.T``, float32, features x features) and the
-    whitened class means, so a distance is a squared Euclidean distance after one matrix product.
+    Stored as a whitening matrix ``W`` (``precision = W @ W.T``, float32) and the whitened class means,
+    so a distance is a squared Euclidean distance after one matrix product. Features wider than
+    :attr:`max_features` (``flatten`` pooling: 25,088 for VGG16) are first projected on their
+    :attr:`components` leading principal directions (folded into ``W``), so ``W`` stays small.
     """
 
     whiten: np.ndarray | None = None
     means: np.ndarray | None = None
     kind = "mahalanobis"
     score_name = "closeness to the nearest class (Mahalanobis)"
+    max_features = 4096
+    components = 256
 
     def learn(self, features, labels, n_classes, logits):
         from sklearn.covariance import LedoitWolf
+        from sklearn.decomposition import PCA
 
         unit = _unit(features)
         means = np.stack([unit[labels == c].mean(axis=0) for c in range(n_classes)])
-        precision = LedoitWolf().fit(unit - means[labels]).precision_
-        self.whiten = np.linalg.cholesky(precision).astype(np.float32)
+        projection = np.eye(unit.shape[1])
+        if unit.shape[1] > self.max_features:
+            pca = PCA(min(self.components, len(unit) - 1), svd_solver="randomized", random_state=0).fit(unit)
+            projection = pca.components_.T  # distances between projected points ignore the PCA's centring
+        precision = LedoitWolf().fit((unit - means[labels]) @ projection).precision_
+        self.whiten = (projection @ np.linalg.cholesky(precision)).astype(np.float32)
         self.means = (means @ self.whiten).astype(np.float32)
 
     def familiarity(self, features, logits=None):

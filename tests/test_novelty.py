@@ -28,6 +28,19 @@ def test_threshold_keeps_the_requested_share_of_calibration_images():
     assert np.allclose(centroids, centroid.centroids)
 
 
+def test_mahalanobis_on_very_wide_features_works_in_leading_principal_directions():
+    """Flatten pooling makes 25,088 features (VGG16): the stored whitening matrix stays features x 256
+    instead of features x features, and a point off the training directions is still the least familiar."""
+    rng = np.random.default_rng(3)
+    basis = rng.normal(size=(20, 5000))  # the training photos vary along 20 directions
+    features, labels = rng.normal(size=(400, 20)) @ basis + 50 * basis[0], rng.integers(0, 2, 400)
+    calibration = rng.normal(size=(200, 20)) @ basis + 50 * basis[0]
+    detector = fit_detector("mahalanobis", features, labels, 2, None, calibration, None)
+    assert detector.whiten.shape == (5000, 256)
+    stranger = rng.normal(size=(1, 5000)) * 40 + 50 * basis[0]
+    assert detector.familiarity(stranger)[0] < detector.familiarity(calibration).min()
+
+
 def test_a_combination_is_calibrated_as_one_and_rejects_what_either_part_rejects():
     """Each part alone keeps 95% of the calibration images; the combination keeps 95% in total (not
     about 90%), and an image one part finds very unusual is unknown whatever the other part says."""

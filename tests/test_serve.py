@@ -124,7 +124,8 @@ def test_page_shows_each_image_with_its_labels(client, photos):
     values = [float(v) for v in re.findall(r'<span class="value">([0-9.]+)</span>', html)]
     assert len(widths) == len(values) == 4 and widths == pytest.approx([100 * v for v in values], abs=0.06)
     assert 'data-label="unknown"' in html
-    assert "None of the classes fits: its similarity to the nearest class" in html
+    # the default detector's score, named
+    assert "None of the classes fits: its lowest rank among the validation photos (mahalanobis and energy) is" in html
 
 
 # --- a real server and a real browser ----------------------------------------------------------
