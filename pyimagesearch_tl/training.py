@@ -30,8 +30,9 @@ from .store import (
     read_split,
 )
 
-#: Training rows the "unknown" detector learns from when training streams (a seeded sample).
-DETECTOR_SAMPLE = 10_000
+#: When training streams, the "unknown" detector learns from a seeded sample of the training rows: at
+#: most 10,000 rows and 64 MiB of float32 features (668 rows of 25,088-wide ``flatten`` features).
+DETECTOR_SAMPLE_ROWS, DETECTOR_SAMPLE_BYTES = 10_000, 64 * 2**20
 
 
 @dataclasses.dataclass
@@ -237,8 +238,9 @@ def train_streaming(
     from the same reads, ``epochs`` times, blocks in a new seeded order each epoch and rows shuffled
     within each block. The candidate with the best accuracy on the validation split (streamed
     too; without one, every fifth training block is held out) is saved in a bundle like any other.
-    The "unknown" detector learns from a seeded sample of at most :data:`DETECTOR_SAMPLE` training
-    rows (drawn in the first pass; every class in it) and is calibrated over the selection blocks.
+    The "unknown" detector learns from a seeded sample of the training rows of bounded size
+    (:data:`DETECTOR_SAMPLE_ROWS`, :data:`DETECTOR_SAMPLE_BYTES`; drawn in the first pass, every class
+    in it) and is calibrated over the selection blocks.
     """
     from sklearn.model_selection import ParameterGrid
     from sklearn.pipeline import Pipeline
@@ -291,7 +293,8 @@ def train_streaming(
     scaler = StandardScaler()
 
     # One pass fits the scaler and draws the seeded sample of training rows the "unknown" detector learns from.
-    sampling, share = np.random.default_rng(seed), min(1.0, DETECTOR_SAMPLE / max(fitted, 1))
+    sample_rows = min(DETECTOR_SAMPLE_ROWS, DETECTOR_SAMPLE_BYTES // (4 * meta.feature_dim))
+    sampling, share = np.random.default_rng(seed), min(1.0, sample_rows / max(fitted, 1))
     sample, sampled_classes = [], set()
     for X, y in iter_chunks(train_path, block_rows, train_blocks):
         scaler.partial_fit(X)
