@@ -31,8 +31,9 @@ from .store import (
 )
 
 #: When training streams, the "unknown" detector learns from a seeded sample of the training rows: at
-#: most 10,000 rows and 64 MiB of float32 features (668 rows of 25,088-wide ``flatten`` features).
-DETECTOR_SAMPLE_ROWS, DETECTOR_SAMPLE_BYTES = 10_000, 64 * 2**20
+#: most 10,000 rows and 32 MiB of float32 features (6,553 rows of Lite0 features, 334 of 25,088-wide
+#: ``flatten`` ones).
+DETECTOR_SAMPLE_ROWS, DETECTOR_SAMPLE_BYTES = 10_000, 32 * 2**20
 
 
 @dataclasses.dataclass
