@@ -156,12 +156,13 @@ class MahalanobisDetector(Detector):
 
         unit = _unit(features)
         means = np.stack([unit[labels == c].mean(axis=0) for c in range(n_classes)])
-        projection = np.eye(unit.shape[1])
+        residuals, projection = unit - means[labels], None
         if unit.shape[1] > self.max_features:
             pca = PCA(min(self.components, len(unit) - 1), svd_solver="randomized", random_state=0).fit(unit)
             projection = pca.components_.T  # distances between projected points ignore the PCA's centring
-        precision = LedoitWolf().fit((unit - means[labels]) @ projection).precision_
-        self.whiten = (projection @ np.linalg.cholesky(precision)).astype(np.float32)
+            residuals = residuals @ projection
+        whiten = np.linalg.cholesky(LedoitWolf().fit(residuals).precision_)
+        self.whiten = (whiten if projection is None else projection @ whiten).astype(np.float32)
         self.means = (means @ self.whiten).astype(np.float32)
 
     def familiarity(self, features, logits=None):
