@@ -17,7 +17,7 @@ an audit nearly free:
    training split without them), ranked by confident learning (``cleanlab.filter.find_label_issues``),
    each with the suggested label.
 3. **Outliers.** Images far from every class (the cosine similarity to the nearest class centroid, as
-   the "unknown" detector measures it) or far from their own class, below Tukey's far-out fence
+   the ``centroid`` "unknown" detector measures it) or far from their own class, below Tukey's far-out fence
    (first quartile - 3 x IQR) of the training images' similarities.
 
 Outputs: ``audit.csv`` (one row per finding: kind, split, path, label, suggested label, score,

@@ -21,7 +21,9 @@ class Prediction:
     """One image's answer. ``label`` is a class name, ``"unknown"``, or None when it was skipped.
 
     ``score`` and ``top`` are reported for unknown images too: the classifier's best guesses.
-    ``similarity`` is the image's cosine similarity to the nearest class centroid in feature space.
+    ``similarity`` is the image's familiarity as the bundle's "unknown" detector scores it (for the
+    ``centroid`` detector, the cosine similarity to the nearest class centroid; for a combination, the
+    lowest rank among the calibration images); below the detector's threshold, the image is unknown.
     """
 
     path: str
