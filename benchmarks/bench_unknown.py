@@ -17,9 +17,9 @@ gives the mean over the splits (and the lowest kept share). Per detector: the sh
 photos kept, the share of near and far photos called unknown, and AUROC (evaluation photos against
 near, and against far photos; 1.0 separates perfectly).
 
-``--finetune-epochs N`` also fine-tunes Lite0 on the flowers model's first split (N epochs of head,
-then N with the last blocks unfrozen) and measures every detector on the fine-tuned features and
-logits, beside the frozen features of the same split.
+``--finetune-epochs N`` also fine-tunes Lite0 on the flowers dataset as ``build-dataset`` split it
+(N epochs of head, then N with the last blocks unfrozen) and measures every detector on the
+fine-tuned features and logits, beside a model on the frozen features of the same split.
 
     python benchmarks/bench_unknown.py [--data ../shared/datasets] [--keep 0.95] [--splits 5]
                                        [--finetune-epochs 3]
@@ -203,7 +203,7 @@ def main(data, keep, splits, finetune_epochs):
         if finetune_epochs:
             tuned = finetuned(scratch / "flowers", flowers, near_paths, far_paths, keep, finetune_epochs)
     if tuned:
-        print(f"\nflowers, fine-tuned {tuned['epochs']} epochs ({tuned['seconds']} s) vs frozen features, one split; "
+        print(f"\nflowers, fine-tuned {tuned['epochs']} epochs ({tuned['seconds']} s) vs frozen, dataset split; "
               f"accuracy {tuned['accuracy']}")  # fmt: skip
         for which in ("frozen", "finetuned"):
             for r in tuned[which]:

@@ -185,7 +185,7 @@ def unknown_table() -> list[str]:
         lines += [
             "",
             f"Fine-tuned features (`ptl finetune`, {tuned['epochs']} epochs, {tuned['seconds']:.0f} s) against the "
-            "frozen ones, on the flowers model's first split (one split: kept shares wander by +-1.5 points):",
+            "frozen ones, both on the split `build-dataset` made (one split: kept shares wander by +-1.5 points):",
             "",
             "| features | detector | evaluation accuracy | own photos kept | look-alikes unknown | look-alike AUROC "
             "| far unknown | far AUROC |",
