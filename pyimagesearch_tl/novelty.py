@@ -165,6 +165,12 @@ class MahalanobisDetector(Detector):
         self.whiten = (whiten if projection is None else projection @ whiten).astype(np.float32)
         self.means = (means @ self.whiten).astype(np.float32)
 
+    def __setstate__(self, state):
+        if "precision" in state:  # pickled by the first version (2026-11-24): unit means and the precision
+            whiten = np.linalg.cholesky(state.pop("precision")).astype(np.float32)
+            state.update(whiten=whiten, means=(state["means"] @ whiten).astype(np.float32))
+        self.__dict__.update(state)
+
     def familiarity(self, features, logits=None):
         whitened = _unit(features).astype(np.float32) @ self.whiten
         return -np.min([((whitened - mean) ** 2).sum(axis=1) for mean in self.means], axis=0)

@@ -59,6 +59,27 @@ def test_a_combination_is_calibrated_as_one_and_rejects_what_either_part_rejects
         assert not both.is_known(features, logits)[0]  # ... the other does not
 
 
+def test_a_mahalanobis_detector_pickled_with_its_precision_matrix_loads_with_the_same_scores():
+    """The first Mahalanobis detector (2026-11-24) pickled the unit class means and the precision matrix."""
+    import pickle
+
+    from sklearn.covariance import LedoitWolf
+
+    from pyimagesearch_tl.novelty import MahalanobisDetector
+
+    rng = np.random.default_rng(4)
+    features, labels = rng.normal(size=(300, 12)) + 1, rng.integers(0, 3, 300)
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    means = np.stack([unit[labels == c].mean(axis=0) for c in range(3)])
+    precision = LedoitWolf().fit(unit - means[labels]).precision_
+    old = MahalanobisDetector.__new__(MahalanobisDetector)
+    old.__setstate__(dict(threshold=-30.0, keep=0.95, calibrated_on="validation", means=means, precision=precision))
+    again = pickle.loads(pickle.dumps(old))
+    by_hand = [np.einsum("ij,jk,ik->i", unit - mean, precision, unit - mean) for mean in means]
+    np.testing.assert_allclose(again.familiarity(features), -np.min(by_hand, axis=0), rtol=1e-4)
+    assert again.threshold == -30.0
+
+
 def test_a_bundle_saved_with_the_first_centroid_energy_class_loads_as_the_combination():
     """Bundles of 2026-11-24 pickled a CentroidEnergyDetector with these fields: it unpickles into the
     rank combination, with the same familiarity."""
