@@ -35,6 +35,8 @@ DECODER = "pillow-rgb-white-alpha-box-or-bilinear-v2"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+#: Samples per strip when 16-bit and 32-bit gray images are scaled to 8 bits (8 MiB as float64).
+_STRIP_SAMPLES = 1 << 20
 
 
 def is_image_name(path: str | Path) -> bool:
@@ -81,21 +83,42 @@ def _size_or_none(source) -> int | None:
         return None
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 3-channel RGB, the same way for every stage."""
+def _scale_to_eight_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit or 32-bit integer gray image scaled to 8 bits (``L``): 65535 (or 255 for 32-bit samples that
+    all fit in 8 bits) becomes 255, rounded to the nearest.
+
+    Converted in strips of rows of :data:`_STRIP_SAMPLES` samples, so the float64 arithmetic never holds
+    more than a strip: a whole 6000 x 6000 image as float64 would be 275 MiB, and its temporaries thrice that.
+    """
+    width, height = image.size
+    # 16-bit modes span 0-65535; 32-bit samples are read as 16-bit unless they all fit in 8 bits.
+    maximum = 65535.0 if image.mode != "I" or width * height and image.getextrema()[1] > 255 else 255.0
+    scaled = Image.new("L", image.size)
+    rows = max(1, _STRIP_SAMPLES // max(1, width))
+    for top in range(0, height, rows):
+        strip = np.asarray(image.crop((0, top, width, min(height, top + rows))), dtype=np.float64)
+        strip = np.clip(strip * (255.0 / maximum) + 0.5, 0, 255).astype(np.uint8)
+        scaled.paste(Image.fromarray(strip, "L"), (0, top))
+    return scaled
+
+
+def _to_rgb(image: Image.Image, keep_gray: bool = False) -> Image.Image:
+    """Convert any Pillow mode to 3-channel RGB, the same way for every stage.
+
+    With ``keep_gray`` a gray image (``L``, or 16-bit scaled to it) is returned as ``L``: resized before it
+    becomes RGB, it gives the same pixels without a full-size RGB copy (4 bytes a pixel in Pillow).
+    """
     if image.mode == "RGB":
         return image
     if image.mode in _SIXTEEN_BIT_MODES:
-        samples = np.asarray(image, dtype=np.float64)
-        maximum = 65535.0 if samples.max(initial=0) > 255 or image.mode != "I" else 255.0
-        image = Image.fromarray(np.clip(samples * (255.0 / maximum) + 0.5, 0, 255).astype(np.uint8), "L")
+        image = _scale_to_eight_bits(image)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+    return image if keep_gray and image.mode == "L" else image.convert("RGB")
 
 
 def _resampling(source: tuple[int, int], target: tuple[int, int]) -> Image.Resampling:
@@ -135,9 +158,9 @@ def load_image(path, size: int | tuple[int, int], max_pixels: int = MAX_PIXELS) 
             image.seek(0)  # first frame of an animation
             image.load()
             ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when upright
-            image = _to_rgb(image)
+            image = _to_rgb(image, keep_gray=True)
             image = image.resize((width, height), _resampling(image.size, (width, height)))
-            return np.asarray(image, dtype=np.uint8)
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except ImageError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError) as exc:

@@ -2,6 +2,8 @@
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -162,3 +164,56 @@ def test_odd_file_names(tmp_path, photo):
     spaced = Path(shutil.copy(photo, tmp_path / "a cat photo (1).jpg"))
     odd = Path(shutil.copy(photo, os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9.jpg"))))
     assert load_image(spaced, 32).shape == load_image(odd, 32).shape == (32, 32, 3)
+
+
+def _scaled_as_before(path: Path, size: int) -> np.ndarray:
+    """load_image's 16-bit recipe as first written (a float64 copy of the whole image), for comparison."""
+    image = Image.open(path)
+    samples = np.asarray(image, dtype=np.float64)
+    maximum = 65535.0 if samples.max(initial=0) > 255 or image.mode != "I" else 255.0
+    gray = Image.fromarray(np.clip(samples * (255.0 / maximum) + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    filter_ = Image.Resampling.BOX if gray.width >= size and gray.height >= size else Image.Resampling.BILINEAR
+    return np.asarray(gray.resize((size, size), filter_))
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I", "I-eight-bit"])
+def test_sixteen_and_thirty_two_bit_scaling_is_unchanged(tmp_path, mode):
+    rng = np.random.default_rng(3)
+    samples = rng.integers(0, 256 if mode == "I-eight-bit" else 65536, (123, 157))
+    if mode == "I;16B":
+        image = Image.frombytes(mode, (157, 123), samples.astype(">u2").tobytes())
+    else:
+        image = Image.fromarray(samples.astype(np.int32 if mode.startswith("I-") or mode == "I" else np.uint16))
+    path = tmp_path / "deep.tif"
+    image.save(path)
+    assert Image.open(path).mode == mode.split("-")[0]
+    for size in (64, 300):  # shrinking (box) and enlarging (bilinear)
+        assert np.abs(load_image(path, size).astype(int) - _scaled_as_before(path, size)).max() <= 1
+
+
+MEMORY_PROBE = """
+import resource, sys, tracemalloc
+from pyimagesearch_tl.images import load_image
+load_image(sys.argv[2], 8)  # imports and first-use allocations out of the way
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tracemalloc.start()
+assert load_image(sys.argv[1], 224).shape == (224, 224, 3)
+traced = tracemalloc.get_traced_memory()[1]
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before  # KiB on Linux
+print(traced // 2**20, grown // 2**10)
+"""
+
+
+def test_large_sixteen_bit_png_decodes_without_a_float64_copy(tmp_path):
+    # A 6000 x 6000 16-bit gray gradient: a small file (tens of KB) whose pixels take 69 MiB decoded; a
+    # float64 copy would be 275 MiB, with its temporaries nearly 900 MiB.
+    row = np.linspace(0, 65535, 6000).astype(np.uint16)
+    Image.fromarray(np.ascontiguousarray(np.broadcast_to(row, (6000, 6000)))).save(tmp_path / "big16.png")
+    Image.new("L", (8, 8)).save(tmp_path / "small.png")
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "big16.png"), str(tmp_path / "small.png")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    traced_mib, grown_mib = map(int, result.stdout.split())
+    assert traced_mib < 64, f"numpy/Python allocations peaked at {traced_mib} MiB"
+    assert grown_mib < 200, f"the process grew by {grown_mib} MiB"
