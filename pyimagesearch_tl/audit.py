@@ -9,16 +9,21 @@ an audit nearly free:
    10%): ImageNet features of two different photos of look-alike subjects can be as close as a photo
    and its crop, their pixels are not. Both thresholds are *calibrated*: a sample of the dataset's
    own photos is resized to half size, re-encoded at JPEG quality 40 and cropped by 10%, and each
-   threshold is what ``DUPLICATE_RECALL`` of those copies reach against their originals. A pair is a
-   **leak** when its images lie in different splits (test data seen in training), a **conflict** when
-   their labels differ, and **redundant** otherwise.
+   threshold is what ``DUPLICATE_RECALL`` of those copies reach against their originals. Confirmed
+   pairs are joined into groups of copies, and a group is reported once: each member paired with the
+   group's first member (earliest split, then file order), ``n - 1`` rows for ``n`` copies. A row is a
+   **leak** when the two images lie in different splits (test data seen in training), a **conflict**
+   when their labels differ, and **redundant** otherwise.
 2. **Likely label errors.** Out-of-fold class probabilities from the project's own classifier
    (cross-validated on the training split; the other splits predicted by a model trained on the
    training split without them), ranked by confident learning (``cleanlab.filter.find_label_issues``),
-   each with the suggested label.
+   each with the suggested label. The folds are as many as the smallest class allows (at most 5); a
+   class with a single training photo cannot be held out and still be learned, so its images get no
+   verdict (``audit.json`` lists them under ``label_issues``).
 3. **Outliers.** Images far from every class (the cosine similarity to the nearest class centroid, as
    the ``centroid`` "unknown" detector measures it) or far from their own class, below Tukey's far-out fence
-   (first quartile - 3 x IQR) of the training images' similarities.
+   (first quartile - 3 x IQR) of the training images' similarities (the own-class fence needs at least
+   two training photos of the class).
 
 Outputs: ``audit.csv`` (one row per finding: kind, split, path, label, suggested label, score,
 partner, reason), ``audit.json`` (counts per kind and split, thresholds and how they were set) and
@@ -31,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -42,6 +48,7 @@ from .classifiers import get_classifier, make_pipeline
 from .errors import ConfigError, DatasetError
 from .features import FeatureExtractor
 from .images import load_image
+from .layouts import MANIFEST
 from .locks import locks_output
 from .novelty import NoveltyDetector
 from .plots import new_figure, save_figure
@@ -53,6 +60,10 @@ DUPLICATE_RECALL = 0.99
 THUMBNAIL = 40
 #: Photos of the dataset edited to calibrate the duplicate threshold.
 CALIBRATION_PHOTOS = 64
+#: Most folds of the out-of-fold cross-validation (fewer when the smallest class has fewer photos).
+FOLDS = 5
+#: Training photos a class needs for an out-of-fold verdict: one held out, at least one to learn from.
+MIN_CLASS_PHOTOS = 2
 #: Rows per block of the neighbour search (memory: block x N similarities at most, in sklearn's chunks).
 BLOCK_ROWS = 2048
 FIELDS = [
@@ -182,16 +193,40 @@ def similar_pairs(unit: np.ndarray, threshold: float) -> list[tuple[int, int, fl
     return pairs
 
 
+def duplicate_groups(pairs, key) -> list[list[int]]:
+    """The groups of rows joined, directly or through others, by ``pairs`` (``(i, j)`` keys); each group
+    sorted by ``key``, its first member first, and the groups in the order of their first members."""
+    parent: dict[int, int] = {}
+
+    def root(k: int) -> int:
+        parent.setdefault(k, k)
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for i, j in pairs:
+        parent[root(i)] = root(j)
+    members: dict[int, list[int]] = {}
+    for k in list(parent):
+        members.setdefault(root(k), []).append(k)
+    return sorted((sorted(group, key=key) for group in members.values()), key=lambda group: key(group[0]))
+
+
 # --- label issues -----------------------------------------------------------------------------------------
 
 
 def out_of_fold_probabilities(
-    X: np.ndarray, y: np.ndarray, is_training: np.ndarray, classifier: str, seed: int, n_jobs: int
-) -> np.ndarray:
-    """Class probabilities of every row from a model that did not see it.
+    X: np.ndarray, y: np.ndarray, is_training: np.ndarray, n_classes: int, classifier: str, seed: int, n_jobs: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Class probabilities of every row from a model that did not see it: ``(probabilities, checked, folds)``.
 
-    Training rows: 5-fold cross-validation on the training split (the regularisation chosen by the
-    classifier's grid first). Other rows: the model refit on the whole training split.
+    Only the classes with at least :data:`MIN_CLASS_PHOTOS` training photos take part (a single photo
+    cannot be held out and still be learned); ``checked`` marks the rows of those classes, the others
+    keep probabilities of zero. Training rows: stratified cross-validation on the training split with
+    as many folds as the smallest of those classes allows, at most :data:`FOLDS` (the regularisation
+    chosen by the classifier's grid first). Other rows: the model refit on those training rows.
+    ``folds`` is 0 when fewer than two classes can take part (nothing is checked).
     """
     from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
 
@@ -199,20 +234,45 @@ def out_of_fold_probabilities(
     pipeline = make_pipeline(spec, seed, None)
     if not hasattr(pipeline, "predict_proba"):
         raise ConfigError(f"the audit needs class probabilities; {classifier!r} gives none (use logreg)")
-    folds = StratifiedKFold(min(5, int(np.bincount(y[is_training]).min())), shuffle=True, random_state=seed)
+    counts = np.bincount(y[is_training], minlength=n_classes)
+    taking_part = counts >= MIN_CLASS_PHOTOS
+    probabilities = np.zeros((len(y), n_classes))
+    if taking_part.sum() < 2:
+        return probabilities, np.zeros(len(y), dtype=bool), 0
+    checked = taking_part[y]
+    fit_rows, columns = is_training & checked, np.flatnonzero(taking_part)
+    n_folds = int(min(FOLDS, counts[taking_part].min()))
+    folds = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
     grid = {f"clf__{name}": values for name, values in spec.grid.items()}
-    search = GridSearchCV(pipeline, grid, cv=folds, n_jobs=n_jobs).fit(X[is_training], y[is_training])
+    search = GridSearchCV(pipeline, grid, cv=folds, n_jobs=n_jobs).fit(X[fit_rows], y[fit_rows])
     tuned = search.best_estimator_
-    probabilities = np.zeros((len(y), len(np.unique(y[is_training]))))
-    probabilities[is_training] = cross_val_predict(
-        tuned, X[is_training], y[is_training], cv=folds, method="predict_proba", n_jobs=n_jobs
+    probabilities[np.ix_(fit_rows, columns)] = cross_val_predict(
+        tuned, X[fit_rows], y[fit_rows], cv=folds, method="predict_proba", n_jobs=n_jobs
     )
-    if (~is_training).any():
-        probabilities[~is_training] = tuned.predict_proba(X[~is_training])
-    return probabilities
+    others = checked & ~is_training
+    if others.any():
+        probabilities[np.ix_(others, columns)] = tuned.predict_proba(X[others])
+    return probabilities, checked, n_folds
 
 
 # --- the audit --------------------------------------------------------------------------------------------
+
+
+def check_dataset(dataset_dir: Path, paths: Sequence[str]) -> None:
+    """Refuse a ``dataset_dir`` that does not hold the images the features were extracted from."""
+    if not dataset_dir.is_dir():
+        raise DatasetError(f"dataset folder {dataset_dir} does not exist; give --dataset the folder ptl extract read")
+    missing = [p for p in paths if not (dataset_dir / p).is_file()]
+    if not missing:
+        return
+    what = f"{len(missing)} of the {len(paths)} images the features were extracted from (e.g. {missing[0]})"
+    if not (dataset_dir / MANIFEST).is_file():
+        raise DatasetError(
+            f"{dataset_dir} is not a dataset built by ptl build-dataset (it has no {MANIFEST}, and {what} are not "
+            "in it): give --dataset the folder ptl extract read; to audit a folder of photos, run "
+            "ptl build-dataset --input FOLDER --output DATASET, then ptl extract --dataset DATASET"
+        )
+    raise DatasetError(f"{what} are missing from {dataset_dir}: the dataset changed since ptl extract; run it again")
 
 
 @locks_output("output_dir")
@@ -252,6 +312,7 @@ def audit(
         [h for s in sets.values() for h in s.sha256],
         training.meta,
     )
+    check_dataset(dataset_dir, merged.paths)
     split_of = np.array([split for split, s in sets.items() for _ in s.labels])
     names = list(training.meta.label_names)
     unit = _unit(merged.features)
@@ -278,12 +339,10 @@ def audit(
     threshold, pixel_threshold, calibration = calibrate_duplicates(
         extractor, dataset_dir, training.paths, unit[: len(training.labels)], seed
     )
-    role = {split: position for position, split in enumerate(splits)}
+    confirmed: dict[tuple[int, int], tuple[float, str]] = {}
     candidates = 0
     for i, j, similarity in similar_pairs(unit, threshold):
         candidates += 1
-        if role[split_of[i]] > role[split_of[j]] or (split_of[i] == split_of[j] and i > j):
-            i, j = j, i  # the row reported (the copy to drop) is the one in the later split
         if merged.sha256[i] == merged.sha256[j]:
             what = "identical files"
         else:
@@ -291,19 +350,72 @@ def audit(
             if agreement < pixel_threshold:
                 continue  # alike in content, different photos
             what = f"feature similarity {similarity:.3f} >= {threshold:.3f}, pixel agreement {agreement:.3f}"
-        if merged.labels[i] != merged.labels[j]:
-            row("conflict", j, similarity, f"{what}, labelled {names[merged.labels[i]]} and {names[merged.labels[j]]}",
-                names[merged.labels[i]], i)  # fmt: skip
-        elif split_of[i] != split_of[j]:
-            row("leak", j, similarity, f"{what}, in {split_of[i]} and {split_of[j]}", partner=i)
-        else:
-            row("redundant", j, similarity, f"{what}, both in {split_of[j]}", partner=i)
+        confirmed[i, j] = (similarity, what)
+    # A group of copies is reported once: each copy against the group's first member (the one kept: the
+    # earliest split, then file order), n - 1 rows for n copies rather than a row for every pair.
+    role = {split: position for position, split in enumerate(splits)}
+    groups = duplicate_groups(confirmed, key=lambda k: (role[split_of[k]], k))
+    for members in groups:
+        first = members[0]
+        size = f", group of {len(members)}" if len(members) > 2 else ""
+        for j in members[1:]:
+            pair = (min(first, j), max(first, j))
+            if pair in confirmed:
+                similarity, what = confirmed[pair]
+            else:  # joined to the group through another copy
+                similarity = float(unit[first] @ unit[j])
+                via = next(k for k in members if (min(j, k), max(j, k)) in confirmed)
+                what = f"feature similarity {similarity:.3f}, a near-duplicate of {merged.paths[via]}"
+            what += size
+            if merged.labels[first] != merged.labels[j]:
+                labels = f"labelled {names[merged.labels[first]]} and {names[merged.labels[j]]}"
+                row("conflict", j, similarity, f"{what}, {labels}", names[merged.labels[first]], first)
+            elif split_of[first] != split_of[j]:
+                row("leak", j, similarity, f"{what}, in {split_of[first]} and {split_of[j]}", partner=first)
+            else:
+                row("redundant", j, similarity, f"{what}, both in {split_of[j]}", partner=first)
     calibration["candidate_pairs"] = candidates
+    calibration["confirmed_pairs"] = len(confirmed)
+    calibration["groups"] = len(groups)
 
     # 2. likely label errors
     is_training = split_of == splits[0]
-    probabilities = out_of_fold_probabilities(merged.features, merged.labels, is_training, classifier, seed, n_jobs)
-    issues = find_label_issues(merged.labels, probabilities, return_indices_ranked_by="self_confidence")
+    probabilities, checked, n_folds = out_of_fold_probabilities(
+        merged.features, merged.labels, is_training, len(names), classifier, seed, n_jobs
+    )
+    in_training = np.bincount(merged.labels[is_training], minlength=len(names))
+    unchecked = {names[c]: int(n) for c, n in enumerate(in_training) if n < MIN_CLASS_PHOTOS or not n_folds}
+    label_issues = dict(
+        method=f"cleanlab.filter.find_label_issues (confident learning) on out-of-fold probabilities of {classifier}",
+        classifier=classifier,
+        folds=n_folds,
+        unchecked_classes=unchecked,
+    )
+    if not n_folds:
+        label_issues["note"] = (
+            f"no label verdicts: out-of-fold probabilities need two classes with {MIN_CLASS_PHOTOS} or more "
+            "training photos each"
+        )
+    elif unchecked:
+        label_issues["note"] = (
+            f"classes with fewer than {MIN_CLASS_PHOTOS} training photos get no out-of-fold label verdict (a single "
+            "photo cannot be held out and still be learned): "
+            + ", ".join(f"{name} ({n} training photo{'s' if n != 1 else ''})" for name, n in unchecked.items())
+            + f"; {int((~checked).sum())} images not checked"
+        )
+    if "note" in label_issues:
+        warnings.warn(label_issues["note"], stacklevel=3)
+    issues = []
+    if checked.any():  # confident learning over the classes that took part, numbered 0..k-1
+        rows_checked, columns = np.flatnonzero(checked), np.flatnonzero(in_training >= MIN_CLASS_PHOTOS)
+        renumber = np.full(len(names), -1)
+        renumber[columns] = np.arange(len(columns))
+        found = find_label_issues(
+            renumber[merged.labels[rows_checked]],
+            probabilities[np.ix_(rows_checked, columns)],
+            return_indices_ranked_by="self_confidence",
+        )
+        issues = rows_checked[found]
     for i in issues:
         given = probabilities[i, merged.labels[i]]
         suggested = int(np.argmax(probabilities[i]))
@@ -320,11 +432,15 @@ def audit(
         return float(q1 - 3 * (q3 - q1))
 
     far_every = fence(nearest[is_training])
-    far_own = {c: fence(own[is_training & (merged.labels == c)]) for c in range(len(names))}
+    # A class's own fence needs two training photos: the centroid of a single one is that photo itself.
+    far_own = {
+        c: fence(own[is_training & (merged.labels == c)]) if n >= MIN_CLASS_PHOTOS else None
+        for c, n in enumerate(in_training)
+    }
     for i in range(len(unit)):
         if nearest[i] < far_every:
             row("outlier", i, 1 - nearest[i], f"far from every class: similarity {nearest[i]:.3f} < {far_every:.3f}")
-        elif own[i] < far_own[merged.labels[i]]:
+        elif far_own[merged.labels[i]] is not None and own[i] < far_own[merged.labels[i]]:
             row("outlier", i, 1 - own[i], f"far from its own class: similarity {own[i]:.3f} < "
                 f"{far_own[merged.labels[i]]:.3f}")  # fmt: skip
 
@@ -340,11 +456,7 @@ def audit(
         duplicate_threshold=threshold,
         pixel_threshold=pixel_threshold,
         duplicate_calibration=calibration,
-        label_issues=dict(
-            method="cleanlab.filter.find_label_issues (confident learning) on out-of-fold "
-            f"probabilities of {classifier}",
-            classifier=classifier,
-        ),  # fmt: skip
+        label_issues=label_issues,
         outlier_thresholds=dict(
             method="Tukey's far-out fence (Q1 - 3 IQR) of the training images' similarities",
             every_class=far_every,

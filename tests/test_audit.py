@@ -31,16 +31,16 @@ def _planted_copies(photo, folder, stem):
 
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory):
-    """cats_and_dogs_filtered: 300 training photos per class with 5% of the labels flipped (seeded), 100
-    validation photos per class, and 50 training photos planted into validation as 4 copies each."""
+    """cats_and_dogs_filtered: 100 training photos per class with 5% of the labels flipped (seeded), 10
+    validation photos per class, and 10 training photos planted into validation as 4 copies each (260 in all)."""
     work = tmp_path_factory.mktemp("audit")
     source, rng = work / "photos", np.random.default_rng(7)
     train = {
-        label: sorted(shared("cats_and_dogs_filtered", "train", label).glob("*.jpg"))[:300]
+        label: sorted(shared("cats_and_dogs_filtered", "train", label).glob("*.jpg"))[:100]
         for label in ("cats", "dogs")
     }
     every = [(label, p) for label, paths in train.items() for p in paths]
-    flipped = {every[i][1].name for i in rng.choice(len(every), size=30, replace=False)}
+    flipped = {every[i][1].name for i in rng.choice(len(every), size=10, replace=False)}
     for label, paths in train.items():
         other = "dogs" if label == "cats" else "cats"
         for p in paths:
@@ -49,13 +49,13 @@ def audited(tmp_path_factory):
             shutil.copy(p, target)
     planted = {}  # planted file name -> the training photo it copies
     clean = [(label, p) for label, p in every if p.name not in flipped]
-    for label, photo in [clean[i] for i in rng.choice(len(clean), size=50, replace=False)]:
+    for label, photo in [clean[i] for i in rng.choice(len(clean), size=10, replace=False)]:
         folder = source / "validation" / label
         folder.mkdir(parents=True, exist_ok=True)
         for name in _planted_copies(photo, folder, f"planted_{photo.stem}"):
             planted[name] = photo.name
     for label in ("cats", "dogs"):
-        for p in sorted(shared("cats_and_dogs_filtered", "validation", label).glob("*.jpg"))[:100]:
+        for p in sorted(shared("cats_and_dogs_filtered", "validation", label).glob("*.jpg"))[:10]:
             shutil.copy(p, source / "validation" / label)
     run("build-dataset", "--input", str(source), "--output", str(work / "dataset"))
     run("extract", "--dataset", str(work / "dataset"), "--output", str(work / "features"))
@@ -73,7 +73,7 @@ def test_planted_near_duplicates_are_found_as_leaks(audited):
     recall = len(found & planted) / len(planted)
     unplanted = [pair for pair in found if pair not in planted]
     assert recall >= 0.95, sorted(planted - found)[:10]
-    assert len(unplanted) < 0.01 * len(found), unplanted
+    assert len(unplanted) <= 0.025 * len(found), unplanted
     assert "near-duplicates: feature similarity >=" in audited["output"]
 
 
@@ -92,7 +92,7 @@ def test_outputs_summary_and_contact_sheets(audited):
 
     audit = audited["work"] / "audit"
     summary = json.loads((audit / "audit.json").read_text())
-    assert summary["images"] == {"training": 600, "validation": 400}
+    assert summary["images"] == {"training": 200, "validation": 60}
     assert summary["counts"]["leak"]["validation"] == len([r for r in audited["rows"] if r["kind"] == "leak"])
     assert 0.5 < summary["duplicate_threshold"] < 1.0 and 0.5 < summary["pixel_threshold"] < 1.0
     for kind in ("leak", "label"):
@@ -149,3 +149,83 @@ def test_without_cleanlab_the_audit_says_how_to_install_it(audited, tmp_path, mo
     result = CliRunner().invoke(cli, ["audit", "--features", str(audited["work"] / "features"), "--dataset",
                                       str(audited["work"] / "dataset"), "--output", str(tmp_path / "a")])  # fmt: skip
     assert result.exit_code == 1 and "pip install 'pyimagesearch_tl[audit]'" in result.output
+
+
+def _audit_small(tmp_path, photos: dict[str, list]) -> dict:
+    """build-dataset (split folders kept) + extract + audit of ``{"train/cats": [photo, ...], ...}``; the
+    rows of audit.csv and audit.json."""
+    import json
+
+    from pyimagesearch_tl.audit import audit
+    from pyimagesearch_tl.extraction import extract_dataset
+    from pyimagesearch_tl.layouts import build_dataset
+
+    for folder, files in photos.items():
+        (tmp_path / "photos" / folder).mkdir(parents=True)
+        for n, photo in enumerate(files):
+            shutil.copy(photo, tmp_path / "photos" / folder / f"{n:02d}_{photo.name}")
+    build_dataset(tmp_path / "photos", tmp_path / "dataset", splits=SPLITS, fractions=[0.75, 0.15, 0.10])
+    extract_dataset(tmp_path / "dataset", tmp_path / "features", splits=SPLITS, backbone="efficientnet_lite0",
+                    batch_size=16, progress=False)  # fmt: skip
+    audit(tmp_path / "features", tmp_path / "dataset", tmp_path / "audit", splits=SPLITS, n_jobs=1, sheet_size=4)
+    with (tmp_path / "audit" / "audit.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    return dict(rows=rows, summary=json.loads((tmp_path / "audit" / "audit.json").read_text()))
+
+
+def _photos(label: str, start: int, count: int) -> list:
+    return sorted(shared("cats_and_dogs_filtered", "train", label).glob("*.jpg"))[start : start + count]
+
+
+def test_a_folder_of_photos_given_as_the_dataset_is_a_clear_error(pipeline_run, cats_dogs, tmp_path):
+    from pyimagesearch_tl.audit import audit
+    from pyimagesearch_tl.errors import DatasetError
+
+    with pytest.raises(DatasetError, match=r"not a dataset built by ptl build-dataset .*ptl build-dataset"):
+        audit(pipeline_run["features"], cats_dogs, tmp_path / "a", splits=SPLITS, n_jobs=1)
+    result = CliRunner().invoke(cli, ["audit", "--features", str(pipeline_run["features"]), "--dataset",
+                                      str(cats_dogs), "--output", str(tmp_path / "b")])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, FileNotFoundError)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "ptl build-dataset" in errors[0], result.output
+
+
+def test_a_class_with_one_training_photo_gets_no_label_verdict_but_the_audit_runs(tmp_path):
+    roses = sorted(shared("flowers", "rose").glob("*.jpg"))
+    with pytest.warns(UserWarning, match=r"no out-of-fold label verdict .*roses \(1 training photo\)"):
+        report = _audit_small(tmp_path, {
+            "train/cats": _photos("cats", 0, 6), "train/dogs": _photos("dogs", 0, 3), "train/roses": roses[:1],
+            "validation/cats": _photos("cats", 6, 2), "validation/dogs": _photos("dogs", 6, 2),
+            "validation/roses": roses[1:3],
+        })  # fmt: skip
+    issues = report["summary"]["label_issues"]
+    assert issues["folds"] == 3  # as many as the smallest class that takes part allows
+    assert issues["unchecked_classes"] == {"roses": 1}
+    assert "fewer than 2 training photos" in issues["note"] and "roses" in issues["note"]
+    assert not [r for r in report["rows"] if r["kind"] == "label" and r["label"] == "roses"]
+    assert report["summary"]["outlier_thresholds"]["own_class"]["roses"] is None
+
+
+def test_a_group_of_copies_is_reported_once_per_copy_against_its_first_member(tmp_path):
+    cats, dogs = _photos("cats", 0, 8), _photos("dogs", 0, 8)
+    triple, leaked, conflicted = cats[0], dogs[0], cats[1]
+    report = _audit_small(tmp_path, {
+        "train/cats": cats + [triple, triple],  # three identical files in one split: redundant
+        "train/dogs": dogs + [conflicted, conflicted],  # one cat photo also filed twice as a dog: conflicts
+        "validation/cats": _photos("cats", 8, 3),
+        "validation/dogs": _photos("dogs", 8, 3) + [leaked, leaked],  # a training photo twice in validation
+    })  # fmt: skip
+    copies = [r for r in report["rows"] if r["kind"] in ("leak", "conflict", "redundant")]
+    by_name = {}
+    for r in copies:
+        by_name.setdefault(r["path"].split("/")[-1][3:], []).append(r)
+    assert sorted(by_name) == sorted({triple.name, leaked.name, conflicted.name}), copies
+    for name, kind in ((triple.name, "redundant"), (leaked.name, "leak"), (conflicted.name, "conflict")):
+        rows = by_name[name]
+        assert len(rows) == 2 and {r["kind"] for r in rows} == {kind}, rows  # n - 1 rows for n copies
+        assert len({r["partner_path"] for r in rows}) == 1  # all paired with the group's first member
+        assert rows[0]["partner_path"] not in {r["path"] for r in rows}
+        assert all("identical files" in r["reason"] and "group of 3" in r["reason"] for r in rows)
+    assert {r["partner_split"] for r in by_name[leaked.name]} == {"training"}
+    assert {r["partner_path"].split("/")[1] for r in by_name[conflicted.name]} == {"cats"}
