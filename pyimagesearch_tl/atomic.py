@@ -2,6 +2,7 @@
 
 A crash leaves either the old file or the new one, never half of one. Bundles, label encoders,
 metrics, manifests and finished feature files are all written through :func:`atomic_path`.
+:func:`check_writable` tells, before a long job, whether its output file can be written at all.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
+
+from .errors import PTLError
 
 
 def _current_umask() -> int:
@@ -44,6 +47,38 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def unwritable_reason(place: str | Path, error: OSError) -> str:
+    """Why nothing can be written in folder ``place`` (``error`` is what trying raised), naming the path at fault."""
+    existing = Path(place)
+    while not existing.exists() and existing != existing.parent:  # the deepest part that exists
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return f"{error.strerror or type(error).__name__}: {error.filename or place}"
+
+
+def check_writable(target: str | Path) -> Path:
+    """Make sure file ``target`` can be written, before the work that produces it.
+
+    Its folder is created (as :func:`atomic_path` would) and a temporary file is made and removed
+    there. A target that cannot be written raises :class:`~pyimagesearch_tl.errors.PTLError`, one
+    line naming the path at fault.
+    """
+    target = Path(target)
+    if target.is_dir():
+        raise PTLError(f"cannot write {target}: it is a folder")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        os.close(handle)
+        os.unlink(name)
+    except OSError as exc:
+        raise PTLError(f"cannot write {target}: {unwritable_reason(target.parent, exc)}") from None
+    return target
 
 
 def atomic_write_text(target: str | Path, text: str) -> None:

@@ -3,9 +3,11 @@
 Every stage that writes a folder (build-dataset, extract, train, evaluate, finetune) holds a lock on
 it while it runs: an OS file lock (the ``filelock`` library, ``flock`` on POSIX) on a hidden file
 *beside* the folder, ``.<folder name>.ptl-lock``, so it survives the folder itself being replaced
-(build-dataset swaps in a new dataset folder). The holder writes who it is next to the lock, so a
-second run can say which process to wait for. The OS releases the lock when the holder dies, even
-by SIGKILL, so a stale lock file never blocks a later run.
+(build-dataset swaps in a new dataset folder). The folder's path is resolved first, so every spelling
+of one folder (relative, through a symlink) takes the same lock. The holder writes who it is next to
+the lock, so a second run can say which process to wait for. The OS releases the lock when the holder
+dies, even by SIGKILL, so a stale lock file never blocks a later run. A lock that cannot be written
+there (the parent is a file, or not writable) is refused with one line naming the path at fault.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .atomic import atomic_write_json
+from .atomic import atomic_write_json, unwritable_reason
 from .errors import PTLError
 
 LOCK_SUFFIX = ".ptl-lock"
@@ -32,8 +34,12 @@ class FolderBusyError(PTLError):
 
 
 def lock_path(folder: str | Path) -> Path:
-    """The lock file of ``folder``: hidden, beside it."""
-    folder = Path(folder).absolute()
+    """The lock file of ``folder``: hidden, beside it.
+
+    Symlinks are resolved (as far as the path exists: the folder need not exist yet), so an alias of
+    a folder shares its lock.
+    """
+    folder = Path(folder).resolve()
     return folder.parent / f".{folder.name}{LOCK_SUFFIX}"
 
 
@@ -54,20 +60,35 @@ def output_lock(folder: str | Path, wait: bool = False) -> Iterator[None]:
     folder : path
         The output folder (it need not exist yet; its parent is created).
     wait : bool
-        Wait for the holder to finish instead of raising :class:`FolderBusyError` at once.
+        Wait for the holder to finish instead of raising :class:`FolderBusyError` at once (saying so
+        on stderr first, with the holder).
+
+    Raises
+    ------
+    FolderBusyError
+        Another run holds the folder and ``wait`` is False.
+    PTLError
+        The lock cannot be written beside the folder (the message names the path at fault).
     """
     from filelock import FileLock, Timeout
 
     path = lock_path(folder)
-    path.parent.mkdir(parents=True, exist_ok=True)
     owner_file = path.with_name(path.name + ".owner")
-    lock = FileLock(path, is_singleton=True)  # the same folder locked twice in one process nests
     try:
-        lock.acquire(timeout=-1 if wait else 0)
-    except Timeout:
-        raise FolderBusyError(
-            f"{folder} is in use by {_holder(owner_file)}; wait for it to finish, or pass --wait to queue behind it"
-        ) from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(path, is_singleton=True)  # the same folder locked twice in one process nests
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if not wait:
+                raise FolderBusyError(
+                    f"{folder} is in use by {_holder(owner_file)}; wait for it to finish, "
+                    "or pass --wait to queue behind it"
+                ) from None
+            print(f"waiting for {folder}: in use by {_holder(owner_file)} ...", file=sys.stderr, flush=True)
+            lock.acquire(timeout=-1)
+    except OSError as exc:  # no folder can be made there, or no file written (Timeout is handled above)
+        raise PTLError(f"cannot write output folder {folder}: {unwritable_reason(path.parent, exc)}") from None
     outermost = lock.lock_counter == 1
     try:
         if outermost:
