@@ -103,17 +103,32 @@ class DenseHead:
     Holding that in NumPy lets a fine-tuned bundle predict, evaluate and serve through the same
     code as the scikit-learn bundles.
 
+    It is a scikit-learn classifier that is fitted when made (``is_classifier`` is true, ``clone``,
+    ``get_params`` and ``score`` work) without inheriting from ``sklearn.base``, so that importing
+    this module, which ``import pyimagesearch_tl`` does, does not import scikit-learn.
+
     Parameters
     ----------
     kernel : ndarray of shape (n_features, n_classes)
     bias : ndarray of shape (n_classes,)
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+        ``0 .. n_classes - 1``: the label encoder's codes of the bundle's classes.
     """
+
+    #: What ``is_classifier`` reads in scikit-learn before 1.6 (later versions read the tags).
+    _estimator_type = "classifier"
 
     def __init__(self, kernel, bias):
         import numpy as np
 
-        self.kernel = np.asarray(kernel, dtype=np.float32)
-        self.bias = np.asarray(bias, dtype=np.float32)
+        # Arrays kept as given when already float32 (clone requires it; an unpickled array's dtype is an
+        # equal but distinct object, for which np.asarray(..., dtype=np.float32) returns a new view).
+        kernel, bias = np.asarray(kernel), np.asarray(bias)
+        self.kernel = kernel if kernel.dtype == np.float32 else kernel.astype(np.float32)
+        self.bias = bias if bias.dtype == np.float32 else bias.astype(np.float32)
         if self.kernel.ndim != 2 or self.bias.shape != (self.kernel.shape[1],):
             raise ValueError(f"kernel {self.kernel.shape} and bias {self.bias.shape} do not fit together")
         self.classes_ = np.arange(self.kernel.shape[1])
@@ -142,3 +157,29 @@ class DenseHead:
 
     def predict(self, features):
         return self.classes_[self.predict_proba(features).argmax(axis=1)]
+
+    def score(self, features, labels, sample_weight=None) -> float:
+        """Accuracy on ``features`` of the true ``labels`` (class codes), as every scikit-learn classifier."""
+        from sklearn.metrics import accuracy_score
+
+        return float(accuracy_score(labels, self.predict(features), sample_weight=sample_weight))
+
+    def get_params(self, deep: bool = True) -> dict:
+        return {"kernel": self.kernel, "bias": self.bias}
+
+    def set_params(self, **params) -> "DenseHead":
+        unknown = sorted(set(params) - {"kernel", "bias"})
+        if unknown:
+            raise ValueError(f"DenseHead has no parameter(s) {unknown}; it has ['bias', 'kernel']")
+        self.__init__(**{**self.get_params(), **params})
+        return self
+
+    def __sklearn_tags__(self):
+        from sklearn.utils import ClassifierTags, Tags, TargetTags
+
+        return Tags(
+            estimator_type="classifier", target_tags=TargetTags(required=True), classifier_tags=ClassifierTags()
+        )
+
+    def __repr__(self) -> str:
+        return f"DenseHead(features={self.kernel.shape[0]}, classes={self.kernel.shape[1]})"

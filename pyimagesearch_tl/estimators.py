@@ -11,16 +11,22 @@
     model.fit(paths, labels)            # image file paths (or a uint8 array of images)
     model.predict(["new.jpg"])
 
+In a ``ColumnTransformer`` it takes the column of paths of a data frame, selected as a list
+(``ColumnTransformer([("image", ptl.ImageFeatures(), ["path"])])``, a one-column DataFrame) or by
+name (``"path"``, a Series).
+
 The transformer follows scikit-learn's estimator rules: the constructor only stores its parameters,
 ``fit`` validates them and the input, ``transform`` before ``fit`` raises ``NotFittedError``. The
 backbone is built when first needed and is never pickled with the estimator (a pickled pipeline
 stays small and rebuilds it on first use). Built backbones are shared between clones with the same
-parameters, so a grid search over the classifier builds the backbone once.
+parameters, so a grid search over the classifier builds the backbone once, even when its fits
+run in several threads at once.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +41,57 @@ from .images import resize_pixels
 
 @functools.lru_cache(maxsize=2)
 def _extractor(backbone: str, weights: str, pooling: str, batch_size: int, max_pixels: int, runtime: str, views: int):
+    """The built backbone for these parameters; call it holding ``_BUILDING`` (see :func:`_shared_extractor`)."""
     from .features import FeatureExtractor
 
     return FeatureExtractor(backbone, weights, pooling, batch_size, max_pixels, runtime=runtime, views=views)
 
 
+#: ``lru_cache`` does not stop two threads that miss at once from both building the backbone (seconds
+#: and hundreds of MB each), as the fits of a threaded grid search or a server's first requests do.
+_BUILDING = threading.Lock()
+
+
+def _shared_extractor(*parameters):
+    """:func:`_extractor` under a lock: one build per parameters, whatever the number of threads."""
+    with _BUILDING:
+        return _extractor(*parameters)
+
+
+def _one_column(X: Any) -> Any:
+    """The image paths of a one-column table (what a ``ColumnTransformer`` passes): a pandas Series or
+    one-column DataFrame (or any table with ``columns``), or a 2-D ``(n, 1)`` array, as a 1-D array.
+    Anything else is returned as it is."""
+    columns = getattr(X, "columns", None)
+    if columns is not None and hasattr(X, "shape"):  # a data frame
+        if len(columns) != 1:
+            raise ValueError(
+                f"ImageFeatures takes one column of image file paths; got a {type(X).__name__} with "
+                f"{len(columns)} columns {[str(c) for c in columns]}: select the paths column only, "
+                "e.g. ColumnTransformer([('images', ImageFeatures(), ['path'])])"
+            )
+        return np.asarray(X).reshape(-1)
+    if hasattr(X, "to_numpy") and getattr(X, "ndim", None) == 1:  # a Series
+        return X.to_numpy()
+    if isinstance(X, np.ndarray) and X.dtype != np.uint8 and X.ndim == 2 and X.shape[1] == 1:
+        return X.reshape(-1)
+    return X
+
+
 def _as_images(X: Any) -> tuple[str, Any]:
-    """``("paths", list of str)`` or ``("pixels", uint8 array (n, h, w, 3))``; anything else is a ValueError."""
+    """``("paths", list of str)`` or ``("pixels", uint8 array (n, h, w, 3))``; anything else is a ValueError.
+
+    Paths may come as a list, a 1-D array, a pandas Series, a one-column DataFrame or an ``(n, 1)``
+    array; a table of several columns is refused.
+    """
     if hasattr(X, "tocsr") or hasattr(X, "todense"):
         raise TypeError("ImageFeatures does not take sparse input: give image file paths or a uint8 image array")
     if isinstance(X, np.ndarray) and X.dtype == np.uint8:
         if X.ndim != 4 or X.shape[-1] != 3 or 0 in X.shape:
             raise ValueError(f"ImageFeatures takes uint8 images of shape (n, height, width, 3); got shape {X.shape}")
         return "pixels", X
-    items = list(X) if isinstance(X, (list, tuple, np.ndarray)) else None
+    column = _one_column(X)
+    items = list(column) if isinstance(column, (list, tuple, np.ndarray)) else None
     if items and all(isinstance(item, (str, Path)) for item in items):
         return "paths", [str(item) for item in items]
     shown = f"{X.dtype} array of shape {X.shape}" if isinstance(X, np.ndarray) else type(X).__name__
@@ -103,7 +146,7 @@ class ImageFeatures(TransformerMixin, BaseEstimator):
         self.views = views
 
     def _network(self):
-        return _extractor(
+        return _shared_extractor(
             self.backbone,
             self.weights,
             self.pooling,

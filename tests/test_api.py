@@ -209,3 +209,61 @@ def test_scikit_learn_estimator_checks(recwarn):
             "check_positive_only_tag_during_fit",
         ):
             assert "ImageFeatures takes" in str(result["exception"]), result
+
+
+def test_transformer_takes_the_paths_column_a_column_transformer_passes():
+    """A data frame's column of paths, selected as a list (a one-column DataFrame) or by name (a Series),
+    or an (n, 1) array: the features of the paths; a table of several columns is refused."""
+    pd = pytest.importorskip("pandas")
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    paths, labels = _photos(6)
+    test_paths, test_labels = _photos(3, "validation")
+    frame = pd.DataFrame({"path": paths, "owner": ["ann", "bob"] * 6})
+    test_frame = pd.DataFrame({"path": test_paths, "owner": ["ann"] * 6})
+    columns = ColumnTransformer([("image", ptl.ImageFeatures(), ["path"])])
+    model = make_pipeline(columns, StandardScaler(), LogisticRegression(max_iter=2000)).fit(frame, labels)
+    assert (model.predict(test_frame) == test_labels).mean() >= 0.8
+    expected = ptl.ImageFeatures().fit(test_paths).transform(test_paths)
+    np.testing.assert_allclose(model[0].transform(test_frame), expected, atol=1e-5)
+    by_name = ColumnTransformer([("image", ptl.ImageFeatures(), "path")])
+    np.testing.assert_allclose(by_name.fit_transform(test_frame), expected, atol=1e-5)
+    column = np.asarray(test_paths, dtype=object).reshape(-1, 1)
+    np.testing.assert_allclose(ptl.ImageFeatures().fit(column).transform(column), expected, atol=1e-5)
+    with pytest.raises(
+        ValueError, match=r"one column of image file paths; got a DataFrame with 2 columns \['path', 'owner'\]"
+    ):
+        ptl.ImageFeatures().fit(frame)
+
+
+def test_threads_fitting_at_once_build_the_backbone_once():
+    """Two fits at the same moment (a threaded grid search, a server's first requests) share one build."""
+    import threading
+
+    from pyimagesearch_tl import estimators
+
+    paths, _ = _photos(1)
+    parameters = dict(weights="none", batch_size=3)  # parameters no other test builds: a sure miss
+    before = estimators._extractor.cache_info()
+    start, networks, errors = threading.Barrier(2), [], []
+
+    def fit():
+        transformer = ptl.ImageFeatures(**parameters)
+        start.wait()
+        try:
+            networks.append(transformer.fit(paths)._network())
+        except Exception as exc:  # reported below: an exception in a thread would otherwise vanish
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fit) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    after = estimators._extractor.cache_info()
+    assert after.misses - before.misses == 1, "the backbone was built more than once"
+    assert networks[0] is networks[1]
