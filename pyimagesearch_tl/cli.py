@@ -173,6 +173,37 @@ def show_backbones():
         click.echo(f"{name:<20} {record.input_size:>5}  {record.preprocessing:<13} {source:<28}")
 
 
+@cli.command("runtimes")
+@click.option("--backbone", help="Registered backbone (see `ptl backbones`).")
+@click.option("--weights", help="imagenet, none, or a path to a weights file.")
+@click.option("--pooling", type=click.Choice(["avg", "max", "flatten"]))
+@click.option("--batch-size", type=int)
+@click.option("--benchmark", is_flag=True, help="Also time each runtime here (median of 5 runs on a fixed batch).")
+@with_config
+def runtimes_command(config: Config, benchmark, **options):
+    """List where the backbone can run here: installed, parity with TensorFlow, and (--benchmark) speed."""
+    from .features import FeatureExtractor
+    from .runtimes import PREFERENCE
+
+    config = _apply(config, **options)
+    extractor = FeatureExtractor(
+        config.backbone, config.weights, config.pooling, config.batch_size, runtime="tensorflow", views=config.views
+    )
+    rows = extractor.survey_runtimes(timed=benchmark)
+    click.echo(f"{extractor.meta.describe()}; auto takes the first installed runtime that passed, in this order:")
+    click.echo(f"{'runtime':<12} {'installed':<9} {'parity (max abs diff)':<22} {'img/s':>7}")
+    for row in rows:
+        parity = "reference" if row["runtime"] == "tensorflow" else "-"
+        if "passed" in row:
+            parity = f"{'passed' if row['passed'] else 'FAILED'} ({row['max_abs_diff']:.1e})"
+        speed = f"{row['img_per_s']:.1f}" if "img_per_s" in row else "-"
+        click.echo(f"{row['runtime']:<12} {'yes' if row['installed'] else 'no':<9} {parity:<22} {speed:>7}")
+        if not row["installed"]:
+            click.echo(f"  install: {row['install']}")
+    auto = next((r["runtime"] for r in rows if r["installed"] and r.get("passed", r["runtime"] == "tensorflow")), None)
+    click.echo(f"auto -> {auto} (order: {', '.join(PREFERENCE)})")
+
+
 @cli.command("build-dataset")
 @click.option("--input", "input_dir", help="Folder of photos (class folders, Food-5K names or a labels file).")
 @click.option("--output", "dataset_dir", help="Where to write <split>/<class>/ and manifest.csv.")
@@ -522,12 +553,14 @@ def finetune_command(config: Config, wait, **options):
 def predict_command(config: Config, model_path, paths, output_file, top_k, **options):
     """Classify images (files or folders) with a bundle."""
     from . import api
-    from .atomic import atomic_write_csv, atomic_write_json
+    from .atomic import atomic_write_csv, atomic_write_json, check_writable
     from .prediction import UNKNOWN, expand_paths
 
     files = expand_paths(paths)
     if not files:
         raise ConfigError(f"no image files found in: {', '.join(paths)}")
+    if output_file:  # refused now, not after every image has gone through the network
+        check_writable(output_file)
     predictor = api.load_model(model_path, config=_apply(config, **options)).predictor(top_k)
     results = predictor.predict(files)
     for r in results:
@@ -582,9 +615,11 @@ def serve_command(config: Config, model_path, host, port, max_upload_mb, threads
 )
 def export_command(model_path, output_file):
     """Write a bundle as one ONNX graph: 0-255 RGB pixels in, label and class scores out."""
+    from .atomic import check_writable
     from .bundle import Bundle
     from .export import export_bundle
 
+    check_writable(output_file)  # refused now, not after the backbone is converted
     bundle = Bundle.load(model_path)
     path = export_bundle(bundle, output_file)
     click.echo(

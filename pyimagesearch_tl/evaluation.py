@@ -66,11 +66,12 @@ def features_for(
                 f"give as many --features, in the same order (got {len(folders)})"
             )
         return read_split(folders, split), []
-    from .features import dataset_rows, extract_in_memory
+    from .features import check_labels, dataset_rows, extract_in_memory
 
     rows = dataset_rows(dataset_dir).get(split)
     if not rows:
         raise DatasetError(f"dataset {dataset_dir} has no {split!r} split to evaluate the fine-tuned model on")
+    check_labels(rows, bundle.label_names, f"the {split!r} split of dataset {dataset_dir}")  # before the backbone
     return extract_in_memory(bundle.feature_extractor(batch_size, max_pixels, runtime), dataset_dir, rows)
 
 

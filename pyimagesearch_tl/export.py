@@ -11,6 +11,12 @@ scikit-learn pipeline through skl2onnx, or a fine-tuned network's dense head):
 The model's metadata holds the label names (JSON), the input size, the score kind and the feature
 layout, so a deployment needs this one file and an image decoder. The "unknown" detector is not
 part of the graph.
+
+The backbone part is the network the ONNX runtimes run, taken from their cache (converted there on
+first use), so exporting and ``--runtime onnxruntime`` share one conversion. A bundle trained on
+features stored as float16 (``--dtype float16``) sees them rounded to float16, and scikit-learn scales
+them in float16; the graph rounds them the same way (Casts to float16 and back) before the classifier,
+so it predicts what the bundle does.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_path, check_writable
 from .bundle import Bundle
 from .classifiers import DenseHead
 from .errors import BundleError
@@ -52,21 +58,72 @@ def _dense_head(head: DenseHead):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
-def _sklearn_head(pipeline, dim: int):
-    """The fitted scikit-learn pipeline as an ONNX model with outputs ``label`` and ``probabilities``."""
+def _sklearn_head(pipeline, dim: int, float16: bool = False):
+    """The fitted scikit-learn pipeline as an ONNX model with outputs ``label`` and ``probabilities``.
+
+    ``float16``: the pipeline is fed features stored as float16, as the bundle feeds it (see
+    :func:`_float16_features`).
+    """
     from skl2onnx import to_onnx
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC
 
-    estimator = pipeline.steps[-1][1]
+    scaler, rest = None, pipeline
+    steps = pipeline.steps
+    if float16 and len(steps) > 1 and isinstance(steps[0][1], StandardScaler):
+        scaler = steps[0][1]  # on float16 input it computes in float16: done by _float16_features
+        rest = steps[1][1] if len(steps) == 2 else Pipeline(steps[1:])
+    estimator = steps[-1][1]
     options = {} if isinstance(estimator, LinearSVC) else {"zipmap": False}
     if not hasattr(estimator, "predict_proba"):
         options["raw_scores"] = True  # decision values, as Bundle.scores gives them
-    return to_onnx(
-        pipeline,
+    head = to_onnx(
+        rest,
         np.zeros((1, dim), np.float32),
         target_opset={"": OPSET, "ai.onnx.ml": ML_OPSET},
         options={id(estimator): options},
     )
+    return _float16_features(head, scaler) if float16 else head
+
+
+def _float16_features(head, scaler=None):
+    """``head`` fed what the bundle's classifier sees when its features are stored as float16.
+
+    :meth:`Bundle.scores` rounds the features to float16, and scikit-learn's ``StandardScaler`` keeps
+    float16 input in float16: ``x - mean`` and ``/ scale`` are NumPy float16 operations, each computed
+    in float32 and rounded to float16. The nodes put in front of ``head`` do exactly that (a Cast to
+    float16 and back after each step), ``scaler`` being the scaler taken out of ``head``, if any.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = head.graph
+    features = graph.input[0].name
+    nodes, constants = [], []
+
+    def rounded(value: str) -> str:
+        nodes.append(helper.make_node("Cast", [value], [f"{value}/float16"], to=TensorProto.FLOAT16))
+        nodes.append(helper.make_node("Cast", [f"{value}/float16"], [f"{value}/rounded"], to=TensorProto.FLOAT))
+        return f"{value}/rounded"
+
+    current = rounded(features)
+    if scaler is not None:
+        for op, use, values, name in (
+            ("Sub", scaler.with_mean, scaler.mean_, "mean"),
+            ("Div", scaler.with_std, scaler.scale_, "scale"),
+        ):
+            if use:
+                constant = np.asarray(values).astype(np.float16).astype(np.float32)  # as sklearn casts them
+                constants.append(numpy_helper.from_array(constant, f"{features}/{name}"))
+                nodes.append(helper.make_node(op, [current, f"{features}/{name}"], [f"{features}/{op.lower()}"]))
+                current = rounded(f"{features}/{op.lower()}")
+    for node in graph.node:
+        node.input[:] = [current if name == features else name for name in node.input]
+    nodes += list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(constants)
+    return head
 
 
 def _same_opsets(*models) -> None:
@@ -96,14 +153,18 @@ def export_bundle(bundle: Bundle, output: str | Path) -> Path:
         raise BundleError(
             f"only float32 models export to ONNX; this one was trained on {bundle.meta.precision} features"
         )
+    check_writable(output)  # before the work, not after it
     extractor = bundle.feature_extractor(runtime="tensorflow")
-    backbone = onnx.compose.add_prefix(extractor.to_onnx(), "backbone/")
+    # The extractor's forward pass (uint8 pixels -> float32 features), converted once and cached, shared
+    # with the ONNX runtimes (see runtimes.cached_network).
+    backbone = onnx.compose.add_prefix(onnx.load(extractor.network_file()), "backbone/")
     dim = bundle.meta.feature_dim
-    head = (
-        _dense_head(bundle.classifier)
-        if isinstance(bundle.classifier, DenseHead)
-        else _sklearn_head(bundle.classifier, dim)
-    )
+    float16 = bundle.meta.dtype == "float16"  # the classifier was trained on, and predicts from, float16 features
+    if isinstance(bundle.classifier, DenseHead):  # NumPy promotes float16 features to its float32 kernel
+        head = _dense_head(bundle.classifier)
+        head = _float16_features(head) if float16 else head
+    else:
+        head = _sklearn_head(bundle.classifier, dim, float16)
     head = onnx.compose.add_prefix(head, "head/")
     head.ir_version = backbone.ir_version
     _same_opsets(backbone, head)

@@ -23,10 +23,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .backbones import FINETUNED, create_model, get_backbone, preprocess_input, resolve_weights, weights_digest
-from .errors import BundleError, ConfigError, ImageError
+from .errors import BundleError, ConfigError, DatasetError, ImageError
 from .images import DECODER, MAX_PIXELS, load_image, sha256_file
 from .layouts import read_manifest
-from .runtimes import cached_network, choose, export_onnx, network_key, requested_runtime
+from .runtimes import cached_network, choose, export_onnx, network_key, requested_runtime, survey
 from .store import CombinedMeta, FeatureMeta, FeatureSet, Shard
 
 
@@ -271,14 +271,19 @@ class FeatureExtractor:
             views=self.meta.views,
         )
 
+    def network_file(self) -> Path:
+        """This extractor's network as a cached ONNX file (converted on first use, then shared)."""
+        return cached_network(self.network_key(), self._forward, self.input_size)
+
+    def survey_runtimes(self, timed: bool = False) -> list[dict]:
+        """Every runtime here for this network: installed, parity, speed (see :func:`.runtimes.survey`)."""
+        return survey(self._tensorflow, self.network_file, self.input_size, self.workers, timed)
+
     def _choose_runtime(self, images: np.ndarray) -> None:
         """Settle the runtime on the first real batch (converting and checking it when new)."""
         import warnings
 
-        def network():
-            return cached_network(self.network_key(), self._forward, self.input_size)
-
-        choice = choose(self.runtime, self._tensorflow, network, images, self.workers, self.meta.describe())
+        choice = choose(self.runtime, self._tensorflow, self.network_file, images, self.workers, self.meta.describe())
         if choice.note:
             warnings.warn(choice.note, stacklevel=3)
         self.runtime, self._run = choice.name, choice.forward
@@ -388,13 +393,26 @@ def extract_shards(extractor: FeatureExtractor, tasks: Sequence[ShardTask]) -> I
         yield from completed()
 
 
+def check_labels(rows: Sequence[dict[str, str]], label_names: Sequence[str], what: str) -> None:
+    """Refuse manifest ``rows`` labelled with a class that is not one of the model's ``label_names``."""
+    unknown = sorted({row["label"] for row in rows} - set(label_names))
+    if unknown:
+        raise DatasetError(
+            f"{what} has class(es) the model was not trained on: {', '.join(map(repr, unknown))}; "
+            f"the model's classes are {', '.join(map(repr, label_names))}"
+        )
+
+
 def extract_in_memory(
     extractor: FeatureExtractor, dataset_dir: str | Path, rows: Sequence[dict[str, str]]
 ) -> tuple[FeatureSet, list[tuple[str, str]]]:
     """Features of manifest ``rows`` held in memory (no feature file), and the skipped images.
 
-    For models whose features are never stored: a fine-tuned backbone is evaluated this way.
+    For models whose features are never stored: a fine-tuned backbone is evaluated this way. Rows
+    labelled with a class that is not one of the extractor's ``label_names`` are refused with a
+    :class:`DatasetError` before any image is decoded.
     """
+    check_labels(rows, extractor.meta.label_names, f"dataset {dataset_dir}")
     label_index = {name: i for i, name in enumerate(extractor.meta.label_names)}
     task = ShardTask(0, [str(Path(dataset_dir) / row["path"]) for row in rows])
     [(_, shard)] = extract_shards(extractor, [task])  # the whole list as one shard, held in memory

@@ -281,11 +281,11 @@ def test_augmentation_touches_training_input_only(pipeline_run):
     assert augmented.shape == decoded.shape and np.abs(augmented - decoded).mean() > 1.0
 
 
-def test_same_seed_same_run(pipeline_run, tmp_path):
-    settings = settings_with(input_size=SIZE, batch_size=8, head_epochs=1, finetune_epochs=1, seed=11)
-    first = ft.finetune(pipeline_run["dataset"], tmp_path / "a", settings).history["history"]
-    second = ft.finetune(pipeline_run["dataset"], tmp_path / "b", settings).history["history"]
-    assert first == second
+def test_same_seed_same_run(tuned, pipeline_run, tmp_path):
+    """The same settings as the `tuned` run (TINY, through the CLI), again through the API: the same history."""
+    settings = settings_with(input_size=SIZE, batch_size=8, head_epochs=1, finetune_epochs=1, unfreeze_blocks=2, seed=7)
+    again = ft.finetune(pipeline_run["dataset"], tmp_path, settings).history["history"]
+    assert again == json.loads((tuned[0] / "history.json").read_text())["history"]
 
 
 def test_without_a_validation_split_part_of_training_is_held_out(pipeline_run):
@@ -348,3 +348,53 @@ def test_a_keras_applications_backbone_fine_tunes_with_class_weights(pipeline_ru
     expected = network.predict(np.stack([load_image(p, SIZE) for p in paths]).astype("float32"), verbose=0)
     results = Predictor(Bundle.load(report.bundle_path)).predict(paths)
     np.testing.assert_allclose([[dict(r.top)[c] for c in ("cats", "dogs")] for r in results], expected, atol=2e-4)
+
+
+def test_the_fine_tuned_head_is_a_scikit_learn_classifier(tuned, pipeline_run):
+    """is_classifier, tags, clone and score work on the head of a real fine-tuned bundle."""
+    from sklearn.base import clone, is_classifier
+    from sklearn.utils import get_tags
+
+    from pyimagesearch_tl.classifiers import DenseHead
+    from pyimagesearch_tl.evaluation import evaluate, features_for
+
+    out, _ = tuned
+    bundle = Bundle.load(out / "finetune.joblib")
+    head = bundle.classifier
+    assert isinstance(head, DenseHead)
+    assert is_classifier(head) and get_tags(head).estimator_type == "classifier"
+    assert head.get_params()["kernel"] is head.kernel
+    features, _ = features_for(bundle, "validation", (), pipeline_run["dataset"], batch_size=8, runtime="tensorflow")
+    copy = clone(head)
+    assert copy is not head
+    np.testing.assert_array_equal(copy.predict_proba(features.features), head.predict_proba(features.features))
+    assert head.score(features.features, features.labels) == pytest.approx(evaluate(bundle, features)["accuracy"])
+
+
+def test_evaluating_on_a_dataset_of_other_classes_is_refused_before_the_backbone(tuned, cats_dogs, tmp_path):
+    """A dataset with a class the model does not know: a DatasetError naming it and the model's classes,
+    before any image goes through the network (not a KeyError after the whole split has)."""
+    import shutil
+
+    import pyimagesearch_tl as ptl
+    from pyimagesearch_tl.errors import DatasetError
+    from pyimagesearch_tl.evaluation import features_for
+
+    photos = shutil.copytree(cats_dogs, tmp_path / "photos")
+    for split in ("train", "validation"):
+        (photos / split / "dogs").rename(photos / split / "wolves")
+    dataset = ptl.build_dataset(photos, tmp_path / "dataset", split_fractions=[0.75, 0.15, 0.10]).path
+    out, _ = tuned
+    bundle_path = out / "finetune.joblib"
+    bundle = Bundle.load(bundle_path)
+
+    with pytest.raises(DatasetError) as error:
+        features_for(bundle, "validation", (), dataset, batch_size=8, runtime="tensorflow")
+    message = str(error.value)
+    assert "class(es) the model was not trained on: 'wolves'; the model's classes are 'cats', 'dogs'" in message
+
+    output = run(
+        "evaluate", "--model", str(bundle_path), "--dataset", str(dataset), "--output", str(tmp_path / "e"), ok=False
+    )
+    assert output.strip().splitlines() == [f"Error: {message}"]
+    assert not (tmp_path / "e").exists()
