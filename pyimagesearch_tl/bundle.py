@@ -141,8 +141,7 @@ class Bundle:
         """The classifier's per-class scores before any softmax, ``(n, classes)``: what the detectors that
         read the classifier's evidence (energy) use. A binary decision ``d`` becomes ``[-d/2, d/2]``, whose
         softmax is the classifier's own probability."""
-        decision = self.classifier.decision_function(np.asarray(features, dtype=self.meta.dtype))
-        return np.column_stack([-decision / 2, decision / 2]) if decision.ndim == 1 else decision
+        return decision_logits(self.classifier, np.asarray(features, dtype=self.meta.dtype))
 
     def feature_extractor(self, batch_size: int = 32, max_pixels: int | None = None, runtime: str = "auto"):
         """Rebuild the :class:`~pyimagesearch_tl.features.FeatureExtractor` this bundle was trained on.
@@ -182,3 +181,9 @@ class Bundle:
             check_same_layout(self.meta, meta, what)
         except FeatureFileError as exc:
             raise BundleError(f"{exc} (the model was trained on {self.meta.describe()})") from None
+
+
+def decision_logits(classifier, features: np.ndarray) -> np.ndarray:
+    """``classifier``'s per-class scores before any softmax, ``(n, classes)`` (see :meth:`Bundle.logits`)."""
+    decision = classifier.decision_function(features)
+    return np.column_stack([-decision / 2, decision / 2]) if decision.ndim == 1 else decision

@@ -28,6 +28,11 @@ def _unit(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(norms, 1e-12)
 
 
+def calibration_phrase(calibrated_on: str) -> str:
+    """``"validation"`` -> ``"validation photos"``; a phrase (with a space) is kept as it is."""
+    return calibrated_on if " " in calibrated_on else f"{calibrated_on} photos"
+
+
 def _threshold(familiarity: np.ndarray, keep: float) -> float:
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
@@ -51,6 +56,11 @@ class Detector:
 
     kind = ""
     score_name = ""
+
+    @property
+    def calibration(self) -> str:
+        """The photos the threshold was set on, as a phrase (``calibrated_on`` is a split name or a phrase)."""
+        return calibration_phrase(self.calibrated_on)
 
     def learn(self, features: np.ndarray, labels: np.ndarray, n_classes: int, logits: np.ndarray) -> None:
         """Learn what the score needs from the training ``features`` (integer ``labels``)."""
@@ -207,7 +217,7 @@ class RankCombination(Detector):
     @classmethod
     def of(cls, kinds: tuple[str, ...], keep: float, calibrated_on: str) -> "RankCombination":
         parts = tuple(make_detector(kind, keep, calibrated_on) for kind in kinds)
-        name = f"lowest rank among the {calibrated_on} photos ({' and '.join(kinds)})"
+        name = f"lowest rank among the {calibration_phrase(calibrated_on)} ({' and '.join(kinds)})"
         return cls(keep=keep, calibrated_on=calibrated_on, parts=parts, kind="+".join(kinds), score_name=name)
 
     def learn(self, features, labels, n_classes, logits):

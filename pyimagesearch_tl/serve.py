@@ -46,7 +46,7 @@ def _bars(top: list[tuple[str, float]], kind: str) -> list[tuple[str, float, flo
 def _why_unknown(result: Prediction, novelty) -> str:
     return (
         f"None of the classes fits: its {novelty.score_name} is {result.similarity:.3f}, below "
-        f"{novelty.threshold:.3f}, the level {round(100 * novelty.keep)}% of the validation photos reach "
+        f"{novelty.threshold:.3f}, the level {round(100 * novelty.keep)}% of the {novelty.calibration} reach "
         f"(closest class: {result.top[0][0]})."
     )
 
@@ -110,6 +110,7 @@ def create_app(predictor: Predictor, max_upload_bytes: int = 10 * 2**20):
             threshold=None if novelty is None else novelty.threshold,
             keep=None if novelty is None else novelty.keep,
             score_name="" if novelty is None else novelty.score_name,
+            calibration="" if novelty is None else novelty.calibration,
             results=results,
             error=error,
         )

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .bundle import Bundle
+from .bundle import Bundle, decision_logits
 from .classifiers import get_classifier, list_classifiers, make_pipeline
 from .errors import ConfigError, DatasetError, FeatureFileError
 from .locks import locks_output
@@ -34,6 +34,8 @@ from .store import (
 #: most 10,000 rows and 32 MiB of float32 features (6,553 rows of Lite0 features, 334 of 25,088-wide
 #: ``flatten`` ones).
 DETECTOR_SAMPLE_ROWS, DETECTOR_SAMPLE_BYTES = 10_000, 32 * 2**20
+#: Folds of the cross-fitting that calibrates the "unknown" detector when there is no validation split.
+CALIBRATION_FOLDS = 5
 
 
 @dataclasses.dataclass
@@ -127,8 +129,9 @@ def train(
         One feature folder, or several extracted from the same dataset (e.g. by two backbones): their
         vectors are concatenated row by row, matched by image path and content hash.
     unknown : str
-        The "unknown" detector (a name of :data:`~pyimagesearch_tl.novelty.DETECTORS`), calibrated on the
-        validation split (else the training split) to keep ``unknown_keep`` of it.
+        The "unknown" detector (a name of :data:`~pyimagesearch_tl.novelty.DETECTORS`), calibrated to keep
+        ``unknown_keep`` of photos it did not learn from: the validation split, else the training split
+        cross-fitted (:func:`cross_fitted_detector`).
     cv : str
         A number of stratified folds, or ``"validation"`` to use the validation split as the single
         held-out fold (the best model is then refit on training + validation).
@@ -147,9 +150,6 @@ def train(
     folds = None if cv == "validation" else int(cv)
     _check_trainable(train_set.labels, train_set.meta.label_names, folds)
     encoder = load_label_encoder(features_dir, train_set.meta.label_names)
-    calibration, calibrated_on = (
-        (validation_set, validation_split) if validation_set is not None else (train_set, training_split)
-    )
 
     if cv == "validation":
         X = np.concatenate([train_set.features, validation_set.features])
@@ -196,22 +196,63 @@ def train(
             ),
         )
         # The "unknown" detector, fitted per classifier: some detectors read the classifier's evidence.
-        bundle.novelty = fit_detector(
-            unknown,
-            train_set.features,
-            train_set.labels,
-            len(encoder.classes_),
-            bundle.logits(train_set.features),
-            calibration.features,
-            bundle.logits(calibration.features),
-            unknown_keep,
-            calibrated_on,
-        )
+        if validation_set is not None:
+            bundle.novelty = fit_detector(
+                unknown,
+                train_set.features,
+                train_set.labels,
+                len(encoder.classes_),
+                bundle.logits(train_set.features),
+                validation_set.features,
+                bundle.logits(validation_set.features),
+                unknown_keep,
+                validation_split,
+            )
+        else:
+            bundle.novelty = cross_fitted_detector(
+                unknown, bundle, train_set, search.best_estimator_, unknown_keep, seed, training_split
+            )
         bundle.info["unknown"] = unknown
         path = bundle.save(output_dir / f"{name}.joblib")
         accuracy, auc = _validation_metrics(bundle, None if cv == "validation" else validation_set)
         reports.append(TrainReport(name, path, best, float(search.best_score_), accuracy, auc, seconds))
     return reports
+
+
+def cross_fitted_detector(
+    kind: str, bundle: Bundle, train_set: FeatureSet, estimator, keep: float, seed: int, training_split: str
+):
+    """Detector ``kind`` learnt from every training row, its threshold calibrated on rows it did not learn from.
+
+    Without a validation split, the training rows are cut into stratified folds (:data:`CALIBRATION_FOLDS`,
+    fewer when a class is smaller); each fold is scored by a detector learnt, and a copy of the chosen
+    classifier fitted, on the other folds. Those out-of-fold scores set the threshold of the detector
+    learnt from all rows, as a validation split's would: distances of the very rows a detector learnt
+    from are far smaller than those of new photos, so calibrating on them rejects many new photos.
+    """
+    from sklearn.base import clone
+    from sklearn.model_selection import StratifiedKFold
+
+    X, y, classes = train_set.features, train_set.labels, len(bundle.label_names)
+    folds = min(CALIBRATION_FOLDS, int(np.bincount(y, minlength=classes).min()))
+    if folds < 2:  # a class with one photo cannot be held out of its own fit
+        raise DatasetError(
+            f"a class has fewer than 2 {training_split!r} images: too few to calibrate the 'unknown' detector "
+            f"without a validation split; add images or a validation split"
+        )
+    scores = None
+    for fitted_rows, held_rows in StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y):
+        model = clone(estimator).fit(X[fitted_rows], y[fitted_rows])
+        part = make_detector(kind, keep)
+        part.learn(X[fitted_rows], y[fitted_rows], classes, decision_logits(model, X[fitted_rows]))
+        held_scores = part.raw_scores(X[held_rows], decision_logits(model, X[held_rows]))
+        if scores is None:
+            scores = np.zeros((len(y), *held_scores.shape[1:]), held_scores.dtype)
+        scores[held_rows] = held_scores
+    detector = make_detector(kind, keep, f"{training_split} photos held out by {folds}-fold cross-fitting")
+    detector.learn(X, y, classes, bundle.logits(X))
+    detector.set_threshold(scores)
+    return detector
 
 
 # --- out-of-core training -------------------------------------------------------------------------
