@@ -26,6 +26,7 @@ import hashlib
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -50,6 +51,7 @@ from .store import (
     read_sha256,
     read_shard,
     read_skipped,
+    remove_feature_files,
     row_reader,
     write_shard,
 )
@@ -143,6 +145,7 @@ def extract_split(
     path = output_dir / f"{split}{SUFFIXES[feature_format]}"
     identity = fingerprint(meta, rows)
     if read_fingerprint(path) == identity:
+        remove_feature_files(output_dir, split, keep=feature_format)
         return SplitReport(split, path, extracted=0, skipped=read_skipped(path), up_to_date=True)
     started = time.perf_counter()
     previous = _previous_index(path, meta)
@@ -150,9 +153,15 @@ def extract_split(
     shard_dir.mkdir(parents=True, exist_ok=True)
     shards = plan_shards(rows, meta, set(previous), shard_size, shard_dir)
     working = [s for s in shards if s.fresh]
-    todo = {s.index: s for s in working if not s.path.exists()}
     for stale in shard_dir.glob(".*"):  # temporary files of a run killed while writing a shard
         stale.unlink(missing_ok=True)
+    todo = {}
+    for planned in working:
+        if planned.path.exists() and read_shard(planned.path, planned.identity) is None:
+            warnings.warn(f"shard file {planned.path} is unreadable (cut short?); its images are extracted again")
+            planned.path.unlink()
+        if not planned.path.exists():
+            todo[planned.index] = planned
 
     dataset_dir = Path(dataset_dir).absolute()
     tasks = [ShardTask(s.index, [str(dataset_dir / rows[i]["path"]) for i in s.fresh]) for s in todo.values()]
@@ -169,6 +178,7 @@ def extract_split(
                 raise KeyboardInterrupt
 
     reused = _assemble(path, meta, identity, rows, shards, previous, feature_format, chunk_rows)
+    remove_feature_files(output_dir, split, keep=feature_format)  # one format per split: never an older file read
     shutil.rmtree(shard_dir)
     with contextlib.suppress(OSError):
         shard_dir.parent.rmdir()  # .shards, once no split has shards left
@@ -210,8 +220,8 @@ def _assemble(
         read_previous = stack.enter_context(row_reader(path)) if previous else None
         for planned in shards:
             shard = read_shard(planned.path, planned.identity) if planned.fresh else empty
-            if shard is None:
-                raise FeatureFileError(f"shard file {planned.path} is unreadable; delete it and rerun extract")
+            if shard is None:  # checked before extracting: only a file changed under a running extraction
+                raise FeatureFileError(f"shard file {planned.path} changed during the extraction; rerun extract")
             vectors = {planned.fresh[p]: v for p, v in zip(shard.positions, shard.features)}
             fresh = set(planned.fresh)
             old = [i for i in range(planned.start, planned.stop) if i not in fresh]
@@ -272,6 +282,10 @@ def extract_dataset(
             f"dataset {dataset_dir} has none of the configured splits ({', '.join(splits)}); "
             f"it has: {', '.join(by_split)}"
         )
+    for split in splits:  # a split the dataset no longer has: its old features must not be read as current
+        if split not in present:
+            for stale in remove_feature_files(output_dir, split):
+                warnings.warn(f"removed {stale}: dataset {dataset_dir} has no {split!r} split any more")
     label_names = sorted({row["label"] for rows in by_split.values() for row in rows})
     encoder = LabelEncoder().fit(label_names)
     extractor_options = dict(

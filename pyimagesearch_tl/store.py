@@ -320,7 +320,14 @@ class CSVFeatureWriter:
         self.skipped += list(skipped)
 
     def finish(self) -> Path:
+        """Rename the rows into place, then write the sidecar that describes them (rows, bytes, paths).
+
+        Killed in between, the sidecar left is an older one whose size and row count do not match the
+        rows: the file reads as unfinished and the next extraction redoes it.
+        """
         self.handle.close()
+        size = self.partial.stat().st_size
+        os.replace(self.partial, self.path)
         atomic_write_json(
             _csv_meta_path(self.path),
             dict(
@@ -328,12 +335,13 @@ class CSVFeatureWriter:
                 format_version=FORMAT_VERSION,
                 fingerprint=self.fingerprint,
                 complete=True,
+                rows=len(self.paths),
+                csv_bytes=size,
                 paths=[os.fsencode(p).decode("utf-8", "surrogateescape") for p in self.paths],
                 sha256=self.sha256,
                 skipped=[list(s) for s in self.skipped],
             ),
         )
-        os.replace(self.partial, self.path)
         return self.path
 
     def close(self) -> None:
@@ -381,7 +389,7 @@ def read_shard(path: str | Path, identity: str) -> Shard | None:
                 f["positions"][:],
                 [(int(p), bytes(r).decode()) for p, r in zip(f["skipped_positions"][:], f["skipped_reasons"][:])],
             )
-    except (OSError, KeyError):
+    except (OSError, KeyError, ValueError):  # missing, truncated, or not a shard file
         return None
 
 
@@ -393,14 +401,19 @@ def _csv_meta_path(path: Path) -> Path:
 
 
 def feature_file(features_dir: str | Path, split: str) -> Path:
-    """The finished feature file of ``split`` in ``features_dir`` (HDF5 preferred over CSV)."""
+    """The finished feature file of ``split`` in ``features_dir`` (``ptl extract`` keeps one format per split)."""
     features_dir = Path(features_dir)
     if not features_dir.is_dir():
         raise FeatureFileError(f"features folder {str(features_dir)!r} does not exist (run extract first)")
-    for suffix in SUFFIXES.values():
-        path = features_dir / f"{split}{suffix}"
-        if path.is_file():
-            return path
+    found = [features_dir / f"{split}{suffix}" for suffix in SUFFIXES.values()]
+    found = [path for path in found if path.is_file()]
+    if len(found) > 1:
+        raise FeatureFileError(
+            f"{features_dir} holds the {split!r} features in two formats ({', '.join(p.name for p in found)}), "
+            f"maybe from different settings; delete the one you do not want, or rerun extract"
+        )
+    if found:
+        return found[0]
     if (features_dir / SHARDS / split).is_dir() or list(features_dir.glob(f"{split}.*{PARTIAL}")):
         raise FeatureFileError(
             f"the {split!r} features in {features_dir} are an unfinished extraction; rerun extract to resume it"
@@ -409,6 +422,25 @@ def feature_file(features_dir: str | Path, split: str) -> Path:
     raise FeatureFileError(
         f"no feature file for split {split!r} in {features_dir} (found: {', '.join(found) or 'none'})"
     )
+
+
+def remove_feature_files(features_dir: str | Path, split: str, keep: str | None = None) -> list[Path]:
+    """Remove the feature files of ``split`` in every format but ``keep`` (all when None) and their sidecars.
+
+    Returns the feature files removed.
+    """
+    features_dir, removed = Path(features_dir), []
+    for name, suffix in SUFFIXES.items():
+        path = features_dir / f"{split}{suffix}"
+        if name == keep:
+            continue
+        if path.is_file():
+            removed.append(path)
+        for stale in (path, _csv_meta_path(path)):
+            stale.unlink(missing_ok=True)
+    if keep is None:
+        (features_dir / f"{split}.skipped.csv").unlink(missing_ok=True)
+    return removed
 
 
 def feature_folders(features_dirs: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -491,13 +523,23 @@ class CSVFeatureReader:
         self.path = path
 
     def _sidecar(self) -> dict:
+        """The sidecar, checked against the rows: the same number of paths and hashes, the size it recorded."""
         sidecar = _csv_meta_path(self.path)
         try:
-            return json.loads(sidecar.read_text(encoding="utf-8"))
+            values = json.loads(sidecar.read_text(encoding="utf-8"))
+            size = self.path.stat().st_size
         except FileNotFoundError:
             raise FeatureFileError(f"{self.path}: its metadata file {sidecar.name} is missing") from None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise FeatureFileError(f"{sidecar}: unreadable metadata ({exc})") from None
+        if not isinstance(values, dict) or not isinstance(values.get("paths"), list):
+            raise FeatureFileError(f"{sidecar}: not the metadata of a feature file")
+        counts = {len(values["paths"]), len(values.get("sha256", ())), values.get("rows", len(values["paths"]))}
+        if len(counts) > 1 or values.get("csv_bytes", size) != size:
+            raise FeatureFileError(
+                f"{self.path}: its rows and {sidecar.name} disagree (a write was interrupted); rerun extract"
+            )
+        return values
 
     def meta(self) -> FeatureMeta:
         return FeatureMeta.from_attrs(self._sidecar())
@@ -508,6 +550,10 @@ class CSVFeatureReader:
         data = np.loadtxt(self.path, delimiter=",", dtype=np.float64, ndmin=2)
         if data.size == 0:
             data = np.zeros((0, meta.feature_dim + 1))
+        if len(data) != len(sidecar["paths"]):
+            raise FeatureFileError(
+                f"{self.path}: {len(data)} rows of features but {len(sidecar['paths'])} paths; rerun extract"
+            )
         paths = [os.fsdecode(p.encode("utf-8", "surrogateescape")) for p in sidecar["paths"]]
         return FeatureSet(data[:, 1:].astype(meta.dtype), data[:, 0].astype(np.int64), paths, sidecar["sha256"], meta)
 
@@ -551,6 +597,15 @@ def _open_h5(path: Path):
     if not handle.attrs.get("complete", False):
         handle.close()
         raise FeatureFileError(f"{path}: the extraction that wrote it did not finish; rerun extract")
+    try:
+        lengths = {name: len(handle[name]) for name in ("features", "labels", "paths", "sha256")}
+    except KeyError as exc:
+        handle.close()
+        raise FeatureFileError(f"{path}: not a feature file ({exc})") from None
+    if len(set(lengths.values())) > 1:
+        handle.close()
+        counts = ", ".join(f"{n} {name}" for name, n in lengths.items())
+        raise FeatureFileError(f"{path}: its columns disagree ({counts}); rerun extract")
     return handle
 
 

@@ -25,16 +25,17 @@ SPLITS = ["training", "validation", "evaluation"]
 PTL = [sys.executable, "-c", "from pyimagesearch_tl.cli import main; main()"]
 
 
+PHOTOS, SHARD = 96, 8  # all in the training split (one feature file to interrupt): 12 shards of 8
+SHARDS = PHOTOS // SHARD
+
+
 @pytest.fixture(scope="module")
 def big_dataset(tmp_path_factory):
-    """300 real photos, all in the training split (one feature file to interrupt)."""
+    """96 real photos, all in the training split."""
     work = tmp_path_factory.mktemp("big")
-    source = copy_subset(shared("cats_and_dogs_filtered", "train"), work / "photos", 150)
+    source = copy_subset(shared("cats_and_dogs_filtered", "train"), work / "photos", PHOTOS // 2)
     build_dataset(source, work / "dataset", splits=SPLITS, fractions=[1.0, 0.0, 0.0])
     return work / "dataset"
-
-
-SHARD = 32  # 300 photos -> 10 shards (9 of 32, one of 12)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def lone_run(big_dataset, tmp_path_factory):
 
 def assert_same_features(path: Path, reference) -> None:
     got = read_features(path)
-    assert got.paths == reference.paths and len(got.paths) == 300
+    assert got.paths == reference.paths and len(got.paths) == PHOTOS
     assert got.labels.tolist() == reference.labels.tolist()
     assert got.sha256 == reference.sha256
     np.testing.assert_allclose(got.features, reference.features, rtol=0, atol=1e-5)
@@ -96,19 +97,25 @@ def _wait_for_shards(process: subprocess.Popen, output: Path, count: int, timeou
     pytest.fail("extract made no progress")
 
 
-def test_sigkill_then_rerun_recomputes_no_finished_shard(big_dataset, lone_run, tmp_path):
+def test_sigkill_then_rerun_recomputes_no_finished_shard_and_a_truncated_one(big_dataset, lone_run, tmp_path):
     output = tmp_path / "killed"
     process = _start_extract(big_dataset, output)
-    _wait_for_shards(process, output, 2)
+    _wait_for_shards(process, output, 3)
     process.send_signal(signal.SIGKILL)
     killed_output = process.communicate()[0]
-    finished = len(_finished_shards(output))
-    assert not (output / "training.h5").exists() and 2 <= finished < 10, killed_output
+    shards = _finished_shards(output)
+    assert not (output / "training.h5").exists() and 3 <= len(shards) < SHARDS, killed_output
+    cut = shards[1].read_bytes()
+    shards[1].write_bytes(cut[: len(cut) // 2])  # a shard file cut short (a full disk, a copy interrupted)
 
     result = CliRunner().invoke(cli, _extract_args(big_dataset, output))
     assert result.exit_code == 0, result.output
-    assert f"resumed: {finished} of 10 shards were already done" in result.output, result.output
-    assert f"extracted {300 - SHARD * finished}, skipped 0" in result.output  # the finished shards are the first ones
+    assert (
+        f"warning: shard file {shards[1]} is unreadable (cut short?); its images are extracted again" in result.output
+    )
+    finished = len(shards) - 1
+    assert f"resumed: {finished} of {SHARDS} shards were already done" in result.output, result.output
+    assert f"extracted {PHOTOS - SHARD * finished}, skipped 0" in result.output
     assert not (output / ".shards").exists() and not (output / "training.h5.partial").exists()
     assert_same_features(output / "training.h5", lone_run)
 
