@@ -54,7 +54,7 @@ browser:
 test: venv browser
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 clean:
 	rm -rf $(OUT)/dataset $(OUT)/features $(OUT)/models $(OUT)/evaluation $(OUT)/finetune $(OUT)/predictions.csv \
