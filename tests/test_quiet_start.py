@@ -112,3 +112,43 @@ def test_the_filter_keeps_errors_and_drops_only_info_and_warning_lines():
         b"E0000 00:00:1796137007.843599    1962 cuda_dnn.cc:8310] Unable to register cuDNN factory\n"
         b"Traceback (most recent call last):\n"
     )
+
+
+def test_what_tensorflow_prints_before_it_aborts_still_gets_through(tmp_path):
+    """An import that prints an error and aborts (as TensorFlow does on a CPU it was not built for): the
+    error reaches stderr, the chatter before it does not; with stderr closed the import still works."""
+    fake = tmp_path / "fake" / "tensorflow"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "import contextlib, os, sys\n"
+        "with contextlib.suppress(OSError):  # as C++ logging, it ignores a closed stderr\n"
+        "    os.write(2, b'I0000 00:00:1796137007.843687    1962 port.cc:153] oneDNN custom operations are on.\\n')\n"
+        "    os.write(2, b'E0000 00:00:1796137007.843687    1962 cpu.cc:9] built for instructions this CPU lacks\\n')\n"
+        "if 'abort' in sys.argv: os.abort()\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "fake"))
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    code = ["-c", "import sys, pyimagesearch_tl, tensorflow; print('imported')"]
+    aborted = subprocess.run([sys.executable, *code, "abort"], capture_output=True, text=True, env=env, timeout=60)
+    assert aborted.returncode != 0
+    assert aborted.stderr.splitlines() == [
+        "E0000 00:00:1796137007.843687    1962 cpu.cc:9] built for instructions this CPU lacks"
+    ]
+    closed = subprocess.run(
+        [sys.executable, *code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, timeout=60
+    )
+    assert closed.returncode == 0 and closed.stdout == b"imported\n"
+    gone = "import os, sys; os.close(2); sys.stderr = None; import pyimagesearch_tl, tensorflow; print('ok')"
+    no_stderr = subprocess.run([sys.executable, "-c", gone], capture_output=True, text=True, env=env, timeout=60)
+    assert no_stderr.returncode == 0 and no_stderr.stdout == "ok\n"
+
+
+def test_tf_cpp_min_log_level_1_lets_warnings_through():
+    from pyimagesearch_tl.quiet import filtered
+
+    lines = (
+        b"I0000 00:00:1796137007.843687    1962 port.cc:153] oneDNN custom operations are on.\n"
+        b"W0000 00:00:1796137007.843599    1962 port.cc:148] TF_ENABLE_ONEDNN_OPTS is not set\n"
+    )
+    assert filtered(lines, level=1) == lines.splitlines(keepends=True)[1]
+    assert filtered(lines, level=0) == lines
