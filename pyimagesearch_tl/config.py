@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,7 +61,8 @@ DEFAULTS: dict[str, Any] = {
     "precision": "float32",
     "batch_size": 32,
     "views": 1,  # 2: average each image's features with its left-right mirror's (one more forward pass)
-    "runtime": "auto",  # where the backbone runs: the fastest that matches TensorFlow, or one by name
+    "runtime": "auto",  # where the backbone runs: auto, the first of OpenVINO, ONNX Runtime, TensorFlow
+    # that is installed and matches TensorFlow; or one by name
     "engine": "local",  # where extraction runs: this process, or a Ray cluster
     "ray_address": None,  # ray engine: unset starts a local Ray instance; "auto" joins this machine's cluster
     "ray_cpus_per_worker": 1,  # ray engine: CPUs per worker (each builds the backbone once)
@@ -120,10 +122,19 @@ def _str_list(value: Any) -> str | None:
     return None if ok else "a list of non-empty strings"
 
 
+#: A split name becomes a folder and a file name: letters, digits, '_' and '-', nothing that leaves a folder.
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
 def _splits(value: Any) -> str | None:
-    if _str_list(value) is None and 2 <= len(value) <= 3 and len(set(value)) == len(value):
+    if (
+        _str_list(value) is None
+        and 2 <= len(value) <= 3
+        and len(set(value)) == len(value)
+        and all(SPLIT_NAME.fullmatch(v) for v in value)
+    ):
         return None
-    return "a list of 2 or 3 distinct split names (training, validation[, evaluation])"
+    return "a list of 2 or 3 distinct split names (training, validation[, evaluation]) of letters, digits, '_' and '-'"
 
 
 def _fractions(value: Any) -> str | None:

@@ -144,8 +144,8 @@ def extract_split(
     meta = engine.meta
     path = output_dir / f"{split}{SUFFIXES[feature_format]}"
     identity = fingerprint(meta, rows)
+    remove_feature_files(output_dir, split, keep=feature_format)  # one format per split, and only files of ours
     if read_fingerprint(path) == identity:
-        remove_feature_files(output_dir, split, keep=feature_format)
         return SplitReport(split, path, extracted=0, skipped=read_skipped(path), up_to_date=True)
     started = time.perf_counter()
     previous = _previous_index(path, meta)
@@ -178,7 +178,6 @@ def extract_split(
                 raise KeyboardInterrupt
 
     reused = _assemble(path, meta, identity, rows, shards, previous, feature_format, chunk_rows)
-    remove_feature_files(output_dir, split, keep=feature_format)  # one format per split: never an older file read
     shutil.rmtree(shard_dir)
     with contextlib.suppress(OSError):
         shard_dir.parent.rmdir()  # .shards, once no split has shards left

@@ -24,6 +24,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -424,22 +425,48 @@ def feature_file(features_dir: str | Path, split: str) -> Path:
     )
 
 
-def remove_feature_files(features_dir: str | Path, split: str, keep: str | None = None) -> list[Path]:
-    """Remove the feature files of ``split`` in every format but ``keep`` (all when None) and their sidecars.
+def written_by_ptl(path: Path) -> bool:
+    """True when ``path`` is a feature file ``ptl extract`` wrote (an HDF5 file or a CSV sidecar with its stamps)."""
+    try:
+        if path.suffix == SUFFIXES["hdf5"]:
+            import h5py
 
-    Returns the feature files removed.
+            with h5py.File(path, "r") as f:
+                return "format_version" in f.attrs and "fingerprint" in f.attrs
+        sidecar = json.loads(_csv_meta_path(path).read_text(encoding="utf-8"))
+        return isinstance(sidecar, dict) and "format_version" in sidecar and "fingerprint" in sidecar
+    except (OSError, ValueError):
+        return False
+
+
+def remove_feature_files(features_dir: str | Path, split: str, keep: str | None = None) -> list[Path]:
+    """Remove the feature files of ``split`` in every format but ``keep`` (all when None), with their sidecars,
+    and, with ``keep=None``, the split's list of skipped images and unfinished shards.
+
+    Only files ``ptl extract`` wrote are removed (or, in the ``keep`` format, left to be replaced): a file
+    of such a name that it did not write is a :class:`FeatureFileError`, never touched. Returns the
+    feature files removed.
     """
     features_dir, removed = Path(features_dir), []
     for name, suffix in SUFFIXES.items():
         path = features_dir / f"{split}{suffix}"
-        if name == keep:
+        if not path.is_file():
             continue
-        if path.is_file():
+        if not written_by_ptl(path):  # neither removed nor, for the kept format, replaced
+            raise FeatureFileError(
+                f"{path} was not written by ptl extract and stands where the {split!r} features go; "
+                f"move it away, or extract into another folder"
+            )
+        if name != keep:
+            path.unlink()
+            _csv_meta_path(path).unlink(missing_ok=True)
             removed.append(path)
-        for stale in (path, _csv_meta_path(path)):
-            stale.unlink(missing_ok=True)
-    if keep is None:
+    if keep is None and removed:
         (features_dir / f"{split}.skipped.csv").unlink(missing_ok=True)
+    if keep is None:
+        shutil.rmtree(features_dir / SHARDS / split, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (features_dir / SHARDS).rmdir()  # once no split has shards left
     return removed
 
 

@@ -98,3 +98,40 @@ def test_an_hdf5_file_whose_columns_disagree_is_refused(tmp_path):
         f["paths"].resize(2, axis=0)
     with pytest.raises(FeatureFileError, match=r"its columns disagree \(3 features, 3 labels, 2 paths, 3 sha256\)"):
         read_features(path)
+
+
+def test_files_ptl_did_not_write_are_never_deleted_or_replaced(pipeline_run, tmp_path):
+    features = tmp_path / "features"
+    features.mkdir()
+    theirs = features / "training.csv"  # PyImageSearch's own CSV, no sidecar: the user's work
+    theirs.write_text("0,0.1,0.2\n")
+    for fmt in ("hdf5", "csv"):
+        result = CliRunner().invoke(
+            cli, ["extract", "--dataset", str(pipeline_run["dataset"]), "--output", str(features), "--format", fmt]
+        )
+        assert result.exit_code == 1, result.output
+        assert result.output.strip().splitlines()[-1] == (
+            f"Error: {theirs} was not written by ptl extract and stands where the 'training' features go; "
+            "move it away, or extract into another folder"
+        )
+        assert theirs.read_text() == "0,0.1,0.2\n"
+
+
+def test_a_lost_split_leaves_no_unfinished_shards_behind(pipeline_run, cats_dogs, tmp_path):
+    features = shutil.copytree(pipeline_run["features"], tmp_path / "features")
+    (features / ".shards" / "validation").mkdir(parents=True)  # an extraction of it was interrupted once
+    build_dataset(cats_dogs / "train", tmp_path / "dataset", splits=SPLITS, fractions=[1.0, 0.0, 0.0])
+    with pytest.warns(UserWarning, match="has no 'validation' split any more"):
+        extract_dataset(tmp_path / "dataset", features, splits=SPLITS, backbone="efficientnet_lite0", progress=False)
+    assert not (features / ".shards").exists()
+    with pytest.raises(FeatureFileError, match="no feature file for split 'validation'"):
+        feature_file(features, "validation")
+
+
+@pytest.mark.parametrize("name", ["../victim", "a/b", ".hidden", ""])
+def test_a_split_name_that_is_not_a_plain_name_is_refused(name):
+    from pyimagesearch_tl.config import load_config
+    from pyimagesearch_tl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="split names .* of letters, digits, '_' and '-'"):
+        load_config().replace(splits=["training", name, "evaluation"])
