@@ -416,7 +416,7 @@ def read_exclusions(path: str | Path) -> set[tuple[str, str]]:
     return {(row["sha256"], Path(row["path"]).name) for row in rows}
 
 
-@locks_output("output_dir")
+@locks_output("output_dir", replaces_folder=True)  # it swaps the folder: the lock stays beside
 def build_dataset(
     input_dir: str | Path,
     output_dir: str | Path,
