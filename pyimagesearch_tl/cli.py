@@ -123,7 +123,8 @@ def runtime_option(command):
     return click.option(
         "--runtime",
         type=click.Choice(list_runtimes()),
-        help="Where the backbone runs: auto (the fastest that matches TensorFlow), or one by name.",
+        help="Where the backbone runs: auto (the first of OpenVINO, ONNX Runtime, TensorFlow that is installed "
+        "and matches TensorFlow), or one by name.",
     )(command)
 
 

@@ -10,14 +10,19 @@ The first time a runtime runs a cached network on a machine, its features of the
 images are compared with TensorFlow's (max absolute difference at most :data:`PARITY_ATOL`); the
 verdict is stored beside the network (``<key>.json``), per machine (CPU model and flags, core count,
 the runtimes' versions: :func:`machine_key`), under a file lock, so processes and Ray workers sharing
-the cache never lose each other's verdicts. A runtime asked for by name that fails the check is
-refused with a clear message. ``auto`` takes the first runtime of :data:`PREFERENCE` that is installed
-and passed: an order, not a timing, so no measurement taken on a busy machine can lock in a slow
-runtime (measured on AVX2 and AVX-512 VMs: OpenVINO and ONNX Runtime run the float32 network 1.4x to
-3.4x faster than TensorFlow, OpenVINO as fast as ONNX Runtime or faster). ``ptl runtimes --benchmark``
-times each runtime here on a fixed synthetic batch (median of repetitions) for whoever wants to pick
-by hand. A network that tf2onnx cannot convert runs in TensorFlow, with a one-line note. float32
-runtimes give the same features (same feature layout), so the runtime is not part of it.
+the cache never lose each other's verdicts. A cache that cannot be locked (read-only, not the user's)
+is read without the lock and never written: a verdict taken then holds for that run only. A stored
+entry that is not a well-formed verdict is dropped and checked again. A runtime asked for by name
+that fails the check is refused with a clear message; one that cannot load the cached network (a
+damaged file) is refused with the file to delete, and ``auto`` passes over it with a note.
+
+``auto`` takes the first runtime of :data:`PREFERENCE` that is installed and passed: an order, not a
+timing, so no measurement taken on a busy machine can lock in a slow runtime (measured on AVX2 and
+AVX-512 VMs: OpenVINO and ONNX Runtime run the float32 network 1.4x to 3.4x faster than TensorFlow,
+OpenVINO as fast as ONNX Runtime or faster). ``ptl runtimes --benchmark`` times each runtime here on
+a fixed synthetic batch (median of repetitions) for whoever wants to pick by hand. A network that
+tf2onnx cannot convert runs in TensorFlow, with a one-line note. float32 runtimes give the same
+features (same feature layout), so the runtime is not part of it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -197,17 +203,35 @@ def machine_key() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def valid_verdict(verdict) -> bool:
+    """Whether ``verdict`` is what :func:`check_parity` stores: a real bool ``passed`` that agrees with a
+    finite, non-negative number ``max_abs_diff`` (or an infinite one that failed)."""
+    if not isinstance(verdict, dict) or type(verdict.get("passed")) is not bool:
+        return False
+    difference = verdict.get("max_abs_diff")
+    if type(difference) not in (int, float) or math.isnan(difference) or difference < 0:
+        return False
+    return verdict["passed"] == (difference <= PARITY_ATOL)
+
+
 @contextlib.contextmanager
 def verdicts(network: Path) -> Iterator[dict]:
     """This machine's verdicts on ``network`` (runtime -> {"max_abs_diff", "passed"}), to read and update.
 
     Held under a file lock; what the block adds is written back atomically when it ends, beside the
-    other machines' verdicts.
+    other machines' verdicts. Entries that are not well-formed verdicts (:func:`valid_verdict`) are
+    left out, so they are checked again. Where the lock cannot be taken (a read-only cache, another
+    user's), the verdicts are read without it and nothing is written.
     """
     from filelock import FileLock
 
     path = network.with_suffix(".json")
-    with FileLock(str(path) + ".lock"):
+    lock: FileLock | None = FileLock(str(path) + ".lock")
+    try:
+        lock.acquire()
+    except OSError:  # the lock file cannot be made: read only, what this run adds holds for this run
+        lock = None
+    try:
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):  # none yet, or unreadable: checked again
@@ -216,16 +240,48 @@ def verdicts(network: Path) -> Iterator[dict]:
             record = {}
         # Verdicts by machine; a file of the first format (one timing-based verdict for every machine) is redone.
         record = {k: v for k, v in record.items() if isinstance(v, dict) and not {"passed", "img_per_s"} & set(v)}
-        mine = record.setdefault(machine_key(), {})
-        before = json.dumps(mine, sort_keys=True)
+        stored = record.get(machine_key(), {})
+        mine = record[machine_key()] = {name: v for name, v in stored.items() if valid_verdict(v)}
+        before = json.dumps(stored, sort_keys=True)
         yield mine
-        if json.dumps(mine, sort_keys=True) != before:
-            atomic_write_json(path, record)
+        if lock is not None and json.dumps(mine, sort_keys=True) != before:
+            with contextlib.suppress(OSError):  # a cache that cannot take it: the verdict holds for this run
+                atomic_write_json(path, record)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+class UnreadableNetwork(PTLError):
+    """A runtime cannot load or run the cached network (a damaged file, most likely)."""
+
+    def __init__(self, name: str, path: Path, error: BaseException):
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[-1].strip()  # OpenVINO's: its last
+        detail = detail.replace(str(path), path.name)[:200]
+        self.reason = f"cannot run the cached network {path} ({detail}); delete that file to convert it again"
+        super().__init__(f"{name} {self.reason}")
+
+
+def load(name: str, path: Path, threads: int) -> Forward:
+    """Runtime ``name``'s forward pass of the network file ``path`` (:class:`UnreadableNetwork` if it cannot)."""
+    try:
+        return RUNTIMES[name].load(path, threads)
+    except Exception as exc:
+        raise UnreadableNetwork(name, path, exc) from exc
+
+
+def checked(name: str, path: Path, forward: Forward, reference: np.ndarray, sample: np.ndarray) -> dict:
+    """:func:`check_parity` of runtime ``name`` (:class:`UnreadableNetwork` if it cannot run ``path``)."""
+    try:
+        return check_parity(forward, reference, sample)
+    except Exception as exc:
+        raise UnreadableNetwork(name, path, exc) from exc
 
 
 def check_parity(forward: Forward, reference: np.ndarray, sample: np.ndarray) -> dict:
     """The verdict on runtime ``name``: its largest difference from TensorFlow's features of ``sample``."""
     difference = float(np.abs(np.asarray(forward(sample), np.float32) - reference).max())
+    difference = difference if math.isfinite(difference) else math.inf  # NaN features: as far as can be
     return {"max_abs_diff": difference, "passed": difference <= PARITY_ATOL}
 
 
@@ -308,29 +364,37 @@ def choose(
         )
     sample, reference, passed_over = images[:PARITY_IMAGES], None, []
     for name in order:
-        with verdicts(path) as record:
-            forward = None
-            if name not in record:
-                reference = tensorflow(sample) if reference is None else reference
-                forward = RUNTIMES[name].load(path, threads)
-                record[name] = check_parity(forward, reference, sample)
-            verdict = record[name]
-        if verdict["passed"]:
-            forward = forward or RUNTIMES[name].load(path, threads)
-            return Choice(name, lambda batch, run=forward: np.asarray(run(batch), dtype=np.float32), note(passed_over))
-        passed_over.append(f"{name} ({verdict['max_abs_diff']:.2g} from TensorFlow's features)")
+        try:
+            with verdicts(path) as record:
+                forward = None
+                if name not in record:
+                    reference = tensorflow(sample) if reference is None else reference
+                    forward = load(name, path, threads)
+                    record[name] = checked(name, path, forward, reference, sample)
+                verdict = record[name]
+            if verdict["passed"]:
+                forward = forward or load(name, path, threads)
+                return Choice(name, lambda batch, run=forward: np.asarray(run(batch), np.float32), note(passed_over))
+        except UnreadableNetwork as exc:  # a damaged file: auto goes on, a runtime by name says which file
+            if requested != AUTO:
+                raise
+            passed_over.append(f"{name}: {exc.reason}")
+            continue
         if requested != AUTO:
             raise PTLError(
                 f"{requested} gives features of {what} up to {verdict['max_abs_diff']:.2g} away "
                 f"from TensorFlow's (the limit is {PARITY_ATOL:g}); refused: use --runtime tensorflow"
             )
+        passed_over.append(
+            f"{name}: {verdict['max_abs_diff']:.2g} from TensorFlow's features, above the parity limit {PARITY_ATOL:g}"
+        )
     return Choice(TENSORFLOW, tensorflow, note(passed_over))
 
 
 def note(passed_over: list[str]) -> str | None:
     if not passed_over:
         return None
-    return f"runtime auto passed over {', '.join(passed_over)}: above the parity limit {PARITY_ATOL:g}"
+    return f"runtime auto passed over {'; '.join(passed_over)}"
 
 
 def survey(
@@ -349,10 +413,10 @@ def survey(
         if name != TENSORFLOW and row["installed"]:
             path = path or network()
             with verdicts(path) as record:
-                forward = RUNTIMES[name].load(path, threads)
+                forward = load(name, path, threads)  # a damaged file: an error that names it
                 if name not in record:
                     reference = tensorflow(images[:PARITY_IMAGES]) if reference is None else reference
-                    record[name] = check_parity(forward, reference, images[:PARITY_IMAGES])
+                    record[name] = checked(name, path, forward, reference, images[:PARITY_IMAGES])
                 row.update(record[name])
         if timed and forward is not None:
             row["img_per_s"] = benchmark(forward, images)

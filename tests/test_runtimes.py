@@ -1,10 +1,14 @@
 """Runtimes (TensorFlow, ONNX Runtime, OpenVINO) on real photos, and `ptl export` checked by ONNX Runtime."""
 
 import json
+import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +31,7 @@ from pyimagesearch_tl.runtimes import (
     installed,
     machine_key,
     network_path,
+    verdicts,
 )
 
 ONNX_RUNTIMES = [name for name in RUNTIMES if name != TENSORFLOW]
@@ -116,6 +121,102 @@ def test_verdicts_written_by_many_processes_at_once_are_all_kept(tmp_path):
     writers = [subprocess.Popen([sys.executable, "-c", code, str(network), f"runtime{i}"]) for i in range(6)]
     assert [w.wait(timeout=120) for w in writers] == [0] * 6
     assert sorted(_verdicts(network)) == [f"runtime{i}" for i in range(6)]
+
+
+@pytest.fixture
+def own_network(tmp_path, monkeypatch) -> Path:
+    """The default network, converted once in the session cache, copied (with its weights) into this test's own."""
+    extractor = FeatureExtractor("efficientnet_lite0", runtime="tensorflow", label_names=["a"])
+    source, weights = extractor.network_file(), cache_dir() / "weights"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    network = network_path(extractor.network_key())
+    network.parent.mkdir(parents=True)
+    shutil.copy(source, network)
+    if weights.is_dir():
+        shutil.copytree(weights, cache_dir() / "weights")
+    return network
+
+
+def test_a_cache_that_cannot_be_locked_is_read_without_the_lock_and_never_written(photos, own_network):
+    stored = own_network.with_suffix(".json")
+    # Where no lock file can be made (a read-only cache; a folder in its place stops even root), runs go on.
+    Path(str(stored) + ".lock").mkdir()
+    preferred, second = [name for name in PREFERENCE if name in ONNX_RUNTIMES][:2]
+    auto = FeatureExtractor("efficientnet_lite0", label_names=["a"])
+    auto.transform(photos[:4])
+    assert auto.runtime == preferred and not stored.exists()  # checked and used for this run, not stored
+    # Verdicts stored by whoever filled the cache are read without the lock, and the file is left as it was.
+    stored.write_text(json.dumps({machine_key(): {preferred: {"max_abs_diff": 0.5, "passed": False}}}))
+    before = stored.read_bytes()
+    auto = FeatureExtractor("efficientnet_lite0", label_names=["a"])
+    with pytest.warns(UserWarning, match=f"runtime auto passed over {preferred}: 0.5 from TensorFlow's features"):
+        auto.transform(photos[:4])
+    assert auto.runtime == second
+    result = CliRunner().invoke(cli, ["runtimes"])
+    assert result.exit_code == 0, result.output
+    assert f"{preferred:<12} yes       FAILED (5.0e-01)" in result.output
+    assert result.output.splitlines()[-1].startswith(f"auto -> {second} ")
+    assert stored.read_bytes() == before and _network_files() == [own_network]
+
+
+HOSTILE = {
+    "a word": "yes",
+    "no passed": {"max_abs_diff": 0.5},
+    "a word for the difference": {"passed": False, "max_abs_diff": "big"},
+    "a word for passed": {"passed": "false", "max_abs_diff": 0.0},
+    "a number for passed": {"passed": 1, "max_abs_diff": 0.0},
+    "a bool for the difference": {"passed": True, "max_abs_diff": False},
+    "NaN": {"passed": False, "max_abs_diff": math.nan},
+    "negative": {"passed": True, "max_abs_diff": -1.0},
+    "passed, far off": {"passed": True, "max_abs_diff": 0.5},
+    "failed, close": {"passed": False, "max_abs_diff": 0.0},
+}
+
+
+def test_malformed_verdicts_are_dropped_and_checked_again(tmp_path):
+    network = tmp_path / "network.onnx"
+    network.write_bytes(b"")
+    good = {"close": {"passed": True, "max_abs_diff": 1e-6}, "far": {"passed": False, "max_abs_diff": math.inf}}
+    network.with_suffix(".json").write_text(json.dumps({machine_key(): dict(HOSTILE, **good)}))
+    with verdicts(network) as record:
+        assert record == good
+    assert _verdicts(network) == good  # the file no longer holds them
+
+
+def test_a_hostile_verdict_file_neither_crashes_a_run_nor_decides_it(photos, own_network):
+    stored = own_network.with_suffix(".json")
+    hostile = dict(zip(ONNX_RUNTIMES, HOSTILE.values()))  # one malformed entry per runtime
+    stored.write_text(json.dumps({machine_key(): hostile}))
+    auto = FeatureExtractor("efficientnet_lite0", label_names=["a"])
+    auto.transform(photos[:4])
+    preferred = next(name for name in PREFERENCE if name in ONNX_RUNTIMES)
+    assert auto.runtime == preferred and _verdicts(own_network)[preferred]["passed"]  # checked again
+    stored.write_text(json.dumps({machine_key(): {name: HOSTILE["a word for passed"] for name in ONNX_RUNTIMES}}))
+    result = CliRunner().invoke(cli, ["runtimes"])
+    assert result.exit_code == 0, result.output
+    for name in ONNX_RUNTIMES:
+        assert re.search(rf"^{name} +yes +passed \(", result.output, re.M), result.output
+        assert _verdicts(own_network)[name]["passed"] is True
+
+
+def test_a_damaged_network_file_is_named_and_auto_passes_over_it(photos, own_network):
+    own_network.write_bytes(own_network.read_bytes()[:1_000_000])  # a truncated file
+    damaged = (
+        rf"cannot run the cached network {re.escape(str(own_network))} \(.+\); delete that file to convert it again"
+    )
+    for name in ONNX_RUNTIMES:
+        with pytest.raises(PTLError, match=f"^{name} {damaged}$"):
+            FeatureExtractor("efficientnet_lite0", runtime=name, label_names=["a"]).transform(photos[:2])
+    auto = FeatureExtractor("efficientnet_lite0", label_names=["a"])
+    first = next(name for name in PREFERENCE if name in ONNX_RUNTIMES)
+    with pytest.warns(UserWarning, match=f"^runtime auto passed over {first}: {damaged}") as caught:
+        features = auto.transform(photos[:2])
+    assert auto.runtime == TENSORFLOW and features.shape[0] == 2
+    [message] = [str(w.message) for w in caught if "passed over" in str(w.message)]
+    assert "\n" not in message and all(f"{name}: cannot run" in message for name in ONNX_RUNTIMES)
+    assert not own_network.with_suffix(".json").exists() or not _verdicts(own_network)  # no verdict on a bad file
+    result = CliRunner().invoke(cli, ["runtimes"])
+    assert result.exit_code == 1 and re.search(f"Error: {PREFERENCE[0]} {damaged}", result.output), result.output
 
 
 def test_ptl_runtimes_lists_each_runtime_its_parity_and_its_speed():
