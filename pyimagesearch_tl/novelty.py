@@ -161,7 +161,8 @@ class MahalanobisDetector(Detector):
     components = 256
 
     def learn(self, features, labels, n_classes, logits):
-        from sklearn.covariance import LedoitWolf
+        from scipy.linalg import solve_triangular
+        from sklearn.covariance import ledoit_wolf
         from sklearn.decomposition import PCA
 
         unit = _unit(features)
@@ -171,7 +172,15 @@ class MahalanobisDetector(Detector):
             pca = PCA(min(self.components, len(unit) - 1), svd_solver="randomized", random_state=0).fit(unit)
             projection = pca.components_.T  # distances between projected points ignore the PCA's centring
             residuals = residuals @ projection
-        whiten = np.linalg.cholesky(LedoitWolf().fit(residuals).precision_)
+        # covariance = L @ L.T, so W = inv(L).T whitens (W @ W.T is the precision): two triangular steps, no
+        # eigendecomposition. All-equal residuals (one photo per class) get a tiny ridge instead of failing.
+        covariance = ledoit_wolf(residuals)[0]
+        ridge = max(float(np.trace(covariance)) / len(covariance), 1e-12) * 1e-6
+        try:
+            lower = np.linalg.cholesky(covariance)
+        except np.linalg.LinAlgError:
+            lower = np.linalg.cholesky(covariance + ridge * np.eye(len(covariance)))
+        whiten = solve_triangular(lower, np.eye(len(covariance)), lower=True).T
         self.whiten = (whiten if projection is None else projection @ whiten).astype(np.float32)
         self.means = (means @ self.whiten).astype(np.float32)
 

@@ -231,18 +231,27 @@ def cross_fitted_detector(
     from are far smaller than those of new photos, so calibrating on them rejects many new photos.
     """
     from sklearn.base import clone
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import StratifiedKFold
 
     X, y, classes = train_set.features, train_set.labels, len(bundle.label_names)
-    folds = min(CALIBRATION_FOLDS, int(np.bincount(y, minlength=classes).min()))
-    if folds < 2:  # a class with one photo cannot be held out of its own fit
-        raise DatasetError(
-            f"a class has fewer than 2 {training_split!r} images: too few to calibrate the 'unknown' detector "
-            f"without a validation split; add images or a validation split"
+    smallest = int(np.bincount(y, minlength=classes).min())
+    if smallest < 3:  # a fold would leave a class with a single photo (or none) to learn from
+        warnings.warn(
+            f"a class has {smallest} {training_split!r} photos, too few to hold any out: the 'unknown' threshold "
+            f"is set on the training photos themselves and will call many new photos unknown; add photos or a "
+            f"validation split"
         )
+        detector = make_detector(kind, keep, f"{training_split} photos themselves (too few to hold any out)")
+        detector.learn(X, y, classes, bundle.logits(X))
+        detector.set_threshold(detector.raw_scores(X, bundle.logits(X)))
+        return detector
+    folds = min(CALIBRATION_FOLDS, smallest)
     scores = None
     for fitted_rows, held_rows in StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y):
-        model = clone(estimator).fit(X[fitted_rows], y[fitted_rows])
+        with warnings.catch_warnings():  # as in the grid search: a copy that stops early still scores
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model = clone(estimator).fit(X[fitted_rows], y[fitted_rows])
         part = make_detector(kind, keep)
         part.learn(X[fitted_rows], y[fitted_rows], classes, decision_logits(model, X[fitted_rows]))
         held_scores = part.raw_scores(X[held_rows], decision_logits(model, X[held_rows]))

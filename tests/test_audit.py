@@ -31,16 +31,16 @@ def _planted_copies(photo, folder, stem):
 
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory):
-    """cats_and_dogs_filtered: 100 training photos per class with 5% of the labels flipped (seeded), 10
-    validation photos per class, and 10 training photos planted into validation as 4 copies each (260 in all)."""
+    """cats_and_dogs_filtered: 120 training photos per class with 6% of the labels flipped (seeded), 10
+    validation photos per class, and 10 training photos planted into validation as 4 copies each (300 in all)."""
     work = tmp_path_factory.mktemp("audit")
     source, rng = work / "photos", np.random.default_rng(7)
     train = {
-        label: sorted(shared("cats_and_dogs_filtered", "train", label).glob("*.jpg"))[:100]
+        label: sorted(shared("cats_and_dogs_filtered", "train", label).glob("*.jpg"))[:120]
         for label in ("cats", "dogs")
     }
     every = [(label, p) for label, paths in train.items() for p in paths]
-    flipped = {every[i][1].name for i in rng.choice(len(every), size=10, replace=False)}
+    flipped = {every[i][1].name for i in rng.choice(len(every), size=15, replace=False)}
     for label, paths in train.items():
         other = "dogs" if label == "cats" else "cats"
         for p in paths:
@@ -92,7 +92,7 @@ def test_outputs_summary_and_contact_sheets(audited):
 
     audit = audited["work"] / "audit"
     summary = json.loads((audit / "audit.json").read_text())
-    assert summary["images"] == {"training": 200, "validation": 60}
+    assert summary["images"] == {"training": 240, "validation": 60}
     assert summary["counts"]["leak"]["validation"] == len([r for r in audited["rows"] if r["kind"] == "leak"])
     assert 0.5 < summary["duplicate_threshold"] < 1.0 and 0.5 < summary["pixel_threshold"] < 1.0
     for kind in ("leak", "label"):
