@@ -246,7 +246,7 @@ def test_best_checkpoint_is_restored_and_validation_is_not_augmented(pipeline_ru
         input_size=SIZE,
         batch_size=8,
         head_epochs=2,
-        finetune_epochs=2,
+        finetune_epochs=1,
         finetune_lr=5.0,
         unfreeze_blocks=3,
         augment="strong",

@@ -45,8 +45,8 @@ def test_ptl_extract_writes_no_tensorflow_lines_and_verbose_lets_them_through(ti
     assert "extracted" in quiet.stdout
     assert not [line for line in quiet.stderr.splitlines() if any(c in line for c in CHATTER)], quiet.stderr
     loud = _run(
-        [*ptl, "--verbose", "extract", "--dataset", str(tiny_dataset), "--output", str(tmp_path / "f2")], tmp_path
-    )
+        [*ptl, "--verbose", "extract", "--dataset", str(tiny_dataset), "--output", str(tmp_path / "f2")], cache
+    )  # the network converted by the quiet run: no second conversion
     assert loud.returncode == 0, loud.stderr
     assert any(c in loud.stderr for c in CHATTER)  # the chatter exists: the quiet run really suppressed it
 

@@ -170,7 +170,7 @@ def test_wait_queues_behind_the_running_extraction(big_dataset, lone_run, tmp_pa
             stderr=subprocess.STDOUT,
             text=True,
         )
-        time.sleep(3)
+        time.sleep(1)
         assert second.poll() is None  # still waiting for the lock
     finally:
         first.send_signal(signal.SIGCONT)
