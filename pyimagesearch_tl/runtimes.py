@@ -278,8 +278,22 @@ def checked(name: str, path: Path, forward: Forward, reference: np.ndarray, samp
         raise UnreadableNetwork(name, path, exc) from exc
 
 
+def verdict_of(
+    name: str, path: Path, threads: int, sample: np.ndarray, reference: Callable[[], np.ndarray]
+) -> tuple[dict, Forward | None]:
+    """This machine's verdict on runtime ``name`` running network ``path``, checked on ``sample`` (against
+    TensorFlow's features, ``reference()``) and stored when there is none yet; with the runtime's forward
+    pass when it had to be loaded for the check (else None)."""
+    with verdicts(path) as record:
+        forward = None
+        if name not in record:
+            forward = load(name, path, threads)
+            record[name] = checked(name, path, forward, reference(), sample)
+        return record[name], forward
+
+
 def check_parity(forward: Forward, reference: np.ndarray, sample: np.ndarray) -> dict:
-    """The verdict on runtime ``name``: its largest difference from TensorFlow's features of ``sample``."""
+    """The verdict on ``forward``: its largest difference from TensorFlow's features of ``sample``."""
     difference = float(np.abs(np.asarray(forward(sample), np.float32) - reference).max())
     difference = difference if math.isfinite(difference) else math.inf  # NaN features: as far as can be
     return {"max_abs_diff": difference, "passed": difference <= PARITY_ATOL}
@@ -362,16 +376,11 @@ def choose(
         return Choice(
             TENSORFLOW, tensorflow, f"{what} could not be converted to ONNX ({reason}); it runs in TensorFlow"
         )
-    sample, reference, passed_over = images[:PARITY_IMAGES], None, []
+    sample, passed_over = images[:PARITY_IMAGES], []
+    reference = functools.cache(lambda: tensorflow(sample))
     for name in order:
         try:
-            with verdicts(path) as record:
-                forward = None
-                if name not in record:
-                    reference = tensorflow(sample) if reference is None else reference
-                    forward = load(name, path, threads)
-                    record[name] = checked(name, path, forward, reference, sample)
-                verdict = record[name]
+            verdict, forward = verdict_of(name, path, threads, sample, reference)
             if verdict["passed"]:
                 forward = forward or load(name, path, threads)
                 return Choice(name, lambda batch, run=forward: np.asarray(run(batch), np.float32), note(passed_over))
@@ -406,18 +415,16 @@ def survey(
     A runtime without a verdict here yet is checked on the synthetic batch (and the verdict stored).
     """
     images = synthetic_batch(input_size)
-    reference, path, rows = None, None, []
+    sample, path, rows = images[:PARITY_IMAGES], None, []
+    reference = functools.cache(lambda: tensorflow(sample))
     for name in PREFERENCE:
         row = {"runtime": name, "installed": installed(name), "install": RUNTIMES[name].install}
         forward = tensorflow if name == TENSORFLOW else None
         if name != TENSORFLOW and row["installed"]:
             path = path or network()
-            with verdicts(path) as record:
-                forward = load(name, path, threads)  # a damaged file: an error that names it
-                if name not in record:
-                    reference = tensorflow(images[:PARITY_IMAGES]) if reference is None else reference
-                    record[name] = checked(name, path, forward, reference, images[:PARITY_IMAGES])
-                row.update(record[name])
+            verdict, forward = verdict_of(name, path, threads, sample, reference)
+            forward = forward or load(name, path, threads)  # a damaged file: an error that names it
+            row.update(verdict)
         if timed and forward is not None:
             row["img_per_s"] = benchmark(forward, images)
         rows.append(row)

@@ -242,10 +242,9 @@ def cross_fitted_detector(
             f"is set on the training photos themselves and will call many new photos unknown; add photos or a "
             f"validation split"
         )
-        detector = make_detector(kind, keep, f"{training_split} photos themselves (too few to hold any out)")
-        detector.learn(X, y, classes, bundle.logits(X))
-        detector.set_threshold(detector.raw_scores(X, bundle.logits(X)))
-        return detector
+        logits = bundle.logits(X)
+        calibrated_on = f"{training_split} photos themselves (too few to hold any out)"
+        return fit_detector(kind, X, y, classes, logits, X, logits, keep, calibrated_on)
     folds = min(CALIBRATION_FOLDS, smallest)
     scores = None
     for fitted_rows, held_rows in StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y):
