@@ -91,10 +91,8 @@ def test_auto_takes_the_first_preferred_runtime_that_passed_and_remembers_it(pho
     assert again.runtime == preferred and auto_network.stat().st_mtime_ns == converted_at  # no second conversion
 
 
-def test_a_timing_taken_on_a_busy_machine_or_another_machine_decides_nothing(photos, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    extractor = FeatureExtractor("efficientnet_lite0", runtime="tensorflow", label_names=["a"])
-    network = extractor.network_file()  # converted into this test's own cache
+def test_a_timing_taken_on_a_busy_machine_or_another_machine_decides_nothing(photos, own_network):
+    network = own_network
     # The first format's verdict, taken while a test suite ran: TensorFlow "fastest", kept forever.
     busy = {
         "tensorflow": {"img_per_s": 108.6},
@@ -233,14 +231,16 @@ def test_ptl_runtimes_lists_each_runtime_its_parity_and_its_speed():
     assert lines[-1].startswith(f"auto -> {preferred} ")
 
 
-def test_a_network_that_fails_the_parity_check_is_refused(photos, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    extractor = FeatureExtractor("efficientnet_lite0", runtime="onnxruntime", label_names=["ants", "bees"])
-    extractor.transform(photos[:2])  # converts into this test's own cache
-    [network] = _network_files()
-    network.with_suffix(".json").unlink()
-    other = FeatureExtractor("efficientnet_lite0", weights="none", runtime="tensorflow")  # same shapes, other values
-    network.write_bytes(other.to_onnx().SerializeToString())
+def test_a_network_that_fails_the_parity_check_is_refused(photos, own_network):
+    import onnx
+    from onnx import numpy_helper
+
+    other = onnx.load(own_network)  # the same graph with other values, as another model's weights would be
+    for weight in other.graph.initializer:
+        values = numpy_helper.to_array(weight)
+        if values.dtype == np.float32 and values.size > 1:
+            weight.CopyFrom(numpy_helper.from_array(values * np.float32(1.5), weight.name))
+    onnx.save(other, own_network)
     with pytest.raises(
         PTLError,
         match=r"onnxruntime gives features of efficientnet_lite0 .* away from TensorFlow's "
