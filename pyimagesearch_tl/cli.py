@@ -498,6 +498,7 @@ def compare_command(run_dir):
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]))
 @click.option("--batch-size", type=int)
 @click.option("--seed", type=int)
+@runtime_option
 @wait_option
 @with_config
 def finetune_command(config: Config, wait, **options):

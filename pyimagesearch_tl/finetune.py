@@ -258,6 +258,7 @@ class FinetuneSettings:
     max_image_pixels: int
     unknown: str
     unknown_keep: float
+    runtime: str  # where the fine-tuned backbone computes the features the "unknown" detector is fitted on
 
     @classmethod
     def from_config(cls, config) -> "FinetuneSettings":
@@ -578,6 +579,7 @@ def _bundle(model, base, settings: FinetuneSettings, dataset_dir: Path, training
         settings.max_image_pixels,
         input_size=int(model.input.shape[1]),
         label_names=[str(c) for c in encoder.classes_],
+        runtime=settings.runtime,
     )
     head = dense_head(model)
     train_set, _ = extract_in_memory(extractor, dataset_dir, training)

@@ -18,6 +18,29 @@ SHARED = Path(os.environ.get("PTL_SHARED_DATASETS", ROOT.parent / "shared" / "da
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+#: What TensorFlow prints at import (absl, oneDNN, CPU features): nothing of it may reach a user's stderr.
+TENSORFLOW_CHATTER = (
+    "oneDNN custom operations",
+    "absl::InitializeLog",
+    "This TensorFlow binary is optimized",
+    "cpu_feature_guard",
+)
+
+
+def chatty_env(**overrides: str) -> dict[str, str]:
+    """The environment of a user's shell (no ``TF_CPP_MIN_LOG_LEVEL``) with ``TF_ENABLE_ONEDNN_OPTS=1``:
+    TensorFlow then prints its oneDNN and absl lines at import on any x86 CPU (by default only AVX-512
+    ones do), so a run in it leaks them wherever they are not suppressed."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["TF_ENABLE_ONEDNN_OPTS"] = "1"
+    return dict(env, **overrides)
+
+
+def chatter(stderr: str) -> list[str]:
+    """The lines of ``stderr`` that TensorFlow printed at import."""
+    return [line for line in stderr.splitlines() if any(c in line for c in TENSORFLOW_CHATTER)]
+
+
 def shared(*parts: str) -> Path:
     """A folder of ../shared/datasets; when it is missing the test fails under CI (``CI`` set: a run
     without the photos must not pass green) and is skipped, with the reason, elsewhere."""

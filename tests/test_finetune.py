@@ -251,6 +251,7 @@ def test_best_checkpoint_is_restored_and_validation_is_not_augmented(pipeline_ru
         unfreeze_blocks=3,
         augment="strong",
         seed=3,
+        runtime="tensorflow",  # the bundle's features in TensorFlow: no conversion of a network used once
     )
     report = ft.finetune(pipeline_run["dataset"], tmp_path, settings)
     history = report.history
@@ -316,7 +317,9 @@ def test_ctrl_c_stops_early_and_keeps_the_best_weights_and_corrupt_images_are_sk
             presses.append(epoch)
             os.kill(os.getpid(), signal.SIGINT)
 
-    settings = settings_with(input_size=SIZE, batch_size=8, head_epochs=3, finetune_epochs=3, seed=5)
+    settings = settings_with(
+        input_size=SIZE, batch_size=8, head_epochs=3, finetune_epochs=3, seed=5, runtime="tensorflow"
+    )
     report = ft.finetune(dataset, tmp_path / "out", settings, on_epoch=press_ctrl_c)
     assert presses == [1] and report.interrupted
     assert [s["name"] for s in report.history["stages"]] == ["head"]  # stage 2 skipped
@@ -340,13 +343,14 @@ def test_a_keras_applications_backbone_fine_tunes_with_class_weights(pipeline_ru
         unfreeze_blocks=1,
         class_weight="balanced",
         seed=2,
+        runtime="tensorflow",
     )
     report = ft.finetune(pipeline_run["dataset"], tmp_path, settings)
     assert report.unfrozen == ["Conv_1"]
     paths = [pipeline_run["dataset"] / row["path"] for row in validation_rows(pipeline_run["dataset"])][:6]
     network = keras.models.load_model(tmp_path / "finetune.keras")
     expected = network.predict(np.stack([load_image(p, SIZE) for p in paths]).astype("float32"), verbose=0)
-    results = Predictor(Bundle.load(report.bundle_path)).predict(paths)
+    results = Predictor(Bundle.load(report.bundle_path), runtime="tensorflow").predict(paths)
     np.testing.assert_allclose([[dict(r.top)[c] for c in ("cats", "dogs")] for r in results], expected, atol=2e-4)
 
 

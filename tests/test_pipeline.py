@@ -1,7 +1,6 @@
 """The stages end to end on real photos: extract, train, evaluate, predict, through the CLI."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import joblib
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import ROOT
+from conftest import ROOT, chatter, chatty_env
 
 from pyimagesearch_tl.bundle import Bundle
 from pyimagesearch_tl.classifiers import list_classifiers
@@ -250,7 +249,8 @@ def test_missing_features_folder_is_a_clear_error(tmp_path):
 
 
 def test_numbered_scripts_run_in_order(tmp_path, cats_dogs):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    """The five numbered scripts end to end, each printing nothing of TensorFlow's start-up lines."""
+    env = chatty_env(PYTHONUNBUFFERED="1")
     out = tmp_path / "out"
 
     def script(name: str, *args: str) -> str:
@@ -263,6 +263,7 @@ def test_numbered_scripts_run_in_order(tmp_path, cats_dogs):
             timeout=600,
         )
         assert result.returncode == 0, result.stdout + result.stderr
+        assert not chatter(result.stderr), result.stderr
         return result.stdout
 
     script("01_build_dataset.py", "--input", str(cats_dogs), "--output", str(out / "dataset"))
