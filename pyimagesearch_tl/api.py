@@ -10,7 +10,7 @@
     model = ptl.train(feats, "output/models", classifier="logreg")   # a Model (a bundle)
     model.evaluate(feats["validation"])["accuracy"]
     model.predict(["new.jpg"])[0].label
-    ptl.load_model("output/models/logreg.joblib")
+    ptl.load_model("output/models/logreg.skops")
 
 Every function takes the same settings as the ``ptl`` command, as keyword overrides of the
 configuration (``backbone="efficientnet_lite2"``, ``batch_size=16``, ...) or a whole
@@ -44,6 +44,7 @@ __all__ = [
     "configure",
     "extract",
     "load_model",
+    "load_predictor",
     "train",
 ]
 
@@ -430,12 +431,49 @@ def audit(
     )
 
 
-def load_model(path: str | Path, *, config: Config | None = None, **overrides: Any) -> Model:
+def load_model(
+    path: str | Path, *, trust_pickle: bool = False, config: Config | None = None, **overrides: Any
+) -> Model:
     """A model saved by :func:`train`, ``ptl train`` or ``ptl finetune``.
 
+    ``trust_pickle=True`` also loads a bundle saved as a pickle (before ``.skops``), which runs any
+    code the file holds: only for files from a source you trust (see :meth:`Bundle.load`).
     ``overrides`` set how it predicts (``runtime``, ``batch_size``, ``max_image_pixels``), never what.
     """
-    return Model(Bundle.load(path), Path(path), config=configure(config, **overrides))
+    return Model(Bundle.load(path, trust_pickle=trust_pickle), Path(path), config=configure(config, **overrides))
+
+
+def load_predictor(
+    path: str | Path, top_k: int = 3, *, trust_pickle: bool = False, config: Config | None = None, **overrides: Any
+):
+    """The predictor ``ptl predict`` and ``ptl serve`` use: of a bundle, or of an ``.onnx`` file from ``ptl export``.
+
+    Parameters
+    ----------
+    path : str or Path
+        A bundle (:func:`load_model`), or a file named ``*.onnx``: run in ONNX Runtime without importing
+        TensorFlow (:class:`~pyimagesearch_tl.export.OnnxPredictor`: the label and top-k scores, never
+        "unknown").
+    top_k : int
+        Classes listed per image.
+    trust_pickle : bool
+        As for :func:`load_model` (a bundle only).
+    config, **overrides
+        As for :func:`load_model`; an ``.onnx`` file takes ``runtime`` "auto" or "onnxruntime" only.
+
+    Returns
+    -------
+    Predictor
+        Its ``predict(paths)`` gives one :class:`~pyimagesearch_tl.prediction.Prediction` per image.
+    """
+    if Path(path).suffix.lower() != ".onnx":
+        return load_model(path, trust_pickle=trust_pickle, config=config, **overrides).predictor(top_k)
+    from .export import OnnxPredictor
+
+    config = configure(config, **overrides)
+    if config.runtime not in ("auto", "onnxruntime"):
+        raise ConfigError(f"{path} is an ONNX model, run by ONNX Runtime: runtime {config.runtime!r} is for bundles")
+    return OnnxPredictor(path, config.batch_size, config.max_image_pixels, top_k)
 
 
 def train(
@@ -454,7 +492,7 @@ def train(
         Default: the configuration's ``features_dir``. Several folders extracted from the same
         dataset (e.g. by two backbones) are combined: their vectors are concatenated image by image.
     output_dir : path, optional
-        Where ``<classifier>.joblib`` goes. Default: the configuration's ``models_dir``.
+        Where ``<classifier>.skops`` goes. Default: the configuration's ``models_dir``.
     config : Config, optional
     wait : bool
         Queue behind another run writing ``output_dir`` instead of refusing.

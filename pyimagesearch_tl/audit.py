@@ -42,7 +42,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .atomic import atomic_write_csv, atomic_write_json
+from .atomic import atomic_path, atomic_write_csv, atomic_write_json
 from .backbones import FINETUNED
 from .classifiers import get_classifier, make_pipeline
 from .errors import ConfigError, DatasetError
@@ -51,7 +51,7 @@ from .images import load_image
 from .layouts import MANIFEST
 from .locks import locks_output
 from .novelty import NoveltyDetector
-from .plots import new_figure, save_figure
+from .plots import new_figure
 from .store import FeatureSet, check_same_layout, feature_file, has_feature_file, read_features
 
 #: Share of edited copies (half size, JPEG quality 40, 10% crop) both duplicate thresholds must catch.
@@ -473,8 +473,13 @@ def audit(
     return AuditReport(rows, summary, files)
 
 
-def contact_sheet(rows: Sequence[dict], dataset_dir: Path, path: Path, thumb: int = 128, columns: int = 6) -> str:
-    """Thumbnails of the top suspects, captioned with split, given and suggested label; pairs side by side."""
+def contact_sheet(rows: Sequence[dict], dataset_dir: Path, path: Path, thumb: int = 176, columns: int = 6) -> str:
+    """Thumbnails of the top suspects, captioned with split, given and suggested label; pairs side by side.
+
+    The thumbnails (``thumb`` pixels square) are laid out in one image, drawn at its own resolution under
+    the captions: one set of axes for the whole sheet, not one per photo, so a sheet of 48 photos takes a
+    fraction of a second instead of seconds.
+    """
     pairs = any(r["partner_path"] for r in rows)
     cells = []
     for r in rows:
@@ -484,14 +489,21 @@ def contact_sheet(rows: Sequence[dict], dataset_dir: Path, path: Path, thumb: in
         else:
             suggestion = f"\n-> {r['suggested_label']}" if r["suggested_label"] else ""
             cells.append((r["path"], f"{r['split']}: {r['label']}{suggestion}"))
+    dpi, margin, caption = 110, thumb // 8, 30  # pixels: around each thumbnail, and above it for two lines
+    width, height = thumb + 2 * margin, thumb + caption + 2 * margin  # of a cell
     lines = -(-len(cells) // columns)
-    figure = new_figure(figsize=(2.0 * columns, 2.3 * lines))
-    for n, (image_path, caption) in enumerate(cells):
-        axis = figure.add_subplot(lines, columns, n + 1)
+    sheet = np.full((lines * height, columns * width, 3), 255, np.uint8)
+    figure = new_figure(figsize=(columns * width / dpi, lines * height / dpi), dpi=dpi)
+    axis = figure.add_axes((0, 0, 1, 1))  # the whole figure, in the sheet's pixels
+    axis.set_axis_off()
+    for n, (image_path, text) in enumerate(cells):
+        x, y = (n % columns) * width + margin, (n // columns) * height + margin + caption  # the thumbnail's corner
         try:
-            axis.imshow(load_image(dataset_dir / image_path, thumb))
+            sheet[y : y + thumb, x : x + thumb] = load_image(dataset_dir / image_path, thumb)
         except Exception as exc:  # a file gone since the extraction: the sheet says so
-            axis.text(0.5, 0.5, str(exc)[:40], ha="center", va="center", fontsize=6)
-        axis.set_title(caption, fontsize=7)
-        axis.axis("off")
-    return save_figure(figure, path)
+            axis.text(x + thumb / 2, y + thumb / 2, str(exc)[:40], ha="center", va="center", fontsize=6)
+        axis.text(x + thumb / 2, y - 4, text, ha="center", va="bottom", fontsize=7)
+    axis.imshow(sheet, extent=(0, sheet.shape[1], sheet.shape[0], 0), interpolation="none", aspect="auto", zorder=0)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=dpi, format="png")
+    return str(path)

@@ -5,9 +5,17 @@ of the features it was trained on (backbone, weights, pooling, input size, prepr
 the grid-search result and the library versions. Prediction rebuilds the backbone from the bundle,
 never from defaults.
 
-.. warning::
-   A bundle is a pickle (joblib). Loading one can run arbitrary code: load only bundles from a
-   source you trust, exactly as with any scikit-learn model file.
+A bundle file (``<name>.skops``, :data:`BUNDLE_SUFFIX`) is written with ``skops.io``: a zip of JSON and
+NumPy arrays that names the type of every object in it. Loading builds only the types skops trusts by
+default (built-in containers and numbers, NumPy arrays, scikit-learn's estimators) and this package's
+own (:func:`trusted_types`); a file naming any other type is refused, naming it, before anything in it
+is built, so a bundle cannot run code by being loaded. What it holds is then checked field by field
+(:class:`Bundle`'s fields say what each must be).
+
+Bundles saved before skops are joblib pickles, and unpickling runs whatever code the file holds: they
+are loaded only when asked with ``trust_pickle=True`` (``--trust-pickle`` on the command line), and
+``ptl convert-bundle --trust-pickle`` re-saves one as skops. The format is told by the content (a zip
+is skops, anything else is read as a pickle), never by the file's name.
 """
 
 from __future__ import annotations
@@ -16,17 +24,23 @@ import dataclasses
 import datetime
 import platform
 import warnings
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from ._version import __version__
-from .atomic import atomic_joblib_dump
+from .atomic import atomic_path
 from .errors import BundleError
+from .novelty import Detector
 from .store import CombinedMeta, FeatureMeta
 
 FORMAT_VERSION = 1
+#: The name ending of bundle files (``<classifier>.skops``, ``finetune.skops``).
+BUNDLE_SUFFIX = ".skops"
+#: The one entry of a bundle file: its fields, by name.
+PAYLOAD_KEY = "pyimagesearch_tl_bundle"
 
 
 def library_versions() -> dict[str, str]:
@@ -34,12 +48,105 @@ def library_versions() -> dict[str, str]:
     from importlib import metadata
 
     versions = {"pyimagesearch_tl": __version__, "python": platform.python_version()}
-    for name in ("numpy", "scikit-learn", "keras", "h5py", "tensorflow", "tensorflow-cpu"):
+    for name in ("numpy", "scikit-learn", "skops", "keras", "h5py", "tensorflow", "tensorflow-cpu"):
         try:
             versions[name.replace("-cpu", "")] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
     return versions
+
+
+def _subclasses(base: type) -> set[type]:
+    found = set()
+    for subclass in base.__subclasses__():
+        found |= {subclass} | _subclasses(subclass)
+    return found
+
+
+def _type_name(kind: type) -> str:
+    """A type's name as skops writes it in a file: ``module.Name``."""
+    return f"{kind.__module__}.{kind.__name__}"
+
+
+def trusted_types() -> list[type]:
+    """The types a bundle may hold besides those skops trusts by default.
+
+    Derived, not listed: the estimator of every entry of the classifier registry
+    (:func:`~pyimagesearch_tl.classifiers.list_classifiers`; scikit-learn's are trusted by default
+    anyway, a registered one from elsewhere is trusted here), every :class:`~pyimagesearch_tl.novelty.Detector`
+    subclass (the detectors of :data:`~pyimagesearch_tl.novelty.DETECTORS`, the combination that
+    holds two of them, and the older classes still read from old bundles), plus the three types no
+    registry holds: :class:`~pyimagesearch_tl.classifiers.DenseHead` (a fine-tuned network's head),
+    :class:`~pyimagesearch_tl.store.FeatureMeta` and :class:`~pyimagesearch_tl.store.CombinedMeta`.
+    """
+    from .classifiers import DenseHead, get_classifier, list_classifiers
+
+    estimators = {type(get_classifier(name).make(0, None)) for name in list_classifiers()}
+    kinds = estimators | _subclasses(Detector) | {DenseHead, FeatureMeta, CombinedMeta}
+    return sorted(kinds, key=_type_name)
+
+
+def _untrusted(data: bytes | None = None, file: Path | None = None) -> list[str]:
+    """The types named in a skops file or its bytes that a bundle may not hold, sorted."""
+    import skops.io
+
+    trusted = {_type_name(kind) for kind in trusted_types()}
+    return sorted(set(skops.io.get_untrusted_types(data=data, file=file)) - trusted)
+
+
+def _read_skops(path: Path) -> Any:
+    """What the skops file ``path`` holds, built only if every type it names is trusted."""
+    import skops.io
+    from skops.io.exceptions import UntrustedTypesFoundException
+
+    try:
+        return skops.io.load(path, trusted=trusted_types())
+    except UntrustedTypesFoundException:
+        raise BundleError(
+            f"{path}: refused: it holds types a model bundle never holds ({', '.join(_untrusted(file=path))}); "
+            "nothing in it was loaded"
+        ) from None
+    except Exception as exc:
+        raise BundleError(f"{path}: not a readable model bundle ({type(exc).__name__}: {exc})") from None
+
+
+def _read_pickle(path: Path, trust_pickle: bool) -> Any:
+    """What the pickle ``path`` holds, when its reader trusts it (unpickling runs the code it holds)."""
+    import joblib
+
+    if not trust_pickle:
+        raise BundleError(
+            f"{path} is not a {BUNDLE_SUFFIX} bundle: read as a pickle (how bundles were saved before), it could run "
+            "any code it holds, so it is refused. If you trust its source, load it with --trust-pickle "
+            f"(trust_pickle=True in Python), or convert it once: ptl convert-bundle --trust-pickle --model {path}"
+        )
+    try:
+        return joblib.load(path)
+    except Exception as exc:
+        raise BundleError(f"{path}: not a readable model bundle ({type(exc).__name__}: {exc})") from None
+
+
+def _field(check: Callable[[Any], bool], must_be: str, **options) -> Any:
+    """A :class:`Bundle` field with what a loaded bundle's value must be (``check``, and in words)."""
+    return dataclasses.field(metadata={"check": check, "must_be": must_be}, **options)
+
+
+def _is_classifier(value) -> bool:
+    return hasattr(value, "predict") and (hasattr(value, "predict_proba") or hasattr(value, "decision_function"))
+
+
+def _is_label_encoder(value) -> bool:
+    from sklearn.preprocessing import LabelEncoder
+
+    return isinstance(value, LabelEncoder) and hasattr(value, "classes_")
+
+
+def _is_weights(value) -> bool:
+    return value is None or (isinstance(value, list) and all(isinstance(array, np.ndarray) for array in value))
+
+
+def _is_versions(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
 
 
 @dataclasses.dataclass
@@ -64,51 +171,84 @@ class Bundle:
     backbone_weights : list of ndarray or None
         A fine-tuned backbone's weights (``meta.weights == "finetuned"``); None when the backbone's
         weights are named by ``meta`` (ImageNet, random or a local file).
+    versions : dict of str to str
+        The library versions it was saved with (:func:`library_versions`).
+    created : str
+        When it was made (ISO 8601, UTC).
+    format_version : int
+        :data:`FORMAT_VERSION` of the fields: a file of another one is refused.
     """
 
-    classifier: Any
-    label_encoder: Any
-    meta: FeatureMeta | CombinedMeta
-    name: str
-    info: dict = dataclasses.field(default_factory=dict)
-    novelty: Any = None
-    backbone_weights: list | None = None
-    versions: dict = dataclasses.field(default_factory=library_versions)
-    created: str = dataclasses.field(
-        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    classifier: Any = _field(_is_classifier, "a fitted classifier (with predict_proba or decision_function)")
+    label_encoder: Any = _field(_is_label_encoder, "a fitted LabelEncoder")
+    meta: FeatureMeta | CombinedMeta = _field(
+        lambda value: isinstance(value, (FeatureMeta, CombinedMeta)), "a FeatureMeta or CombinedMeta"
     )
-    format_version: int = FORMAT_VERSION
+    name: str = _field(lambda value: isinstance(value, str), "a str")
+    info: dict = _field(lambda value: isinstance(value, dict), "a dict", default_factory=dict)
+    novelty: Any = _field(
+        lambda value: value is None or isinstance(value, Detector), "a Detector or None", default=None
+    )
+    backbone_weights: list | None = _field(_is_weights, "a list of arrays or None", default=None)
+    versions: dict = _field(_is_versions, "a dict of str to str", default_factory=library_versions)
+    created: str = _field(
+        lambda value: isinstance(value, str),
+        "a str",
+        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    format_version: int = _field(lambda value: type(value) is int, "an int", default=FORMAT_VERSION)
 
     @property
     def label_names(self) -> list[str]:
         return [str(c) for c in self.label_encoder.classes_]
 
     def save(self, path: str | Path) -> Path:
+        """Write the bundle to ``path`` as a skops file, atomically (whatever the name's ending).
+
+        Refused with a :class:`BundleError` when it holds a type :meth:`load` would refuse (an estimator
+        from outside the registries), so that no bundle is saved that cannot be loaded.
+        """
+        import skops.io
+
         fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
-        atomic_joblib_dump(path, {"pyimagesearch_tl_bundle": fields})
+        try:
+            data = skops.io.dumps({PAYLOAD_KEY: fields})
+        except Exception as exc:  # a type skops cannot write
+            raise BundleError(f"cannot save {path}: {type(exc).__name__}: {exc}") from None
+        untrusted = _untrusted(data=data)
+        if untrusted:
+            raise BundleError(
+                f"cannot save {path}: it holds types a bundle may not hold ({', '.join(untrusted)}), "
+                "so it could not be loaded again"
+            )
+        with atomic_path(path) as temporary:
+            temporary.write_bytes(data)
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Bundle":
-        """Load a bundle; warn when it was saved with other library versions. Trusted files only."""
-        import joblib
+    def load(cls, path: str | Path, *, trust_pickle: bool = False) -> "Bundle":
+        """Load a bundle and check what it holds; warn when it was saved with other library versions.
 
+        Parameters
+        ----------
+        path : str or Path
+            A skops bundle (a zip), or an older pickle bundle (anything else).
+        trust_pickle : bool
+            Load a pickle bundle, whose loading runs any code it holds: only for files from a trusted
+            source. Without it, a pickle is refused with a :class:`BundleError` saying how to convert it.
+
+        Raises
+        ------
+        BundleError
+            The file is missing, unreadable, a pickle not trusted, a skops file naming a type a bundle
+            never holds (nothing in it is built), or holds other fields than :class:`Bundle`'s (missing,
+            extra, of the wrong type, of another :data:`FORMAT_VERSION`).
+        """
         path = Path(path)
         if not path.is_file():
             raise BundleError(f"model bundle {str(path)!r} does not exist")
-        try:
-            payload = joblib.load(path)
-        except Exception as exc:
-            raise BundleError(f"{path}: not a readable model bundle ({type(exc).__name__}: {exc})") from None
-        if not isinstance(payload, dict) or "pyimagesearch_tl_bundle" not in payload:
-            raise BundleError(f"{path}: not a pyimagesearch_tl model bundle")
-        fields = payload["pyimagesearch_tl_bundle"]
-        if fields.get("format_version") != FORMAT_VERSION:
-            raise BundleError(
-                f"{path}: bundle format {fields.get('format_version')} is not supported "
-                f"(this version reads {FORMAT_VERSION})"
-            )
-        bundle = cls(**fields)
+        payload = _read_skops(path) if zipfile.is_zipfile(path) else _read_pickle(path, trust_pickle)
+        bundle = cls(**cls._checked_fields(payload, path))
         current = library_versions()
         for library in ("scikit-learn", "numpy", "keras", "pyimagesearch_tl"):
             saved = bundle.versions.get(library)
@@ -119,6 +259,38 @@ class Bundle:
                     stacklevel=2,
                 )
         return bundle
+
+    @classmethod
+    def _checked_fields(cls, payload: Any, path: Path) -> dict:
+        """The fields in ``payload``, exactly :class:`Bundle`'s and each what it must be, or a :class:`BundleError`."""
+        if not isinstance(payload, dict):
+            raise BundleError(f"{path}: not a pyimagesearch_tl model bundle (it holds a {type(payload).__name__})")
+        if set(payload) != {PAYLOAD_KEY}:
+            raise BundleError(
+                f"{path}: not a pyimagesearch_tl model bundle (its entries are {sorted(map(str, payload))}; "
+                f"a bundle has one, {PAYLOAD_KEY!r})"
+            )
+        fields = payload[PAYLOAD_KEY]
+        if not isinstance(fields, dict):
+            raise BundleError(f"{path}: not a valid model bundle: its fields are a {type(fields).__name__}, not a dict")
+        if fields.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:  # a missing one is named below
+            raise BundleError(
+                f"{path}: bundle format {fields['format_version']!r} is not supported "
+                f"(this version reads {FORMAT_VERSION})"
+            )
+        declared = {field.name: field for field in dataclasses.fields(cls)}
+        missing, extra = sorted(set(declared) - set(fields)), sorted(map(str, set(fields) - set(declared)))
+        if missing or extra:
+            problems = [f"missing field(s) {', '.join(missing)}"] if missing else []
+            problems += [f"unexpected field(s) {', '.join(extra)}"] if extra else []
+            raise BundleError(f"{path}: not a valid model bundle: {'; '.join(problems)}")
+        for name, field in declared.items():
+            if not field.metadata["check"](fields[name]):
+                raise BundleError(
+                    f"{path}: not a valid model bundle: field {name!r} is a {type(fields[name]).__name__}, "
+                    f"not {field.metadata['must_be']}"
+                )
+        return fields
 
     # --- predicting from features ---------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from .atomic import describe_os_error
 from .config import Config, load_config
 from .errors import ConfigError, PTLError
 from .layouts import LAYOUTS
@@ -24,7 +25,11 @@ from .novelty import list_detectors
 
 
 class PTLCommand(click.Command):
-    """Turns :class:`PTLError` into a clean ``Error: ...`` message and warnings into ``warning:`` lines."""
+    """Turns :class:`PTLError` into a clean ``Error: ...`` message and warnings into ``warning:`` lines.
+
+    An ``OSError`` that reaches it (an output that cannot be written: disk full, read-only folder) is
+    one line too, naming the path and the cause (:func:`~pyimagesearch_tl.atomic.describe_os_error`).
+    """
 
     def invoke(self, ctx: click.Context):
         def show_warning(message, category, filename, lineno, file=None, line=None):
@@ -37,6 +42,8 @@ class PTLCommand(click.Command):
                 return super().invoke(ctx)
             except PTLError as exc:
                 raise click.ClickException(str(exc)) from None
+            except OSError as exc:
+                raise click.ClickException(describe_os_error(exc)) from None
 
 
 class PTLGroup(click.Group):
@@ -125,6 +132,17 @@ def runtime_option(command):
         type=click.Choice(list_runtimes()),
         help="Where the backbone runs: auto (the first of OpenVINO, ONNX Runtime, TensorFlow that is installed "
         "and matches TensorFlow), or one by name.",
+    )(command)
+
+
+def trust_pickle_option(command):
+    """``--trust-pickle``: every command that loads a bundle also loads one saved as a pickle, when told to."""
+    return click.option(
+        "--trust-pickle",
+        is_flag=True,
+        default=False,
+        help="Also load a bundle saved as a pickle (before .skops bundles), which runs any code the file holds: "
+        "only for files from a source you trust.",
     )(command)
 
 
@@ -319,7 +337,7 @@ def extract_command(config: Config, wait, **options):
 
 @cli.command("train")
 @features_option("Folder of feature files written by extract; repeat to combine several (e.g. two backbones).")
-@click.option("--output", "models_dir", help="Where to write <classifier>.joblib bundles.")
+@click.option("--output", "models_dir", help="Where to write <classifier>.skops bundles.")
 @click.option("--classifier", help="Registered classifier, or 'all'.")
 @click.option("--cv", help="Number of stratified folds, or 'validation'.")
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]))
@@ -361,15 +379,16 @@ def train_command(config: Config, wait, **options):
     help="A folder of photos of none of the classes: reports the share the model calls unknown.",
 )
 @runtime_option
+@trust_pickle_option
 @wait_option
 @with_config
-def evaluate_command(config: Config, model_path, split, wait, unknown_test, **options):
+def evaluate_command(config: Config, model_path, split, wait, unknown_test, trust_pickle, **options):
     """Report accuracy, the confusion matrix, ROC AUC and macro F1 of a bundle on a split."""
     from .bundle import Bundle
     from .evaluation import default_split, evaluate, features_for
 
     config = _apply(config, **options)
-    bundle = Bundle.load(model_path)
+    bundle = Bundle.load(model_path, trust_pickle=trust_pickle)
     if split is None:  # the held-out split when there is one, else the validation split
         split = default_split(
             bundle,
@@ -543,7 +562,12 @@ def finetune_command(config: Config, wait, **options):
 
 
 @cli.command("predict")
-@click.option("--model", "model_path", required=True, help="A bundle written by train.")
+@click.option(
+    "--model",
+    "model_path",
+    required=True,
+    help="A bundle written by train or finetune, or an .onnx file written by export (no TensorFlow, no 'unknown').",
+)
 @click.argument("paths", nargs=-1, required=True)
 @click.option(
     "--output", "output_file", type=click.Path(dir_okay=False), help="Also write the results as .csv or .json."
@@ -551,8 +575,9 @@ def finetune_command(config: Config, wait, **options):
 @click.option("--top-k", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--batch-size", type=int)
 @runtime_option
+@trust_pickle_option
 @with_config
-def predict_command(config: Config, model_path, paths, output_file, top_k, **options):
+def predict_command(config: Config, model_path, paths, output_file, top_k, trust_pickle, **options):
     """Classify images (files or folders) with a bundle."""
     from . import api
     from .atomic import atomic_write_csv, atomic_write_json, check_writable
@@ -563,7 +588,7 @@ def predict_command(config: Config, model_path, paths, output_file, top_k, **opt
         raise ConfigError(f"no image files found in: {', '.join(paths)}")
     if output_file:  # refused now, not after every image has gone through the network
         check_writable(output_file)
-    predictor = api.load_model(model_path, config=_apply(config, **options)).predictor(top_k)
+    predictor = api.load_predictor(model_path, top_k, trust_pickle=trust_pickle, config=_apply(config, **options))
     results = predictor.predict(files)
     for r in results:
         if r.error:
@@ -592,20 +617,26 @@ def predict_command(config: Config, model_path, paths, output_file, top_k, **opt
 
 
 @cli.command("serve")
-@click.option("--model", "model_path", required=True, help="A bundle written by train.")
+@click.option(
+    "--model",
+    "model_path",
+    required=True,
+    help="A bundle written by train or finetune, or an .onnx file written by export (no TensorFlow, no 'unknown').",
+)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=10, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--top-k", type=click.IntRange(1), default=3, show_default=True)
 @runtime_option
+@trust_pickle_option
 @with_config
-def serve_command(config: Config, model_path, host, port, max_upload_mb, threads, top_k, runtime):
+def serve_command(config: Config, model_path, host, port, max_upload_mb, threads, top_k, runtime, trust_pickle):
     """Serve an upload page and an HTTP API (POST /api/predict, GET /health) for a bundle."""
     from . import api
     from .serve import serve
 
-    predictor = api.load_model(model_path, config=_apply(config, runtime=runtime)).predictor(top_k)
+    predictor = api.load_predictor(model_path, top_k, trust_pickle=trust_pickle, config=_apply(config, runtime=runtime))
     click.echo(f"serving {model_path} ({predictor.bundle.meta.describe()}) on http://{host}:{port}/  (Ctrl-C stops)")
     serve(predictor, host, port, int(max_upload_mb * 2**20), threads)
 
@@ -615,17 +646,35 @@ def serve_command(config: Config, model_path, host, port, max_upload_mb, threads
 @click.option(
     "--output", "output_file", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write."
 )
-def export_command(model_path, output_file):
+@trust_pickle_option
+def export_command(model_path, output_file, trust_pickle):
     """Write a bundle as one ONNX graph: 0-255 RGB pixels in, label and class scores out."""
     from .bundle import Bundle
     from .export import export_bundle
 
-    bundle = Bundle.load(model_path)
+    bundle = Bundle.load(model_path, trust_pickle=trust_pickle)
     path = export_bundle(bundle, output_file)
     click.echo(
         f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB): input 'pixels' uint8 (N, {bundle.meta.input_size}, "
         f"{bundle.meta.input_size}, 3) RGB; outputs 'label' and class scores; labels: {', '.join(bundle.label_names)}"
     )
+
+
+@cli.command("convert-bundle")
+@click.option("--model", "model_path", required=True, help="A bundle, e.g. a pickle saved before .skops bundles.")
+@click.option(
+    "--output", "output_file", type=click.Path(dir_okay=False), help="The .skops file to write (default: beside it)."
+)
+@trust_pickle_option
+def convert_bundle_command(model_path, output_file, trust_pickle):
+    """Save a bundle again as .skops: a file that cannot run code when loaded (a pickle needs --trust-pickle)."""
+    from .atomic import check_writable
+    from .bundle import BUNDLE_SUFFIX, Bundle
+
+    output = Path(output_file or Path(model_path).with_suffix(BUNDLE_SUFFIX))
+    check_writable(output)
+    path = Bundle.load(model_path, trust_pickle=trust_pickle).save(output)
+    click.echo(f"wrote {path}")
 
 
 #: Subcommands by name, for the numbered scripts.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +25,7 @@ from .engines import list_engines
 from .errors import ConfigError
 from .features import VIEWS
 from .images import MAX_PIXELS
-from .layouts import LAYOUTS, SPLIT_ROLES
+from .layouts import LAYOUTS, SPLIT_NAME, SPLIT_ROLES
 from .novelty import list_detectors
 from .runtimes import list_runtimes
 from .store import SHARD_SIZE
@@ -120,10 +119,6 @@ def _optional_str(value: Any) -> str | None:
 def _str_list(value: Any) -> str | None:
     ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
     return None if ok else "a list of non-empty strings"
-
-
-#: A split name becomes a folder and a file name: letters, digits, '_' and '-', nothing that leaves a folder.
-SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 def _splits(value: Any) -> str | None:

@@ -44,13 +44,17 @@ def list_engines() -> list[str]:
     return list(ENGINES)
 
 
-def create_engine(name: str, extractor_options: dict[str, Any], **options) -> "Engine":
-    """Start engine ``name`` with workers building ``FeatureExtractor(**extractor_options)``."""
+def engine_class(name: str) -> Callable[..., "Engine"]:
+    """The registered engine ``name``; the error lists the valid names."""
     try:
-        engine = ENGINES[name]
+        return ENGINES[name]
     except KeyError:
         raise ConfigError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}") from None
-    return engine(extractor_options, **options)
+
+
+def create_engine(name: str, extractor_options: dict[str, Any], **options) -> "Engine":
+    """Start engine ``name`` with workers building ``FeatureExtractor(**extractor_options)``."""
+    return engine_class(name)(extractor_options, **options)
 
 
 class Engine:

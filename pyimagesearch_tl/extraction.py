@@ -3,7 +3,8 @@
 For each split:
 
 1. If the finished feature file has the same fingerprint (same settings, same images by content),
-   there is nothing to do.
+   there is nothing to do. When that holds for every split, no engine starts (no backbone is built,
+   TensorFlow is not even imported): see :func:`up_to_date_without_backbone`.
 2. Rows whose content hash is in the finished file of the same settings are reused, not recomputed
    (images added later are the only ones extracted).
 3. The rows are cut into shards of ``shard_size`` consecutive rows. A shard's identity is the
@@ -32,14 +33,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .atomic import atomic_joblib_dump, atomic_write_csv
-from .engines import Engine, create_engine
+from .atomic import atomic_write_csv
+from .backbones import FINETUNED, get_backbone, resolve_weights, weights_digest
+from .engines import Engine, create_engine, engine_class
 from .errors import DatasetError, FeatureFileError
 from .features import ShardTask, dataset_rows, interrupt_after_batch
-from .images import MAX_PIXELS
+from .images import DECODER, MAX_PIXELS, sha256_file
 from .locks import locks_output
+from .runtimes import requested_runtime
 from .store import (
-    LABEL_ENCODER,
     SHARD_SIZE,
     SHARDS,
     SUFFIXES,
@@ -109,6 +111,74 @@ def plan_shards(
     return shards
 
 
+def _unusable_shard(planned: PlannedShard, meta: FeatureMeta) -> str | None:
+    """Why the shard file of ``planned`` cannot be used (None when it can): unreadable, or not what it should hold."""
+    try:
+        if read_shard(planned.path, planned.identity, meta, len(planned.fresh)) is None:
+            return f"shard file {planned.path} is unreadable (cut short?)"
+    except FeatureFileError as exc:
+        return str(exc)
+    return None
+
+
+def settings_meta(options: dict) -> FeatureMeta:
+    """The meta a :class:`~pyimagesearch_tl.features.FeatureExtractor` of ``options`` records, with
+    ``feature_dim`` 0: all of it that is known without building the backbone.
+
+    The rest is a function of the backbone's architecture, so two metas equal but for ``feature_dim``
+    describe the same features. The requested runtime is checked as the extractor checks it.
+    """
+    record = get_backbone(options["backbone"])
+    weights = resolve_weights(options["weights"])
+    requested_runtime(options["runtime"], options["precision"])
+    if isinstance(weights, list):
+        name, digest = FINETUNED, weights_digest(weights)
+    else:  # "imagenet", None or the file's path
+        name = weights or "none"
+        digest = "" if name in ("none", "imagenet") else sha256_file(weights)
+    return FeatureMeta(
+        backbone=options["backbone"],
+        weights=name,
+        weights_sha256=digest,
+        pooling=options["pooling"],
+        input_size=record.input_size,
+        preprocessing=record.preprocessing,
+        decoder=DECODER,
+        feature_dim=0,
+        dtype=options["dtype"],
+        label_names=tuple(options["label_names"]),
+        precision=options["precision"],
+        views=options["views"],
+    )
+
+
+def up_to_date_without_backbone(
+    output_dir: Path,
+    by_split: dict[str, list[dict[str, str]]],
+    splits: Sequence[str],
+    feature_format: str,
+    options: dict,
+) -> bool:
+    """Whether the finished feature file of every split in ``splits`` is already the one the extractor of
+    ``options`` would make from these rows, found without building the backbone (nor importing
+    TensorFlow, nor starting an engine): its meta is :func:`settings_meta`'s but for ``feature_dim``,
+    and its fingerprint is that of its meta and the rows. :func:`extract_split` would then find every
+    split up to date."""
+    known = None
+    for split in splits:
+        path = output_dir / f"{split}{SUFFIXES[feature_format]}"
+        try:
+            stored = read_meta(path)
+        except Exception:  # none yet, unreadable or foreign: the engine's way decides
+            return False
+        known = known or settings_meta(options)  # once there is a file to compare it with (it hashes a weights file)
+        if dataclasses.replace(stored, feature_dim=0) != known:
+            return False
+        if read_fingerprint(path) != fingerprint(stored, by_split[split]):
+            return False
+    return True
+
+
 def _previous_index(path: Path, meta: FeatureMeta) -> dict[str, int]:
     """Row numbers by content hash in an earlier finished file of the same meta (empty if none)."""
     if not path.exists():
@@ -153,12 +223,11 @@ def extract_split(
     shard_dir.mkdir(parents=True, exist_ok=True)
     shards = plan_shards(rows, meta, set(previous), shard_size, shard_dir)
     working = [s for s in shards if s.fresh]
-    for stale in shard_dir.glob(".*"):  # temporary files of a run killed while writing a shard
-        stale.unlink(missing_ok=True)
     todo = {}
     for planned in working:
-        if planned.path.exists() and read_shard(planned.path, planned.identity) is None:
-            warnings.warn(f"shard file {planned.path} is unreadable (cut short?); its images are extracted again")
+        problem = _unusable_shard(planned, meta) if planned.path.exists() else None
+        if problem:
+            warnings.warn(f"{problem}; its images are extracted again")
             planned.path.unlink()
         if not planned.path.exists():
             todo[planned.index] = planned
@@ -218,7 +287,7 @@ def _assemble(
         stack.callback(writer.close)
         read_previous = stack.enter_context(row_reader(path)) if previous else None
         for planned in shards:
-            shard = read_shard(planned.path, planned.identity) if planned.fresh else empty
+            shard = read_shard(planned.path, planned.identity, meta, len(planned.fresh)) if planned.fresh else empty
             if shard is None:  # checked before extracting: only a file changed under a running extraction
                 raise FeatureFileError(f"shard file {planned.path} changed during the extraction; rerun extract")
             vectors = {planned.fresh[p]: v for p, v in zip(shard.positions, shard.features)}
@@ -263,16 +332,15 @@ def extract_dataset(
     on_split=None,
     on_engine=None,
 ) -> list[SplitReport]:
-    """Extract every configured split of ``dataset_dir`` into ``output_dir`` and save the label encoder.
+    """Extract every configured split of ``dataset_dir`` into ``output_dir``.
 
-    The label encoder is fitted on the class names of the whole dataset and saved once as
-    ``label_encoder.joblib``; every feature file stores the same label names. ``engine`` names where
+    The class names of the whole dataset, sorted, are recorded in every feature file (its label
+    indices point into them): no separate label-encoder file, nothing pickled. ``engine`` names where
     the shards run (see :mod:`pyimagesearch_tl.engines`); the output is the same either way.
-    ``on_engine(engine)`` is called once the workers are up, ``on_split(report)`` after each split.
+    ``on_engine(engine)`` is called once the workers are up (none start when every split is up to
+    date), ``on_split(report)`` after each split.
     Another run on ``output_dir`` makes this one fail at once (or wait, with ``wait=True``).
     """
-    from sklearn.preprocessing import LabelEncoder
-
     dataset_dir, output_dir = Path(dataset_dir), Path(output_dir)
     by_split = dataset_rows(dataset_dir)
     present = [s for s in splits if by_split.get(s)]
@@ -286,7 +354,6 @@ def extract_dataset(
             for stale in remove_feature_files(output_dir, split):
                 warnings.warn(f"removed {stale}: dataset {dataset_dir} has no {split!r} split any more")
     label_names = sorted({row["label"] for rows in by_split.values() for row in rows})
-    encoder = LabelEncoder().fit(label_names)
     extractor_options = dict(
         backbone=backbone,
         weights=weights,
@@ -297,11 +364,19 @@ def extract_dataset(
         precision=precision,
         runtime=runtime,
         views=views,
-        label_names=[str(c) for c in encoder.classes_],
+        label_names=label_names,
     )
     output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_joblib_dump(output_dir / LABEL_ENCODER, encoder)
     reports = []
+    engine_class(engine)  # an unknown name is an error even with nothing to do
+    if up_to_date_without_backbone(output_dir, by_split, present, feature_format, extractor_options):
+        for split in present:  # as extract_split does for a split that is up to date
+            remove_feature_files(output_dir, split, keep=feature_format)
+            path = output_dir / f"{split}{SUFFIXES[feature_format]}"
+            reports.append(SplitReport(split, path, extracted=0, skipped=read_skipped(path), up_to_date=True))
+            if on_split is not None:
+                on_split(reports[-1])
+        return reports
     with (
         create_engine(engine, extractor_options, address=ray_address, cpus_per_worker=ray_cpus_per_worker) as runner,
         interrupt_after_batch() as interrupted,

@@ -435,7 +435,7 @@ def dataset_rows(dataset_dir: str | Path) -> dict[str, list[dict[str, str]]]:
         if not row.get("sha256"):
             try:
                 row["sha256"] = sha256_file(dataset_dir / row["path"])
-            except OSError:
+            except (OSError, ImageError):
                 row["sha256"] = ""  # the decoder will report why it cannot be read
         by_split.setdefault(row["split"], []).append(row)
     return by_split

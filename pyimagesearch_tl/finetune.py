@@ -21,7 +21,7 @@ Outputs, in the output folder:
 * ``finetune.keras``: the whole network, 0-255 RGB float images in, class probabilities out
   (``import pyimagesearch_tl.finetune`` before ``keras.models.load_model``: it registers the
   preprocessing layer);
-* ``finetune.joblib``: a bundle (fine-tuned backbone weights, the head as a :class:`DenseHead`,
+* ``finetune.skops``: a bundle (fine-tuned backbone weights, the head as a :class:`DenseHead`,
   the novelty detector) that ``ptl predict``, ``ptl evaluate`` and ``ptl serve`` accept;
 * ``history.json``, ``curve_loss.png``, ``curve_accuracy.png``, ``curve_auc.png``;
 * ``checkpoints/best.weights.h5``.
@@ -40,7 +40,7 @@ import numpy as np
 
 from .atomic import atomic_path, atomic_write_json
 from .backbones import backbone_blocks, create_model, get_backbone, preprocess_input
-from .bundle import Bundle
+from .bundle import BUNDLE_SUFFIX, Bundle
 from .classifiers import DenseHead
 from .errors import ConfigError, DatasetError
 from .features import FeatureExtractor, dataset_rows, decode_batches, extract_in_memory, interrupt_after_batch
@@ -51,7 +51,7 @@ from .novelty import fit_detector
 from .plots import new_figure, save_figure
 
 KERAS_MODEL = "finetune.keras"
-BUNDLE = "finetune.joblib"
+BUNDLE = f"finetune{BUNDLE_SUFFIX}"
 HISTORY = "history.json"
 CHECKPOINT = "checkpoints/best.weights.h5"
 CURVES = ("loss", "accuracy", "auc")

@@ -11,24 +11,35 @@ Recipe: read the file by content (the extension may lie), refuse images above ``
 to the backbone's square input: area averaging (box) when shrinking, bilinear when enlarging. JPEGs are decoded at a
 reduced DCT scale when that still leaves at least the target size (Pillow's ``draft``), which is
 several times faster and part of the recipe.
+
+Nothing a file holds escapes as anything but :class:`~pyimagesearch_tl.errors.ImageError` with the
+reason: whatever Pillow (or numpy on its output) raises while opening, seeking or decoding, for any
+format, damaged or not, is turned into one at a single boundary. A path that is not a regular file
+(a folder, FIFO, socket or device named like an image, a dangling link, a link loop) is refused
+before it is opened, so reading never blocks. The stages skip such files and report the reason.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import io
 import os
+import stat
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
-#: Name and version of the decoding recipe; stored in feature files and bundles.
 #: Decompression-bomb limit (pixels): Pillow's own threshold, the default of ``max_image_pixels``.
 MAX_PIXELS = 89_478_485
 
+#: Name and version of the decoding recipe; stored in feature files and bundles.
 DECODER = "pillow-rgb-white-alpha-box-or-bilinear-v2"
 
 #: File name extensions the stages pick up when they scan a folder (case-insensitive).
@@ -40,38 +51,126 @@ _STRIP_SAMPLES = 1 << 20
 
 
 def is_image_name(path: str | Path) -> bool:
-    """True when ``path`` has one of :data:`IMAGE_EXTENSIONS` (the content is checked later)."""
+    """True when ``path`` has one of :data:`IMAGE_EXTENSIONS` (the content is checked later).
+
+    Scans pick entries by this name alone, whatever their type: a folder, link or FIFO named like an
+    image is then refused by the decoder with the reason, and reported, never dropped unseen.
+    """
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _open(path: str | Path, max_pixels: int) -> Image.Image:
-    """Open lazily and check the pixel count before anything is decoded."""
+#: What a path that is not a regular file is, by its type (opening a FIFO waits for a writer forever).
+_NOT_REGULAR = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def check_regular_file(path: str | Path) -> None:
+    """Refuse ``path`` unless it is a regular file (symbolic links followed), before anything opens it.
+
+    Parameters
+    ----------
+    path : str or Path
+
+    Raises
+    ------
+    ImageError
+        With the reason: not found, a dangling symbolic link, a symbolic link loop, unreadable, or a
+        folder, FIFO, socket or device.
+    """
     try:
-        with warnings.catch_warnings():
-            # We apply our own, configurable limit below; Pillow's warning would be noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ImageError(f"dangling symbolic link (to {os.readlink(path)}, which does not exist)") from None
+        raise ImageError("file not found") from None
+    except PermissionError:
+        raise ImageError("unreadable file: permission denied") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageError("symbolic link loop") from None
+        raise ImageError(f"unreadable file: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        raise ImageError(f"not a regular file: {_NOT_REGULAR.get(stat.S_IFMT(mode), 'a special file')}")
+
+
+@contextlib.contextmanager
+def _reasons(source) -> Iterator[None]:
+    """Turn whatever Pillow (or numpy on its output) raises for ``source`` into an :class:`ImageError`.
+
+    The one boundary between the decoder's libraries and the stages: a file of any format, however
+    damaged, is an :class:`ImageError` with the reason. ``MemoryError`` propagates (the machine, not
+    the file, is short), and so do ``KeyboardInterrupt`` and ``SystemExit`` (not ``Exception``).
+    """
+    try:
+        yield
+    except (ImageError, MemoryError):
+        raise
     except Image.DecompressionBombError:
         raise ImageError("decompression bomb: the image has too many pixels") from None
     except UnidentifiedImageError:
-        size = _size_or_none(path)
-        if size == 0:
+        if _size_or_none(source) == 0:
             raise ImageError("empty file (0 bytes)") from None
         raise ImageError("not an image (unrecognised file content)") from None
     except PermissionError:
         raise ImageError("unreadable file: permission denied") from None
     except FileNotFoundError:
         raise ImageError("file not found") from None
-    except OSError as exc:  # from the system (with an errno), or from Pillow parsing a broken header
-        raise ImageError(f"{'unreadable file' if exc.errno else 'corrupt image'}: {exc}") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        image.close()
-        raise ImageError(
-            f"decompression bomb: {width}x{height} = {width * height} pixels is above the limit "
-            f"of {max_pixels} (setting max_image_pixels)"
-        )
-    return image
+    except OSError as exc:  # from the system (with an errno), or from Pillow on truncated or broken data
+        if exc.errno:
+            raise ImageError(f"unreadable file: {exc.strerror or exc}") from None
+        raise ImageError(f"corrupt image: {str(exc) or type(exc).__name__}") from None
+    except Exception as exc:  # ValueError, SyntaxError, NotImplementedError, struct.error, ... from a plugin
+        raise ImageError(f"corrupt image: {str(exc) or type(exc).__name__}") from None
+
+
+class _BoundedReader(io.BufferedReader):
+    """An image file opened for decoding, whose reads never ask for more bytes than the file holds.
+
+    A damaged header can give a box or chunk a length of exabytes, and Python allocates what a read
+    asks for before reading: Pillow's ``fp.read(length)`` would raise ``MemoryError`` on a 3 KB file
+    (a JPEG 2000 box, found by benchmarks/bench_fuzz.py). An upload held in memory needs no bound.
+    """
+
+    def __init__(self, path: str | Path):
+        super().__init__(io.FileIO(path, "rb"))
+        self._size = os.fstat(self.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        return super().read(size if size is None or size < 0 else min(size, self._size))
+
+    def read1(self, size: int = -1) -> bytes:
+        return super().read1(size if size < 0 else min(size, self._size))
+
+
+@contextlib.contextmanager
+def _opened(source, max_pixels: int) -> Iterator[Image.Image]:
+    """``source`` opened lazily, its pixel count checked before anything is decoded, closed after.
+
+    A path is checked to be a regular file first and read through :class:`_BoundedReader`; a file
+    object (an upload) is read as it is. Whatever the body raises goes through :func:`_reasons` too.
+    """
+    with _reasons(source), contextlib.ExitStack() as stack:
+        if hasattr(source, "read"):
+            handle = source
+        else:
+            check_regular_file(source)
+            handle = stack.enter_context(_BoundedReader(source))
+        with warnings.catch_warnings():
+            # We apply our own, configurable limit below; Pillow's warning would be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = stack.enter_context(Image.open(handle))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(
+                f"decompression bomb: {width}x{height} = {width * height} pixels is above the limit "
+                f"of {max_pixels} (setting max_image_pixels)"
+            )
+        yield image
 
 
 def _size_or_none(source) -> int | None:
@@ -144,29 +243,34 @@ def load_image(path, size: int | tuple[int, int], max_pixels: int = MAX_PIXELS) 
     max_pixels : int
         Images with more pixels than this are refused as decompression bombs.
 
+    Returns
+    -------
+    numpy.ndarray
+        ``(height, width, 3)`` uint8 RGB pixels.
+
     Raises
     ------
     ImageError
-        With the reason, when the file cannot be decoded into an image.
+        With the reason, when the file cannot be decoded into an image: the only exception a file's
+        content can cause (see :func:`_reasons`).
     """
+    return _decode(path, size, max_pixels)[0]
+
+
+def _decode(source, size: int | tuple[int, int], max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The recipe: the pixels at ``size`` and the displayed ``(width, height)`` of the whole image."""
     width, height = (size, size) if isinstance(size, int) else size
-    image = _open(path, max_pixels)
-    try:
-        with image:
-            if image.format == "JPEG":
-                image.draft("RGB", (width, height))
-            image.seek(0)  # first frame of an animation
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when upright
-            image = _to_rgb(image, keep_gray=True)
-            image = image.resize((width, height), _resampling(image.size, (width, height)))
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except ImageError:
-        raise
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        # Pillow reports truncated and corrupt data as OSError (or SyntaxError for some formats).
-        reason = str(exc) or type(exc).__name__
-        raise ImageError(f"corrupt image: {reason}") from None
+    with _opened(source, max_pixels) as image:
+        full = image.size
+        upright = image.getexif().get(ExifTags.Base.Orientation, 1) not in (5, 6, 7, 8)
+        if image.format == "JPEG":
+            image.draft("RGB", (width, height))
+        image.seek(0)  # first frame of an animation
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when upright
+        image = _to_rgb(image, keep_gray=True)
+        image = image.resize((width, height), _resampling(image.size, (width, height)))
+        return np.asarray(image.convert("RGB"), dtype=np.uint8), full if upright else full[::-1]
 
 
 def resize_pixels(pixels: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
@@ -182,28 +286,31 @@ def resize_pixels(pixels: np.ndarray, size: int | tuple[int, int]) -> np.ndarray
     return np.asarray(image.resize((width, height), _resampling(image.size, (width, height))), dtype=np.uint8)
 
 
+#: Side of the small decode :func:`probe_image` checks an image with.
+_PROBE_SIZE = 64
+
+
 def probe_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     """Check that ``path`` decodes and return its displayed ``(width, height)``.
 
-    The whole image is decoded (at a reduced JPEG scale), so truncated data is caught; the size
-    is the one after the EXIF orientation is applied. Raises :class:`ImageError` like
-    :func:`load_image`.
+    The image goes through :func:`load_image`'s whole recipe at a small size (a reduced JPEG scale),
+    so truncated data and anything else the stages would refuse is caught; the size is the one after
+    the EXIF orientation is applied. Raises :class:`ImageError` like :func:`load_image`.
     """
-    image = _open(path, max_pixels)
-    try:
-        with image:
-            width, height = image.size
-            orientation = image.getexif().get(0x0112, 1)
-            if image.format == "JPEG":
-                image.draft("RGB", (64, 64))
-            image.load()
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageError(f"corrupt image: {str(exc) or type(exc).__name__}") from None
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    return _decode(path, _PROBE_SIZE, max_pixels)[1]
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes (dataset manifests and duplicate checks use it)."""
+    """Hex SHA-256 of a file's bytes (dataset manifests and duplicate checks use it).
+
+    Raises
+    ------
+    ImageError
+        When ``path`` is not a regular file (checked before it is opened: a FIFO would block).
+    OSError
+        When the file cannot be read.
+    """
+    check_regular_file(path)
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(chunk_size), b""):

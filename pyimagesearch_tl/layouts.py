@@ -25,6 +25,13 @@ Four layouts are read, each by one function registered in :data:`LAYOUTS`:
 :func:`build_dataset` writes the chosen split layout plus ``manifest.csv`` (path, split, label,
 sha256, width, height), lists undecodable images in ``skipped.csv`` and reports exact duplicates
 that land in two splits or under two labels.
+
+Nothing read leads outside the output folder: every label, wherever it comes from, must be one folder
+name (:func:`check_label`; else a :class:`DatasetError` naming the file and line), split names follow
+:data:`SPLIT_NAME`, every destination is resolved and checked to be inside the output folder before
+anything is written, and :func:`read_manifest` refuses rows that are absolute or climb out with ``..``.
+Every entry named like an image, whatever it is, is either in the manifest or in ``skipped.csv`` with
+the reason the decoder gave.
 """
 
 from __future__ import annotations
@@ -34,9 +41,10 @@ import dataclasses
 import os
 import re
 import shutil
+import unicodedata
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -64,6 +72,9 @@ SPLIT_ALIASES = {
     "eval": "evaluation",
     "evaluation": "evaluation",
 }
+
+#: A split name becomes a folder and a file name: letters, digits, '_' and '-', nothing that leaves a folder.
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 MANIFEST = "manifest.csv"
 MANIFEST_FIELDS = ["path", "split", "label", "sha256", "width", "height"]
@@ -113,25 +124,55 @@ def natural_key(name: str) -> tuple:
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts if p != "")
 
 
-def parse_labels(text: str) -> list[str]:
-    """Labels from a labels file's text.
+def parse_labels(text: str) -> list[tuple[int, str]]:
+    """``(line number, label)`` of each label of a labels file's text, in order.
 
     A file with a single non-empty line is one label character per image (``MOOM...``);
     otherwise each non-empty line is one label.
     """
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     if len(lines) == 1:
-        return [char for char in lines[0] if not char.isspace()]
+        number, line = lines[0]
+        return [(number, char) for char in line if not char.isspace()]
     return lines
+
+
+def component_problem(name: str) -> str | None:
+    """Why ``name`` cannot be one folder or file name inside the dataset folder; None when it can.
+
+    A label becomes a folder (``<split>/<label>/``), so it must name exactly one new folder there:
+    not empty, not ``.`` or ``..``, without a path separator (``/`` or ``\\``), a drive (``C:``) or
+    a control character.
+    """
+    if not name:
+        return "it is empty"
+    if name in (".", ".."):
+        return f"{name!r} names {'the folder itself' if name == '.' else 'the parent folder'}"
+    if "/" in name or "\\" in name:
+        return "it holds a path separator"
+    if PureWindowsPath(name).drive:
+        return "it names a drive"
+    control = next((char for char in name if unicodedata.category(char) == "Cc"), None)
+    if control is not None:
+        return f"it holds the control character {control!r}"
+    return None
+
+
+def check_label(label: str, where: str) -> str:
+    """``label`` when it is one safe folder name (:func:`component_problem`), else a :class:`DatasetError`
+    naming ``where`` it was read (a file and line, or a folder)."""
+    problem = component_problem(label)
+    if problem:
+        raise DatasetError(f"{where}: label {label!r} cannot be a class folder name ({problem})")
+    return label
 
 
 # --- the layouts -------------------------------------------------------------------------------
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(
-        (p for p in folder.iterdir() if p.is_file() and is_image_name(p.name)), key=lambda p: natural_key(p.name)
-    )
+    """Entries of ``folder`` named like images, whatever they are: the decoder reports those that are not."""
+    return sorted((p for p in folder.iterdir() if is_image_name(p.name)), key=lambda p: natural_key(p.name))
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -175,8 +216,9 @@ def _class_folders(input_dir: Path, classes: Sequence[str], annotations: Annotat
         for class_dir in _subdirs(folder):
             if classes and class_dir.name not in classes:
                 continue
-            declared.add(class_dir.name)
-            items += [Item(path, class_dir.name, role) for path in _image_files(class_dir)]
+            label = check_label(class_dir.name, f"class folder {class_dir}")
+            declared.add(label)
+            items += [Item(path, label, role) for path in _image_files(class_dir)]
     return LayoutResult("class-folders", items, declared=sorted(declared))
 
 
@@ -195,7 +237,9 @@ def _labels_file(input_dir: Path, classes: Sequence[str], annotations: Annotatio
         raise DatasetError(
             f"labels file {str(labels_path)!r} has {len(labels)} labels but there are only {len(images)} images"
         )
-    items = [Item(path, label) for path, label in zip(images, labels) if not classes or label in classes]
+    for number, label in labels:
+        check_label(label, f"{labels_path} line {number}")
+    items = [Item(path, label) for path, (_, label) in zip(images, labels) if not classes or label in classes]
     return LayoutResult("labels-file", items, unlabelled=images[len(labels) :])
 
 
@@ -244,6 +288,10 @@ def _split_lists(input_dir: Path, classes: Sequence[str], annotations: Annotatio
     if annotations.split_files:
         lists = {}
         for name, path in annotations.split_files.items():
+            if not SPLIT_NAME.fullmatch(name):
+                raise DatasetError(
+                    f"split name {name!r} (of the split list {str(path)!r}) must be letters, digits, '_' and '-'"
+                )
             role = SPLIT_ALIASES.get(name.lower(), name)
             if not Path(path).is_file():
                 raise DatasetError(f"split list {str(path)!r} (for {name}) does not exist")
@@ -257,7 +305,7 @@ def _split_lists(input_dir: Path, classes: Sequence[str], annotations: Annotatio
             )
     files: dict[str, Path] = {}  # listed name (relative, with and without extension) -> file
     for path in images_dir.rglob("*"):
-        if path.is_file() and is_image_name(path.name):
+        if is_image_name(path.name):  # whatever it is: the decoder reports what is not an image file
             relative = path.relative_to(images_dir).as_posix()
             files[relative] = path
             files.setdefault(relative.rsplit(".", 1)[0], path)
@@ -268,6 +316,7 @@ def _split_lists(input_dir: Path, classes: Sequence[str], annotations: Annotatio
             if parsed is None:
                 continue
             listed, label = parsed
+            check_label(label, f"{list_file} line {number}")
             source = files.get(listed)
             if source is None:
                 missing.append((f"{images_dir / listed}", f"listed in {list_file.name} line {number} but not found"))
@@ -319,6 +368,8 @@ def read_layout(
         raise DatasetError(f"input folder {str(input_dir)!r} does not exist")
     if not any(input_dir.iterdir()):
         raise DatasetError(f"input folder {str(input_dir)!r} is empty")
+    for name in classes:
+        check_label(name, "the classes given (--classes)")
     annotations = Annotations(
         Path(labels_file) if labels_file else None, {k: Path(v) for k, v in (split_files or {}).items()}
     )
@@ -487,11 +538,14 @@ def build_dataset(
             relative = relative.with_name(f"{item.source.stem}_{counter}{item.source.suffix}")
             counter += 1
         used.add(relative.as_posix())
-        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-        _place(item.source, staging / relative, link)
         rows.append(
             dict(path=relative.as_posix(), split=split, label=item.label, sha256=digest, width=width, height=height)
         )
+    _check_inside(staging, [row["path"] for row in rows], output_dir)
+    for (item, _, _), row in zip(kept, rows):
+        destination = staging / row["path"]
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        _place(item.source, destination, link)
 
     duplicates = find_leaks(rows)
     atomic_write_csv(staging / MANIFEST, MANIFEST_FIELDS, rows)
@@ -506,6 +560,19 @@ def build_dataset(
     return BuildReport(result.layout, output_dir, counts, skipped, result.unlabelled, duplicates)
 
 
+def _check_inside(folder: Path, relatives: Sequence[str], shown: Path) -> None:
+    """Refuse, before anything is written, any of ``relatives`` that would land outside ``folder`` once resolved.
+
+    The second line of defence behind :func:`check_label` and :data:`SPLIT_NAME`: whatever a label or
+    split name holds, nothing is written outside the output folder (``shown`` in the message).
+    """
+    root = folder.resolve()
+    for relative in relatives:
+        destination = (folder / relative).resolve()
+        if not destination.is_relative_to(root):
+            raise DatasetError(f"{relative!r} would be written to {destination}, outside {shown}; nothing was written")
+
+
 def _swap_in(staging: Path, target: Path) -> None:
     old = target.with_name(target.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -515,15 +582,42 @@ def _swap_in(staging: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_row(row: dict[str, str], where: str) -> None:
+    """Refuse a manifest row whose path could leave the dataset folder, or whose split or label is no folder name."""
+    path, split, label = row.get("path"), row.get("split"), row.get("label")
+    if path is None or split is None or label is None:
+        raise DatasetError(f"{where}: no path, split and label (expected a {MANIFEST} written by build-dataset)")
+    if not SPLIT_NAME.fullmatch(split):
+        raise DatasetError(f"{where}: split {split!r} is not a split name (letters, digits, '_' and '-')")
+    check_label(label, where)
+    problems = ["it is absolute"] if path.startswith("/") else map(component_problem, path.split("/"))
+    problem = next(filter(None, problems), None)
+    if problem:
+        raise DatasetError(f"{where}: path {path!r} does not stay inside the dataset folder ({problem})")
+
+
 def read_manifest(dataset_dir: str | Path) -> list[dict[str, str]]:
-    """Rows of ``dataset_dir/manifest.csv``; without one, the ``<split>/<class>/*`` folders scanned."""
+    """Rows of ``dataset_dir/manifest.csv``; without one, the ``<split>/<class>/*`` folders scanned.
+
+    Raises
+    ------
+    DatasetError
+        When the folder is missing or holds no images, or a manifest row (named by file and line) has
+        a path that is absolute or leaves the folder (``..``), or a split or label that is not one
+        folder name.
+    """
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         raise DatasetError(f"dataset folder {str(dataset_dir)!r} does not exist (run build-dataset first)")
     manifest = dataset_dir / MANIFEST
     if manifest.is_file():
         with manifest.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
-            return list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            rows = []
+            for row in reader:
+                _check_row(row, f"{manifest} line {reader.line_num}")
+                rows.append(row)
+            return rows
     rows = [
         dict(path=path.relative_to(dataset_dir).as_posix(), split=split_dir.name, label=class_dir.name, sha256="")
         for split_dir in _subdirs(dataset_dir)

@@ -52,12 +52,29 @@ def rejection(predictor: "Predictor", paths: Sequence[Path]) -> dict:
 
 
 def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files as given, folders expanded to the image files below them (sorted)."""
+    """Paths as given, folders expanded to everything named like an image below them (sorted).
+
+    Parameters
+    ----------
+    inputs : iterable of str or Path
+        Files and folders.
+
+    Returns
+    -------
+    list of Path
+        Whatever the entries are: a folder, FIFO or broken link named like an image, or given by name,
+        is kept, so the decoder reports it as skipped with the reason rather than it vanishing.
+
+    Raises
+    ------
+    DatasetError
+        When an input does not exist at all (not even as a broken link).
+    """
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.is_file() and is_image_name(p.name))
-        elif item.exists():
+            paths += sorted(p for p in item.rglob("*") if is_image_name(p.name))
+        elif item.exists() or item.is_symlink():
             paths.append(item)
         else:
             raise DatasetError(f"{item}: no such file or folder")
@@ -65,7 +82,20 @@ def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 class Predictor:
-    """Features and labels for new images, exactly as the bundle's training features were made."""
+    """Features and labels for new images, exactly as the bundle's training features were made.
+
+    :meth:`predict` decodes the images (:meth:`iter_batches`) and scores them (:meth:`assess`); a
+    predictor of another kind of model file (:class:`~pyimagesearch_tl.export.OnnxPredictor`) changes
+    those two and answers through the same :meth:`predict`.
+
+    Attributes
+    ----------
+    bundle : Bundle
+        The model: what ``ptl predict`` and the web app show of it (``name``, ``label_names``,
+        ``meta``, ``novelty``, ``score_kind``) comes from here.
+    top_k : int
+        How many classes each :class:`Prediction` lists.
+    """
 
     def __init__(
         self, bundle: Bundle, batch_size: int = 32, max_pixels: int = MAX_PIXELS, top_k: int = 3, runtime: str = "auto"
@@ -78,23 +108,36 @@ class Predictor:
         """``"probability"`` or ``"decision"``, as :meth:`Bundle.scores` names them."""
         return self.bundle.score_kind
 
+    def iter_batches(self, sources: Sequence):
+        """The decoded :class:`~pyimagesearch_tl.features.Batch` es of ``sources``, in order."""
+        return self.extractor.iter_batches(sources)
+
+    def assess(self, images) -> tuple[np.ndarray, Sequence, Sequence]:
+        """A decoded batch's class scores ``(n, classes)``, each image's familiarity (None without an
+        "unknown" detector) and whether it is known."""
+        features = self.extractor.transform(images)
+        scores, _ = self.bundle.scores(features)
+        novelty = self.bundle.novelty
+        if novelty is None:
+            return scores, [None] * len(features), [True] * len(features)
+        return (scores, *novelty.assess(features, self.bundle.logits(features)))
+
     def predict(self, sources: Sequence, names: Sequence[str] | None = None) -> list[Prediction]:
         """Classify image files (paths) or in-memory uploads (binary file objects, with ``names``)."""
         names = [str(s) for s in sources] if names is None else list(names)
+        return self.predict_batches(self.iter_batches(sources), names)
+
+    def predict_batches(self, batches: Iterable, names: Sequence[str]) -> list[Prediction]:
+        """The :class:`Prediction` of each of ``names`` from its decoded ``batches`` (those of
+        :meth:`iter_batches`; the web app decodes each upload on its own, under its pixel budget)."""
         classes = self.bundle.label_names
-        novelty = self.bundle.novelty
-        results: list[Prediction | None] = [None] * len(sources)
-        for batch in self.extractor.iter_batches(sources):
+        results: list[Prediction | None] = [None] * len(names)
+        for batch in batches:
             for index, reason in batch.skipped:
                 results[index] = Prediction(names[index], None, None, [], error=reason)
             if not batch.indices:
                 continue
-            features = self.extractor.transform(batch.images)
-            scores, _ = self.bundle.scores(features)
-            if novelty is None:
-                similarity, known = [None] * len(features), [True] * len(features)
-            else:
-                similarity, known = novelty.assess(features, self.bundle.logits(features))
+            scores, similarity, known = self.assess(batch.images)
             for index, row, close, is_known in zip(batch.indices, scores, similarity, known):
                 order = np.argsort(row)[::-1][: self.top_k]
                 results[index] = Prediction(

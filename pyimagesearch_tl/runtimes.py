@@ -4,17 +4,20 @@ The network is always defined (and fine-tuned) in Keras. For the other runtimes,
 whole forward pass -- uint8 pixels, preprocessing, backbone, pooling, float32 features -- is exported
 once to ONNX with tf2onnx and cached in ``$XDG_CACHE_HOME/pyimagesearch_tl/networks/<key>.onnx``; the
 key is a digest of the weights themselves, the input size, the pooling, the preprocessing, the
-precision and the converter's version, so any change makes a new conversion.
+precision and the converter's version, so any change makes a new conversion. The file's SHA-256 is
+recorded beside it and checked on every use (:func:`~pyimagesearch_tl.cache.cached_file`): a file that
+does not match (damaged, truncated, replaced) is converted again, with a note.
 
 The first time a runtime runs a cached network on a machine, its features of the job's first real
 images are compared with TensorFlow's (max absolute difference at most :data:`PARITY_ATOL`); the
 verdict is stored beside the network (``<key>.json``), per machine (CPU model and flags, core count,
-the runtimes' versions: :func:`machine_key`), under a file lock, so processes and Ray workers sharing
-the cache never lose each other's verdicts. A cache that cannot be locked (read-only, not the user's)
-is read without the lock and never written: a verdict taken then holds for that run only. A stored
-entry that is not a well-formed verdict is dropped and checked again. A runtime asked for by name
-that fails the check is refused with a clear message; one that cannot load the cached network (a
-damaged file) is refused with the file to delete, and ``auto`` passes over it with a note.
+the runtimes' versions: :func:`machine_key`), with the SHA-256 of the network file it was taken on (a
+verdict on other content is never trusted: checked again), under a file lock, so processes and Ray
+workers sharing the cache never lose each other's verdicts. A cache that cannot be locked (read-only,
+not the user's) is read without the lock and never written: a verdict taken then holds for that run
+only. A stored entry that is not a well-formed verdict is dropped and checked again. A runtime asked
+for by name that fails the check is refused with a clear message; one that cannot load the cached
+network is refused with the file to delete, and ``auto`` passes over it with a note.
 
 ``auto`` takes the first runtime of :data:`PREFERENCE` that is installed and passed: an order, not a
 timing, so no measurement taken on a busy machine can lock in a slow runtime (measured on AVX2 and
@@ -46,8 +49,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .atomic import atomic_path, atomic_write_json
-from .cache import cache_dir
+from .atomic import atomic_write_json
+from .cache import cache_dir, cached_file, file_sha256
 from .errors import ConfigError, PTLError
 
 AUTO = "auto"
@@ -165,19 +168,23 @@ def export_onnx(forward, input_size: int):
     return model
 
 
+def _network_name(key: str) -> Path:
+    return Path("networks", f"{key}.onnx")
+
+
 def network_path(key: str) -> Path:
-    """Where network ``key`` is cached (its verdicts lie beside it, ``.json``)."""
-    return cache_dir() / "networks" / f"{key}.onnx"
+    """Where network ``key`` is cached in the cache folder (its verdicts lie beside it, ``.json``)."""
+    return cache_dir() / _network_name(key)
 
 
 def cached_network(key: str, forward, input_size: int) -> Path:
-    """The cached ONNX file of network ``key``, converted from ``forward`` on first use."""
-    path = network_path(key)
-    if not path.exists():
-        model = export_onnx(forward, input_size)
-        with atomic_path(path) as temporary:
-            temporary.write_bytes(model.SerializeToString())
-    return path
+    """The cached ONNX file of network ``key``, converted from ``forward`` on first use or when its
+    content does not match its recorded SHA-256 (see :func:`~pyimagesearch_tl.cache.cached_file`)."""
+    return cached_file(
+        _network_name(key),
+        lambda: export_onnx(forward, input_size),
+        lambda model, path: path.write_bytes(model.SerializeToString()),
+    )
 
 
 # --- choosing the runtime -------------------------------------------------------------------------
@@ -203,10 +210,13 @@ def machine_key() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def valid_verdict(verdict) -> bool:
-    """Whether ``verdict`` is what :func:`check_parity` stores: a real bool ``passed`` that agrees with a
+def valid_verdict(verdict, network_sha256: str) -> bool:
+    """Whether ``verdict`` is what :func:`verdicts` stores, taken on the network file of SHA-256
+    ``network_sha256``: that digest (``network_sha256``), and a real bool ``passed`` that agrees with a
     finite, non-negative number ``max_abs_diff`` (or an infinite one that failed)."""
     if not isinstance(verdict, dict) or type(verdict.get("passed")) is not bool:
+        return False
+    if verdict.get("network_sha256") != network_sha256:  # taken on other content: checked again
         return False
     difference = verdict.get("max_abs_diff")
     if type(difference) not in (int, float) or math.isnan(difference) or difference < 0:
@@ -216,12 +226,14 @@ def valid_verdict(verdict) -> bool:
 
 @contextlib.contextmanager
 def verdicts(network: Path) -> Iterator[dict]:
-    """This machine's verdicts on ``network`` (runtime -> {"max_abs_diff", "passed"}), to read and update.
+    """This machine's verdicts on the content of ``network`` (runtime -> {"max_abs_diff", "passed"}), to read
+    and update.
 
     Held under a file lock; what the block adds is written back atomically when it ends, beside the
-    other machines' verdicts. Entries that are not well-formed verdicts (:func:`valid_verdict`) are
-    left out, so they are checked again. Where the lock cannot be taken (a read-only cache, another
-    user's), the verdicts are read without it and nothing is written.
+    other machines' verdicts, each with the SHA-256 of the network file (``network_sha256``). Entries that
+    are not well-formed verdicts on this very content (:func:`valid_verdict`) are left out, so they are
+    checked again. Where the lock cannot be taken (a read-only cache, another user's), the verdicts are
+    read without it and nothing is written.
     """
     from filelock import FileLock
 
@@ -240,11 +252,12 @@ def verdicts(network: Path) -> Iterator[dict]:
             record = {}
         # Verdicts by machine; a file of the first format (one timing-based verdict for every machine) is redone.
         record = {k: v for k, v in record.items() if isinstance(v, dict) and not {"passed", "img_per_s"} & set(v)}
-        stored = record.get(machine_key(), {})
-        mine = record[machine_key()] = {name: v for name, v in stored.items() if valid_verdict(v)}
-        before = json.dumps(stored, sort_keys=True)
+        stored, digest = record.get(machine_key(), {}), file_sha256(network)
+        mine = {name: v for name, v in stored.items() if valid_verdict(v, digest)}
         yield mine
-        if lock is not None and json.dumps(mine, sort_keys=True) != before:
+        # Each verdict is stored with the digest of the content it was taken on.
+        record[machine_key()] = {name: dict(v, network_sha256=digest) for name, v in mine.items()}
+        if lock is not None and record[machine_key()] != stored:
             with contextlib.suppress(OSError):  # a cache that cannot take it: the verdict holds for this run
                 atomic_write_json(path, record)
     finally:
@@ -253,7 +266,8 @@ def verdicts(network: Path) -> Iterator[dict]:
 
 
 class UnreadableNetwork(PTLError):
-    """A runtime cannot load or run the cached network (a damaged file, most likely)."""
+    """A runtime cannot load or run the cached network, though it matches its recorded SHA-256 (damaged
+    with its record, or beyond this runtime)."""
 
     def __init__(self, name: str, path: Path, error: BaseException):
         detail = (str(error).strip().splitlines() or [type(error).__name__])[-1].strip()  # OpenVINO's: its last

@@ -15,6 +15,13 @@ unfinished file is never taken for a finished one, and a rerun never recomputes 
 
 A CSV feature file ``<split>.csv`` has one row per image, the label index first, then the values,
 as in PyImageSearch; the metadata and paths go to ``<split>.csv.meta.json`` beside it.
+
+Reading trusts nothing it reads, since feature files may come from elsewhere: every reader checks what
+it reads with :func:`check_rows` (one row of ``feature_dim`` finite numbers and one class index per
+image), and the metadata, the columns and the sidecar for their kinds and lengths, so a bad file is a
+:class:`~pyimagesearch_tl.errors.FeatureFileError` naming it and the problem before any training. A
+failed write (disk full) is an :class:`~pyimagesearch_tl.atomic.OutputError` naming the file, and leaves
+no unfinished file behind (:class:`_FailSafeFile` for HDF5).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -30,7 +38,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .atomic import atomic_path, atomic_write_json
+from .atomic import atomic_path, atomic_write_json, writing
 from .errors import FeatureFileError
 
 FORMAT_VERSION = 1
@@ -38,7 +46,6 @@ SUFFIXES = {"hdf5": ".h5", "csv": ".csv"}
 PARTIAL = ".partial"
 SHARD_SIZE = 256  # images per shard file: the unit of extraction work and of resume
 SHARDS = ".shards"  # <features dir>/.shards/<split>/: shard files of an extraction in progress
-LABEL_ENCODER = "label_encoder.joblib"  # <features dir>/label_encoder.joblib: the class names, fitted once
 
 #: Meta fields that must be equal for two feature sets (or a bundle and new images) to be comparable.
 LAYOUT_FIELDS = (
@@ -85,17 +92,40 @@ class FeatureMeta:
         return values
 
     @classmethod
-    def from_attrs(cls, attrs) -> "FeatureMeta":
+    def from_attrs(cls, attrs, source: str | Path = "feature file") -> "FeatureMeta":
+        """The meta stored in ``attrs`` (an HDF5 file's attributes, a CSV sidecar), each field checked.
+
+        Raises
+        ------
+        FeatureFileError
+            Naming ``source`` and the field that is missing or not what it must be: ``label_names``
+            a JSON list of distinct names, ``feature_dim``, ``input_size`` and ``views`` whole numbers
+            of at least 1, ``dtype`` a floating-point type.
+        """
         try:
             values = {field.name: attrs[field.name] for field in dataclasses.fields(cls) if field.name in attrs}
-            values["label_names"] = tuple(json.loads(values["label_names"]))
-            values["input_size"] = int(values["input_size"])
-            values["feature_dim"] = int(values["feature_dim"])
-            values["views"] = int(values.get("views", 1))  # files written before views existed have one
             values = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in values.items()}
+            try:
+                names = json.loads(values["label_names"])
+            except (TypeError, ValueError):
+                names = None
+            if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+                raise ValueError(f"label_names={values['label_names']!r} is not a list of class names")
+            if len(set(names)) != len(names):
+                raise ValueError(f"label_names={values['label_names']!r} names a class twice")
+            values["label_names"] = tuple(names)
+            values["views"] = values.get("views", 1)  # files written before views existed have one
+            for name in ("input_size", "feature_dim", "views"):
+                number = values[name]
+                if isinstance(number, bool) or not isinstance(number, (int, np.integer)) or number < 1:
+                    raise ValueError(f"{name}={number!r} is not a whole number of at least 1")
+                values[name] = int(number)
+            if np.dtype(values["dtype"]).kind != "f":
+                raise ValueError(f"dtype={values['dtype']!r} is not a floating-point type")
             return cls(**values)
         except (KeyError, TypeError, ValueError) as exc:
-            raise FeatureFileError(f"feature file metadata is incomplete or unreadable ({exc})") from None
+            missing = f"{exc} is missing" if isinstance(exc, KeyError) else exc
+            raise FeatureFileError(f"{source}: its metadata is incomplete or unreadable ({missing})") from None
 
     @property
     def parts(self) -> tuple["FeatureMeta", ...]:
@@ -166,6 +196,89 @@ def check_same_layout(reference: FeatureMeta | CombinedMeta, other: FeatureMeta 
         )
 
 
+#: Values read and checked at a time (2 MiB of float32): each part is checked while it is still in the CPU's
+#: cache, which makes checking cost next to nothing (see :func:`_read_checked`).
+CHECK_VALUES = 1 << 19
+
+
+def check_rows(
+    source: str | Path, meta: FeatureMeta, features=None, labels=None, first_row: int | np.ndarray = 0
+) -> None:
+    """Raise :class:`FeatureFileError` naming ``source`` and the first thing wrong with rows read from it.
+
+    The one check of what every reader reads from a feature or shard file, so that nothing unusable
+    reaches training. Arrays and h5py datasets alike are checked for their shape and type (a dataset
+    costs nothing: it is not read); arrays also for their values, block by block.
+
+    Parameters
+    ----------
+    source : path
+        The file, named in the message.
+    meta : FeatureMeta
+        Its metadata: ``feature_dim`` and the number of classes.
+    features : ndarray or h5py.Dataset, optional
+        Must be 2-D, of numbers, ``meta.feature_dim`` wide, every value finite (no NaN or infinity).
+    labels : ndarray or h5py.Dataset, optional
+        Must be 1-D numbers, each a class index: a whole number from 0 to the number of classes - 1.
+    first_row : int or ndarray
+        The row number in ``source`` of the first row given (a block of a file read in parts), or of
+        every row given (rows read by number).
+    """
+
+    def number(row: int) -> int:
+        return int(first_row[row]) if isinstance(first_row, np.ndarray) else first_row + row
+
+    if features is not None:
+        if features.dtype.kind not in "fiu":
+            raise FeatureFileError(f"{source}: its features are stored as {features.dtype}, not as numbers")
+        if features.ndim != 2:
+            raise FeatureFileError(
+                f"{source}: its features have shape {features.shape}, not one row of {meta.feature_dim} "
+                "values per image"
+            )
+        if features.shape[1] != meta.feature_dim:
+            raise FeatureFileError(
+                f"{source}: its features have {features.shape[1]} values per image but its metadata says "
+                f"feature_dim={meta.feature_dim}"
+            )
+        if isinstance(features, np.ndarray):
+            step = max(1, CHECK_VALUES // max(1, meta.feature_dim))
+            for start in range(0, len(features), step):
+                block = features[start : start + step]
+                if not np.isfinite(block).all():
+                    row = start + int(np.argmin(np.isfinite(block).all(axis=1)))
+                    raise FeatureFileError(f"{source}: row {number(row)} has NaN or infinite values")
+    if labels is not None:
+        classes = len(meta.label_names)
+        if labels.dtype.kind not in "fiu" or labels.ndim != 1:
+            raise FeatureFileError(
+                f"{source}: its labels are {labels.dtype} of shape {labels.shape}, not one class index per image"
+            )
+        if isinstance(labels, np.ndarray):
+            wrong = (labels < 0) | (labels >= classes)
+            if labels.dtype.kind == "f":
+                wrong |= labels != np.floor(labels)  # NaN too
+            if wrong.any():
+                row = int(np.argmax(wrong))
+                raise FeatureFileError(
+                    f"{source}: row {number(row)} has label {labels[row].item():g}, not a class index "
+                    f"(0 to {classes - 1}: {', '.join(meta.label_names)})"
+                )
+
+
+def _check_text(source: str | Path, name: str, column) -> None:
+    """Raise :class:`FeatureFileError` unless HDF5 dataset ``column`` is 1-D text (paths, hashes, reasons)."""
+    import h5py
+
+    if column.ndim != 1 or (column.dtype.kind != "S" and h5py.check_string_dtype(column.dtype) is None):
+        raise FeatureFileError(f"{source}: its {name} are {column.dtype} of shape {column.shape}, not text")
+
+
+def _text(values) -> list[str]:
+    """Strings of an HDF5 text column as read (bytes, numpy bytes or str), file names kept byte for byte."""
+    return [os.fsdecode(v) if isinstance(v, bytes) else str(v) for v in values]
+
+
 @dataclasses.dataclass
 class FeatureSet:
     features: np.ndarray
@@ -221,7 +334,76 @@ def combine(sets: Sequence[FeatureSet], names: Sequence[str]) -> FeatureSet:
 # --- writing ---------------------------------------------------------------------------------------
 
 
-class HDF5FeatureWriter:
+class _FailSafeFile(io.FileIO):
+    """The file an HDF5 file is written through (h5py's ``fileobj`` driver): after a failed write, it
+    takes what it is given without writing it.
+
+    HDF5 keeps the data it failed to write (a full disk) and tries again at every close, the last time
+    while Python exits, where it crashes the interpreter. Written through this file, HDF5 never sees
+    the failure, so it closes cleanly; the writer then raises :attr:`error`.
+    """
+
+    def __init__(self, path: Path):
+        super().__init__(path, "w+")
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        size = len(view)
+        while self.error is None and len(view):
+            try:
+                view = view[super().write(view) :]
+            except OSError as exc:
+                self.error = exc
+        return size
+
+    def truncate(self, size=None) -> int:
+        if self.error is None:
+            try:
+                return super().truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return self.tell() if size is None else size
+
+    def read(self, size=-1) -> bytes:
+        data = super().read(size)
+        if self.error is not None and size > len(data):  # what was not written reads as zeros, as past the end
+            data += bytes(size - len(data))
+        return data
+
+    def close(self) -> None:
+        """Close the file; the first time, raise the write that failed, if any (:attr:`error`)."""
+        closing = not self.closed
+        super().close()
+        if closing and self.error is not None:
+            raise self.error
+
+
+class _FeatureWriter:
+    """What the feature file writers share: ``path``, the ``.partial`` file written first, and what a
+    failed write leaves (nothing)."""
+
+    def __init__(self, path: Path, meta: FeatureMeta, fingerprint: str):
+        self.path, self.partial = Path(path), Path(str(path) + PARTIAL)
+        self.meta, self.fingerprint = meta, fingerprint
+
+    @contextlib.contextmanager
+    def _removed_on_failure(self) -> Iterator[None]:
+        """Raise an ``OSError`` inside as an :class:`~pyimagesearch_tl.atomic.OutputError` naming the file,
+        once the unfinished file is closed and removed."""
+        try:
+            with writing(self.path, self.partial):
+                yield
+        except OSError:
+            self.close()
+            self.partial.unlink(missing_ok=True)
+            raise
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class HDF5FeatureWriter(_FeatureWriter):
     """Appends batches to ``<split>.h5.partial`` and renames it into place when finished.
 
     The file is written in one go from finished shard files (see :mod:`pyimagesearch_tl.extraction`),
@@ -242,11 +424,12 @@ class HDF5FeatureWriter:
     def __init__(self, path: Path, meta: FeatureMeta, fingerprint: str, chunk_rows: int = 64):
         import h5py
 
-        self.path, self.partial = Path(path), Path(str(path) + PARTIAL)
-        self.meta, self.fingerprint = meta, fingerprint
-        self.partial.unlink(missing_ok=True)
-        self.file = h5py.File(self.partial, "w")
-        f, dim = self.file, meta.feature_dim
+        super().__init__(path, meta, fingerprint)
+        with writing(self.path, self.partial):
+            self.partial.unlink(missing_ok=True)
+            self.stream = _FailSafeFile(self.partial)
+        self.file = f = h5py.File(self.stream, "w")
+        dim = meta.feature_dim
         rows = max(1, min(chunk_rows, max(1, (1 << 20) // (4 * dim))))  # chunks of ~1 MB at most
         f.create_dataset("features", (0, dim), maxshape=(None, dim), dtype=meta.dtype, chunks=(rows, dim))
         f.create_dataset("labels", (0,), maxshape=(None,), dtype="int64", chunks=(4096,))
@@ -261,7 +444,13 @@ class HDF5FeatureWriter:
         return self.file["labels"].shape[0]
 
     def append(self, features, labels, paths, sha256, skipped: Sequence[tuple[str, str]]) -> None:
-        """Write one block of rows and the images skipped among them."""
+        """Write one block of rows and the images skipped among them.
+
+        Raises
+        ------
+        OutputError
+            A write failed (this block's or an earlier one's), naming the file.
+        """
         f = self.file
         start, count = self.rows, len(labels)
         if count:
@@ -281,28 +470,43 @@ class HDF5FeatureWriter:
             ):
                 f[name].resize(done + len(skipped), axis=0)
                 f[name][done:] = values
+        if self.stream.error is not None:  # stop now, not after writing the rest to nowhere
+            with self._removed_on_failure():
+                raise self.stream.error
 
     def finish(self) -> Path:
+        """Close the file and rename it into place.
+
+        Raises
+        ------
+        OutputError
+            A write failed, naming the file; the unfinished file is removed.
+        """
         self.file.attrs["complete"] = True
-        self.file.close()
-        os.replace(self.partial, self.path)
+        with self._removed_on_failure():
+            self.file.close()
+            self.stream.close()
+            os.replace(self.partial, self.path)
         return self.path
 
     def close(self) -> None:
+        """Close the file (an unfinished one stays, as ``.partial``, until the next writer starts over)."""
         if self.file.id.valid:
             self.file.close()
+        with contextlib.suppress(OSError):  # a failed write: raised by append or finish
+            self.stream.close()
 
 
-class CSVFeatureWriter:
+class CSVFeatureWriter(_FeatureWriter):
     """PyImageSearch's CSV rows (label index, then values), plus a JSON sidecar with the metadata.
 
     CSV is for compatibility; like HDF5 it is written to ``.partial`` and renamed when complete.
     """
 
     def __init__(self, path: Path, meta: FeatureMeta, fingerprint: str, chunk_rows: int = 64):
-        self.path, self.partial = Path(path), Path(str(path) + PARTIAL)
-        self.meta, self.fingerprint = meta, fingerprint
-        self.handle = open(self.partial, "w", newline="")
+        super().__init__(path, meta, fingerprint)
+        with writing(self.path, self.partial):
+            self.handle = open(self.partial, "w", newline="")
         self.writer = csv.writer(self.handle)
         self.paths: list[str] = []
         self.sha256: list[str] = []
@@ -314,8 +518,9 @@ class CSVFeatureWriter:
 
     def append(self, features, labels, paths, sha256, skipped) -> None:
         format_value = "{:.7g}".format if self.meta.dtype == "float32" else "{:.4g}".format
-        for label, row in zip(labels, np.asarray(features)):
-            self.writer.writerow([int(label), *map(format_value, row.tolist())])
+        with self._removed_on_failure():
+            for label, row in zip(labels, np.asarray(features)):
+                self.writer.writerow([int(label), *map(format_value, row.tolist())])
         self.paths += list(paths)
         self.sha256 += list(sha256)
         self.skipped += list(skipped)
@@ -324,29 +529,36 @@ class CSVFeatureWriter:
         """Rename the rows into place, then write the sidecar that describes them (rows, bytes, paths).
 
         Killed in between, the sidecar left is an older one whose size and row count do not match the
-        rows: the file reads as unfinished and the next extraction redoes it.
+        rows: the file reads as unfinished and the next extraction redoes it. When the sidecar cannot
+        be written (disk full), the rows are removed again, so that no file is left without one.
         """
-        self.handle.close()
-        size = self.partial.stat().st_size
-        os.replace(self.partial, self.path)
-        atomic_write_json(
-            _csv_meta_path(self.path),
-            dict(
-                self.meta.to_attrs(),
-                format_version=FORMAT_VERSION,
-                fingerprint=self.fingerprint,
-                complete=True,
-                rows=len(self.paths),
-                csv_bytes=size,
-                paths=[os.fsencode(p).decode("utf-8", "surrogateescape") for p in self.paths],
-                sha256=self.sha256,
-                skipped=[list(s) for s in self.skipped],
-            ),
-        )
+        with self._removed_on_failure():
+            self.handle.close()
+            size = self.partial.stat().st_size
+            os.replace(self.partial, self.path)
+        try:
+            atomic_write_json(
+                _csv_meta_path(self.path),
+                dict(
+                    self.meta.to_attrs(),
+                    format_version=FORMAT_VERSION,
+                    fingerprint=self.fingerprint,
+                    complete=True,
+                    rows=len(self.paths),
+                    csv_bytes=size,
+                    paths=[os.fsencode(p).decode("utf-8", "surrogateescape") for p in self.paths],
+                    sha256=self.sha256,
+                    skipped=[list(s) for s in self.skipped],
+                ),
+            )
+        except BaseException:
+            self.path.unlink(missing_ok=True)
+            raise
         return self.path
 
     def close(self) -> None:
-        if not self.handle.closed:
+        """Close the file (an unfinished one stays, as ``.partial``, until the next writer starts over)."""
+        with contextlib.suppress(OSError):  # a failed write: raised by append or finish
             self.handle.close()
 
 
@@ -363,11 +575,14 @@ class Shard:
 
 
 def write_shard(path: str | Path, identity: str, shard: Shard) -> None:
-    """Write ``shard`` whole to ``path`` (temporary file, then rename), stamped with ``identity``."""
+    """Write ``shard`` whole to ``path`` (temporary file, then rename), stamped with ``identity``.
+
+    A failed write is an :class:`~pyimagesearch_tl.atomic.OutputError` naming ``path``; nothing is left.
+    """
     import h5py
 
     with atomic_path(path) as temporary:
-        with h5py.File(temporary, "w") as f:
+        with _FailSafeFile(temporary) as stream, h5py.File(stream, "w") as f:
             f.create_dataset("features", data=np.asarray(shard.features, np.float32))
             f.create_dataset("positions", data=np.asarray(shard.positions, np.int64))
             f.create_dataset("skipped_positions", data=np.array([p for p, _ in shard.skipped], np.int64))
@@ -377,21 +592,48 @@ def write_shard(path: str | Path, identity: str, shard: Shard) -> None:
             f.attrs["identity"] = identity
 
 
-def read_shard(path: str | Path, identity: str) -> Shard | None:
-    """The shard at ``path`` if it exists, is readable and carries ``identity``; else None."""
+def read_shard(path: str | Path, identity: str, meta: FeatureMeta | None = None, images: int = 0) -> Shard | None:
+    """The shard at ``path`` if it exists, is readable and carries ``identity``; else None.
+
+    Given ``meta`` and ``images`` (how many images the shard was given), what a shard of this identity
+    holds is checked too: vectors of ``meta.feature_dim`` finite numbers (:func:`check_rows`), one per
+    position, and positions (of vectors and of skipped images) that are distinct images of the shard.
+
+    Raises
+    ------
+    FeatureFileError
+        The shard carries ``identity`` but its content is not what the shard was given to compute.
+    """
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("identity") != identity:
                 return None
-            return Shard(
+            shard = Shard(
                 f["features"][:],
                 f["positions"][:],
                 [(int(p), bytes(r).decode()) for p, r in zip(f["skipped_positions"][:], f["skipped_reasons"][:])],
             )
-    except (OSError, KeyError, ValueError):  # missing, truncated, or not a shard file
+    except (OSError, KeyError, ValueError, TypeError):  # missing, truncated, or not a shard file
         return None
+    if meta is not None:
+        check_rows(f"shard file {path}", meta, shard.features)
+        if not _distinct_images(shard, images):
+            raise FeatureFileError(
+                f"shard file {path}: its {len(shard.features)} vectors and {len(shard.skipped)} skipped images "
+                f"are not one each of distinct images among the shard's {images}"
+            )
+    return shard
+
+
+def _distinct_images(shard: Shard, images: int) -> bool:
+    """True when every vector and skip of ``shard`` is at its own position among ``images``."""
+    positions = shard.positions
+    if positions.ndim != 1 or positions.dtype.kind not in "iu" or len(positions) != len(shard.features):
+        return False
+    every = np.concatenate([positions, np.array([p for p, _ in shard.skipped], dtype=np.int64)])
+    return bool(((every >= 0) & (every < images)).all()) and len(np.unique(every)) == len(every)
 
 
 def _csv_meta_path(path: Path) -> Path:
@@ -492,33 +734,49 @@ def has_feature_file(features_dir: str | Path, split: str) -> bool:
 
 
 class HDF5FeatureReader:
-    """Reads the parts of a finished ``.h5`` feature file, each on its own (features only when asked)."""
+    """Reads the parts of a finished ``.h5`` feature file, each on its own (features only when asked).
+
+    Opening checks the metadata and the columns' kinds and lengths (:func:`_open_h5`); what is read
+    is checked by :func:`check_rows`.
+    """
 
     def __init__(self, path: Path):
         self.path = path
 
     def meta(self) -> FeatureMeta:
         with _open_h5(self.path) as f:
-            return FeatureMeta.from_attrs(f.attrs)
+            return FeatureMeta.from_attrs(f.attrs, self.path)
 
     def load(self) -> FeatureSet:
+        """The whole file, checked (:func:`check_rows`)."""
         with _open_h5(self.path) as f:
+            meta, labels = FeatureMeta.from_attrs(f.attrs, self.path), f["labels"][:]
+            check_rows(self.path, meta, labels=labels)
             return FeatureSet(
-                features=f["features"][:],
-                labels=f["labels"][:],
-                paths=[os.fsdecode(bytes(p)) for p in f["paths"][:]],
-                sha256=[s.decode() for s in f["sha256"][:]],
-                meta=FeatureMeta.from_attrs(f.attrs),
+                features=_read_checked(self.path, meta, f["features"], 0, len(labels)),
+                labels=labels.astype(np.int64, copy=False),
+                paths=_text(f["paths"][:]),
+                sha256=_text(f["sha256"][:]),
+                meta=meta,
             )
 
     def sha256(self) -> list[str]:
         with _open_h5(self.path) as f:
-            return [s.decode() for s in f["sha256"][:]]
+            return _text(f["sha256"][:])
 
     def skipped(self) -> list[tuple[str, str]]:
         with _open_h5(self.path) as f:
-            pairs = zip(f["skipped_paths"][:], f["skipped_reasons"][:])
-            return [(os.fsdecode(bytes(p)), bytes(r).decode()) for p, r in pairs]
+            try:
+                columns = [f[name] for name in ("skipped_paths", "skipped_reasons")]
+            except KeyError as exc:
+                raise FeatureFileError(f"{self.path}: not a feature file ({exc})") from None
+            for name, column in zip(("skipped paths", "skipped reasons"), columns):
+                _check_text(self.path, name, column)
+            if len(columns[0]) != len(columns[1]):
+                raise FeatureFileError(
+                    f"{self.path}: {len(columns[0])} skipped paths but {len(columns[1])} reasons; rerun extract"
+                )
+            return list(zip(_text(columns[0][:]), _text(columns[1][:])))
 
     def fingerprint(self) -> str | None:
         with _open_h5(self.path) as f:
@@ -527,15 +785,17 @@ class HDF5FeatureReader:
 
     @contextlib.contextmanager
     def rows(self) -> Iterator[Callable[[Sequence[int]], np.ndarray]]:
-        """Rows read on demand (a file larger than memory is fine)."""
+        """Rows read on demand (a file larger than memory is fine), each checked (:func:`check_rows`)."""
         with _open_h5(self.path) as f:
-            dataset = f["features"]
+            meta, dataset = FeatureMeta.from_attrs(f.attrs, self.path), f["features"]
 
             def read(rows: Sequence[int]) -> np.ndarray:
                 if len(rows) == 0:
                     return np.zeros((0, dataset.shape[1]), dataset.dtype)
                 unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
-                return dataset[unique][inverse]  # h5py reads increasing row numbers
+                values = dataset[unique]  # h5py reads increasing row numbers
+                check_rows(self.path, meta, values, first_row=unique)
+                return values[inverse]
 
             yield read
 
@@ -550,7 +810,8 @@ class CSVFeatureReader:
         self.path = path
 
     def _sidecar(self) -> dict:
-        """The sidecar, checked against the rows: the same number of paths and hashes, the size it recorded."""
+        """The sidecar, its fields checked (:data:`SIDECAR_FIELDS`) and checked against the rows: as many paths
+        and hashes as the rows it recorded, the size it recorded."""
         sidecar = _csv_meta_path(self.path)
         try:
             values = json.loads(sidecar.read_text(encoding="utf-8"))
@@ -561,7 +822,14 @@ class CSVFeatureReader:
             raise FeatureFileError(f"{sidecar}: unreadable metadata ({exc})") from None
         if not isinstance(values, dict) or not isinstance(values.get("paths"), list):
             raise FeatureFileError(f"{sidecar}: not the metadata of a feature file")
-        counts = {len(values["paths"]), len(values.get("sha256", ())), values.get("rows", len(values["paths"]))}
+        values.setdefault("sha256", [])
+        values.setdefault("skipped", [])
+        for name, (is_valid, must_be) in SIDECAR_FIELDS.items():
+            if name in values and not is_valid(values[name]):
+                raise FeatureFileError(
+                    f"{sidecar}: {name!r} is {type(values[name]).__name__} {_clip(values[name])}, not {must_be}"
+                )
+        counts = {len(values["paths"]), len(values["sha256"]), values.get("rows", len(values["paths"]))}
         if len(counts) > 1 or values.get("csv_bytes", size) != size:
             raise FeatureFileError(
                 f"{self.path}: its rows and {sidecar.name} disagree (a write was interrupted); rerun extract"
@@ -569,20 +837,29 @@ class CSVFeatureReader:
         return values
 
     def meta(self) -> FeatureMeta:
-        return FeatureMeta.from_attrs(self._sidecar())
+        return FeatureMeta.from_attrs(self._sidecar(), _csv_meta_path(self.path))
 
     def load(self) -> FeatureSet:
+        """The whole file, checked (:func:`check_rows`): a label and ``feature_dim`` finite numbers per row."""
         sidecar = self._sidecar()
-        meta = FeatureMeta.from_attrs(sidecar)
-        data = np.loadtxt(self.path, delimiter=",", dtype=np.float64, ndmin=2)
+        meta = FeatureMeta.from_attrs(sidecar, _csv_meta_path(self.path))
+        try:
+            data = np.loadtxt(self.path, delimiter=",", dtype=np.float64, ndmin=2)
+        except ValueError as exc:  # text that is not a number, rows of different lengths
+            raise FeatureFileError(
+                f"{self.path}: not rows of a label and {meta.feature_dim} numbers ({str(exc).split(';')[0]})"
+            ) from None
         if data.size == 0:
             data = np.zeros((0, meta.feature_dim + 1))
         if len(data) != len(sidecar["paths"]):
             raise FeatureFileError(
                 f"{self.path}: {len(data)} rows of features but {len(sidecar['paths'])} paths; rerun extract"
             )
+        with np.errstate(over="ignore"):  # a value too large for the type becomes infinite, and is refused
+            features = data[:, 1:].astype(meta.dtype)
+        check_rows(self.path, meta, features, data[:, 0])
         paths = [os.fsdecode(p.encode("utf-8", "surrogateescape")) for p in sidecar["paths"]]
-        return FeatureSet(data[:, 1:].astype(meta.dtype), data[:, 0].astype(np.int64), paths, sidecar["sha256"], meta)
+        return FeatureSet(features, data[:, 0].astype(np.int64), paths, sidecar["sha256"], meta)
 
     def sha256(self) -> list[str]:
         return list(self._sidecar()["sha256"])
@@ -597,6 +874,33 @@ class CSVFeatureReader:
     def rows(self) -> Iterator[Callable[[Sequence[int]], np.ndarray]]:
         features = self.load().features
         yield lambda rows: features[np.asarray(rows, dtype=np.int64)]
+
+
+def _clip(value, width: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+#: What the fields of a CSV sidecar must be (besides the :class:`FeatureMeta` fields): a test and its words.
+SIDECAR_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "paths": (_strings, "a list of file paths"),
+    "sha256": (_strings, "a list of content hashes"),
+    "skipped": (
+        lambda value: isinstance(value, list) and all(_strings(pair) and len(pair) == 2 for pair in value),
+        "a list of [path, reason] pairs",
+    ),
+    "rows": (_count, "a whole number of rows"),
+    "csv_bytes": (_count, "a whole number of bytes"),
+    "fingerprint": (lambda value: isinstance(value, str), "a string"),
+}
 
 
 #: Reader class by file suffix, one per format of :data:`WRITERS`.
@@ -615,24 +919,37 @@ def feature_reader(path: str | Path) -> HDF5FeatureReader | CSVFeatureReader:
 
 
 def _open_h5(path: Path):
+    """The finished HDF5 feature file ``path``, open, once its metadata and columns are checked.
+
+    Checked without reading the columns: the metadata (:meth:`FeatureMeta.from_attrs`), the kinds and
+    shapes of ``features`` and ``labels`` (:func:`check_rows`), ``paths`` and ``sha256`` as text, and
+    one row of each per image. Anything wrong is a :class:`FeatureFileError` naming the file.
+    """
     import h5py
 
     try:
         handle = h5py.File(path, "r")
     except OSError as exc:
         raise FeatureFileError(f"{path}: not a readable HDF5 feature file ({exc})") from None
-    if not handle.attrs.get("complete", False):
-        handle.close()
-        raise FeatureFileError(f"{path}: the extraction that wrote it did not finish; rerun extract")
     try:
-        lengths = {name: len(handle[name]) for name in ("features", "labels", "paths", "sha256")}
-    except KeyError as exc:
+        if not handle.attrs.get("complete", False):
+            raise FeatureFileError(f"{path}: the extraction that wrote it did not finish; rerun extract")
+        try:
+            columns = {name: handle[name] for name in ("features", "labels", "paths", "sha256")}
+        except KeyError as exc:
+            raise FeatureFileError(f"{path}: not a feature file ({exc})") from None
+        if not all(isinstance(column, h5py.Dataset) for column in columns.values()):
+            raise FeatureFileError(f"{path}: not a feature file (its columns are not all datasets)")
+        check_rows(path, FeatureMeta.from_attrs(handle.attrs, path), columns["features"], columns["labels"])
+        _check_text(path, "paths", columns["paths"])
+        _check_text(path, "sha256", columns["sha256"])
+        lengths = {name: len(column) for name, column in columns.items()}
+        if len(set(lengths.values())) > 1:
+            counts = ", ".join(f"{n} {name}" for name, n in lengths.items())
+            raise FeatureFileError(f"{path}: its columns disagree ({counts}); rerun extract")
+    except BaseException:
         handle.close()
-        raise FeatureFileError(f"{path}: not a feature file ({exc})") from None
-    if len(set(lengths.values())) > 1:
-        handle.close()
-        counts = ", ".join(f"{n} {name}" for name, n in lengths.items())
-        raise FeatureFileError(f"{path}: its columns disagree ({counts}); rerun extract")
+        raise
     return handle
 
 
@@ -650,20 +967,43 @@ def iter_chunks(path: str | Path, rows: int | None = None, blocks=None) -> Itera
     """Yield ``(features, labels)`` blocks of ``rows`` rows of an HDF5 file without loading it whole.
 
     ``blocks`` gives the block numbers to read, in order (default: all, first to last), so callers
-    can shuffle the order or hold blocks out.
+    can shuffle the order or hold blocks out. Every block is checked as it is read (:func:`check_rows`).
     """
-    with _open_h5(Path(path)) as f:
-        features, labels = f["features"], f["labels"]
-        step = rows or features.chunks[0]
+    path = Path(path)
+    with _open_h5(path) as f:
+        meta, features, labels = FeatureMeta.from_attrs(f.attrs, path), f["features"], f["labels"]
+        step = rows or (features.chunks or (SHARD_SIZE,))[0]  # a file from elsewhere may not be chunked
         for block in range(-(-features.shape[0] // step)) if blocks is None else blocks:
             start = block * step
-            yield features[start : start + step], labels[start : start + step]
+            y = labels[start : start + step]
+            check_rows(path, meta, labels=y, first_row=start)
+            yield _read_checked(path, meta, features, start, start + step), y.astype(np.int64, copy=False)
+
+
+def _read_checked(path: Path, meta: FeatureMeta, dataset, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of the HDF5 ``features`` dataset, read and checked (:func:`check_rows`)
+    :data:`CHECK_VALUES` values at a time, each part checked while it is still in the CPU's cache."""
+    stop = min(stop, len(dataset))
+    step = max(1, CHECK_VALUES // meta.feature_dim)
+    if stop - start <= step:  # one part: no copy
+        rows = dataset[start:stop]
+        check_rows(path, meta, rows, first_row=start)
+        return rows
+    rows = np.empty((stop - start, meta.feature_dim), dataset.dtype)
+    for part in range(start, stop, step):
+        values = dataset[part : min(stop, part + step)]
+        check_rows(path, meta, values, first_row=part)
+        rows[part - start : part - start + len(values)] = values
+    return rows
 
 
 def read_labels(path: str | Path) -> np.ndarray:
-    """Only the label column of a finished HDF5 feature file (small even when the features are not)."""
-    with _open_h5(Path(path)) as f:
-        return f["labels"][:]
+    """Only the label column of a finished HDF5 feature file (small even when the features are not), checked."""
+    path = Path(path)
+    with _open_h5(path) as f:
+        labels = f["labels"][:]
+        check_rows(path, FeatureMeta.from_attrs(f.attrs, path), labels=labels)
+        return labels.astype(np.int64, copy=False)
 
 
 def read_sha256(path: str | Path) -> list[str]:

@@ -11,14 +11,13 @@ from typing import Sequence
 
 import numpy as np
 
-from .bundle import Bundle, decision_logits
+from .bundle import BUNDLE_SUFFIX, Bundle, decision_logits
 from .classifiers import get_classifier, list_classifiers, make_pipeline
 from .errors import ConfigError, DatasetError, FeatureFileError
 from .locks import locks_output
 from .metrics import roc_auc
 from .novelty import fit_detector, make_detector
 from .store import (
-    LABEL_ENCODER,
     FeatureSet,
     check_same_layout,
     feature_file,
@@ -49,17 +48,18 @@ class TrainReport:
     fit_seconds: float
 
 
-def load_label_encoder(features_dir: Path, label_names: Sequence[str]):
-    """The saved label encoder, checked against the labels recorded in the feature files."""
-    import joblib
+def label_encoder(label_names: Sequence[str]):
+    """The label encoder of the class names recorded in the feature files (their label indices point into them).
+
+    Built from the names, never read from a file: a ``label_encoder.joblib`` left by an older version is a
+    pickle, and unpickling runs whatever code it holds, so it is ignored.
+    """
     from sklearn.preprocessing import LabelEncoder
 
-    path = features_dir / LABEL_ENCODER
-    encoder = joblib.load(path) if path.is_file() else LabelEncoder().fit(list(label_names))
-    if [str(c) for c in encoder.classes_] != list(label_names):
-        raise DatasetError(
-            f"{path} has classes {[str(c) for c in encoder.classes_]} but the feature files have {list(label_names)}"
-        )
+    names = [str(name) for name in label_names]
+    encoder = LabelEncoder().fit(names)
+    if list(encoder.classes_) != names:  # the files' label indices would point at other classes
+        raise FeatureFileError(f"the feature files' class names {names} are not sorted and distinct")
     return encoder
 
 
@@ -140,7 +140,7 @@ def train(
     from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
 
     folders, output_dir = feature_folders(features_dir), Path(output_dir)
-    features_dir = folders[0]  # the label encoder's folder (every folder's labels are checked equal)
+    features_dir = folders[0]  # named in messages (every folder's labels are checked equal)
     train_set = read_split(folders, training_split)
     validation_set = _optional_split(folders, validation_split)
     if validation_set is not None:
@@ -149,7 +149,7 @@ def train(
         raise DatasetError(f"--cv validation needs features of the {validation_split!r} split in {features_dir}")
     folds = None if cv == "validation" else int(cv)
     _check_trainable(train_set.labels, train_set.meta.label_names, folds)
-    encoder = load_label_encoder(features_dir, train_set.meta.label_names)
+    encoder = label_encoder(train_set.meta.label_names)
 
     if cv == "validation":
         X = np.concatenate([train_set.features, validation_set.features])
@@ -213,7 +213,7 @@ def train(
                 unknown, bundle, train_set, search.best_estimator_, unknown_keep, seed, training_split
             )
         bundle.info["unknown"] = unknown
-        path = bundle.save(output_dir / f"{name}.joblib")
+        path = bundle.save(output_dir / f"{name}{BUNDLE_SUFFIX}")
         accuracy, auc = _validation_metrics(bundle, None if cv == "validation" else validation_set)
         reports.append(TrainReport(name, path, best, float(search.best_score_), accuracy, auc, seconds))
     return reports
@@ -317,7 +317,7 @@ def train_streaming(
         )
     meta, labels = read_meta(train_path), read_labels(train_path)
     _check_trainable(labels, meta.label_names, None)
-    encoder = load_label_encoder(features_dir, meta.label_names)
+    encoder = label_encoder(meta.label_names)
     validation_path = _optional_feature_file(features_dir, validation_split)
     if validation_path is not None:
         check_same_layout(meta, read_meta(validation_path), validation_path.name)
@@ -343,10 +343,18 @@ def train_streaming(
     scaler = StandardScaler()
 
     # One pass fits the scaler and draws the seeded sample of training rows the "unknown" detector learns from.
+    # It reads every row, held-out blocks and the validation file included: each block is checked as it is
+    # read (iter_chunks), so a bad row is found before any candidate learns, not after the grid search.
     sample_rows = min(DETECTOR_SAMPLE_ROWS, DETECTOR_SAMPLE_BYTES // (4 * meta.feature_dim))
     sampling, share = np.random.default_rng(seed), min(1.0, sample_rows / max(fitted, 1))
     sample, sampled_classes = [], set()
-    for X, y in iter_chunks(train_path, block_rows, train_blocks):
+    if validation_path is not None:
+        for _ in iter_chunks(validation_path, block_rows):
+            pass
+    checked_only = set(held_out)
+    for block, (X, y) in enumerate(iter_chunks(train_path, block_rows)):
+        if block in checked_only:
+            continue
         scaler.partial_fit(X)
         chosen = sampling.random(len(y)) < share
         for label in set(np.unique(y).tolist()) - sampled_classes:  # every class is in the sample
@@ -404,5 +412,5 @@ def train_streaming(
         np.concatenate([bundle.novelty.raw_scores(X, bundle.logits(X)) for X, _ in selection_blocks()])
     )
     bundle.info.update(unknown=unknown, unknown_learned_from=int(len(sample_labels)))
-    path = bundle.save(output_dir / f"{classifier}.joblib")
+    path = bundle.save(output_dir / f"{classifier}{BUNDLE_SUFFIX}")
     return TrainReport(classifier, path, grid[best], score, score if validation_path else None, None, seconds)

@@ -1,6 +1,7 @@
 """The Python way in (``import pyimagesearch_tl as ptl``) and the scikit-learn transformer, on real photos."""
 
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -14,20 +15,26 @@ from pyimagesearch_tl.store import read_features
 
 
 @pytest.fixture(scope="module")
-def walk(cats_dogs, tmp_path_factory):
-    """build -> extract -> train through the API, as the README's Python example does."""
+def walk(cats_dogs, pipeline_run, tmp_path_factory):
+    """build -> extract -> train through the API, as the README's Python example does. The photos are the
+    shared extraction's, and its feature files are copied where ptl.extract writes: the API's build and
+    defaults must make them up to date (checked in the first test) instead of extracting them again."""
     work = tmp_path_factory.mktemp("api")
     dataset = ptl.build_dataset(cats_dogs, work / "dataset", split_fractions=[0.75, 0.15, 0.10])
+    shutil.copytree(pipeline_run["features"], work / "features")
     features = ptl.extract(dataset, work / "features", batch_size=16)
     model = ptl.train(features, work / "models", classifier="logreg", cv="2")
     return dict(work=work, dataset=dataset, features=features, model=model)
 
 
 def test_build_extract_train_evaluate_predict_save_load(walk, cats_dogs):
+    """The API's objects: the dataset's counts and layout, the features as arrays, a model that evaluates,
+    predicts, saves and loads (predicting the same in TensorFlow)."""
     dataset, features, model = walk["dataset"], walk["features"], walk["model"]
     assert dataset.counts == {"training": {"cats": 15, "dogs": 15}, "validation": {"cats": 15, "dogs": 15}}
     assert dataset.report.layout == "class-folders"
     assert sorted(features) == ["training", "validation"]
+    assert [(r.split, r.up_to_date) for r in features.reports] == [("training", True), ("validation", True)]
     X, y = features["training"].load()
     assert X.shape == (30, 1280) and X.dtype == np.float32 and sorted(np.bincount(y)) == [15, 15]
     assert features["training"].label_names == ["cats", "dogs"] == model.label_names
@@ -39,7 +46,7 @@ def test_build_extract_train_evaluate_predict_save_load(walk, cats_dogs):
     photos = sorted((cats_dogs / "validation" / "dogs").glob("*.jpg"))[:4]
     predictions = model.predict(photos)
     assert [p.label for p in predictions].count("dogs") >= 3
-    saved = model.save(walk["work"] / "copy.joblib")
+    saved = model.save(walk["work"] / "copy.skops")
     again = ptl.load_model(saved, runtime="tensorflow")
     reloaded = again.predict(photos)
     assert [p.label for p in reloaded] == [p.label for p in predictions]
@@ -52,7 +59,7 @@ def test_the_command_line_and_the_api_give_the_same_model(walk, tmp_path):
         cli, ["train", "--features", str(walk["features"].path), "--output", str(tmp_path), "--cv", "2"]
     )
     assert result.exit_code == 0, result.output
-    from_cli = ptl.load_model(tmp_path / "logreg.joblib")
+    from_cli = ptl.load_model(tmp_path / "logreg.skops")
     validation = read_features(walk["features"]["validation"].path)
     ours, _ = walk["model"].bundle.scores(validation.features)
     theirs, _ = from_cli.bundle.scores(validation.features)
@@ -89,12 +96,15 @@ def _photos(per_class: int, split: str = "train"):
 
 
 def test_transformer_in_a_pipeline_trains_on_paths_in_grid_search_and_cross_validation():
+    """A pipeline of the transformer, a scaler and a classifier learns cats from dogs on image paths, in
+    cross-validation and in a grid search (12 photos per class: every fit extracts its fold again); pickled, it
+    is small and predicts the same after rebuilding the network."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    paths, labels = _photos(20)
+    paths, labels = _photos(12)
     pipeline = make_pipeline(ptl.ImageFeatures(batch_size=16), StandardScaler(), LogisticRegression(max_iter=2000))
     folds = StratifiedKFold(2, shuffle=True, random_state=0)
     scores = cross_val_score(pipeline, paths, labels, cv=folds)

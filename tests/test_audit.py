@@ -31,16 +31,16 @@ def _planted_copies(photo, folder, stem):
 
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory):
-    """cats_and_dogs_filtered: 120 training photos per class with 6% of the labels flipped (seeded), 10
-    validation photos per class, and 10 training photos planted into validation as 4 copies each (300 in all)."""
+    """cats_and_dogs_filtered: 100 training photos per class with 6% of the labels flipped (seeded), 10
+    validation photos per class, and 10 training photos planted into validation as 4 copies each (260 in all)."""
     work = tmp_path_factory.mktemp("audit")
     source, rng = work / "photos", np.random.default_rng(7)
     train = {
-        label: sorted(shared("cats_and_dogs_filtered", "train", label).glob("*.jpg"))[:120]
+        label: sorted(shared("cats_and_dogs_filtered", "train", label).glob("*.jpg"))[:100]
         for label in ("cats", "dogs")
     }
     every = [(label, p) for label, paths in train.items() for p in paths]
-    flipped = {every[i][1].name for i in rng.choice(len(every), size=15, replace=False)}
+    flipped = {every[i][1].name for i in rng.choice(len(every), size=12, replace=False)}
     for label, paths in train.items():
         other = "dogs" if label == "cats" else "cats"
         for p in paths:
@@ -88,11 +88,13 @@ def test_flipped_labels_are_found_with_their_true_label(audited):
 
 
 def test_outputs_summary_and_contact_sheets(audited):
+    """audit.json counts the images per split and the leaks, records both calibrated thresholds, and the
+    leak and label contact sheets are PNG files."""
     import json
 
     audit = audited["work"] / "audit"
     summary = json.loads((audit / "audit.json").read_text())
-    assert summary["images"] == {"training": 240, "validation": 60}
+    assert summary["images"] == {"training": 200, "validation": 60}
     assert summary["counts"]["leak"]["validation"] == len([r for r in audited["rows"] if r["kind"] == "leak"])
     assert 0.5 < summary["duplicate_threshold"] < 1.0 and 0.5 < summary["pixel_threshold"] < 1.0
     for kind in ("leak", "label"):
@@ -116,17 +118,20 @@ def test_build_dataset_excludes_the_rows_kept_in_the_audit_file(audited, tmp_pat
 
 
 def test_flowers_files_under_two_labels_are_conflicts(tmp_path):
+    """The flowers set files a few photos under both rose and tulip: each is a conflict ("identical files"),
+    found among 15 ordinary photos per class (each file hashed once)."""
     source = tmp_path / "flowers"
-    by_hash = {}
+    by_hash, hashes = {}, {}
     for label in ("rose", "tulip"):
-        for p in shared("flowers", label).glob("*.jpg"):
-            by_hash.setdefault(sha256_file(p), []).append((label, p))
+        for p in sorted(shared("flowers", label).glob("*.jpg")):
+            hashes[p] = sha256_file(p)
+            by_hash.setdefault(hashes[p], []).append((label, p))
     duplicated = [copies for copies in by_hash.values() if {label for label, _ in copies} == {"rose", "tulip"}]
     assert len(duplicated) >= 4
-    for label in ("rose", "tulip"):  # the duplicated files and 40 ordinary photos per class
+    for label in ("rose", "tulip"):  # the duplicated files and 15 ordinary photos per class
         (source / label).mkdir(parents=True)
-        ordinary = [p for p in sorted(shared("flowers", label).glob("*.jpg")) if len(by_hash[sha256_file(p)]) == 1]
-        for p in ordinary[:40] + [p for copies in duplicated for lab, p in copies if lab == label]:
+        ordinary = [p for p in sorted(shared("flowers", label).glob("*.jpg")) if len(by_hash[hashes[p]]) == 1]
+        for p in ordinary[:15] + [p for copies in duplicated for lab, p in copies if lab == label]:
             shutil.copy(p, source / label)
     run("build-dataset", "--input", str(source), "--output", str(tmp_path / "dataset"), "--split-fractions",
         "0.75,0.25,0.0")  # fmt: skip

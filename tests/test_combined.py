@@ -1,5 +1,6 @@
 """Mirrored views and combined backbones (several feature folders), on real photos."""
 
+import functools
 import shutil
 
 import numpy as np
@@ -26,14 +27,24 @@ def run(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def folders(pipeline_run, tmp_path_factory):
-    """The shared lite0 features, plus lite0 with mirrored views and lite2, from the same dataset."""
+    """The shared lite0 features; a copy of them re-extracted by ``ptl extract --views 2`` (mirrored views,
+    runtime auto: the mirrored network converted and checked; the command's output kept); and lite2
+    features of the same dataset, computed in TensorFlow (converting lite2 would serve no check here)."""
     work = tmp_path_factory.mktemp("combined")
     dataset = pipeline_run["dataset"]
-    for name, options in (("lite0_views2", dict(views=2)), ("lite2", dict(backbone="efficientnet_lite2"))):
-        options = dict(dict(backbone="efficientnet_lite0"), **options)
-        extract_dataset(dataset, work / name, splits=SPLITS, batch_size=16, progress=False, **options)
-    return dict(work=work, dataset=dataset, lite0=pipeline_run["features"], lite0_views2=work / "lite0_views2",
-                lite2=work / "lite2")  # fmt: skip
+    views2 = shutil.copytree(pipeline_run["features"], work / "lite0_views2")
+    views2_output = run("extract", "--dataset", str(dataset), "--output", str(views2), "--views", "2")
+    extract_dataset(dataset, work / "lite2", splits=SPLITS, backbone="efficientnet_lite2", batch_size=16,
+                    runtime="tensorflow", progress=False)  # fmt: skip
+    return dict(work=work, dataset=dataset, lite0=pipeline_run["features"], lite0_views2=views2,
+                views2_output=views2_output, lite2=work / "lite2")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """``reference(backbone, views)``: the extractor the features are checked against (TensorFlow), built
+    once per module."""
+    return functools.cache(lambda backbone, views: FeatureExtractor(backbone, runtime="tensorflow", views=views))
 
 
 def _copy(folder, target, transform):
@@ -48,11 +59,12 @@ def _copy(folder, target, transform):
     return target
 
 
-def test_mirrored_views_are_the_mean_of_the_image_and_its_mirror(folders):
+def test_mirrored_views_are_the_mean_of_the_image_and_its_mirror(folders, reference):
+    """views=2 features are the mean of the image's and its mirror's, in TensorFlow and as extract stored them
+    (runtime auto); the mirror does change the vectors, and the shared single-view folder is left as it was."""
     stored = read_features(folders["lite0_views2"] / "training.h5")
     pixels = np.stack([load_image(folders["dataset"] / p, 224) for p in stored.paths[:6]])
-    single = FeatureExtractor("efficientnet_lite0", runtime="tensorflow")
-    both = FeatureExtractor("efficientnet_lite0", runtime="tensorflow", views=2)
+    single, both = reference("efficientnet_lite0", 1), reference("efficientnet_lite0", 2)
     by_hand = (single.transform(pixels) + single.transform(np.ascontiguousarray(pixels[:, :, ::-1]))) / 2
     np.testing.assert_allclose(both.transform(pixels), by_hand, atol=1e-5)
     np.testing.assert_allclose(stored.features[:6], by_hand, atol=1e-4)  # what extract stored (runtime auto)
@@ -61,18 +73,21 @@ def test_mirrored_views_are_the_mean_of_the_image_and_its_mirror(folders):
 
 
 def test_views_are_part_of_the_feature_layout(folders, tmp_path):
+    """A bundle of single-view features refuses mirrored ones; ``ptl extract --views 2`` into a folder of
+    single-view features (the fixture's run) extracts again instead of calling them up to date."""
     run("train", "--features", str(folders["lite0"]), "--output", str(tmp_path), "--cv", "2")
-    bundle = Bundle.load(tmp_path / "logreg.joblib")
+    bundle = Bundle.load(tmp_path / "logreg.skops")
     with pytest.raises(BundleError, match="views=2 but the reference has 1"):
         bundle.check_features(read_meta(folders["lite0_views2"] / "training.h5"), "the mirrored features")
-    mixed = tmp_path / "mixed"
-    shutil.copytree(folders["lite0"], mixed)
-    output = run("extract", "--dataset", str(folders["dataset"]), "--output", str(mixed), "--views", "2")
-    assert "up to date" not in output  # other views: extracted again, never mixed with the old vectors
-    assert read_meta(mixed / "training.h5").views == 2
+    # other views: extracted again, never mixed with the old vectors
+    assert "up to date" not in folders["views2_output"]
+    assert read_meta(folders["lite0_views2"] / "training.h5").views == 2
 
 
 def test_training_on_two_folders_aligns_rows_by_image_not_position(folders, tmp_path):
+    """Two feature folders are joined image by image: the second folder's rows shuffled train the same
+    classifier, whose features are the two backbones' vectors side by side. (The centroid "unknown" detector:
+    the default one, fitted on the same joined features in the last test, takes seconds at 2,560 dimensions.)"""
     shuffled = _copy(
         folders["lite2"],
         tmp_path / "lite2_shuffled",
@@ -80,8 +95,8 @@ def test_training_on_two_folders_aligns_rows_by_image_not_position(folders, tmp_
     )
     for name, second in (("a", folders["lite2"]), ("b", shuffled)):
         run("train", "--features", str(folders["lite0"]), "--features", str(second), "--output", str(tmp_path / name),
-            "--cv", "2")  # fmt: skip
-    a, b = (Bundle.load(tmp_path / name / "logreg.joblib") for name in ("a", "b"))
+            "--cv", "2", "--unknown", "centroid")  # fmt: skip
+    a, b = (Bundle.load(tmp_path / name / "logreg.skops") for name in ("a", "b"))
     np.testing.assert_allclose(a.classifier[-1].coef_, b.classifier[-1].coef_, atol=1e-8)
     assert a.meta.feature_dim == 1280 + 1280 and a.meta.backbone == "efficientnet_lite0+efficientnet_lite2"
 
@@ -99,6 +114,8 @@ def _rows(features, order):
 
 
 def test_a_missing_image_or_other_labels_are_clear_errors(folders, tmp_path):
+    """Folders that cannot be joined are refused with the reason: an image missing from one, other label
+    names, the same folder given twice."""
     short = _copy(folders["lite2"], tmp_path / "short", lambda s: _rows(s, np.arange(1, len(s.labels))))
     first = read_features(folders["lite0"] / "training.h5").paths[0]
     result = CliRunner().invoke(
@@ -123,29 +140,35 @@ def test_a_missing_image_or_other_labels_are_clear_errors(folders, tmp_path):
         read_split([folders["lite0"], folders["lite0"]], "training")
 
 
-def test_a_combined_bundle_predicts_evaluates_and_serves_like_the_concatenation_by_hand(folders, tmp_path):
+def test_a_combined_bundle_predicts_evaluates_and_serves_like_the_concatenation_by_hand(folders, reference, tmp_path):
+    """A bundle of lite0 (mirrored views) + lite2 features predicts what its classifier gives for the two
+    backbones' vectors of the photo side by side, each decoded at its own input size: lite0's computed here,
+    lite2's as the fixture extracted it (in TensorFlow). ``ptl evaluate`` takes the same two folders and
+    refuses one; the server (around the same predictor) answers the same label and names both input sizes."""
     from pyimagesearch_tl.serve import create_app
 
     run("train", "--features", str(folders["lite0_views2"]), "--features", str(folders["lite2"]), "--output",
         str(tmp_path), "--cv", "2")  # fmt: skip
-    bundle = Bundle.load(tmp_path / "logreg.joblib")
+    bundle = Bundle.load(tmp_path / "logreg.skops")
     photo = sorted(folders["dataset"].rglob("*.jpg"))[-1]
-    lite0 = FeatureExtractor("efficientnet_lite0", runtime="tensorflow", views=2)
-    lite2 = FeatureExtractor("efficientnet_lite2", runtime="tensorflow")
-    by_hand = np.hstack([lite0.transform(load_image(photo, 224)[None]), lite2.transform(load_image(photo, 260)[None])])
+    name = photo.relative_to(folders["dataset"]).as_posix()
+    lite2 = read_features(folders["lite2"] / f"{name.split('/')[0]}.h5")  # the photo's split
+    lite0 = reference("efficientnet_lite0", 2).transform(load_image(photo, 224)[None])
+    by_hand = np.hstack([lite0, lite2.features[lite2.paths.index(name)][None]])
     expected = bundle.classifier.predict_proba(by_hand)[0]
-    (prediction,) = Predictor(bundle, runtime="tensorflow", top_k=2).predict([photo])
+    predictor = Predictor(bundle, runtime="tensorflow", top_k=2)
+    (prediction,) = predictor.predict([photo])
     np.testing.assert_allclose([dict(prediction.top)[name] for name in bundle.label_names], expected, atol=1e-4)
 
-    output = run("evaluate", "--model", str(tmp_path / "logreg.joblib"), "--features", str(folders["lite0_views2"]),
+    output = run("evaluate", "--model", str(tmp_path / "logreg.skops"), "--features", str(folders["lite0_views2"]),
                  "--features", str(folders["lite2"]), "--output", str(tmp_path / "eval"))  # fmt: skip
     assert "accuracy: " in output
     result = CliRunner().invoke(
-        cli, ["evaluate", "--model", str(tmp_path / "logreg.joblib"), "--features", str(folders["lite2"])]
+        cli, ["evaluate", "--model", str(tmp_path / "logreg.skops"), "--features", str(folders["lite2"])]
     )
     assert result.exit_code == 1 and "trained on 2 feature folder(s)" in result.output
 
-    client = create_app(Predictor(bundle)).test_client()
+    client = create_app(predictor).test_client()
     reply = client.post("/api/predict", data={"file": (photo.open("rb"), photo.name)})
     assert reply.status_code == 200
     assert reply.get_json()["predictions"][0]["label"] == prediction.label

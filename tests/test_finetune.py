@@ -65,7 +65,7 @@ def test_outputs_exist_and_load_back(tuned, pipeline_run):
     assert "stage 2 unfroze: block15, top" in output
     for name in (
         "finetune.keras",
-        "finetune.joblib",
+        "finetune.skops",
         "history.json",
         "curve_loss.png",
         "curve_accuracy.png",
@@ -83,7 +83,7 @@ def test_outputs_exist_and_load_back(tuned, pipeline_run):
 
     model = keras.models.load_model(out / "finetune.keras")
     assert model.input.shape[1:] == (SIZE, SIZE, 3) and model.output.shape[-1] == 2
-    bundle = Bundle.load(out / "finetune.joblib")
+    bundle = Bundle.load(out / "finetune.skops")
     assert bundle.meta.weights == "finetuned" and bundle.meta.input_size == SIZE
     assert bundle.label_names == ["cats", "dogs"] and bundle.novelty is not None
 
@@ -96,7 +96,7 @@ def test_bundle_predicts_exactly_what_the_keras_network_predicts(tuned, pipeline
     paths = [pipeline_run["dataset"] / row["path"] for row in validation_rows(pipeline_run["dataset"])]
     network = keras.models.load_model(out / "finetune.keras")
     expected = network.predict(np.stack([load_image(p, SIZE) for p in paths]).astype("float32"), verbose=0)
-    predictor = Predictor(Bundle.load(out / "finetune.joblib"), batch_size=4)
+    predictor = Predictor(Bundle.load(out / "finetune.skops"), batch_size=4)
     results = predictor.predict(paths)
     got = np.array([[dict(r.top)[name] for name in ("cats", "dogs")] for r in results])
     np.testing.assert_allclose(got, expected, atol=2e-4)
@@ -106,7 +106,7 @@ def test_the_fine_tuned_bundle_exports_to_one_onnx_graph_equal_to_the_network(tu
     import onnxruntime
 
     out, _ = tuned
-    run("export", "--model", str(out / "finetune.joblib"), "--output", str(tmp_path / "finetune.onnx"))
+    run("export", "--model", str(out / "finetune.skops"), "--output", str(tmp_path / "finetune.onnx"))
     paths = [pipeline_run["dataset"] / row["path"] for row in validation_rows(pipeline_run["dataset"])]
     pixels = np.stack([load_image(p, SIZE) for p in paths])
     expected = keras.models.load_model(out / "finetune.keras").predict(pixels.astype("float32"), verbose=0)
@@ -122,7 +122,7 @@ def test_predict_evaluate_serve_and_compare_accept_the_bundle(tuned, pipeline_ru
     from pyimagesearch_tl.serve import create_app
 
     out, _ = tuned
-    bundle_path = str(out / "finetune.joblib")
+    bundle_path = str(out / "finetune.skops")
     photo = pipeline_run["dataset"] / validation_rows(pipeline_run["dataset"])[0]["path"]
     output = run("predict", "--model", bundle_path, str(photo))
     assert "predicted 1" in output
@@ -134,13 +134,13 @@ def test_predict_evaluate_serve_and_compare_accept_the_bundle(tuned, pipeline_ru
     metrics = json.loads((evaluation / "finetune" / "metrics.json").read_text())
     assert metrics["split"] == "validation" and metrics["kind"] == "fine-tuned"
     assert metrics["images"] == len(validation_rows(pipeline_run["dataset"]))
-    assert metrics["model_bytes"] == (out / "finetune.joblib").stat().st_size and metrics["train_seconds"] > 0
+    assert metrics["model_bytes"] == (out / "finetune.skops").stat().st_size and metrics["train_seconds"] > 0
 
     run("train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path / "run" / "models"), "--cv", "3")
     run(
         "evaluate",
         "--model",
-        str(tmp_path / "run" / "models" / "logreg.joblib"),
+        str(tmp_path / "run" / "models" / "logreg.skops"),
         "--features",
         str(pipeline_run["features"]),
         "--output",
@@ -363,7 +363,7 @@ def test_the_fine_tuned_head_is_a_scikit_learn_classifier(tuned, pipeline_run):
     from pyimagesearch_tl.evaluation import evaluate, features_for
 
     out, _ = tuned
-    bundle = Bundle.load(out / "finetune.joblib")
+    bundle = Bundle.load(out / "finetune.skops")
     head = bundle.classifier
     assert isinstance(head, DenseHead)
     assert is_classifier(head) and get_tags(head).estimator_type == "classifier"
@@ -389,7 +389,7 @@ def test_evaluating_on_a_dataset_of_other_classes_is_refused_before_the_backbone
         (photos / split / "dogs").rename(photos / split / "wolves")
     dataset = ptl.build_dataset(photos, tmp_path / "dataset", split_fractions=[0.75, 0.15, 0.10]).path
     out, _ = tuned
-    bundle_path = out / "finetune.joblib"
+    bundle_path = out / "finetune.skops"
     bundle = Bundle.load(bundle_path)
 
     with pytest.raises(DatasetError) as error:

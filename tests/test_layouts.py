@@ -225,12 +225,12 @@ def test_anything_else_is_rejected_or_parsed_consistently(name):
 
 @given(st.lists(st.sampled_from("MO"), min_size=2, max_size=500))
 def test_character_labels_round_trip(labels):
-    assert parse_labels("".join(labels) + "\n") == labels
+    assert parse_labels("".join(labels) + "\n") == [(1, label) for label in labels]
 
 
 @given(st.lists(st.from_regex(r"[a-z][a-z_ ]{0,12}[a-z]", fullmatch=True), min_size=2, max_size=50))
 def test_line_labels_round_trip(labels):
-    assert parse_labels("\n".join(labels) + "\n\n") == labels
+    assert parse_labels("\n".join(labels) + "\n\n") == list(enumerate(labels, 1))
 
 
 @given(st.lists(st.integers(0, 10**6), min_size=1, max_size=50, unique=True))

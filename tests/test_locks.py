@@ -282,10 +282,10 @@ def image(tmp_path) -> Path:
 @pytest.mark.parametrize("command", ["predict", "export"])
 def test_a_failing_run_leaves_no_output_folder_behind(tmp_path, image, command):
     output = tmp_path / "out" / "strayd" / ("r.csv" if command == "predict" else "m.onnx")
-    arguments = [command, "--model", str(tmp_path / "missing.joblib"), "--output", str(output)]
+    arguments = [command, "--model", str(tmp_path / "missing.skops"), "--output", str(output)]
     result = CliRunner().invoke(cli, arguments + ([str(image)] if command == "predict" else []))
     assert result.exit_code == 1, result.output
-    assert "missing.joblib" in result.stderr and "Traceback" not in result.output
+    assert "missing.skops" in result.stderr and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no out/strayd
 
 

@@ -11,6 +11,20 @@ from pyimagesearch_tl.novelty import NoveltyDetector, fit_detector, list_detecto
 from pyimagesearch_tl.prediction import UNKNOWN, Predictor
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_blas_thread():
+    """NumPy's and scikit-learn's matrix products run on one thread in this module: each is small (a few
+    hundred rows of 1,280 features), and on a 2-core machine whose cores TensorFlow's pools and other
+    processes keep busy, OpenBLAS's second thread made them many times slower (measured: three logistic
+    fits on 400 photos 7.4-10.5 s instead of 0.2-0.3 s; the cross-fitted detectors refit five each). The
+    same fits, the same scores: only the threading changes."""
+    import scipy.linalg  # noqa: F401  (loads SciPy's own OpenBLAS, so that the limit reaches it too)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):
+        yield
+
+
 def test_threshold_keeps_the_requested_share_of_calibration_images():
     rng = np.random.default_rng(0)
     features, labels = rng.normal(size=(200, 8)) + 3, rng.integers(0, 2, 200)
@@ -114,7 +128,7 @@ def cats_dogs_model(pipeline_run, tmp_path_factory):
         cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(models), "--cv", "2"]
     )
     assert result.exit_code == 0, result.output
-    return models / "logreg.joblib"
+    return models / "logreg.skops"
 
 
 def test_out_of_distribution_photos_are_mostly_unknown(cats_dogs_model, cats_dogs):
@@ -174,7 +188,7 @@ def test_each_detector_scores_photos_of_other_classes_as_less_familiar(pipeline_
          "--unknown", detector],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    bundle = Bundle.load(tmp_path / "logreg.joblib")
+    bundle = Bundle.load(tmp_path / "logreg.skops")
     assert bundle.novelty.kind == detector and bundle.info["unknown"] == detector
     validation = read_features(pipeline_run["features"] / "validation.h5")
     own = bundle.novelty.familiarity(validation.features, bundle.logits(validation.features))
@@ -193,15 +207,15 @@ def test_a_bundle_saved_with_the_original_centroid_detector_still_loads_and_pred
         cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path), "--cv", "2"]
     )
     assert result.exit_code == 0, result.output
-    bundle = Bundle.load(tmp_path / "logreg.joblib")
+    bundle = Bundle.load(tmp_path / "logreg.skops")
     train = read_features(pipeline_run["features"] / "training.h5")
     centroids = NoveltyDetector.centroids_of([(train.features, train.labels)], 2)
     # What unpickling a bundle made before the registry does: these four fields only.
     old = NoveltyDetector.__new__(NoveltyDetector)
     old.__dict__.update(centroids=centroids, threshold=0.5, keep=0.95, calibrated_on="validation")
     bundle.novelty = old
-    bundle.save(tmp_path / "old.joblib")
-    again = Bundle.load(tmp_path / "old.joblib")
+    bundle.save(tmp_path / "old.skops")
+    again = Bundle.load(tmp_path / "old.skops")
     validation = read_features(pipeline_run["features"] / "validation.h5")
     familiarity, known = again.novelty.assess(validation.features, again.logits(validation.features))
     np.testing.assert_allclose(familiarity, old.similarity(validation.features))
@@ -220,7 +234,7 @@ def test_streaming_fits_the_default_detector_from_a_sample_and_it_rejects_strang
          "--streaming"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    bundle = Bundle.load(tmp_path / "sgd.joblib")
+    bundle = Bundle.load(tmp_path / "sgd.skops")
     training = read_features(pipeline_run["features"] / "training.h5")
     assert bundle.novelty.kind == "mahalanobis+energy" and bundle.info["unknown_learned_from"] == len(training.labels)
     validation = read_features(pipeline_run["features"] / "validation.h5")
@@ -242,7 +256,7 @@ def test_evaluate_reports_the_rejection_rate_on_a_folder_of_strangers(pipeline_r
         (strangers / photo.name).write_bytes(photo.read_bytes())
     result = CliRunner().invoke(
         cli,
-        ["evaluate", "--model", str(tmp_path / "logreg.joblib"), "--features", str(pipeline_run["features"]),
+        ["evaluate", "--model", str(tmp_path / "logreg.skops"), "--features", str(pipeline_run["features"]),
          "--output", str(tmp_path / "eval"), "--unknown-test", str(strangers)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -304,7 +318,7 @@ def test_without_a_validation_split_every_detector_keeps_95_percent_of_new_photo
     from pyimagesearch_tl.store import read_split
     from pyimagesearch_tl.training import cross_fitted_detector
 
-    bundle = Bundle.load(train_test_flowers / "models" / "logreg.joblib")  # trained by the test above
+    bundle = Bundle.load(train_test_flowers / "models" / "logreg.skops")  # trained by the test above
     train_set = read_split(train_test_flowers / "features", "training")
     fitted = cross_fitted_detector(detector, bundle, train_set, bundle.classifier, 0.95, 42, "training")
     assert _kept(bundle, fitted, read_split(train_test_flowers / "features", "evaluation")) == pytest.approx(
@@ -321,7 +335,7 @@ def test_classes_too_small_to_hold_out_are_calibrated_in_sample_with_a_warning(t
     from pyimagesearch_tl.store import FeatureSet, read_split
     from pyimagesearch_tl.training import cross_fitted_detector
 
-    bundle = Bundle.load(train_test_flowers / "models" / "logreg.joblib")
+    bundle = Bundle.load(train_test_flowers / "models" / "logreg.skops")
     full = read_split(train_test_flowers / "features", "training")
     rows = np.concatenate([np.flatnonzero(full.labels == c)[:per_class] for c in range(5)])
     small = FeatureSet(full.features[rows], full.labels[rows], [], [], full.meta)

@@ -5,7 +5,6 @@ import shutil
 import subprocess
 import sys
 
-import joblib
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -26,7 +25,6 @@ def run(*args: str) -> str:
 def test_extraction_writes_one_file_per_split_with_metadata(pipeline_run):
     features = pipeline_run["features"]
     assert sorted(p.name for p in features.iterdir()) == [
-        "label_encoder.joblib",
         "training.h5",
         "training.skipped.csv",
         "validation.h5",
@@ -43,7 +41,6 @@ def test_extraction_writes_one_file_per_split_with_metadata(pipeline_run):
         "lite",
     )
     assert meta.label_names == ("cats", "dogs")
-    assert list(joblib.load(features / "label_encoder.joblib").classes_) == ["cats", "dogs"]
     # deterministic order: the manifest's
     manifest = (pipeline_run["dataset"] / "manifest.csv").read_text().splitlines()[1:]
     assert training.paths == [line.split(",")[0] for line in manifest if ",training," in line]
@@ -59,7 +56,7 @@ def test_rerun_with_same_input_does_no_work(pipeline_run):
 
 def test_train_grid_search_picks_c_and_bundle_carries_everything(pipeline_run, tmp_path):
     output = run("train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path), "--cv", "3")
-    bundle = Bundle.load(tmp_path / "logreg.joblib")
+    bundle = Bundle.load(tmp_path / "logreg.skops")
     # The C kept is the one that scores best in the same stratified folds, computed here independently.
     from sklearn.base import clone
     from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -92,14 +89,14 @@ def test_train_all_reuses_the_feature_files(pipeline_run, tmp_path):
     output = run(
         "train", "--features", str(features), "--output", str(tmp_path), "--classifier", "all", "--cv", "validation"
     )
-    assert {p.name for p in tmp_path.glob("*.joblib")} == {f"{name}.joblib" for name in list_classifiers()}
+    assert {p.name for p in tmp_path.glob("*.skops")} == {f"{name}.skops" for name in list_classifiers()}
     assert {"logreg", "linear-svm", "sgd"} <= set(list_classifiers())
     assert before == {p.name: p.stat().st_mtime_ns for p in features.iterdir()}
     header = output.splitlines()[0]
     assert "val acc" in header and "fit s" in header
-    svm = Bundle.load(tmp_path / "linear-svm.joblib")
+    svm = Bundle.load(tmp_path / "linear-svm.skops")
     assert svm.scores(np.zeros((1, 1280)))[1] == svm.score_kind == "decision"  # one name, everywhere
-    assert Bundle.load(tmp_path / "logreg.joblib").score_kind == "probability"
+    assert Bundle.load(tmp_path / "logreg.skops").score_kind == "probability"
 
 
 def test_evaluate_prints_accuracy_and_writes_metrics_and_plots(pipeline_run, tmp_path):
@@ -107,7 +104,7 @@ def test_evaluate_prints_accuracy_and_writes_metrics_and_plots(pipeline_run, tmp
     output = run(
         "evaluate",
         "--model",
-        str(tmp_path / "logreg.joblib"),
+        str(tmp_path / "logreg.skops"),
         "--features",
         str(pipeline_run["features"]),
         "--output",
@@ -134,7 +131,7 @@ def test_plots_leave_the_users_matplotlib_backend_alone(pipeline_run, tmp_path):
     matplotlib.use("svg")  # a notebook user's choice
     try:
         evaluate(
-            Bundle.load(tmp_path / "logreg.joblib"),
+            Bundle.load(tmp_path / "logreg.skops"),
             read_features(pipeline_run["features"] / "validation.h5"),
             tmp_path / "eval" / "logreg",
             "validation",
@@ -159,7 +156,7 @@ def test_predict_rebuilds_the_backbone_from_the_bundle(pipeline_run, tmp_path, c
         "--config",
         str(config),
         "--model",
-        str(tmp_path / "logreg.joblib"),
+        str(tmp_path / "logreg.skops"),
         *map(str, photos),
         str(broken),
         "--output",
@@ -174,17 +171,17 @@ def test_predict_rebuilds_the_backbone_from_the_bundle(pipeline_run, tmp_path, c
 
 def test_predict_refuses_a_bundle_whose_features_cannot_be_rebuilt(pipeline_run, tmp_path):
     run("train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path), "--cv", "2")
-    bundle = Bundle.load(tmp_path / "logreg.joblib")
+    bundle = Bundle.load(tmp_path / "logreg.skops")
     bundle.meta = bundle.meta.__class__(**{**bundle.meta.__dict__, "decoder": "some-other-decoder"})
-    bundle.save(tmp_path / "tampered.joblib")
+    bundle.save(tmp_path / "tampered.skops")
     result = CliRunner().invoke(
-        cli, ["predict", "--model", str(tmp_path / "tampered.joblib"), str(pipeline_run["dataset"])]
+        cli, ["predict", "--model", str(tmp_path / "tampered.skops"), str(pipeline_run["dataset"])]
     )
     assert result.exit_code == 1 and "decoder=" in result.output and "Traceback" not in result.output
     bundle.meta = bundle.meta.__class__(**{**bundle.meta.__dict__, "backbone": "gone_net"})
-    bundle.save(tmp_path / "unknown.joblib")
+    bundle.save(tmp_path / "unknown.skops")
     result = CliRunner().invoke(
-        cli, ["predict", "--model", str(tmp_path / "unknown.joblib"), str(pipeline_run["dataset"])]
+        cli, ["predict", "--model", str(tmp_path / "unknown.skops"), str(pipeline_run["dataset"])]
     )
     assert result.exit_code == 1 and "unknown backbone 'gone_net'" in result.output
 
@@ -208,7 +205,7 @@ def test_csv_features_train_too(pipeline_run, tmp_path):
     csv = read_features(tmp_path / "csv" / "training.csv")
     np.testing.assert_allclose(csv.features, h5.features, rtol=1e-5, atol=1e-6)
     run("train", "--features", str(tmp_path / "csv"), "--output", str(tmp_path / "models"), "--cv", "2")
-    assert Bundle.load(tmp_path / "models" / "logreg.joblib").meta == h5.meta
+    assert Bundle.load(tmp_path / "models" / "logreg.skops").meta == h5.meta
 
 
 def test_mixing_feature_files_from_different_backbones_is_refused(pipeline_run, tmp_path):
@@ -291,7 +288,7 @@ def test_numbered_scripts_run_in_order(tmp_path, cats_dogs):
     evaluation = script(
         "04_evaluate.py",
         "--model",
-        str(out / "models" / "logreg.joblib"),
+        str(out / "models" / "logreg.skops"),
         "--features",
         str(out / "features"),
         "--output",
@@ -300,7 +297,7 @@ def test_numbered_scripts_run_in_order(tmp_path, cats_dogs):
     assert (out / "evaluation" / "logreg" / "metrics.json").is_file()
     assert float(evaluation.strip().splitlines()[-2].split()[1]) >= 0.8  # 'accuracy: 0.XXXX'
     predicted = script(
-        "05_predict.py", "--model", str(out / "models" / "linear-svm.joblib"), str(cats_dogs / "validation" / "cats")
+        "05_predict.py", "--model", str(out / "models" / "linear-svm.skops"), str(cats_dogs / "validation" / "cats")
     )
     assert "predicted 15 (0 unknown), skipped 0" in predicted
 
@@ -316,7 +313,7 @@ def test_streaming_sgd_trains_from_blocks(pipeline_run, tmp_path):
         "sgd",
         "--streaming",
     )
-    bundle = Bundle.load(tmp_path / "sgd.joblib")
+    bundle = Bundle.load(tmp_path / "sgd.skops")
     assert bundle.info["cv"] == "streaming, selected on validation"
     assert bundle.info["best_params"]["loss"] in ("log_loss", "hinge")
     validation = read_features(pipeline_run["features"] / "validation.h5")
@@ -367,7 +364,7 @@ def test_streaming_refuses_cv_instead_of_ignoring_it(pipeline_run, tmp_path):
         "--streaming selects on the validation split (or held-out training blocks); --cv does not apply"
         in result.output
     )
-    assert not (tmp_path / "sgd.joblib").exists()
+    assert not (tmp_path / "sgd.skops").exists()
 
 
 def test_streaming_all_says_streaming_trains_one_classifier(pipeline_run, tmp_path):

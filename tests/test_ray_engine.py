@@ -11,12 +11,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import copy_subset, shared
 
-from pyimagesearch_tl.extraction import extract_dataset
 from pyimagesearch_tl.store import read_features, read_skipped
 
 SPLITS = ["training", "validation", "evaluation"]
@@ -36,27 +36,56 @@ def dataset(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def local_reference(dataset, tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("local")
-    extract_dataset(
-        dataset, output, splits=SPLITS, backbone="efficientnet_lite0", batch_size=8, shard_size=SHARD, progress=False
-    )
-    return output
+class LocalRun:
+    """The local engine's extraction of the dataset, in a fresh Python process that then prints whether
+    it imported Ray. It starts at once (so it runs while the cluster starts); :meth:`wait` awaits it."""
+
+    def __init__(self, dataset: Path, output: Path):
+        self.output, self.imported_ray = output, None
+        script = (
+            "import sys; from pyimagesearch_tl.extraction import extract_dataset; "
+            f"extract_dataset({str(dataset)!r}, {str(output)!r}, splits={SPLITS!r}, backbone='efficientnet_lite0', "
+            f"batch_size=8, shard_size={SHARD}, progress=False); print('ray' in sys.modules)"
+        )
+        self.process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def wait(self) -> Path:
+        """The output folder, once the extraction has ended well."""
+        if self.imported_ray is None:
+            stdout, stderr = self.process.communicate(timeout=300)
+            assert self.process.returncode == 0, stderr.decode()
+            self.imported_ray = stdout.decode().strip().splitlines()[-1]
+        return self.output
 
 
 @pytest.fixture(scope="module")
-def cluster_address():
-    """A head and one more node, one CPU each: two Ray nodes on this machine."""
+def local_reference(dataset, tmp_path_factory):
+    """What the Ray runs must equal: the local engine's output (see :class:`LocalRun`)."""
+    run = LocalRun(dataset, tmp_path_factory.mktemp("local"))
+    yield run
+    if run.process.poll() is None:  # a test failed before it was needed
+        run.process.kill()
+        run.process.communicate()
+
+
+@pytest.fixture(scope="module")
+def cluster_address(local_reference):
+    """A head and one more node, one CPU each: two Ray nodes on this machine.
+
+    Started while the local reference runs, and returned once that has ended: it leaves the network
+    converted in the session cache, for the workers."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(
         initialize_head=True, head_node_args=dict(num_cpus=1, object_store_memory=100 * 2**20, include_dashboard=False)
     )
-    cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
-    cluster.wait_for_nodes()
-    yield cluster.address
-    cluster.shutdown()
+    try:
+        cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+        cluster.wait_for_nodes()
+        local_reference.wait()
+        yield cluster.address
+    finally:
+        cluster.shutdown()
 
 
 def _command(dataset: Path, output: Path, address: str) -> list[str]:
@@ -81,13 +110,16 @@ def _finished_shards(output: Path) -> list[Path]:
     return sorted((output / ".shards" / "training").glob("[!.]*.h5"))  # not the temporary file of a shard being written
 
 
-def _start_and_wait_for_shards(command: list[str], output: Path, count: int) -> subprocess.Popen:
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _start_and_wait_for_shards(command: list[str], output: Path, count: int, **pipes) -> subprocess.Popen:
+    """Start ``command`` (its stdout and stderr as ``pipes`` says: by default both in one pipe) and
+    return once ``count`` shard files of the training split are finished."""
+    pipes = pipes or dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, text=True, **pipes)
     deadline = time.monotonic() + 180
     while len(_finished_shards(output)) < count:
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            pytest.fail(f"extract ended or stalled before {count} shards were done:\n{process.communicate()[0]}")
+            pytest.fail(f"extract ended or stalled before {count} shards were done:\n{process.communicate()}")
         time.sleep(0.01)
     return process
 
@@ -105,35 +137,63 @@ def assert_same_as_local(output: Path, reference: Path) -> None:
     assert [p for p, _ in read_skipped(output / "training.h5")] == ["training/dogs/cut.jpg"]
 
 
-def test_ray_on_two_nodes_equals_the_local_engine(dataset, local_reference, cluster_address, tmp_path):
-    result = subprocess.run(_command(dataset, tmp_path, cluster_address), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "ray: 2 workers" in result.stdout
-    shards_per_node = re.search(r"training: extracted .*\n  shards per node: (.*)\n", result.stdout).group(1)
-    counts = [int(part.split()[1]) for part in shards_per_node.split(", ")]
-    assert len(counts) == 2 and min(counts) > 0, result.stdout  # both nodes did work
-    assert sum(counts) == math.ceil(TRAINING / SHARD)
-    assert "skipped training/dogs/cut.jpg: corrupt image" in result.stderr
-    assert_same_as_local(tmp_path, local_reference)
-    assert not (tmp_path / ".shards").exists()
-
-
-def test_a_worker_killed_mid_run_is_restarted_and_the_output_is_identical(
-    dataset, local_reference, cluster_address, tmp_path
-):
-    process = _start_and_wait_for_shards(_command(dataset, tmp_path, cluster_address), tmp_path, 2)
+@pytest.fixture(scope="module")
+def worker_killed_run(dataset, cluster_address, tmp_path_factory) -> SimpleNamespace:
+    """One extraction on the two nodes, one of whose Ray worker processes is killed (SIGKILL) once two
+    shards are finished: what the tests check of it (workers found, the run's state at the kill, its
+    exit status, stdout and stderr, its output folder)."""
+    output = tmp_path_factory.mktemp("worker-killed")
+    command = _command(dataset, output, cluster_address)
+    process = _start_and_wait_for_shards(command, output, 2, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     workers = subprocess.run(["pgrep", "-f", "ray::ShardWorker"], capture_output=True, text=True).stdout.split()
-    assert workers, "no Ray worker process found"
-    subprocess.run(["kill", "-KILL", workers[0]], check=True)
-    assert process.poll() is None and len(_finished_shards(tmp_path)) < math.ceil(TRAINING / SHARD)  # mid-run
-    output = process.communicate(timeout=300)[0]
-    assert process.returncode == 0, output
-    assert_same_as_local(tmp_path, local_reference)
+    if workers:
+        subprocess.run(["kill", "-KILL", workers[0]], check=True)
+    running, shards = process.poll() is None, len(_finished_shards(output))
+    stdout, stderr = process.communicate(timeout=300)
+    return SimpleNamespace(
+        output=output,
+        workers=workers,
+        running_at_kill=running,
+        shards_at_kill=shards,
+        returncode=process.returncode,
+        stdout=stdout,
+        stderr=stderr,
+    )
+
+
+def test_ray_on_two_nodes_equals_the_local_engine(worker_killed_run, local_reference):
+    """A run on the two nodes (``worker_killed_run``: a worker is killed during it) says it has two
+    workers, both nodes extract shards, all 9 shards once, the cut photo is skipped and said so on
+    stderr, the output equals the local engine's and no shard file is left."""
+    run = worker_killed_run
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "ray: 2 workers" in run.stdout
+    # Ray's own notes on the killed worker ("(raylet) ...") come on stdout whenever they arrive: not ours.
+    ours = "".join(line for line in run.stdout.splitlines(keepends=True) if "(raylet)" not in line)
+    shards_per_node = re.search(r"training: extracted .*\n  shards per node: (.*)\n", ours).group(1)
+    counts = [int(part.split()[1]) for part in shards_per_node.split(", ")]
+    assert len(counts) == 2 and min(counts) > 0, run.stdout  # both nodes did work
+    assert sum(counts) == math.ceil(TRAINING / SHARD)
+    assert "skipped training/dogs/cut.jpg: corrupt image" in run.stderr
+    assert_same_as_local(run.output, local_reference.wait())
+    assert not (run.output / ".shards").exists()
+
+
+def test_a_worker_killed_mid_run_is_restarted_and_the_output_is_identical(worker_killed_run, local_reference):
+    """A Ray worker process killed mid-run (the driver still running, shards still to do): Ray restarts
+    it, the run ends well and its output equals the local engine's."""
+    run = worker_killed_run
+    assert run.workers, "no Ray worker process found"
+    assert run.running_at_kill and run.shards_at_kill < math.ceil(TRAINING / SHARD)  # mid-run
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert_same_as_local(run.output, local_reference.wait())
 
 
 def test_a_killed_driver_resumes_without_recomputing_finished_shards(
     dataset, local_reference, cluster_address, tmp_path
 ):
+    """The driver killed (SIGKILL) once 3 shards are finished: the same command again says how many
+    shards were done, extracts only the other images, and its output equals the local engine's."""
     command = _command(dataset, tmp_path, cluster_address)
     process = _start_and_wait_for_shards(command, tmp_path, 3)
     process.send_signal(signal.SIGKILL)
@@ -147,7 +207,7 @@ def test_a_killed_driver_resumes_without_recomputing_finished_shards(
     total = math.ceil(TRAINING / SHARD)
     assert f"resumed: {len(finished)} of {total} shards were already done" in rerun.stdout, rerun.stdout
     assert f"training: extracted {TRAINING - 1 - done_images}, skipped 1, resumed" in rerun.stdout, rerun.stdout
-    assert_same_as_local(tmp_path, local_reference)
+    assert_same_as_local(tmp_path, local_reference.wait())
 
 
 def _rows_in_shard(path: Path) -> int:
@@ -158,6 +218,7 @@ def _rows_in_shard(path: Path) -> int:
 
 
 def test_without_ray_installed_the_error_says_how_to_install_it(dataset, tmp_path):
+    """``--engine ray`` where Ray cannot be imported: exit 1, one line saying how to install it."""
     blocked = [
         sys.executable,
         "-c",
@@ -175,18 +236,14 @@ def test_without_ray_installed_the_error_says_how_to_install_it(dataset, tmp_pat
     ]
 
 
-def test_the_local_engine_never_imports_ray(dataset, tmp_path):
-    script = (
-        f"from pyimagesearch_tl.extraction import extract_dataset; import sys; "
-        f"extract_dataset({str(dataset)!r}, {str(tmp_path)!r}, splits=['validation'], "
-        f"backbone='efficientnet_lite0', progress=False); print('ray' in sys.modules)"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "False"
+def test_the_local_engine_never_imports_ray(local_reference):
+    """A whole extraction with the local engine (the reference, in a process of its own) imports no Ray."""
+    local_reference.wait()
+    assert local_reference.imported_ray == "False"
 
 
 def test_a_worker_that_cannot_build_the_backbone_says_why_in_one_line(dataset, cluster_address, tmp_path):
+    """A weights file only the workers find unloadable: exit 1 with one line saying why, naming the node."""
     junk = tmp_path / "junk.weights.h5"
     junk.write_bytes(b"not an HDF5 file")  # exists, so only the workers find out
     result = subprocess.run(

