@@ -32,7 +32,7 @@ import numpy as np
 
 from ._version import __version__
 from .atomic import atomic_path
-from .errors import BundleError
+from .errors import BundleError, FeatureFileError
 from .novelty import Detector
 from .store import CombinedMeta, FeatureMeta
 
@@ -99,6 +99,7 @@ def _read_skops(path: Path) -> Any:
     import skops.io
     from skops.io.exceptions import UntrustedTypesFoundException
 
+    _check_unpacked_size(path)
     try:
         return skops.io.load(path, trusted=trusted_types())
     except UntrustedTypesFoundException:
@@ -108,6 +109,25 @@ def _read_skops(path: Path) -> Any:
         ) from None
     except Exception as exc:
         raise BundleError(f"{path}: not a readable model bundle ({type(exc).__name__}: {exc})") from None
+
+
+#: A bundle unpacks to at most this many times its size on disk, plus :data:`UNPACKED_SLACK` bytes: its
+#: arrays barely compress, so only a zip bomb (a schema of gigabytes of blanks) comes near it.
+UNPACKED_RATIO, UNPACKED_SLACK = 16, 64 * 2**20
+
+
+def _check_unpacked_size(path: Path) -> None:
+    """Refuse a zip whose members would unpack to far more than a bundle of its size holds."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(member.file_size for member in archive.infolist())
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise BundleError(f"{path}: not a readable model bundle ({exc})") from None
+    if unpacked > UNPACKED_RATIO * path.stat().st_size + UNPACKED_SLACK:
+        raise BundleError(
+            f"{path}: refused: it would unpack to {unpacked / 2**20:.0f} MiB from {path.stat().st_size / 2**20:.1f} "
+            "MiB on disk, far more than a model bundle holds (a zip bomb?); nothing in it was loaded"
+        )
 
 
 def _read_pickle(path: Path, trust_pickle: bool) -> Any:
@@ -249,6 +269,7 @@ class Bundle:
             raise BundleError(f"model bundle {str(path)!r} does not exist")
         payload = _read_skops(path) if zipfile.is_zipfile(path) else _read_pickle(path, trust_pickle)
         bundle = cls(**cls._checked_fields(payload, path))
+        bundle._check_scores(path)
         current = library_versions()
         for library in ("scikit-learn", "numpy", "keras", "pyimagesearch_tl"):
             saved = bundle.versions.get(library)
@@ -279,6 +300,10 @@ class Bundle:
                 f"(this version reads {FORMAT_VERSION})"
             )
         declared = {field.name: field for field in dataclasses.fields(cls)}
+        optional = {name for name, field in declared.items() if field.default is not dataclasses.MISSING}
+        fields = dict(fields)
+        for name in optional - set(fields):  # a field added after the bundle was saved: its default
+            fields[name] = declared[name].default
         missing, extra = sorted(set(declared) - set(fields)), sorted(map(str, set(fields) - set(declared)))
         if missing or extra:
             problems = [f"missing field(s) {', '.join(missing)}"] if missing else []
@@ -290,7 +315,54 @@ class Bundle:
                     f"{path}: not a valid model bundle: field {name!r} is a {type(fields[name]).__name__}, "
                     f"not {field.metadata['must_be']}"
                 )
+        cls._check_consistent(fields, path)
         return fields
+
+    @staticmethod
+    def _check_consistent(fields: dict, path: Path) -> None:
+        """The fields agree with each other: the feature layout is one a feature file may hold (the same
+        checks and bounds, so a bundle cannot ask for a 200000-pixel input), and the label encoder, the
+        layout and the classifier name the same number of classes and features."""
+        meta = fields["meta"]
+        try:
+            for part in meta.parts:
+                FeatureMeta.from_attrs(part.to_attrs(), path)
+        except FeatureFileError as exc:
+            raise BundleError(str(exc).replace("its metadata", "its feature layout")) from None
+        names = [str(c) for c in fields["label_encoder"].classes_]
+        problems = []
+        if names != list(meta.label_names):
+            problems.append(f"its label encoder names {names} but its feature layout {list(meta.label_names)}")
+        classifier = fields["classifier"]
+        classes = getattr(classifier, "classes_", None)
+        if classes is not None and len(classes) != len(names):
+            problems.append(f"its classifier knows {len(classes)} classes, not {len(names)}")
+        width = getattr(classifier, "n_features_in_", None)
+        if width is not None and width != meta.feature_dim:
+            problems.append(f"its classifier takes {width} features, not the layout's {meta.feature_dim}")
+        if problems:
+            raise BundleError(f"{path}: not a valid model bundle: {'; '.join(problems)}")
+
+    def _check_scores(self, path: Path) -> None:
+        """Score one vector of the feature layout, as prediction will: a classifier or detector whose insides
+        do not fit the layout (arrays of another width, a threshold that is not a number) is refused here,
+        in one line, not with a traceback at the first photo."""
+        probe = np.zeros((1, self.meta.feature_dim), self.meta.dtype)
+        try:
+            scores, _ = self.scores(probe)
+            logits = self.logits(probe)
+            if self.novelty is not None:
+                self.novelty.assess(probe, logits)
+        except Exception as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise BundleError(
+                f"{path}: not a valid model bundle: it cannot score a feature vector ({reason})"
+            ) from None
+        if np.shape(scores) != (1, len(self.label_names)):
+            raise BundleError(
+                f"{path}: not a valid model bundle: it gives {np.shape(scores)[-1]} scores "
+                f"for {len(self.label_names)} classes"
+            )
 
     # --- predicting from features ---------------------------------------------------------------
 

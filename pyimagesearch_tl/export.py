@@ -255,6 +255,8 @@ class OnnxModel:
             raise BundleError(f"{path}: not an ONNX model written by ptl export (label_names is not a list of names)")
         if model.score_kind not in SCORES:
             raise BundleError(f"{path}: not an ONNX model written by ptl export (score kind {model.score_kind!r})")
+        if list(model.meta.label_names) != labels:
+            raise BundleError(f"{path}: not an ONNX model written by ptl export (its label names disagree)")
         return model
 
 
@@ -297,11 +299,29 @@ class OnnxPredictor(Predictor):
             raise BundleError(
                 f"{path}: not an ONNX model written by ptl export (no 'pixels' input or {self._scores!r} output)"
             )
-        self.top_k, self.batch_size, self.max_pixels = top_k, batch_size, max_pixels
+        size, classes = self.bundle.meta.input_size, len(self.bundle.label_names)
+        (pixels,) = self._session.get_inputs()
+        (scores,) = [o for o in self._session.get_outputs() if o.name == self._scores]
+        if not _fits(pixels.shape, [None, size, size, 3]) or not _fits(scores.shape, [None, classes]):
+            raise BundleError(
+                f"{path}: its graph takes {pixels.shape} and gives {scores.shape}, not what its metadata says "
+                f"([n, {size}, {size}, 3] pixels, [n, {classes}] scores)"
+            )
+        self.path, self.top_k, self.batch_size, self.max_pixels = path, top_k, batch_size, max_pixels
 
     def iter_batches(self, sources: Sequence):
         return decode_batches(sources, self.bundle.meta.input_size, self.batch_size, self.max_pixels)
 
     def assess(self, images):
         (scores,) = self._session.run([self._scores], {"pixels": images})
+        if scores.shape != (len(images), len(self.bundle.label_names)):
+            raise BundleError(f"{self.path}: its graph gave scores of shape {scores.shape} for {len(images)} images")
         return scores, [None] * len(scores), [True] * len(scores)
+
+
+def _fits(shape, expected) -> bool:
+    """Whether a graph's declared ``shape`` can be ``expected`` (a symbolic dimension fits anything, and so
+    does None in ``expected``)."""
+    return len(shape) == len(expected) and all(
+        want is None or not isinstance(dim, int) or dim == want for dim, want in zip(shape, expected)
+    )

@@ -27,6 +27,7 @@ import hashlib
 import io
 import os
 import stat
+import sys
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -41,6 +42,12 @@ MAX_PIXELS = 89_478_485
 
 #: Name and version of the decoding recipe; stored in feature files and bundles.
 DECODER = "pillow-rgb-white-alpha-box-or-bilinear-v2"
+
+#: The formats Pillow may read a file as (told by content, whatever the name says). Each reads only its
+#: header when opened, so the pixel count is checked before anything is decoded; ICO and CUR are left
+#: out because Pillow decodes their embedded PNG inside ``Image.open`` (a 1x1 icon holding a 13000x13000
+#: PNG would be decoded in full before any check).
+FORMATS = ("JPEG", "PNG", "GIF", "TIFF", "BMP", "WEBP", "PPM", "TGA", "JPEG2000", "SGI", "PCX", "DDS", "QOI")
 
 #: File name extensions the stages pick up when they scan a folder (case-insensitive).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
@@ -163,7 +170,7 @@ def _opened(source, max_pixels: int) -> Iterator[Image.Image]:
         with warnings.catch_warnings():
             # We apply our own, configurable limit below; Pillow's warning would be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = stack.enter_context(Image.open(handle))
+            image = stack.enter_context(Image.open(handle, formats=FORMATS))
         width, height = image.size
         if width * height > max_pixels:
             raise ImageError(
@@ -171,6 +178,19 @@ def _opened(source, max_pixels: int) -> Iterator[Image.Image]:
                 f"of {max_pixels} (setting max_image_pixels)"
             )
         yield image
+
+
+def declared_size(source) -> tuple[int, int]:
+    """The ``(width, height)`` the header of ``source`` (a path or a binary file object) declares, with
+    no pixel decoded (see :data:`FORMATS`).
+
+    Raises
+    ------
+    ImageError
+        When the header cannot be read, with the reason.
+    """
+    with _opened(source, sys.maxsize) as image:
+        return image.size
 
 
 def _size_or_none(source) -> int | None:

@@ -137,12 +137,16 @@ def parse_labels(text: str) -> list[tuple[int, str]]:
     return lines
 
 
+#: The longest file name most file systems take, in bytes.
+MAX_NAME_BYTES = 255
+
+
 def component_problem(name: str) -> str | None:
     """Why ``name`` cannot be one folder or file name inside the dataset folder; None when it can.
 
     A label becomes a folder (``<split>/<label>/``), so it must name exactly one new folder there:
     not empty, not ``.`` or ``..``, without a path separator (``/`` or ``\\``), a drive (``C:``) or
-    a control character.
+    a control character, and short enough to be a file name (:data:`MAX_NAME_BYTES` in UTF-8).
     """
     if not name:
         return "it is empty"
@@ -155,6 +159,8 @@ def component_problem(name: str) -> str | None:
     control = next((char for char in name if unicodedata.category(char) == "Cc"), None)
     if control is not None:
         return f"it holds the control character {control!r}"
+    if len(os.fsencode(name)) > MAX_NAME_BYTES:
+        return f"it is longer than a file name may be ({len(os.fsencode(name))} bytes, at most {MAX_NAME_BYTES})"
     return None
 
 
@@ -529,7 +535,7 @@ def build_dataset(
         assignment = [role_to_split[role] for role in roles]
 
     staging = output_dir.with_name(output_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    _clear(staging)
     rows, used = [], set()
     for (item, (width, height), digest), split in zip(kept, assignment):
         relative = Path(split) / item.label / item.source.name
@@ -573,13 +579,23 @@ def _check_inside(folder: Path, relatives: Sequence[str], shown: Path) -> None:
             raise DatasetError(f"{relative!r} would be written to {destination}, outside {shown}; nothing was written")
 
 
+def _clear(path: Path) -> None:
+    """Remove what lies at ``path`` (a name beside the locked output folder that only this package uses),
+    never following a link: a symbolic link planted there is removed itself, not the folder it points to,
+    and is never written through."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
 def _swap_in(staging: Path, target: Path) -> None:
     old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
+    _clear(old)
+    if target.exists() or target.is_symlink():
         os.replace(target, old)
     os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
+    _clear(old)
 
 
 def _check_row(row: dict[str, str], where: str) -> None:

@@ -246,7 +246,7 @@ def verdicts(network: Path) -> Iterator[dict]:
     try:
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):  # none yet, or unreadable: checked again
+        except (OSError, ValueError, RecursionError):  # none yet, or unreadable (nested too deep): checked again
             record = {}
         if not isinstance(record, dict):
             record = {}

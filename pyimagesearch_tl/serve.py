@@ -47,7 +47,6 @@ import contextlib
 import ctypes
 import io
 import threading
-import warnings
 from pathlib import PureWindowsPath
 from typing import Iterator
 
@@ -55,7 +54,7 @@ import numpy as np
 
 from .errors import ImageError
 from .features import Batch
-from .images import MAX_PIXELS
+from .images import MAX_PIXELS, declared_size
 from .prediction import UNKNOWN, Prediction, Predictor
 
 #: Werkzeug's defaults, set explicitly: the parts of one form, and the bytes of a form field that is not a file.
@@ -170,14 +169,9 @@ def _header_size(data: io.BytesIO) -> tuple[int, int]:
     reason, before decoding anything. A JPEG the decoder reads at a reduced scale counts at its full
     size: the budget errs on the safe side.
     """
-    from PIL import Image
-
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(data) as image:
-                return image.size
-    except Exception:
+        return declared_size(data)
+    except ImageError:
         return 0, 0
     finally:
         data.seek(0)

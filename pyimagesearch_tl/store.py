@@ -62,6 +62,13 @@ LAYOUT_FIELDS = (
 )
 
 
+#: Bounds on what metadata read from a file may say (the config allows input sizes up to 1024).
+MAX_INPUT_SIZE = 1024
+MAX_FEATURE_DIM = 1 << 20
+POOLINGS = ("avg", "max", "flatten")
+PRECISIONS = ("float32", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureMeta:
     """Everything that determines what a feature vector means (stored with every feature file)."""
@@ -115,12 +122,18 @@ class FeatureMeta:
                 raise ValueError(f"label_names={values['label_names']!r} names a class twice")
             values["label_names"] = tuple(names)
             values["views"] = values.get("views", 1)  # files written before views existed have one
-            for name in ("input_size", "feature_dim", "views"):
+            for name, largest in (("input_size", MAX_INPUT_SIZE), ("feature_dim", MAX_FEATURE_DIM), ("views", 2)):
                 number = values[name]
-                if isinstance(number, bool) or not isinstance(number, (int, np.integer)) or number < 1:
-                    raise ValueError(f"{name}={number!r} is not a whole number of at least 1")
+                if isinstance(number, bool) or not isinstance(number, (int, np.integer)) or not 1 <= number <= largest:
+                    raise ValueError(f"{name}={number!r} is not a whole number from 1 to {largest}")
                 values[name] = int(number)
-            if np.dtype(values["dtype"]).kind != "f":
+            for name in ("backbone", "weights", "pooling", "preprocessing", "decoder", "weights_sha256", "precision"):
+                if name in values and not isinstance(values[name], str):
+                    raise ValueError(f"{name}={values[name]!r} is not text")
+            for name, allowed in (("pooling", POOLINGS), ("precision", PRECISIONS)):
+                if values.get(name, allowed[0]) not in allowed:
+                    raise ValueError(f"{name}={values[name]!r} is not one of {', '.join(allowed)}")
+            if not isinstance(values["dtype"], str) or np.dtype(values["dtype"]).kind != "f":
                 raise ValueError(f"dtype={values['dtype']!r} is not a floating-point type")
             return cls(**values)
         except (KeyError, TypeError, ValueError) as exc:
@@ -932,7 +945,8 @@ def _open_h5(path: Path):
     except OSError as exc:
         raise FeatureFileError(f"{path}: not a readable HDF5 feature file ({exc})") from None
     try:
-        if not handle.attrs.get("complete", False):
+        complete = handle.attrs.get("complete", False)
+        if not (isinstance(complete, (bool, np.bool_)) and complete):  # an array or a number is not a finished file
             raise FeatureFileError(f"{path}: the extraction that wrote it did not finish; rerun extract")
         try:
             columns = {name: handle[name] for name in ("features", "labels", "paths", "sha256")}

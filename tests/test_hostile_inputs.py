@@ -41,6 +41,7 @@ HOSTILE_LABELS = {
     "backslash": "..\\..\\elsewhere",
     "drive": "C:",
     "control": "bell\x07",
+    "too-long": "a" * 300,  # no file system takes a 300-byte name: refused with the line, not at the copy
 }
 
 
