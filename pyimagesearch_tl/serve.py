@@ -54,7 +54,7 @@ import numpy as np
 
 from .errors import ImageError
 from .features import Batch
-from .images import MAX_PIXELS, declared_size
+from .images import MAX_PIXELS, declared_cost
 from .prediction import UNKNOWN, Prediction, Predictor
 
 #: Werkzeug's defaults, set explicitly: the parts of one form, and the bytes of a form field that is not a file.
@@ -129,19 +129,21 @@ class PixelBudget:
         self._changed = threading.Condition()
 
     @contextlib.contextmanager
-    def hold(self, size: tuple[int, int]) -> Iterator[None]:
-        """Hold the pixels of an image of ``size`` ``(width, height)`` for the block, waiting behind
-        earlier holders for room.
+    def hold(self, size: tuple[int, int], weight: int = 1) -> Iterator[None]:
+        """Hold the pixels of an image of ``size`` ``(width, height)``, times ``weight`` (what decoding
+        its mode costs against RGB: :data:`~pyimagesearch_tl.images.DECODE_WEIGHT`), for the block,
+        waiting behind earlier holders for room.
 
         Raises
         ------
         ImageError
             When the image has more pixels than the whole budget.
         """
-        pixels = size[0] * size[1]
+        pixels = size[0] * size[1] * weight
         if pixels > self.limit:
+            costs = f" ({weight}x for its transparency or palette)" if weight > 1 else ""
             raise ImageError(
-                f"{size[0]}x{size[1]} = {pixels} pixels is more than this server decodes at once "
+                f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels{costs} is more than this server decodes at once "
                 f"(its pixel budget: {self.limit} pixels)"
             )
         turn = object()
@@ -162,17 +164,17 @@ class PixelBudget:
                 self._changed.notify_all()
 
 
-def _header_size(data: io.BytesIO) -> tuple[int, int]:
-    """The ``(width, height)`` an upload's header declares, read without decoding any pixel.
+def _header_cost(data: io.BytesIO) -> tuple[tuple[int, int], int]:
+    """The ``(width, height)`` an upload's header declares and its decoding weight, nothing decoded.
 
-    ``(0, 0)`` when Pillow cannot open it: the decoder then refuses it at the same step, with the
+    ``((0, 0), 1)`` when Pillow cannot open it: the decoder then refuses it at the same step, with the
     reason, before decoding anything. A JPEG the decoder reads at a reduced scale counts at its full
     size: the budget errs on the safe side.
     """
     try:
-        return declared_size(data)
+        return declared_cost(data)
     except ImageError:
-        return 0, 0
+        return (0, 0), 1
     finally:
         data.seek(0)
 
@@ -182,7 +184,7 @@ def _decode(predictor: Predictor, budget: PixelBudget, uploads: list[tuple[str, 
     indices, decoded, skipped = [], [], []
     for index, (_, data) in enumerate(uploads):
         try:
-            with budget.hold(_header_size(data)):
+            with budget.hold(*_header_cost(data)):
                 (batch,) = predictor.iter_batches([data])
         except ImageError as exc:
             skipped.append((index, str(exc)))

@@ -251,3 +251,26 @@ def test_the_pixel_budget_bounds_decoding_across_concurrent_requests(predictor, 
     assert headers["X-Frame-Options"] == "DENY"  # the headers come through waitress too
     status, headers, answer = _post(url, [("x.png", b"x")] * 1001)
     assert status == 413 and "MAX_FORM_PARTS" in answer["error"] and "Content-Security-Policy" in headers
+
+
+def test_a_transparent_image_holds_the_budget_its_decoding_costs():
+    """Decoding an RGBA or palette image composites it through full-size RGBA copies (~5x an RGB image's
+    memory): the budget counts it so, read from the header alone; an RGB image of the same size fits."""
+    from PIL import Image
+
+    from pyimagesearch_tl.errors import ImageError
+    from pyimagesearch_tl.serve import PixelBudget, _header_cost
+
+    uploads = {}
+    for mode in ("RGB", "RGBA", "P"):
+        buffer = io.BytesIO()
+        Image.new(mode, (400, 300)).save(buffer, "PNG")
+        uploads[mode] = buffer
+    costs = {mode: _header_cost(data) for mode, data in uploads.items()}
+    assert costs == {"RGB": ((400, 300), 1), "RGBA": ((400, 300), 5), "P": ((400, 300), 5)}
+    budget = PixelBudget(400 * 300 * 2)
+    with budget.hold(*costs["RGB"]):
+        assert budget.peak == 400 * 300
+    with pytest.raises(ImageError, match=r"400x300 = 120000 pixels \(5x for its transparency or palette\)"):
+        with budget.hold(*costs["RGBA"]):
+            pass
