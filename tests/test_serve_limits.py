@@ -3,6 +3,7 @@ security headers, no local path in /health, each upload decoded once, and the pi
 under concurrent requests of large PNGs on the real waitress server."""
 
 import base64
+import contextlib
 import io
 import json
 import re
@@ -172,14 +173,21 @@ def waitress_server():
 
     def start(app) -> str:
         server = waitress.server.create_server(app, host="127.0.0.1", port=0, threads=4)
-        threading.Thread(target=server.run, daemon=True).start()
-        servers.append(server)
+
+        def run():
+            with contextlib.suppress(OSError):  # close() below races the loop's select(): EBADF at shutdown only
+                server.run()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        servers.append((server, thread))
         return f"http://127.0.0.1:{server.effective_port}"
 
     yield start
-    for server in servers:
+    for server, thread in servers:
         server.close()
         server.task_dispatcher.shutdown()
+        thread.join(timeout=10)
 
 
 def _post(url: str, files: list[tuple[str, bytes]]) -> tuple[int, dict, dict]:
