@@ -145,8 +145,9 @@ def component_problem(name: str) -> str | None:
     """Why ``name`` cannot be one folder or file name inside the dataset folder; None when it can.
 
     A label becomes a folder (``<split>/<label>/``), so it must name exactly one new folder there:
-    not empty, not ``.`` or ``..``, without a path separator (``/`` or ``\\``), a drive (``C:``) or
-    a control character, and short enough to be a file name (:data:`MAX_NAME_BYTES` in UTF-8).
+    not empty, not ``.`` or ``..``, without a path separator (``/`` or ``\\``), a drive (``C:``), a
+    control character or an invisible format character (U+202E, U+200B...: a look-alike of another
+    name), and short enough to be a file name (:data:`MAX_NAME_BYTES` in UTF-8).
     """
     if not name:
         return "it is empty"
@@ -159,6 +160,9 @@ def component_problem(name: str) -> str | None:
     control = next((char for char in name if unicodedata.category(char) == "Cc"), None)
     if control is not None:
         return f"it holds the control character {control!r}"
+    invisible = next((char for char in name if unicodedata.category(char) == "Cf"), None)
+    if invisible is not None:  # a right-to-left override or a zero-width space makes a look-alike of a class
+        return f"it holds the invisible format character U+{ord(invisible):04X} ({unicodedata.name(invisible, '?')})"
     if len(os.fsencode(name)) > MAX_NAME_BYTES:
         return f"it is longer than a file name may be ({len(os.fsencode(name))} bytes, at most {MAX_NAME_BYTES})"
     return None

@@ -41,6 +41,8 @@ HOSTILE_LABELS = {
     "backslash": "..\\..\\elsewhere",
     "drive": "C:",
     "control": "bell\x07",
+    "right-to-left-override": "be\u202ees",  # shown as a look-alike of another class
+    "zero-width-space": "b\u200bees",
     "too-long": "a" * 300,  # no file system takes a 300-byte name: refused with the line, not at the copy
 }
 
