@@ -34,11 +34,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .atomic import atomic_write_csv
-from .backbones import FINETUNED, get_backbone, resolve_weights, weights_digest
 from .engines import Engine, create_engine, engine_class
 from .errors import DatasetError, FeatureFileError
-from .features import ShardTask, dataset_rows, interrupt_after_batch
-from .images import DECODER, MAX_PIXELS, sha256_file
+from .features import ShardTask, dataset_rows, interrupt_after_batch, layout_meta
+from .images import MAX_PIXELS
 from .locks import locks_output
 from .runtimes import requested_runtime
 from .store import (
@@ -128,28 +127,9 @@ def settings_meta(options: dict) -> FeatureMeta:
     The rest is a function of the backbone's architecture, so two metas equal but for ``feature_dim``
     describe the same features. The requested runtime is checked as the extractor checks it.
     """
-    record = get_backbone(options["backbone"])
-    weights = resolve_weights(options["weights"])
     requested_runtime(options["runtime"], options["precision"])
-    if isinstance(weights, list):
-        name, digest = FINETUNED, weights_digest(weights)
-    else:  # "imagenet", None or the file's path
-        name = weights or "none"
-        digest = "" if name in ("none", "imagenet") else sha256_file(weights)
-    return FeatureMeta(
-        backbone=options["backbone"],
-        weights=name,
-        weights_sha256=digest,
-        pooling=options["pooling"],
-        input_size=record.input_size,
-        preprocessing=record.preprocessing,
-        decoder=DECODER,
-        feature_dim=0,
-        dtype=options["dtype"],
-        label_names=tuple(options["label_names"]),
-        precision=options["precision"],
-        views=options["views"],
-    )
+    names = ("backbone", "weights", "pooling", "dtype", "label_names", "precision", "views")
+    return layout_meta(**{name: options[name] for name in names}, input_size=None)
 
 
 def up_to_date_without_backbone(

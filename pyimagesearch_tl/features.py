@@ -99,6 +99,45 @@ def decode_batches(
             yield collect(*pending.popleft())
 
 
+def layout_meta(
+    backbone: str,
+    weights,
+    pooling: str,
+    input_size: int | None,
+    dtype: str,
+    label_names: Sequence[str],
+    precision: str,
+    views: int,
+) -> FeatureMeta:
+    """The meta an extractor of these settings records, with ``feature_dim`` 0: all of it that is known
+    without building the backbone (the width is a function of its architecture).
+
+    Weights are recorded by name: ``"finetuned"`` with the digest of the arrays, ``"imagenet"`` or
+    ``"none"``, or a file's path with the file's SHA-256.
+    """
+    record = get_backbone(backbone)
+    weights_path = resolve_weights(weights)
+    if isinstance(weights_path, list):
+        weights_name, digest = FINETUNED, weights_digest(weights_path)
+    else:  # "imagenet", "none" or the file's path
+        weights_name = weights_path or "none"
+        digest = "" if weights_name in ("none", "imagenet") else sha256_file(weights_path)
+    return FeatureMeta(
+        backbone=backbone,
+        weights=weights_name,
+        weights_sha256=digest,
+        pooling=pooling,
+        input_size=input_size or record.input_size,
+        preprocessing=record.preprocessing,
+        decoder=DECODER,
+        feature_dim=0,
+        dtype=dtype,
+        label_names=tuple(label_names),
+        precision=precision,
+        views=views,
+    )
+
+
 #: Views of each image whose features are averaged: 1 (the image) or 2 (the image and its mirror).
 VIEWS = (1, 2)
 
@@ -158,8 +197,8 @@ class FeatureExtractor:
         self.runtime, self._run = requested_runtime(runtime, precision), None
         self._choosing = threading.Lock()  # a server's threads may send the first batches together
         record = get_backbone(backbone)
-        weights_path = resolve_weights(weights)
-        self.input_size = input_size or record.input_size
+        layout = layout_meta(backbone, weights, pooling, input_size, dtype, label_names, precision, views)
+        self.input_size = layout.input_size
         self.batch_size, self.max_pixels = batch_size, max_pixels
         self.workers = workers or os.cpu_count() or 1
         self.model = create_model(backbone, weights, pooling, self.input_size, precision)
@@ -176,25 +215,7 @@ class FeatureExtractor:
             return tf.cast(model(pixels, training=False), tf.float32)
 
         self._forward = forward
-        if isinstance(weights_path, list):
-            weights_name, digest = FINETUNED, weights_digest(weights_path)
-        else:  # "imagenet", "none" or the file's path
-            weights_name = weights_path or "none"
-            digest = "" if weights_name in ("none", "imagenet") else sha256_file(weights_path)
-        self.meta = FeatureMeta(
-            backbone=backbone,
-            weights=weights_name,
-            weights_sha256=digest,
-            pooling=pooling,
-            input_size=self.input_size,
-            preprocessing=mode,
-            decoder=DECODER,
-            feature_dim=int(self.model.output.shape[-1]),
-            dtype=dtype,
-            label_names=tuple(label_names),
-            precision=precision,
-            views=views,
-        )
+        self.meta = dataclasses.replace(layout, feature_dim=int(self.model.output.shape[-1]))
 
     @classmethod
     def from_meta(

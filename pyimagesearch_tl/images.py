@@ -186,18 +186,6 @@ def _opened(source, max_pixels: int) -> Iterator[Image.Image]:
 DECODE_WEIGHT = {"RGBA": 5, "LA": 5, "PA": 5, "P": 5, "RGBa": 5, "La": 5}
 
 
-def declared_size(source) -> tuple[int, int]:
-    """The ``(width, height)`` the header of ``source`` (a path or a binary file object) declares, with
-    no pixel decoded (see :data:`FORMATS`).
-
-    Raises
-    ------
-    ImageError
-        When the header cannot be read, with the reason.
-    """
-    return declared_cost(source)[0]
-
-
 def declared_cost(source) -> tuple[tuple[int, int], int]:
     """The declared ``(width, height)`` of ``source`` and how many times an RGB image's memory per pixel
     decoding it takes (:data:`DECODE_WEIGHT`), read from its header alone."""

@@ -152,10 +152,10 @@ def test_an_icon_hiding_a_huge_png_is_refused_without_decoding_it(tmp_path):
     icon = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 1, 1, 0, 0, 1, 32, len(png), 22) + png
     (tmp_path / "icon.jpg").write_bytes(icon)
     code = (
-        "import resource, sys; from pyimagesearch_tl.images import load_image, declared_size; "
+        "import resource, sys; from pyimagesearch_tl.images import load_image, declared_cost; "
         "from pyimagesearch_tl.errors import ImageError\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
-        "for read in (lambda: load_image(sys.argv[1], 224), lambda: declared_size(open(sys.argv[1], 'rb'))):\n"
+        "for read in (lambda: load_image(sys.argv[1], 224), lambda: declared_cost(open(sys.argv[1], 'rb'))):\n"
         "    try: read(); print('read')\n"
         "    except ImageError as exc: print('refused', exc)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"
