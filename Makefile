@@ -1,5 +1,7 @@
 # `make demo`: set up .venv, then run the numbered scripts end to end on cats_and_dogs_filtered.
-# `make test`: set up the same .venv, then lint (ruff check, ruff format --check) and run the test suite.
+# `make test`: set up the same .venv, then lint (ruff check, ruff format --check) and run the test suite,
+# one pytest-xdist worker per CPU; a file's tests stay on one worker, so its module fixtures (a Ray
+# cluster, a fine-tuning run) are built once.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -54,7 +56,7 @@ browser:
 test: venv browser
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest tests --durations=15
+	$(PY) -m pytest tests -n auto --dist loadfile --durations=15
 
 clean:
 	rm -rf $(OUT)/dataset $(OUT)/features $(OUT)/models $(OUT)/evaluation $(OUT)/finetune $(OUT)/predictions.csv \

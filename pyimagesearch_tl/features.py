@@ -189,8 +189,6 @@ class FeatureExtractor:
         runtime: str = "auto",
         views: int = 1,
     ):
-        import tensorflow as tf
-
         if views not in VIEWS:
             raise ConfigError(f"views must be one of {', '.join(map(str, VIEWS))}, got {views!r}")
         self.views = views
@@ -198,6 +196,8 @@ class FeatureExtractor:
         self._choosing = threading.Lock()  # a server's threads may send the first batches together
         record = get_backbone(backbone)
         layout = layout_meta(backbone, weights, pooling, input_size, dtype, label_names, precision, views)
+        import tensorflow as tf  # once the settings are known to be valid: a wrong one is refused at once
+
         self.input_size = layout.input_size
         self.batch_size, self.max_pixels = batch_size, max_pixels
         self.workers = workers or os.cpu_count() or 1

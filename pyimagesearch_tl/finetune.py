@@ -141,6 +141,19 @@ def build_model(
     return keras.Model(inputs, outputs, name=f"{backbone}_finetuned"), base
 
 
+def blocks_to_unfreeze(base, backbone: str, count: int) -> dict:
+    """The blocks of ``base`` by name, once ``count`` is known to be at most their number (a
+    :class:`ConfigError` naming them otherwise): checked before stage 1, not after it."""
+    frozen, base.trainable = not base.trainable, True  # a frozen layer shows no trainable weights
+    try:
+        blocks = backbone_blocks(backbone, base)
+    finally:
+        base.trainable = not frozen
+    if count > len(blocks):
+        raise ConfigError(f"unfreeze_blocks={count} but {backbone} has {len(blocks)} blocks ({', '.join(blocks)})")
+    return blocks
+
+
 def unfreeze_last_blocks(model, base, backbone: str, count: int) -> list[str]:
     """Make the last ``count`` blocks of ``base`` trainable, except BatchNormalization layers.
 
@@ -148,9 +161,7 @@ def unfreeze_last_blocks(model, base, backbone: str, count: int) -> list[str]:
     of the unfrozen blocks.
     """
     base.trainable = True
-    blocks = backbone_blocks(backbone, base)
-    if count > len(blocks):
-        raise ConfigError(f"unfreeze_blocks={count} but {backbone} has {len(blocks)} blocks ({', '.join(blocks)})")
+    blocks = blocks_to_unfreeze(base, backbone, count)
     chosen = list(blocks)[-count:]
     for layer in base.layers:
         layer.trainable = False
@@ -431,6 +442,8 @@ def finetune(
         settings.head_dropout,
         settings.head_batchnorm,
     )
+    if settings.finetune_epochs:
+        blocks_to_unfreeze(base, settings.backbone, settings.unfreeze_blocks)
     size = int(model.input.shape[1])
 
     def batches(rows, seed=None):

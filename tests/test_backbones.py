@@ -31,6 +31,11 @@ def test_registry_lists_and_rejects_with_names():
         get_backbone("alexnet")
 
 
+def _first_of_family(name: str) -> str:
+    """The first registered backbone whose name is ``name`` but for its trailing digits (vgg16 for vgg19)."""
+    return next(n for n in list_backbones() if n.rstrip("0123456789") == name.rstrip("0123456789"))
+
+
 @pytest.mark.parametrize("name", list_backbones())
 def test_every_registered_backbone_builds_pools_and_splits_into_blocks(name):
     """What extraction and fine-tuning rely on, for every entry of the registry (as timm checks list_models())."""
@@ -41,7 +46,8 @@ def test_every_registered_backbone_builds_pools_and_splits_into_blocks(name):
     model = create_model(name, weights="none", pooling="avg", input_size=size)
     assert model.input_shape == (None, size, size, 3)
     assert len(model.output_shape) == 2 and model.output_shape[1] > 0
-    assert create_model(name, weights="none", pooling="max", input_size=size).output_shape == model.output_shape
+    if name == _first_of_family(name):  # B1-B7 differ from B0 only in width and depth: one max-pool build a family
+        assert create_model(name, weights="none", pooling="max", input_size=size).output_shape == model.output_shape
     blocks = backbone_blocks(name, model)  # raises when the block pattern leaves a weighted layer out
     assert len(blocks) >= 3
     pixels = np.array([[[0.0, 127.5, 255.0]]], np.float32)

@@ -233,6 +233,7 @@ def test_unfreezing_more_blocks_than_exist_is_a_clear_error(pipeline_run, tmp_pa
     )
     assert "Error: unfreeze_blocks=99 but efficientnet_lite0 has 18 blocks" in output
     assert "Traceback" not in output
+    assert not (tmp_path / "checkpoints").exists()  # refused before stage 1 trained, not after it
 
 
 @pytest.mark.filterwarnings("ignore:Your input ran out of data")  # Keras, at the end of a generator
