@@ -18,6 +18,26 @@ SHARED = Path(os.environ.get("PTL_SHARED_DATASETS", ROOT.parent / "shared" / "da
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+#: Memory one pytest-xdist worker may take: the largest process of a `make test` run peaked at 3.6 GB.
+WORKER_MEMORY = 4 * 2**30
+
+
+@pytest.hookimpl(hookwrapper=True, optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per CPU (xdist's count), but no more than the available memory holds at
+    :data:`WORKER_MEMORY` each; ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still decides when set."""
+    outcome = yield
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            fields = dict(line.split(":", 1) for line in handle)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: xdist's count
+        return
+    outcome.force_result(max(1, min(outcome.get_result(), available // WORKER_MEMORY)))
+
+
 #: What TensorFlow prints at import (absl, oneDNN, CPU features): nothing of it may reach a user's stderr.
 TENSORFLOW_CHATTER = (
     "oneDNN custom operations",
