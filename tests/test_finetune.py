@@ -321,7 +321,13 @@ def test_ctrl_c_stops_early_and_keeps_the_best_weights_and_corrupt_images_are_sk
     settings = settings_with(
         input_size=SIZE, batch_size=8, head_epochs=3, finetune_epochs=3, seed=5, runtime="tensorflow"
     )
-    report = ft.finetune(dataset, tmp_path / "out", settings, on_epoch=press_ctrl_c)
+    # As in a terminal's foreground job: Ctrl-C delivered, even where pytest runs in the background
+    # (a background job starts with SIGINT ignored, and then fine-tuning rightly leaves it ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        report = ft.finetune(dataset, tmp_path / "out", settings, on_epoch=press_ctrl_c)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert presses == [1] and report.interrupted
     assert [s["name"] for s in report.history["stages"]] == ["head"]  # stage 2 skipped
     assert report.history["stages"][0]["epochs_run"] <= 2 < settings.head_epochs
