@@ -86,8 +86,13 @@ def copy_subset(source: Path, target: Path, per_folder: int) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
-    """Converted weights go to a session cache, never the user's; the first build converts them."""
-    cache = tmp_path_factory.mktemp("xdg-cache")
+    """Converted weights and networks go to a cache of this test run, never the user's; the first build
+    converts them. pytest-xdist workers share it (as Ray workers share a node's): each conversion once."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # <run>/popen-gwN: the run's folder is the parent
+        root = root.parent
+    cache = root / "xdg-cache"
+    cache.mkdir(exist_ok=True)
     previous = os.environ.get("XDG_CACHE_HOME")
     os.environ["XDG_CACHE_HOME"] = str(cache)
     yield cache
