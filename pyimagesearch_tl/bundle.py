@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import platform
 import warnings
 import zipfile
@@ -191,6 +192,8 @@ class Bundle:
     backbone_weights : list of ndarray or None
         A fine-tuned backbone's weights (``meta.weights == "finetuned"``); None when the backbone's
         weights are named by ``meta`` (ImageNet, random or a local file).
+    network : bytes or None
+        int8 features: the quantized network that made them (its SHA-256 is ``meta.network_sha256``).
     versions : dict of str to str
         The library versions it was saved with (:func:`library_versions`).
     created : str
@@ -210,6 +213,9 @@ class Bundle:
         lambda value: value is None or isinstance(value, Detector), "a Detector or None", default=None
     )
     backbone_weights: list | None = _field(_is_weights, "a list of arrays or None", default=None)
+    network: bytes | None = _field(
+        lambda value: value is None or isinstance(value, bytes), "bytes or None", default=None
+    )
     versions: dict = _field(_is_versions, "a dict of str to str", default_factory=library_versions)
     created: str = _field(
         lambda value: isinstance(value, str),
@@ -340,6 +346,13 @@ class Bundle:
         width = getattr(classifier, "n_features_in_", None)
         if width is not None and width != meta.feature_dim:
             problems.append(f"its classifier takes {width} features, not the layout's {meta.feature_dim}")
+        network = fields.get("network")
+        if "int8" in meta.precision and len(meta.parts) > 1:
+            problems.append("its int8 feature layout is combined with another (int8 takes one feature folder)")
+        elif meta.precision == "int8" and (
+            network is None or hashlib.sha256(network).hexdigest() != meta.network_sha256
+        ):
+            problems.append("its quantized network is missing or not the one its int8 feature layout names")
         if problems:
             raise BundleError(f"{path}: not a valid model bundle: {'; '.join(problems)}")
 
@@ -403,7 +416,7 @@ class Bundle:
             try:
                 parts.append(
                     FeatureExtractor.from_meta(
-                        part, batch_size, max_pixels or MAX_PIXELS, self.backbone_weights, runtime
+                        part, batch_size, max_pixels or MAX_PIXELS, self.backbone_weights, runtime, self.network
                     )
                 )
             except ConfigError:  # a runtime that is not installed: the user's choice, not the bundle's fault

@@ -277,8 +277,9 @@ def build_dataset_command(config: Config, wait, **options):
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), help="Storage type of the features.")
 @click.option(
     "--precision",
-    type=click.Choice(["float32", "bfloat16"]),
-    help="Arithmetic of the backbone; bfloat16 is faster on CPUs with AVX512-BF16/AMX.",
+    type=click.Choice(["float32", "bfloat16", "int8"]),
+    help="Arithmetic of the backbone: bfloat16 (CPUs with AVX512-BF16/AMX) or int8 (OpenVINO, calibrated on "
+    "the training photos), each gated against float32.",
 )
 @click.option("--batch-size", type=int)
 @click.option(
@@ -300,7 +301,17 @@ def extract_command(config: Config, wait, **options):
 
     config = _apply(config, **options)
 
+    gated = []
+
     def report(split):
+        quality = json.loads(split.quality) if split.quality else None
+        if quality and not gated:  # one line: every split of the job passed the same gate
+            gated.append(quality)
+            click.echo(
+                f"{quality['precision']} against float32 on {quality['images']} photos of this job: mean cosine "
+                f"{quality['cosine']:.4f} (lowest {quality['min_cosine']:.4f}), "
+                f"probe agreement {quality['agreement']:.4f}"
+            )
         if split.up_to_date:
             click.echo(f"{split.split}: up to date, nothing to do ({split.path})")
             return

@@ -198,7 +198,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "pooling": _choice("avg", "max", "flatten"),
     "feature_format": _choice("hdf5", "csv"),
     "dtype": _choice("float32", "float16"),
-    "precision": _choice("float32", "bfloat16"),
+    "precision": _choice("float32", "bfloat16", "int8"),
     "batch_size": _typed(int, "an integer between 1 and 4096", lambda v: 1 <= v <= 4096),
     "views": _choice_of(VIEWS),
     "runtime": _registered(list_runtimes),

@@ -164,14 +164,15 @@ def export_bundle(bundle: Bundle, output: str | Path) -> Path:
             f"this model combines {len(bundle.meta.parts)} feature extractors ({bundle.meta.backbone}); "
             "ONNX export takes a model of one extractor (ptl predict and ptl serve take this one)"
         )
-    if bundle.meta.precision != "float32":
+    if bundle.meta.precision == "bfloat16":
         raise BundleError(
-            f"only float32 models export to ONNX; this one was trained on {bundle.meta.precision} features"
+            "bfloat16 models do not export to ONNX (their features come from bfloat16 arithmetic, which an "
+            "ONNX graph does not state); float32 and int8 models do"
         )
     check_writable(output)  # before the work, not after it
-    extractor = bundle.feature_extractor(runtime="tensorflow")
+    extractor = bundle.feature_extractor(runtime="tensorflow" if bundle.meta.precision == "float32" else "auto")
     # The extractor's forward pass (uint8 pixels -> float32 features), converted once and cached, shared
-    # with the ONNX runtimes (see runtimes.cached_network).
+    # with the ONNX runtimes (see runtimes.cached_network); for int8 the quantized network itself.
     backbone = onnx.compose.add_prefix(onnx.load(extractor.network_file()), "backbone/")
     dim = bundle.meta.feature_dim
     float16 = bundle.meta.dtype == "float16"  # the classifier was trained on, and predicts from, float16 features

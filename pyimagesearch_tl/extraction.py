@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from . import quantization
 from .atomic import atomic_write_csv
 from .engines import Engine, create_engine, engine_class
 from .errors import DatasetError, FeatureFileError
@@ -71,6 +72,7 @@ class SplitReport:
     seconds: float = 0.0
     nodes: dict[str, int] = dataclasses.field(default_factory=dict)  # shards computed per worker node
     runtimes: list[str] = dataclasses.field(default_factory=list)  # where the backbone ran (see runtimes.py)
+    quality: str = ""  # a reduced precision's quality-gate figures (JSON; see quantization.py)
 
     @property
     def images_per_second(self) -> float:
@@ -79,7 +81,8 @@ class SplitReport:
 
 def fingerprint(meta: FeatureMeta, rows: Sequence[dict[str, str]]) -> str:
     """Identity of one extraction: the feature meta plus the ordered (path, label, content) list."""
-    digest = hashlib.sha256(json.dumps(meta.to_attrs(), sort_keys=True).encode())
+    attrs = dict(meta.to_attrs(), quality="")  # the gate's figures describe the features, not what they are
+    digest = hashlib.sha256(json.dumps(attrs, sort_keys=True).encode())
     for row in rows:
         digest.update(f"{row['path']}\0{row['label']}\0{row['sha256']}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
@@ -196,7 +199,7 @@ def extract_split(
     identity = fingerprint(meta, rows)
     remove_feature_files(output_dir, split, keep=feature_format)  # one format per split, and only files of ours
     if read_fingerprint(path) == identity:
-        return SplitReport(split, path, extracted=0, skipped=read_skipped(path), up_to_date=True)
+        return SplitReport(split, path, extracted=0, skipped=read_skipped(path), up_to_date=True, quality=meta.quality)
     started = time.perf_counter()
     previous = _previous_index(path, meta)
     shard_dir = output_dir / SHARDS / split
@@ -245,6 +248,7 @@ def extract_split(
         seconds=time.perf_counter() - started,
         nodes=dict(nodes),
         runtimes=engine.runtimes() if todo else [],
+        quality=meta.quality,
     )
 
 
@@ -357,6 +361,10 @@ def extract_dataset(
             if on_split is not None:
                 on_split(reports[-1])
         return reports
+    if precision != "float32":  # the int8 network and the quality gate, before any work is handed out
+        extractor_options.update(quantization.prepare(dataset_dir, by_split, present, extractor_options))
+        if precision == "int8":
+            quantization.write_network(output_dir, extractor_options["network"])
     with (
         create_engine(engine, extractor_options, address=ray_address, cpus_per_worker=ray_cpus_per_worker) as runner,
         interrupt_after_batch() as interrupted,

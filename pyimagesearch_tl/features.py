@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import signal
 import threading
@@ -23,10 +24,21 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .backbones import FINETUNED, create_model, get_backbone, preprocess_input, resolve_weights, weights_digest
+from .cache import cached_file
 from .errors import BundleError, ConfigError, DatasetError, ImageError
 from .images import DECODER, MAX_PIXELS, load_image, sha256_file
 from .layouts import read_manifest
-from .runtimes import cached_network, choose, export_onnx, network_key, requested_runtime, survey
+from .runtimes import (
+    TENSORFLOW,
+    cached_network,
+    choose,
+    export_onnx,
+    load,
+    network_key,
+    quantize_network,
+    requested_runtime,
+    survey,
+)
 from .store import CombinedMeta, FeatureMeta, FeatureSet, Shard
 
 
@@ -163,8 +175,10 @@ class FeatureExtractor:
         Storage type recorded for the feature files.
     label_names : sequence of str
         Class names recorded with the features.
-    precision : {"float32", "bfloat16"}
-        Arithmetic of the backbone (see :func:`~pyimagesearch_tl.backbones.create_model`).
+    precision : {"float32", "bfloat16", "int8"}
+        Arithmetic of the backbone: bfloat16 in OpenVINO where the CPU has it, else in TensorFlow
+        (see :func:`~pyimagesearch_tl.backbones.create_model`); int8 in OpenVINO, on the quantized
+        network given as ``network`` or made by :meth:`quantize` (see :mod:`pyimagesearch_tl.quantization`).
     runtime : {"auto", "tensorflow", "onnxruntime", "openvino"}
         Where the network runs (see :mod:`pyimagesearch_tl.runtimes`); chosen, and checked against
         TensorFlow when new, on the first batch. :attr:`runtime` then names the one in use.
@@ -172,6 +186,11 @@ class FeatureExtractor:
         2: each vector is the mean of the features of the image and of its left-right mirror (one
         more forward pass per image, inside the network, so every runtime and the ONNX export
         compute it the same way).
+    network : bytes, optional
+        int8: the quantized network file's content (a bundle's, or the one a job's driver made).
+    quality : str
+        A reduced precision's quality-gate figures (JSON, see :mod:`pyimagesearch_tl.quantization`),
+        recorded in :attr:`meta` and so in every feature file.
     """
 
     def __init__(
@@ -188,6 +207,8 @@ class FeatureExtractor:
         precision: str = "float32",
         runtime: str = "auto",
         views: int = 1,
+        network: bytes | None = None,
+        quality: str = "",
     ):
         if views not in VIEWS:
             raise ConfigError(f"views must be one of {', '.join(map(str, VIEWS))}, got {views!r}")
@@ -201,7 +222,9 @@ class FeatureExtractor:
         self.input_size = layout.input_size
         self.batch_size, self.max_pixels = batch_size, max_pixels
         self.workers = workers or os.cpu_count() or 1
-        self.model = create_model(backbone, weights, pooling, self.input_size, precision)
+        # TensorFlow's bfloat16 runs a mixed_bfloat16 model; every other runtime a float32 network
+        self._model_precision = "bfloat16" if precision == "bfloat16" and self.runtime == TENSORFLOW else "float32"
+        self.model = create_model(backbone, weights, pooling, self.input_size, self._model_precision)
         mode = record.preprocessing
         model = self.model
 
@@ -215,7 +238,10 @@ class FeatureExtractor:
             return tf.cast(model(pixels, training=False), tf.float32)
 
         self._forward = forward
-        self.meta = dataclasses.replace(layout, feature_dim=int(self.model.output.shape[-1]))
+        self.meta = dataclasses.replace(layout, feature_dim=int(self.model.output.shape[-1]), quality=quality)
+        self.network: bytes | None = None
+        if network is not None:
+            self.set_network(network)
 
     @classmethod
     def from_meta(
@@ -225,6 +251,7 @@ class FeatureExtractor:
         max_pixels: int = MAX_PIXELS,
         finetuned_weights: Sequence[np.ndarray] | None = None,
         runtime: str = "auto",
+        network: bytes | None = None,
     ) -> "FeatureExtractor":
         """Rebuild exactly the extractor that produced features described by ``meta``.
 
@@ -249,6 +276,8 @@ class FeatureExtractor:
             precision=meta.precision,
             runtime=runtime,
             views=meta.views,
+            network=network,
+            quality=meta.quality,
         )
 
     def decode(self, path: str | Path) -> np.ndarray:
@@ -274,8 +303,23 @@ class FeatureExtractor:
         return self._run(images)
 
     def to_onnx(self):
-        """This extractor's network as an ONNX model: uint8 pixels in, float32 features out."""
+        """This extractor's float32 network as an ONNX model: uint8 pixels in, float32 features out."""
         return export_onnx(self._forward, self.input_size)
+
+    def quantize(self, calibration: np.ndarray) -> bytes:
+        """int8: quantize the float32 network, calibrated on ``calibration`` (uint8 images), and use it.
+
+        Returns the quantized network file's content (what a bundle carries, what Ray workers receive).
+        """
+        self.set_network(quantize_network(self.float_network_file(), calibration).read_bytes())
+        return self.network
+
+    def set_network(self, network: bytes) -> None:
+        """int8: run ``network`` (a quantized network file's content); its SHA-256 joins :attr:`meta`."""
+        if self.meta.precision != "int8":
+            raise ConfigError(f"a quantized network is for --precision int8, not {self.meta.precision}")
+        self.network, self._run = bytes(network), None
+        self.meta = dataclasses.replace(self.meta, network_sha256=hashlib.sha256(self.network).hexdigest())
 
     def _tensorflow(self, images: np.ndarray) -> np.ndarray:
         return self._forward(images).numpy().astype(np.float32, copy=False)
@@ -288,22 +332,42 @@ class FeatureExtractor:
             input_size=self.input_size,
             pooling=self.meta.pooling,
             preprocessing=self.meta.preprocessing,
-            precision=self.meta.precision,
+            precision=self._model_precision,
             views=self.meta.views,
         )
 
-    def network_file(self) -> Path:
-        """This extractor's network as a cached ONNX file (converted on first use, then shared)."""
+    def float_network_file(self) -> Path:
+        """This extractor's float32 network as a cached ONNX file (converted on first use, then shared)."""
         return cached_network(self.network_key(), self._forward, self.input_size)
+
+    def network_file(self) -> Path:
+        """The ONNX file this extractor runs outside TensorFlow: the quantized network for int8 (cached by
+        its SHA-256), else the float32 one."""
+        if self.meta.precision != "int8":
+            return self.float_network_file()
+        if self.network is None:
+            raise ConfigError("an int8 extractor needs its quantized network: quantize() it or give network=")
+        network = self.network
+        return cached_file(
+            Path("networks", f"{self.meta.network_sha256[:32]}.int8.onnx"), lambda: network, _write_bytes
+        )
 
     def survey_runtimes(self, timed: bool = False) -> list[dict]:
         """Every runtime here for this network: installed, parity, speed (see :func:`.runtimes.survey`)."""
-        return survey(self._tensorflow, self.network_file, self.input_size, self.workers, timed)
+        return survey(self._tensorflow, self.float_network_file, self.input_size, self.workers, timed)
 
     def _choose_runtime(self, images: np.ndarray) -> None:
-        """Settle the runtime on the first real batch (converting and checking it when new)."""
+        """Settle the runtime on the first real batch (converting and checking it when new).
+
+        A reduced precision outside TensorFlow runs where :func:`requested_runtime` settled it: no
+        parity check against TensorFlow's float32 features (the quality gate compares them instead).
+        """
         import warnings
 
+        if self.meta.precision != "float32" and self.runtime != TENSORFLOW:
+            forward = load(self.runtime, self.network_file(), self.workers, self.meta.precision)
+            self._run = lambda batch: np.asarray(forward(batch), np.float32)
+            return
         choice = choose(self.runtime, self._tensorflow, self.network_file, images, self.workers, self.meta.describe())
         if choice.note:
             warnings.warn(choice.note, stacklevel=3)
@@ -460,3 +524,7 @@ def dataset_rows(dataset_dir: str | Path) -> dict[str, list[dict[str, str]]]:
                 row["sha256"] = ""  # the decoder will report why it cannot be read
         by_split.setdefault(row["split"], []).append(row)
     return by_split
+
+
+def _write_bytes(content: bytes, path: Path) -> None:
+    path.write_bytes(content)

@@ -55,6 +55,7 @@ from .errors import ConfigError, PTLError
 
 AUTO = "auto"
 TENSORFLOW = "tensorflow"
+OPENVINO = "openvino"
 #: Largest absolute difference from TensorFlow's features that a float32 runtime may show.
 PARITY_ATOL = 1e-4
 #: ONNX opset of the exported networks.
@@ -73,7 +74,7 @@ class Runtime:
 
     name: str
     module: str
-    load: Callable[[Path, int], Forward] | None  # (network file, threads) -> forward; None: TensorFlow itself
+    load: Callable[[Path, int, str], Forward] | None  # (network file, threads, precision); None: TensorFlow itself
     install: str
 
 
@@ -97,7 +98,7 @@ def installed(name: str) -> bool:
         return False
 
 
-def _onnxruntime(path: Path, threads: int) -> Forward:
+def _onnxruntime(path: Path, threads: int, precision: str = "float32") -> Forward:
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -108,7 +109,9 @@ def _onnxruntime(path: Path, threads: int) -> Forward:
     return lambda images: session.run(None, {name: images})[0]
 
 
-def _openvino(path: Path, threads: int) -> Forward:
+def _openvino(path: Path, threads: int, precision: str = "float32") -> Forward:
+    """OpenVINO on the CPU: a float32 network in float32 or, for ``bfloat16``, with bfloat16 arithmetic
+    (its inference-precision hint); a quantized (int8) network runs its int8 operations as quantized."""
     import openvino
 
     compiled = openvino.Core().compile_model(
@@ -116,7 +119,7 @@ def _openvino(path: Path, threads: int) -> Forward:
         "CPU",
         {
             "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bfloat16" else "f32",
             "INFERENCE_NUM_THREADS": threads,
             "ENABLE_CPU_PINNING": False,
         },
@@ -133,7 +136,7 @@ def _openvino(path: Path, threads: int) -> Forward:
 
 register(Runtime(TENSORFLOW, "tensorflow", None, "pip install pyimagesearch_tl"))
 register(Runtime("onnxruntime", "onnxruntime", _onnxruntime, "pip install pyimagesearch_tl"))
-register(Runtime("openvino", "openvino", _openvino, "pip install 'pyimagesearch_tl[openvino]'"))
+register(Runtime(OPENVINO, "openvino", _openvino, "pip install 'pyimagesearch_tl[openvino]'"))
 
 
 # --- exporting the Keras network ------------------------------------------------------------------
@@ -183,6 +186,38 @@ def cached_network(key: str, forward, input_size: int) -> Path:
     return cached_file(
         _network_name(key),
         lambda: export_onnx(forward, input_size),
+        lambda model, path: path.write_bytes(model.SerializeToString()),
+    )
+
+
+def quantized_network_key(float_network: Path, calibration: np.ndarray) -> str:
+    """The cache key of the int8 network calibrated on ``calibration`` (uint8 images) from ``float_network``."""
+    digest = hashlib.sha256(file_sha256(float_network).encode())
+    digest.update(hashlib.sha256(np.ascontiguousarray(calibration).tobytes()).digest())
+    digest.update(f"{calibration.shape} nncf={importlib.metadata.version('nncf')}".encode())
+    return digest.hexdigest()[:32]
+
+
+def quantize_network(float_network: Path, calibration: np.ndarray) -> Path:
+    """The int8 (QDQ) ONNX file of ``float_network``, calibrated on ``calibration``: cached, made on first use.
+
+    NNCF's post-training static quantization of the ONNX graph (see :mod:`pyimagesearch_tl.quantization`
+    for why this tool, measured against the alternatives)."""
+
+    def quantize():
+        import nncf
+        import onnx
+
+        nncf.set_log_level(logging.ERROR)
+        model = onnx.load(str(float_network))
+        name = model.graph.input[0].name
+        dataset = nncf.Dataset([{name: calibration[i : i + 1]} for i in range(len(calibration))])
+        with open(os.devnull, "w") as nowhere, contextlib.redirect_stdout(nowhere), contextlib.redirect_stderr(nowhere):
+            return nncf.quantize(model, dataset, subset_size=len(calibration))  # its progress bars: not ours
+
+    return cached_file(
+        Path("networks", f"{quantized_network_key(float_network, calibration)}.int8.onnx"),
+        quantize,
         lambda model, path: path.write_bytes(model.SerializeToString()),
     )
 
@@ -276,10 +311,11 @@ class UnreadableNetwork(PTLError):
         super().__init__(f"{name} {self.reason}")
 
 
-def load(name: str, path: Path, threads: int) -> Forward:
-    """Runtime ``name``'s forward pass of the network file ``path`` (:class:`UnreadableNetwork` if it cannot)."""
+def load(name: str, path: Path, threads: int, precision: str = "float32") -> Forward:
+    """Runtime ``name``'s forward pass of the network file ``path`` in ``precision`` (:class:`UnreadableNetwork`
+    if it cannot)."""
     try:
-        return RUNTIMES[name].load(path, threads)
+        return RUNTIMES[name].load(path, threads, precision)
     except Exception as exc:
         raise UnreadableNetwork(name, path, exc) from exc
 
@@ -344,17 +380,54 @@ class Choice:
     note: str | None = None  # one line for the user: a fallback, or why a runtime was passed over
 
 
+def bfloat16_arithmetic() -> bool:
+    """Whether this CPU does bfloat16 arithmetic natively (AVX512-BF16 or AMX), as OpenVINO reports it."""
+    import openvino
+
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def requested_runtime(requested: str, precision: str) -> str:
-    """``requested`` checked: known, installed, able to run ``precision`` (``auto`` becomes TensorFlow
-    for reduced precision, which only TensorFlow runs here)."""
+    """``requested`` checked: known, installed, able to run ``precision``; for a reduced precision,
+    ``auto`` settled here (float32's ``auto`` is settled on the first batch, by :func:`choose`).
+
+    * ``bfloat16``: OpenVINO where the CPU has bfloat16 arithmetic (AVX512-BF16 or AMX), else
+      TensorFlow (its ``mixed_bfloat16`` model); OpenVINO by name on another CPU is refused.
+    * ``int8``: OpenVINO only (it runs the quantized network; ONNX Runtime ran the same file at a third
+      of its float32 speed, TensorFlow cannot run it).
+    """
     if requested != AUTO and requested not in RUNTIMES:
         raise ConfigError(f"unknown runtime {requested!r}; choose one of: {', '.join(list_runtimes())}")
+    if precision == "int8":
+        if requested not in (AUTO, OPENVINO):
+            raise ConfigError(
+                f"--precision int8 runs in OpenVINO only; use --runtime openvino or auto ({requested} given)"
+            )
+        if not installed(OPENVINO):
+            raise ConfigError(
+                f"--precision int8 runs in OpenVINO, which is not installed: {RUNTIMES[OPENVINO].install}"
+            )
+        return OPENVINO
+    if precision == "bfloat16":
+        if requested == AUTO:
+            return OPENVINO if installed(OPENVINO) and bfloat16_arithmetic() else TENSORFLOW
+        if requested == OPENVINO:
+            if not installed(OPENVINO):
+                raise ConfigError(f"runtime 'openvino' is not installed: {RUNTIMES[OPENVINO].install}")
+            if not bfloat16_arithmetic():
+                raise ConfigError(
+                    "--runtime openvino --precision bfloat16 needs a CPU with AVX512-BF16 or AMX, which this one "
+                    "lacks (it would emulate bfloat16, slower than float32); use --precision float32 or "
+                    "--runtime tensorflow"
+                )
+            return OPENVINO
+        if requested != TENSORFLOW:
+            raise ConfigError(f"--precision bfloat16 runs in TensorFlow or OpenVINO, not {requested}")
+        return TENSORFLOW
     if requested in (AUTO, TENSORFLOW):
-        return TENSORFLOW if precision != "float32" else requested
+        return requested
     if not installed(requested):
         raise ConfigError(f"runtime {requested!r} is not installed: {RUNTIMES[requested].install}")
-    if precision != "float32":
-        raise ConfigError(f"--precision {precision} runs in TensorFlow only; use --runtime tensorflow or auto")
     return requested
 
 

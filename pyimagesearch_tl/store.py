@@ -59,6 +59,7 @@ LAYOUT_FIELDS = (
     "feature_dim",
     "precision",
     "views",
+    "network_sha256",
 )
 
 
@@ -66,7 +67,19 @@ LAYOUT_FIELDS = (
 MAX_INPUT_SIZE = 1024
 MAX_FEATURE_DIM = 1 << 20
 POOLINGS = ("avg", "max", "flatten")
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("float32", "bfloat16", "int8")
+#: Meta fields that must be text.
+TEXT_FIELDS = (
+    "backbone",
+    "weights",
+    "pooling",
+    "preprocessing",
+    "decoder",
+    "weights_sha256",
+    "precision",
+    "network_sha256",
+    "quality",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +98,8 @@ class FeatureMeta:
     weights_sha256: str = ""
     precision: str = "float32"
     views: int = 1  # 2: each vector is the mean of the image's features and its left-right mirror's
+    network_sha256: str = ""  # int8: the SHA-256 of the quantized network (its calibration decides it)
+    quality: str = ""  # reduced precision: the quality gate's figures against float32 (JSON), not layout
 
     def describe(self) -> str:
         mirrored = ", mirrored views averaged" if self.views == 2 else ""
@@ -127,7 +142,7 @@ class FeatureMeta:
                 if isinstance(number, bool) or not isinstance(number, (int, np.integer)) or not 1 <= number <= largest:
                     raise ValueError(f"{name}={number!r} is not a whole number from 1 to {largest}")
                 values[name] = int(number)
-            for name in ("backbone", "weights", "pooling", "preprocessing", "decoder", "weights_sha256", "precision"):
+            for name in TEXT_FIELDS:
                 if name in values and not isinstance(values[name], str):
                     raise ValueError(f"{name}={values[name]!r} is not text")
             for name, allowed in (("pooling", POOLINGS), ("precision", PRECISIONS)):

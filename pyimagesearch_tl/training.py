@@ -17,6 +17,7 @@ from .errors import ConfigError, DatasetError, FeatureFileError
 from .locks import locks_output
 from .metrics import roc_auc
 from .novelty import fit_detector, make_detector
+from .quantization import read_network
 from .store import (
     FeatureSet,
     check_same_layout,
@@ -185,6 +186,7 @@ def train(
             encoder,
             train_set.meta,
             name,
+            network=read_network(features_dir, train_set.meta),
             info=dict(
                 best_params=best,
                 cv=cv,
@@ -391,6 +393,7 @@ def train_streaming(
         encoder,
         meta,
         classifier,
+        network=read_network(features_dir, meta),
         info=dict(
             best_params=grid[best],
             cv=f"streaming, selected on {selection}",

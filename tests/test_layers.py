@@ -15,7 +15,7 @@ LAYERS = [
     ["images", "locks", "metrics", "plots", "novelty"],  # one concern each
     ["backbones", "classifiers", "runtimes", "store"],  # registries and file formats
     ["layouts"],  # build-dataset: photos -> dataset/ + manifest.csv
-    ["features", "engines", "extraction"],  # extract: manifest -> <split>.h5
+    ["features", "engines", "quantization", "extraction"],  # extract: manifest -> <split>.h5
     ["bundle", "training"],  # train: <split>.h5 -> bundle
     ["evaluation", "prediction", "serve", "export", "finetune", "audit"],  # use a bundle; audit the data
     ["config", "demo"],  # settings of every stage

@@ -294,9 +294,23 @@ def test_a_network_that_cannot_be_converted_runs_in_tensorflow_with_a_note(photo
 
 
 def test_reduced_precision_and_missing_runtimes_are_clear_errors():
-    with pytest.raises(ConfigError, match="--precision bfloat16 runs in TensorFlow only"):
+    from pyimagesearch_tl.runtimes import bfloat16_arithmetic
+
+    with pytest.raises(ConfigError, match="--precision bfloat16 runs in TensorFlow or OpenVINO, not onnxruntime"):
         FeatureExtractor("efficientnet_lite0", weights="none", precision="bfloat16", runtime="onnxruntime")
-    assert FeatureExtractor("efficientnet_lite0", weights="none", precision="bfloat16").runtime == TENSORFLOW
+    for runtime in ("tensorflow", "onnxruntime"):
+        with pytest.raises(ConfigError, match=f"--precision int8 runs in OpenVINO only.*[(]{runtime} given[)]"):
+            FeatureExtractor("efficientnet_lite0", weights="none", precision="int8", runtime=runtime)
+    # bfloat16: OpenVINO where the CPU has bfloat16 arithmetic (AVX512-BF16 or AMX), else TensorFlow's
+    # mixed_bfloat16 model; OpenVINO by name on a CPU without it is refused, saying why.
+    auto = FeatureExtractor("efficientnet_lite0", weights="none", precision="bfloat16").runtime
+    if bfloat16_arithmetic():
+        assert auto == "openvino"
+        assert FeatureExtractor("efficientnet_lite0", "none", precision="bfloat16", runtime="openvino").runtime == auto
+    else:
+        assert auto == TENSORFLOW
+        with pytest.raises(ConfigError, match="needs a CPU with AVX512-BF16 or AMX, which this one lacks"):
+            FeatureExtractor("efficientnet_lite0", weights="none", precision="bfloat16", runtime="openvino")
     with pytest.raises(ConfigError, match="unknown runtime 'tensorrt'"):
         FeatureExtractor("efficientnet_lite0", weights="none", runtime="tensorrt")
 

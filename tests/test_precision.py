@@ -1,0 +1,160 @@
+"""Reduced precision on real photos: int8 calibrated on the dataset's own training photos, the quality gate,
+and a quantized network that follows the features into the bundle, prediction and the ONNX export."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pyimagesearch_tl import quantization
+from pyimagesearch_tl.bundle import Bundle
+from pyimagesearch_tl.cli import cli
+from pyimagesearch_tl.errors import FeatureFileError
+from pyimagesearch_tl.store import check_same_layout, read_features
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+
+def run(*args: str, ok: bool = True) -> str:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    assert (result.exit_code == 0) == ok, result.output
+    return result.output
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def all_rows(pipeline_run) -> list:
+    """Every manifest row of the shared dataset (the gate samples at most GATE_IMAGES of them: all here)."""
+    from pyimagesearch_tl.features import dataset_rows
+
+    return [row for rows in dataset_rows(pipeline_run["dataset"]).values() for row in rows]
+
+
+@pytest.fixture(scope="module")
+def int8_run(pipeline_run, tmp_path_factory):
+    """``ptl extract --precision int8`` on the shared dataset, then ``ptl train`` on its features."""
+    work = tmp_path_factory.mktemp("int8")
+    extracted = run(
+        "extract", "--dataset", str(pipeline_run["dataset"]), "--output", str(work / "features"), "--precision", "int8"
+    )
+    run("train", "--features", str(work / "features"), "--output", str(work / "models"), "--cv", "2")
+    return work, extracted
+
+
+def test_int8_features_are_gated_close_to_float32_and_never_mixed_with_them(int8_run, pipeline_run):
+    work, output = int8_run
+    line = next(line for line in output.splitlines() if line.startswith("int8 against float32"))
+    assert "photos of this job: mean cosine" in line and "probe agreement" in line
+    int8 = read_features(work / "features" / "training.h5")
+    float32 = read_features(pipeline_run["features"] / "training.h5")
+    assert int8.paths == float32.paths and int8.meta.precision == "int8"
+    similarity = cosine(int8.features, float32.features)
+    assert similarity.mean() >= quantization.MIN_COSINE and not np.array_equal(int8.features, float32.features)
+    figures = json.loads(int8.meta.quality)  # the gate's figures, in the file's metadata
+    assert figures["precision"] == "int8" and figures["cosine"] >= quantization.MIN_COSINE
+    assert figures["agreement"] >= quantization.MIN_AGREEMENT and figures["images"] == len(all_rows(pipeline_run))
+    network = (work / "features" / quantization.NETWORK_FILE).read_bytes()
+    assert int8.meta.network_sha256 == hashlib.sha256(network).hexdigest()
+    with pytest.raises(FeatureFileError, match="precision='int8' but the reference has 'float32'"):
+        check_same_layout(float32.meta, int8.meta, "the int8 features")
+
+
+def test_the_bundle_carries_the_network_and_predicts_with_it(int8_run, pipeline_run):
+    """``ptl predict`` on the validation photos gives what the classifier gives on their int8 feature rows."""
+    work, _ = int8_run
+    bundle = Bundle.load(work / "models" / "logreg.skops")
+    network = (work / "features" / quantization.NETWORK_FILE).read_bytes()
+    assert bundle.meta.precision == "int8" and bundle.network == network
+    validation = read_features(work / "features" / "validation.h5")
+    expected = [bundle.label_names[i] for i in bundle.classifier.predict(validation.features)]
+    output = run(
+        "predict",
+        "--model",
+        str(work / "models" / "logreg.skops"),
+        "--output",
+        str(work / "predictions.csv"),
+        *[str(pipeline_run["dataset"] / path) for path in validation.paths],
+    )
+    assert f"predicted {len(expected)}" in output
+    rows = (work / "predictions.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[1] for row in rows] == expected
+    accuracy = np.mean(np.array(expected) == np.array([bundle.label_names[i] for i in validation.labels]))
+    assert accuracy >= 0.8  # cats and dogs, int8: the model still works
+
+
+def test_the_onnx_export_of_an_int8_bundle_is_its_quantized_network(int8_run, pipeline_run, tmp_path):
+    import onnx
+    import onnxruntime
+
+    from pyimagesearch_tl.images import load_image
+    from pyimagesearch_tl.prediction import Predictor
+
+    work, _ = int8_run
+    bundle_path = work / "models" / "logreg.skops"
+    run("export", "--model", str(bundle_path), "--output", str(tmp_path / "int8.onnx"))
+    graph = onnx.load(str(tmp_path / "int8.onnx"))
+    assert any(node.op_type == "QuantizeLinear" for node in graph.graph.node)  # int8 arithmetic, not float32
+    validation = read_features(work / "features" / "validation.h5")
+    paths = [pipeline_run["dataset"] / path for path in validation.paths]
+    session = onnxruntime.InferenceSession(str(tmp_path / "int8.onnx"))
+    labels, probabilities = session.run(None, {"pixels": np.stack([load_image(p, 224) for p in paths])})
+    bundle = Bundle.load(bundle_path)
+    results = Predictor(bundle).predict(paths)
+    got = np.array([[dict(r.top)[name] for name in bundle.label_names] for r in results])
+    # ONNX Runtime's int8 kernels round otherwise than OpenVINO's (which ran the bundle): 0.0099 apart at most
+    # on these photos, where float32 runtimes agree to 1e-4
+    np.testing.assert_allclose(probabilities, got, atol=0.03)
+    ranked = np.sort(got, axis=1)
+    clear = ranked[:, -1] - ranked[:, -2] > 0.06  # where the two cannot disagree on the label
+    assert clear.sum() >= len(paths) - 2
+    assert labels[clear].tolist() == got.argmax(axis=1)[clear].tolist()
+
+
+def test_below_the_gate_floor_nothing_is_extracted_and_the_message_says_why(pipeline_run, tmp_path, monkeypatch):
+    """A floor the int8 features cannot reach (as a poorly quantized network would miss the real one): the
+    job is refused before extracting, with the figures and the way out."""
+    monkeypatch.setattr(quantization, "MIN_COSINE", 0.99999)
+    output = run(
+        "extract",
+        "--dataset",
+        str(pipeline_run["dataset"]),
+        "--output",
+        str(tmp_path / "features"),
+        "--precision",
+        "int8",
+        ok=False,
+    )
+    [line] = output.strip().splitlines()
+    assert line.startswith("Error: int8 features of efficientnet_lite0") and "floor 0.99999" in line
+    assert line.endswith("refused: use --precision float32")
+    assert not list((tmp_path / "features").glob("*.h5"))
+
+
+def test_the_gate_measures_what_it_says_on_real_features(pipeline_run):
+    """Noise that turns features around: low cosine and a probe that no longer agrees; refused."""
+    features = read_features(pipeline_run["features"] / "training.h5")
+    labels = features.labels
+    same = quantization.quality(features.features, features.features, labels)
+    assert same["cosine"] == 1.0 and same["agreement"] == 1.0
+    rng = np.random.default_rng(0)
+    noisy = features.features + rng.normal(0, 3 * features.features.std(), features.features.shape)
+    figures = quantization.quality(features.features, noisy.astype(np.float32), labels)
+    assert figures["cosine"] < quantization.MIN_COSINE and figures["agreement"] < 1.0
+    with pytest.raises(quantization.QualityError, match="refused: use --precision float32"):
+        quantization.check_quality(figures, "int8", "the test features")
+    assert json.loads(quantization.check_quality(same, "int8", "x"))["precision"] == "int8"
+
+
+def test_training_refuses_int8_features_without_the_network_that_made_them(int8_run, tmp_path):
+    import shutil
+
+    work, _ = int8_run
+    features = shutil.copytree(work / "features", tmp_path / "features")
+    (features / quantization.NETWORK_FILE).write_bytes(b"not the network")
+    output = run("train", "--features", str(features), "--output", str(tmp_path / "models"), ok=False)
+    assert "is not the network that made the int8 features" in output and "extract again" in output
