@@ -8,8 +8,17 @@ Prints one row per dataset and classifier: classes, train/test sizes, accuracy, 
 and wall time (build + extract + train + evaluate).
 
     python benchmarks/accuracy.py [--data ../shared/datasets] [--backbone efficientnet_lite0] [--work DIR]
-        [--precision float32|bfloat16] [--runtime auto|tensorflow|onnxruntime|openvino]
+        [--precision float32|bfloat16|int8] [--runtime auto|tensorflow|onnxruntime|openvino]
         [--datasets cats_and_dogs_filtered,flowers]
+
+With ``--precisions``, each dataset is built once and its features are extracted once per
+precision (int8: quantized on a seeded sample of its training photos; every reduced precision
+passes the quality gate first, see pyimagesearch_tl/quantization.py), then trained and evaluated
+as above. Prints, per dataset and classifier, the accuracy and macro F1 of each precision, their
+difference from float32's in points (float32 is added when not listed) and the quality gate's
+mean cosine and probe agreement; saved as ``accuracy-precision``.
+
+    python benchmarks/accuracy.py --precisions float32,int8,bfloat16 [--datasets hymenoptera_data,flowers]
 
 With ``--recipes``, compares instead the cheap levers on the same photos (logistic regression, 5-fold
 grid search): lite0; lite2; lite0 with mirrored views; lite0+lite2 combined; lite0+lite2 combined,
@@ -21,6 +30,7 @@ needs it; a recipe's wall time is its folders' extraction plus its training and 
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -37,24 +47,38 @@ from pyimagesearch_tl.store import feature_file, has_feature_file, read_features
 from pyimagesearch_tl.training import train
 
 DATASETS = ["cats_and_dogs_filtered", "hymenoptera_data", "flowers", "house_rooms"]
+PRECISIONS = ["float32", "bfloat16", "int8"]
 
 
 @click.command()
 @click.option("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"), show_default=True)
 @click.option("--backbone", default=None, help="Default: the config's default backbone.")
 @click.option("--work", default=None, help="Keep the intermediate files here (default: a temporary folder).")
-@click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="float32", show_default=True)
+@click.option(
+    "--precisions",
+    default=None,
+    help="Comma-separated, e.g. float32,int8,bfloat16: each dataset once per precision, compared with float32.",
+)
 @click.option("--runtime", default="auto", show_default=True, help="Where the backbone runs (see runtimes.py).")
 @click.option(
     "--datasets", default=None, help="Comma-separated subset (default: all; --recipes: hymenoptera, flowers)."
 )
 @click.option("--recipes", is_flag=True, help="Compare backbones, mirrored views and combined folders instead.")
-def main(data, backbone, work, precision, runtime, datasets, recipes):
+def main(data, backbone, work, precision, precisions, runtime, datasets, recipes):
     if recipes:
         return compare_recipes(Path(data), work, (datasets or "hymenoptera_data,flowers").split(","), runtime)
+    compared = None
+    if precisions:
+        compared = [p.strip() for p in precisions.split(",") if p.strip()]
+        unknown = sorted(set(compared) - set(PRECISIONS))
+        if unknown:
+            raise click.BadParameter(
+                f"{', '.join(unknown)}; choose from {', '.join(PRECISIONS)}", param_hint="--precisions"
+            )
+        compared = ["float32"] + [p for p in dict.fromkeys(compared) if p != "float32"]  # the reference first
     datasets = datasets or ",".join(DATASETS)
     config = load_config().replace(backbone=backbone, precision=precision, runtime=runtime)
-    splits = config.splits
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(work or scratch)
@@ -63,45 +87,11 @@ def main(data, backbone, work, precision, runtime, datasets, recipes):
             if not source.is_dir():
                 print(f"{name}: not found in {data}, skipped")
                 continue
-            started = time.perf_counter()
-            dataset, features, models = root / name / "dataset", root / name / "features", root / name / "models"
-            report = build_dataset(source, dataset, splits=splits, fractions=config.split_fractions, seed=config.seed)
-            extract_dataset(
-                dataset,
-                features,
-                splits=splits,
-                backbone=config.backbone,
-                batch_size=config.batch_size,
-                precision=config.precision,
-                runtime=config.runtime,
-                progress=False,
-            )
-            prepared = time.perf_counter() - started
-            test_split = next(s for s in (splits[2], splits[1]) if has_feature_file(features, s))
-            test = read_features(feature_file(features, test_split))
-            for result in train(
-                features,
-                models,
-                training_split=splits[0],
-                validation_split=splits[1],
-                classifier="all",
-                cv="5",
-                seed=config.seed,
-            ):
-                metrics = evaluate(Bundle.load(result.path), test, split=test_split)
-                rows.append(
-                    dict(
-                        dataset=name,
-                        classes=len(test.meta.label_names),
-                        train=sum(report.counts[splits[0]].values()),
-                        test=len(test.labels),
-                        test_split=test_split,
-                        classifier=result.classifier,
-                        accuracy=metrics["accuracy"],
-                        auc=metrics["roc_auc"],
-                        seconds=prepared + result.fit_seconds,
-                    )
-                )
+            rows += run_dataset(source, root / name, config, compared or [config.precision])
+    if compared:
+        variant = "" if runtime == "auto" and backbone is None else f"-{config.backbone}"
+        variant += "" if runtime == "auto" else f"-{runtime}"
+        return compare_precisions(rows, config, compared, variant)
     print(f"\nbackbone: {config.backbone} ({config.precision}, runtime {config.runtime})")
     print(
         f"{'dataset':<24} {'classes':>7} {'train':>6} {'test':>5} {'test split':<11} {'classifier':<11} "
@@ -119,6 +109,130 @@ def main(data, backbone, work, precision, runtime, datasets, recipes):
     save_results(
         f"accuracy{variant}",
         dict(backbone=config.backbone, precision=config.precision, runtime=config.runtime, cv="5", rows=rows),
+    )
+
+
+def run_dataset(source: Path, root: Path, config, precisions: list[str]) -> list[dict]:
+    """Build ``source`` once into ``root``; per precision, extract its features once, then train every classifier
+    on them and evaluate each on the held-out split. One row per precision and classifier."""
+    splits = config.splits
+    started = time.perf_counter()
+    dataset = root / "dataset"
+    report = build_dataset(source, dataset, splits=splits, fractions=config.split_fractions, seed=config.seed)
+    built = time.perf_counter() - started
+    rows = []
+    for precision in precisions:
+        suffix = "" if precision == "float32" else f"-{precision}"
+        features, models = root / f"features{suffix}", root / f"models{suffix}"
+        started = time.perf_counter()
+        extract_dataset(
+            dataset,
+            features,
+            splits=splits,
+            backbone=config.backbone,
+            batch_size=config.batch_size,
+            precision=precision,
+            runtime=config.runtime,
+            progress=False,
+        )
+        prepared = built + time.perf_counter() - started
+        test_split = next(s for s in (splits[2], splits[1]) if has_feature_file(features, s))
+        test = read_features(feature_file(features, test_split))
+        for result in train(
+            features,
+            models,
+            training_split=splits[0],
+            validation_split=splits[1],
+            classifier="all",
+            cv="5",
+            seed=config.seed,
+        ):
+            metrics = evaluate(Bundle.load(result.path), test, split=test_split)
+            rows.append(
+                dict(
+                    dataset=source.name,
+                    precision=precision,
+                    classes=len(test.meta.label_names),
+                    train=sum(report.counts[splits[0]].values()),
+                    test=len(test.labels),
+                    test_split=test_split,
+                    classifier=result.classifier,
+                    accuracy=metrics["accuracy"],
+                    macro_f1=metrics["macro_f1"],
+                    auc=metrics["roc_auc"],
+                    seconds=prepared + result.fit_seconds,
+                    quality=json.loads(test.meta.quality) if test.meta.quality else None,
+                )
+            )
+            print(
+                f"{source.name}: {precision} {result.classifier}: accuracy {metrics['accuracy']:.4f}, "
+                f"macro F1 {metrics['macro_f1']:.4f}",
+                flush=True,
+            )
+    return rows
+
+
+def compare_precisions(rows: list[dict], config, precisions: list[str], variant: str) -> None:
+    """Print each precision's accuracy and macro F1 beside float32's (differences in points) and save them."""
+    from pyimagesearch_tl.runtimes import requested_runtime
+
+    runtimes = {p: requested_runtime(config.runtime, p) for p in precisions}  # float32's auto: settled per job
+    reference = {(r["dataset"], r["classifier"]): r for r in rows if r["precision"] == "float32"}
+    for r in rows:
+        base = reference[r["dataset"], r["classifier"]]
+        r["accuracy_vs_float32_points"] = round(100 * (r["accuracy"] - base["accuracy"]), 2)
+        r["macro_f1_vs_float32_points"] = round(100 * (r["macro_f1"] - base["macro_f1"]), 2)
+    print(
+        f"\nbackbone: {config.backbone}; runtime {config.runtime}: "
+        + ", ".join(f"{p} -> {name}" for p, name in runtimes.items())
+        + "; differences against float32 in points (accuracy x 100); quality gate: mean cosine / probe agreement"
+    )
+    print(
+        f"{'dataset':<24} {'classifier':<11} {'test':>5} {'precision':<9} {'accuracy':>8} {'macro F1':>8} "
+        f"{'d accuracy':>10} {'d macro F1':>10} {'cosine':>6} {'agree':>6} {'wall s':>7}"
+    )
+    first = {}  # datasets and classifiers in the order they ran, then each one's precisions in the order given
+    for r in rows:
+        first.setdefault((r["dataset"], r["classifier"]), len(first))
+    order = {p: i for i, p in enumerate(precisions)}
+    for r in sorted(rows, key=lambda r: (first[r["dataset"], r["classifier"]], order[r["precision"]])):
+        gate = {k: f"{v:.4f}" for k, v in (r["quality"] or {}).items() if k in ("cosine", "agreement")}
+        deltas = ["", ""]
+        if r["precision"] != "float32":
+            deltas = [f"{r[f'{what}_vs_float32_points']:+.2f}" for what in ("accuracy", "macro_f1")]
+        print(
+            f"{r['dataset']:<24} {r['classifier']:<11} {r['test']:>5} {r['precision']:<9} {r['accuracy']:>8.4f} "
+            f"{r['macro_f1']:>8.4f} {deltas[0]:>10} {deltas[1]:>10} {gate.get('cosine', ''):>6} "
+            f"{gate.get('agreement', ''):>6} {r['seconds']:>7.1f}"
+        )
+    summary = {}  # per reduced precision: the differences from float32 over every dataset and classifier
+    for precision in precisions[1:]:
+        mine = [r for r in rows if r["precision"] == precision]
+        if not mine:
+            continue
+        summary[precision] = {}
+        for what in ("accuracy", "macro_f1"):
+            points = [r[f"{what}_vs_float32_points"] for r in mine]
+            summary[precision][what] = dict(
+                mean=round(sum(points) / len(points), 2), min=round(min(points), 2), max=round(max(points), 2)
+            )
+        accuracy, f1 = summary[precision]["accuracy"], summary[precision]["macro_f1"]
+        print(
+            f"{precision} vs float32 over {len(mine)} dataset x classifier rows, in points: accuracy "
+            f"{accuracy['mean']:+.2f} on average ({accuracy['min']:+.2f} to {accuracy['max']:+.2f}), macro F1 "
+            f"{f1['mean']:+.2f} ({f1['min']:+.2f} to {f1['max']:+.2f})"
+        )
+    save_results(
+        f"accuracy-precision{variant}",
+        dict(
+            backbone=config.backbone,
+            precisions=precisions,
+            runtime=config.runtime,
+            runtimes=runtimes,
+            cv="5",
+            summary=summary,
+            rows=rows,
+        ),
     )
 
 
