@@ -52,6 +52,7 @@ from .layouts import MANIFEST
 from .locks import locks_output
 from .novelty import NoveltyDetector
 from .plots import new_figure
+from .quantization import read_network
 from .store import FeatureSet, check_same_layout, feature_file, has_feature_file, read_features
 
 #: Share of edited copies (half size, JPEG quality 40, 10% crop) both duplicate thresholds must catch.
@@ -335,7 +336,8 @@ def audit(
         )
 
     # 1. near-duplicates: candidates by features, confirmed by pixels (identical files need no check)
-    extractor = FeatureExtractor.from_meta(training.meta, batch_size, runtime=runtime)
+    network = read_network(Path(features_dir), training.meta)  # int8: the network that made the features
+    extractor = FeatureExtractor.from_meta(training.meta, batch_size, runtime=runtime, network=network)
     threshold, pixel_threshold, calibration = calibrate_duplicates(
         extractor, dataset_dir, training.paths, unit[: len(training.labels)], seed
     )

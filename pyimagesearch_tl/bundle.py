@@ -35,6 +35,7 @@ from ._version import __version__
 from .atomic import atomic_path
 from .errors import BundleError, FeatureFileError
 from .novelty import Detector
+from .quantization import network_problem
 from .store import CombinedMeta, FeatureMeta
 
 FORMAT_VERSION = 1
@@ -353,6 +354,11 @@ class Bundle:
             network is None or hashlib.sha256(network).hexdigest() != meta.network_sha256
         ):
             problems.append("its quantized network is missing or not the one its int8 feature layout names")
+        elif meta.precision == "int8":
+            problem = network_problem(network, meta.input_size, meta.feature_dim)
+            problems += [f"its quantized network {problem}"] if problem else []
+        elif network is not None:
+            problems.append(f"it carries a quantized network but its feature layout is {meta.precision}")
         if problems:
             raise BundleError(f"{path}: not a valid model bundle: {'; '.join(problems)}")
 

@@ -45,7 +45,7 @@ def cache_dir() -> Path:
     return Path(base) / "pyimagesearch_tl"
 
 
-def _open_regular(path: Path):
+def open_regular(path: Path):
     """``path`` opened for binary reading, with its ``os.stat_result``; ``OSError`` unless a regular file
     (a FIFO is opened without blocking, then refused)."""
     handle = open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
@@ -64,7 +64,7 @@ def file_sha256(path: str | Path) -> str:
     OSError
         When ``path`` cannot be read or is not a regular file.
     """
-    handle, before = _open_regular(Path(path))
+    handle, before = open_regular(Path(path))
     identity = lambda s: (os.fspath(path), s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns)  # noqa: E731
     with handle:
         if identity(before) in _digests:
@@ -80,7 +80,7 @@ def file_sha256(path: str | Path) -> str:
 def recorded_sha256(path: str | Path) -> str | None:
     """The SHA-256 recorded for cached file ``path`` (:func:`record_sha256`); None if none is, or not one."""
     try:
-        handle, _ = _open_regular(Path(str(path) + SIDECAR))
+        handle, _ = open_regular(Path(str(path) + SIDECAR))
         with handle:
             text = handle.read(200).decode("ascii")
     except (OSError, ValueError):

@@ -175,7 +175,10 @@ class RayEngine(Engine):
         actor = ray.remote(num_cpus=cpus_per_worker, max_restarts=WORKER_RETRIES, max_task_retries=WORKER_RETRIES)(
             ShardWorker
         )
-        self.actors = [actor.remote(extractor_options, cpus_per_worker) for _ in range(count)]
+        # An int8 network (megabytes) goes into the object store once, held here so a restarted worker finds it
+        # (Ray then logs that a restart would need it: it does, for as long as this engine lives).
+        self._options = ray.put(extractor_options) if extractor_options.get("network") else extractor_options
+        self.actors = [actor.remote(self._options, cpus_per_worker) for _ in range(count)]
         described = self._get([a.describe.remote() for a in self.actors])
         failed = [why for meta, why in described if meta is None]
         if failed:

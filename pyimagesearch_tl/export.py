@@ -170,10 +170,13 @@ def export_bundle(bundle: Bundle, output: str | Path) -> Path:
             "ONNX graph does not state); float32 and int8 models do"
         )
     check_writable(output)  # before the work, not after it
-    extractor = bundle.feature_extractor(runtime="tensorflow" if bundle.meta.precision == "float32" else "auto")
-    # The extractor's forward pass (uint8 pixels -> float32 features), converted once and cached, shared
-    # with the ONNX runtimes (see runtimes.cached_network); for int8 the quantized network itself.
-    backbone = onnx.compose.add_prefix(onnx.load(extractor.network_file()), "backbone/")
+    if bundle.network is not None:  # int8: the quantized network itself (checked when the bundle was loaded)
+        backbone, input_size = onnx.load_from_string(bundle.network), bundle.meta.input_size
+    else:  # the extractor's forward pass (uint8 pixels -> float32 features), converted once and cached,
+        # shared with the ONNX runtimes (see runtimes.cached_network)
+        extractor = bundle.feature_extractor(runtime="tensorflow")
+        backbone, input_size = onnx.load(extractor.network_file()), extractor.input_size
+    backbone = onnx.compose.add_prefix(backbone, "backbone/")
     dim = bundle.meta.feature_dim
     float16 = bundle.meta.dtype == "float16"  # the classifier was trained on, and predicts from, float16 features
     if isinstance(bundle.classifier, DenseHead):  # NumPy promotes float16 features to its float32 kernel
@@ -210,7 +213,7 @@ def export_bundle(bundle: Bundle, output: str | Path) -> Path:
             dims.add().dim_value = classes
     metadata = {
         "label_names": json.dumps(bundle.label_names),
-        "input_size": str(extractor.input_size),
+        "input_size": str(input_size),
         "score_kind": kind,
         "feature_layout": json.dumps(bundle.meta.to_attrs()),
         "model": bundle.name,

@@ -132,7 +132,14 @@ def settings_meta(options: dict) -> FeatureMeta:
     """
     requested_runtime(options["runtime"], options["precision"])
     names = ("backbone", "weights", "pooling", "dtype", "label_names", "precision", "views")
-    return layout_meta(**{name: options[name] for name in names}, input_size=None)
+    meta = layout_meta(**{name: options[name] for name in names}, input_size=None)
+    network = options.get("network")
+    return dataclasses.replace(meta, network_sha256=hashlib.sha256(network).hexdigest()) if network else meta
+
+
+def same_features(a: FeatureMeta, b: FeatureMeta) -> bool:
+    """Whether metas ``a`` and ``b`` describe the same features (a quality gate's figures aside)."""
+    return dataclasses.replace(a, quality="") == dataclasses.replace(b, quality="")
 
 
 def up_to_date_without_backbone(
@@ -155,7 +162,7 @@ def up_to_date_without_backbone(
         except Exception:  # none yet, unreadable or foreign: the engine's way decides
             return False
         known = known or settings_meta(options)  # once there is a file to compare it with (it hashes a weights file)
-        if dataclasses.replace(stored, feature_dim=0) != known:
+        if not same_features(dataclasses.replace(stored, feature_dim=0), known):
             return False
         if read_fingerprint(path) != fingerprint(stored, by_split[split]):
             return False
@@ -167,7 +174,7 @@ def _previous_index(path: Path, meta: FeatureMeta) -> dict[str, int]:
     if not path.exists():
         return {}
     try:
-        if read_meta(path) != meta:
+        if not same_features(read_meta(path), meta):
             return {}
         return {sha: row for row, sha in enumerate(read_sha256(path)) if sha}
     except Exception:  # an unreadable or foreign file is simply not reused
@@ -353,6 +360,12 @@ def extract_dataset(
     output_dir.mkdir(parents=True, exist_ok=True)
     reports = []
     engine_class(engine)  # an unknown name is an error even with nothing to do
+    if precision == "int8":  # the folder's own network when it was made for this calibration: no backbone built
+        calibration, key = quantization.calibration(dataset_dir, by_split, present, extractor_options)
+        extractor_options["network"] = quantization.network(output_dir, calibration, key, extractor_options)
+    else:  # an int8 network left by an earlier run would be read as this run's
+        for name in (quantization.NETWORK_FILE, quantization.NETWORK_RECORD):
+            (output_dir / name).unlink(missing_ok=True)
     if up_to_date_without_backbone(output_dir, by_split, present, feature_format, extractor_options):
         for split in present:  # as extract_split does for a split that is up to date
             remove_feature_files(output_dir, split, keep=feature_format)
@@ -361,10 +374,9 @@ def extract_dataset(
             if on_split is not None:
                 on_split(reports[-1])
         return reports
-    if precision != "float32":  # the int8 network and the quality gate, before any work is handed out
-        extractor_options.update(quantization.prepare(dataset_dir, by_split, present, extractor_options))
-        if precision == "int8":
-            quantization.write_network(output_dir, extractor_options["network"])
+    if precision != "float32":  # the quality gate, before any work is handed out
+        calibrated = len(calibration) if precision == "int8" else None
+        extractor_options["quality"] = quantization.gate(dataset_dir, by_split, present, extractor_options, calibrated)
     with (
         create_engine(engine, extractor_options, address=ray_address, cpus_per_worker=ray_cpus_per_worker) as runner,
         interrupt_after_batch() as interrupted,

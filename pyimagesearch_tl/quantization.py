@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import PTLError
+from .errors import ConfigError, FeatureFileError, ImageError, PTLError
 
 #: Training photos that calibrate an int8 network (a seeded sample; all of them when there are fewer).
 CALIBRATION_IMAGES = 300
@@ -69,8 +69,8 @@ def quality(reference: np.ndarray, reduced: np.ndarray, labels: np.ndarray) -> d
     classes = np.unique(labels)
     centroids = np.stack([reference[labels == c].mean(axis=0) for c in classes])
 
-    def nearest(features):
-        return ((features[:, None, :] - centroids[None]) ** 2).sum(axis=2).argmin(axis=1)
+    def nearest(features):  # |x - c|^2 up to |x|^2, without a photos x classes x features array
+        return ((centroids**2).sum(axis=1)[None] - 2 * features @ centroids.T).argmin(axis=1)
 
     return dict(
         images=len(labels),
@@ -80,76 +80,155 @@ def quality(reference: np.ndarray, reduced: np.ndarray, labels: np.ndarray) -> d
     )
 
 
-def check_quality(figures: dict[str, float], precision: str, what: str) -> str:
+def check_quality(figures: dict[str, float], precision: str, what: str, calibrated: int | None = None) -> str:
     """The figures as stored in the feature files (JSON), or :class:`QualityError` below a floor."""
     if figures["cosine"] < MIN_COSINE or figures["agreement"] < MIN_AGREEMENT:
+        few = f", calibrated on only {calibrated} training photos" if calibrated is not None and calibrated < 32 else ""
         raise QualityError(
-            f"{precision} features of {what} are too far from float32's on {figures['images']} photos of this job "
+            f"{precision} features of {what}{few} are too far from float32's on {figures['images']} photos of this job "
             f"(mean cosine {figures['cosine']:.4f}, floor {MIN_COSINE}; probe agreement {figures['agreement']:.4f}, "
             f"floor {MIN_AGREEMENT}); refused: use --precision float32"
         )
     return json.dumps(dict(figures, precision=precision), sort_keys=True)
 
 
-#: The int8 network, as written into a features folder beside the feature files it made.
+#: The int8 network, as written into a features folder beside the feature files it made, and its record
+#: (the calibration key it was made for, its SHA-256).
 NETWORK_FILE = "network.int8.onnx"
+NETWORK_RECORD = "network.int8.json"
+#: The largest quantized network read back from a folder or a bundle (EfficientNet-B7's is ~70 MB).
+MAX_NETWORK_BYTES = 512 * 2**20
 
 
-def prepare(dataset_dir: Path, by_split: dict[str, list[dict[str, str]]], splits: Sequence[str], options: dict) -> dict:
-    """What a job at a reduced precision adds to its extractor options, before it extracts anything:
-    for int8 the quantized network (calibrated on a seeded sample of the ``training`` split, else of the
-    first split), and the quality gate's figures on a seeded sample of the job's own photos
-    (:class:`QualityError` below a floor)."""
+def calibration(dataset_dir: Path, by_split: dict[str, list[dict[str, str]]], splits: Sequence[str], options: dict):
+    """The int8 calibration photos of a job, decoded as the extractor sees them (Pillow only: no backbone),
+    and their key: the feature layout's settings, the photos' pixels and the tools' versions, the same
+    on every machine for the same dataset (the converted float32 network is not: tf2onnx names its
+    constants differently on each run)."""
+    from .features import layout_meta
+    from .images import load_image
+    from .runtimes import OPSET, converter_version
+
+    names = ("backbone", "weights", "pooling", "dtype", "label_names", "precision", "views")
+    layout = layout_meta(**{name: options[name] for name in names}, input_size=options.get("input_size"))
+    split = "training" if by_split.get("training") else splits[0]
+    images = []
+    for row in sample_rows(by_split[split], CALIBRATION_IMAGES):
+        try:
+            images.append(load_image(Path(dataset_dir) / row["path"], layout.input_size, options["max_pixels"]))
+        except ImageError:  # the job itself reports it as skipped
+            continue
+    if not images:
+        raise PTLError(f"none of the photos of the {split!r} split of dataset {dataset_dir} that calibrate int8 decode")
+    images = np.stack(images)
+    settings = {name: getattr(layout, name) for name in LAYOUT_SETTINGS}
+    versions = dict(nncf=_version("nncf"), converter=converter_version(), opset=OPSET)
+    digest = hashlib.sha256(json.dumps(dict(settings, versions=versions), sort_keys=True).encode())
+    digest.update(hashlib.sha256(np.ascontiguousarray(images).tobytes()).digest())
+    return images, digest.hexdigest()[:32]
+
+
+#: The layout fields that decide the float32 network an int8 one is quantized from.
+LAYOUT_SETTINGS = (
+    "backbone",
+    "weights",
+    "weights_sha256",
+    "pooling",
+    "input_size",
+    "preprocessing",
+    "decoder",
+    "views",
+)
+
+
+def _version(package: str) -> str:
+    import importlib.metadata
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec(package) is None:
+            raise ImportError(package)
+        return importlib.metadata.version(package)
+    except (ImportError, ValueError, importlib.metadata.PackageNotFoundError):  # ValueError: blocked
+        raise ConfigError(
+            "--precision int8 quantizes with NNCF, which is not installed: pip install 'pyimagesearch_tl[openvino]'"
+        ) from None
+
+
+def network(output_dir: Path, images: np.ndarray, key: str, options: dict) -> bytes:
+    """The int8 network of a job: the output folder's own when it was made for ``key`` (no backbone built),
+    else quantized (cached under ``key``) and written into the folder with its record."""
+    folder = Path(output_dir)
+    try:
+        record = json.loads(read_bounded(folder / NETWORK_RECORD, 1 << 16))
+        content = read_bounded(folder / NETWORK_FILE, MAX_NETWORK_BYTES)
+        if record == {"calibration_key": key, "sha256": hashlib.sha256(content).hexdigest()}:
+            return content
+    except (OSError, ValueError):  # none yet, or not ours: made again
+        pass
+    from .atomic import atomic_path, atomic_write_json
     from .features import FeatureExtractor
 
-    extractor = FeatureExtractor(**options)
-    added = {}
-    if options["precision"] == "int8":
-        rows = by_split.get("training") or by_split[splits[0]]
-        images, _ = _decoded(extractor, dataset_dir, sample_rows(rows, CALIBRATION_IMAGES))
-        added["network"] = extractor.quantize(images)
+    extractor = FeatureExtractor(**{k: v for k, v in options.items() if k not in ("network", "quality")})
+    content = extractor.quantize(images, key)
+    with atomic_path(folder / NETWORK_FILE) as temporary:
+        Path(temporary).write_bytes(content)
+    atomic_write_json(folder / NETWORK_RECORD, {"calibration_key": key, "sha256": hashlib.sha256(content).hexdigest()})
+    return content
+
+
+def gate(
+    dataset_dir: Path,
+    by_split: dict[str, list[dict[str, str]]],
+    splits: Sequence[str],
+    options: dict,
+    calibrated: int | None = None,
+) -> str:
+    """The quality gate of a job at a reduced precision, before it extracts anything: its figures (JSON)
+    on a seeded sample of the job's own photos, or :class:`QualityError` below a floor (``calibrated``:
+    how many photos calibrated an int8 network, named when few)."""
+    from .features import FeatureExtractor
+
+    extractor = FeatureExtractor(**{k: v for k, v in options.items() if k != "quality"})
     rows = sample_rows([row for split in splits for row in by_split[split]], GATE_IMAGES, SEED + 1)
-    images, labels = _decoded(extractor, dataset_dir, rows)
-    reference = FeatureExtractor(**dict(options, precision="float32"))
-    figures = quality(reference.transform(images), extractor.transform(images), labels)
-    added["quality"] = check_quality(figures, options["precision"], extractor.meta.describe())
-    return added
-
-
-def _decoded(extractor, dataset_dir: Path, rows: Sequence[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
-    """The images of ``rows`` that decode, as the extractor sees them, and their labels."""
-    from .errors import ImageError
-
     images, labels = [], []
     for row in rows:
         try:
             images.append(extractor.decode(Path(dataset_dir) / row["path"]))
-        except ImageError:  # the job itself reports it as skipped
+        except ImageError:
             continue
         labels.append(row["label"])
     if not images:
-        raise PTLError(f"none of the {len(rows)} photos sampled from dataset {dataset_dir} could be decoded")
-    return np.stack(images), np.array(labels)
+        raise PTLError(f"none of the {len(rows)} photos sampled from dataset {dataset_dir} for the quality gate decode")
+    images = np.stack(images)
+    float32 = {k: v for k, v in options.items() if k not in ("network", "quality")} | {"precision": "float32"}
+    figures = quality(FeatureExtractor(**float32).transform(images), extractor.transform(images), np.array(labels))
+    return check_quality(figures, options["precision"], extractor.meta.describe(), calibrated)
 
 
-def write_network(output_dir: Path, network: bytes) -> None:
-    """Put the int8 network beside the feature files it made (training puts it in the bundle)."""
-    from .atomic import atomic_path
+def read_bounded(path: Path, limit: int) -> bytes:
+    """The bytes of regular file ``path`` (``OSError`` for anything else, or for more than ``limit`` bytes)."""
+    from .cache import open_regular
 
-    with atomic_path(Path(output_dir) / NETWORK_FILE) as temporary:
-        Path(temporary).write_bytes(network)
+    handle, status = open_regular(Path(path))
+    with handle:
+        if status.st_size > limit:
+            raise OSError(0, f"larger than {limit} bytes", str(path))
+        return handle.read(limit + 1)[:limit]
 
 
 def read_network(folder: Path, meta) -> bytes | None:
     """The int8 network of the feature files of ``folder`` (None for other precisions), checked against
     the SHA-256 their metadata records."""
-    from .errors import FeatureFileError
-
-    if meta.precision != "int8":
+    if "int8" not in meta.precision:
         return None
+    if len(meta.parts) > 1:
+        raise FeatureFileError(
+            f"the features of {folder} are int8: they cannot be combined with other feature folders (int8 takes one)"
+        )
     path = Path(folder) / NETWORK_FILE
     try:
-        network = path.read_bytes()
+        network = read_bounded(path, MAX_NETWORK_BYTES)
     except OSError as exc:
         raise FeatureFileError(
             f"{path} cannot be read ({exc.strerror or exc}): int8 features need the network that made them; "
@@ -160,3 +239,27 @@ def read_network(folder: Path, meta) -> bytes | None:
             f"{path} is not the network that made the int8 features of {folder} (its SHA-256 differs); extract again"
         )
     return network
+
+
+def network_problem(content: bytes, input_size: int, feature_dim: int) -> str | None:
+    """What is wrong with ``content`` as the quantized network of a layout (None when nothing): not an ONNX
+    model, data kept in other files, or not uint8 pixels of ``input_size`` in and ``feature_dim`` out."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    try:
+        model = onnx.load_from_string(content)
+    except Exception:  # protobuf's DecodeError and the like
+        return "is not an ONNX model"
+    if any(uses_external_data(t) for t in model.graph.initializer):
+        return "refers to data in other files"
+    inputs, outputs = model.graph.input, model.graph.output
+    if len(inputs) != 1 or len(outputs) != 1:
+        return f"has {len(inputs)} inputs and {len(outputs)} outputs, not 1 and 1"
+    pixels, features = inputs[0].type.tensor_type, outputs[0].type.tensor_type
+    shape = [d.dim_value or None for d in pixels.shape.dim]
+    if pixels.elem_type != onnx.TensorProto.UINT8 or shape[1:] != [input_size, input_size, 3]:
+        return f"does not take uint8 pixels of {input_size}x{input_size}x3"
+    if [d.dim_value for d in features.shape.dim][-1:] != [feature_dim]:
+        return f"does not give {feature_dim} features"
+    return None

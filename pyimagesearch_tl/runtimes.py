@@ -190,15 +190,7 @@ def cached_network(key: str, forward, input_size: int) -> Path:
     )
 
 
-def quantized_network_key(float_network: Path, calibration: np.ndarray) -> str:
-    """The cache key of the int8 network calibrated on ``calibration`` (uint8 images) from ``float_network``."""
-    digest = hashlib.sha256(file_sha256(float_network).encode())
-    digest.update(hashlib.sha256(np.ascontiguousarray(calibration).tobytes()).digest())
-    digest.update(f"{calibration.shape} nncf={importlib.metadata.version('nncf')}".encode())
-    return digest.hexdigest()[:32]
-
-
-def quantize_network(float_network: Path, calibration: np.ndarray) -> Path:
+def quantize_network(float_network: Path, calibration: np.ndarray, key: str) -> Path:
     """The int8 (QDQ) ONNX file of ``float_network``, calibrated on ``calibration``: cached, made on first use.
 
     NNCF's post-training static quantization of the ONNX graph (see :mod:`pyimagesearch_tl.quantization`
@@ -216,7 +208,7 @@ def quantize_network(float_network: Path, calibration: np.ndarray) -> Path:
             return nncf.quantize(model, dataset, subset_size=len(calibration))  # its progress bars: not ours
 
     return cached_file(
-        Path("networks", f"{quantized_network_key(float_network, calibration)}.int8.onnx"),
+        Path("networks", f"{key}.int8.onnx"),
         quantize,
         lambda model, path: path.write_bytes(model.SerializeToString()),
     )
@@ -401,7 +393,7 @@ def requested_runtime(requested: str, precision: str) -> str:
     if precision == "int8":
         if requested not in (AUTO, OPENVINO):
             raise ConfigError(
-                f"--precision int8 runs in OpenVINO only; use --runtime openvino or auto ({requested} given)"
+                f"int8 features are made in OpenVINO only; use --runtime openvino or auto ({requested} given)"
             )
         if not installed(OPENVINO):
             raise ConfigError(

@@ -151,6 +151,7 @@ def train(
     folds = None if cv == "validation" else int(cv)
     _check_trainable(train_set.labels, train_set.meta.label_names, folds)
     encoder = label_encoder(train_set.meta.label_names)
+    network = read_network(features_dir, train_set.meta)  # int8: before the work, not after it
 
     if cv == "validation":
         X = np.concatenate([train_set.features, validation_set.features])
@@ -186,7 +187,7 @@ def train(
             encoder,
             train_set.meta,
             name,
-            network=read_network(features_dir, train_set.meta),
+            network=network,
             info=dict(
                 best_params=best,
                 cv=cv,
@@ -320,6 +321,7 @@ def train_streaming(
     meta, labels = read_meta(train_path), read_labels(train_path)
     _check_trainable(labels, meta.label_names, None)
     encoder = label_encoder(meta.label_names)
+    network = read_network(features_dir, meta)  # int8: before the work, not after it
     validation_path = _optional_feature_file(features_dir, validation_split)
     if validation_path is not None:
         check_same_layout(meta, read_meta(validation_path), validation_path.name)
@@ -393,7 +395,7 @@ def train_streaming(
         encoder,
         meta,
         classifier,
-        network=read_network(features_dir, meta),
+        network=network,
         info=dict(
             best_params=grid[best],
             cv=f"streaming, selected on {selection}",

@@ -158,3 +158,100 @@ def test_training_refuses_int8_features_without_the_network_that_made_them(int8_
     (features / quantization.NETWORK_FILE).write_bytes(b"not the network")
     output = run("train", "--features", str(features), "--output", str(tmp_path / "models"), ok=False)
     assert "is not the network that made the int8 features" in output and "extract again" in output
+
+
+def test_the_same_command_with_an_empty_cache_finds_it_up_to_date(int8_run, pipeline_run, monkeypatch, tmp_path):
+    """The int8 network is named by what calibrated it, not by a conversion's bytes (tf2onnx names its
+    constants anew on every run): another machine, or a cleared cache, reuses the folder's network."""
+    work, _ = int8_run
+    before = (work / "features" / quantization.NETWORK_FILE).read_bytes()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    output = run(
+        "extract", "--dataset", str(pipeline_run["dataset"]), "--output", str(work / "features"), "--precision", "int8"
+    )
+    assert "training: up to date" in output and "extracted 0" in output
+    assert (work / "features" / quantization.NETWORK_FILE).read_bytes() == before
+
+
+def test_int8_is_not_combined_and_needs_its_network_before_training(int8_run, pipeline_run, tmp_path):
+    import os
+    import shutil
+
+    work, _ = int8_run
+    output = run(
+        "train",
+        "--features",
+        str(work / "features"),
+        "--features",
+        str(pipeline_run["features"]),
+        "--output",
+        str(tmp_path / "combined"),
+        ok=False,
+    )
+    assert "cannot be combined with other feature folders" in output and "Traceback" not in output
+    assert not list((tmp_path / "combined").glob("*.skops"))  # refused before the grid search, nothing saved
+    features = shutil.copytree(work / "features", tmp_path / "features")
+    (features / quantization.NETWORK_FILE).unlink()
+    os.symlink("/dev/zero", features / quantization.NETWORK_FILE)  # endless: read, it would fill the memory
+    output = run("train", "--features", str(features), "--output", str(tmp_path / "models"), ok=False)
+    assert "cannot be read (not a regular file)" in output and not (tmp_path / "models").exists()
+
+
+def test_a_bundle_whose_network_is_not_a_network_of_its_layout_is_refused_at_load(int8_run, tmp_path):
+    import dataclasses
+
+    from pyimagesearch_tl.errors import BundleError
+
+    work, _ = int8_run
+    bundle = Bundle.load(work / "models" / "logreg.skops")
+    garbage = b"\x08\x01not a model" * 100
+    forged = dataclasses.replace(
+        bundle,
+        meta=dataclasses.replace(bundle.meta, network_sha256=hashlib.sha256(garbage).hexdigest()),
+        network=garbage,
+    )
+    forged.save(tmp_path / "garbage.skops")
+    with pytest.raises(BundleError, match="its quantized network is not an ONNX model"):
+        Bundle.load(tmp_path / "garbage.skops")
+    float32 = dataclasses.replace(bundle, meta=dataclasses.replace(bundle.meta, precision="float32", network_sha256=""))
+    float32.save(tmp_path / "float32.skops")
+    with pytest.raises(BundleError, match="carries a quantized network but its feature layout is float32"):
+        Bundle.load(tmp_path / "float32.skops")
+
+
+def test_int8_refusals_name_the_setting(pipeline_run, tmp_path, monkeypatch):
+    import sys
+
+    args = [
+        "extract",
+        "--dataset",
+        str(pipeline_run["dataset"]),
+        "--output",
+        str(tmp_path / "f"),
+        "--precision",
+        "int8",
+    ]
+    output = run(*args, "--views", "2", ok=False)
+    assert (
+        output.strip()
+        == "Error: --precision int8 takes --views 1: the quantized mirrored-views network is far off float32"
+    )
+    monkeypatch.setitem(sys.modules, "nncf", None)  # OpenVINO installed before int8 existed: no NNCF
+    output = run(*args, ok=False)
+    assert output.strip().splitlines()[-1] == (
+        "Error: --precision int8 quantizes with NNCF, which is not installed: pip install 'pyimagesearch_tl[openvino]'"
+    )
+
+
+def test_audit_reads_int8_features_with_their_network(int8_run, pipeline_run, tmp_path):
+    work, _ = int8_run
+    output = run(
+        "audit",
+        "--features",
+        str(work / "features"),
+        "--dataset",
+        str(pipeline_run["dataset"]),
+        "--output",
+        str(tmp_path / "audit"),
+    )
+    assert "Error" not in output and (tmp_path / "audit").is_dir()

@@ -299,7 +299,7 @@ def test_reduced_precision_and_missing_runtimes_are_clear_errors():
     with pytest.raises(ConfigError, match="--precision bfloat16 runs in TensorFlow or OpenVINO, not onnxruntime"):
         FeatureExtractor("efficientnet_lite0", weights="none", precision="bfloat16", runtime="onnxruntime")
     for runtime in ("tensorflow", "onnxruntime"):
-        with pytest.raises(ConfigError, match=f"--precision int8 runs in OpenVINO only.*[(]{runtime} given[)]"):
+        with pytest.raises(ConfigError, match=f"int8 features are made in OpenVINO only.*[(]{runtime} given[)]"):
             FeatureExtractor("efficientnet_lite0", weights="none", precision="int8", runtime=runtime)
     # bfloat16: OpenVINO where the CPU has bfloat16 arithmetic (AVX512-BF16 or AMX), else TensorFlow's
     # mixed_bfloat16 model; OpenVINO by name on a CPU without it is refused, saying why.
