@@ -145,6 +145,7 @@ def main(backbone, images, batch_size, data, repeats, calibration, tensorflow_bf
 
     from pyimagesearch_tl.backbones import get_backbone, preprocess_input
     from pyimagesearch_tl.features import FeatureExtractor
+    from pyimagesearch_tl.quantization import calibration_key
     from pyimagesearch_tl.runtimes import (
         AUTO,
         OPENVINO,
@@ -180,7 +181,9 @@ def main(backbone, images, batch_size, data, repeats, calibration, tensorflow_bf
     if installed(OPENVINO):  # untimed: NNCF on photos that are not timed (cached after the first run)
         calibrated = calibration_photos(data, photos, calibration)
         started = time.perf_counter()
-        extractors[label("int8", OPENVINO)].quantize(np.stack([reference.decode(p) for p in calibrated]))
+        images = np.stack([reference.decode(p) for p in calibrated])
+        int8 = extractors[label("int8", OPENVINO)]
+        int8.quantize(images, calibration_key(int8.meta, images))
         seconds = time.perf_counter() - started
         print(f"int8: quantized, calibrated on {len(calibrated)} photos that are not timed, in {seconds:.1f} s")
     # Warm up every call path (graph tracing, conversion, parity checks, sessions, caches) on one batch, untimed.

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -38,6 +37,7 @@ import numpy as np
 from .atomic import atomic_path, check_writable
 from .bundle import Bundle
 from .classifiers import DenseHead
+from .cpus import available_cpus
 from .errors import BundleError, FeatureFileError
 from .features import decode_batches
 from .images import MAX_PIXELS
@@ -288,7 +288,7 @@ class OnnxPredictor(Predictor):
         if not path.is_file():
             raise BundleError(f"ONNX model {str(path)!r} does not exist")
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = os.cpu_count() or 1, 1
+        options.intra_op_num_threads, options.inter_op_num_threads = available_cpus(), 1
         options.log_severity_level = 3  # errors only
         try:
             self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

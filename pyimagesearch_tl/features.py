@@ -25,6 +25,7 @@ import numpy as np
 
 from .backbones import FINETUNED, create_model, get_backbone, preprocess_input, resolve_weights, weights_digest
 from .cache import cached_file
+from .cpus import available_cpus
 from .errors import BundleError, ConfigError, DatasetError, ImageError
 from .images import DECODER, MAX_PIXELS, load_image, sha256_file
 from .layouts import read_manifest
@@ -101,7 +102,7 @@ def decode_batches(
         )
         return Batch(indices, stacked if isinstance(size, tuple) else stacked[0], skipped)
 
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1, initializer=_lowest_priority) as pool:
+    with ThreadPoolExecutor(workers or available_cpus(), initializer=_lowest_priority) as pool:
         pending: deque = deque()
         for start in range(0, len(paths), batch_size):
             pending.append((start, [pool.submit(decode, p) for p in paths[start : start + batch_size]]))
@@ -168,7 +169,7 @@ class FeatureExtractor:
     max_pixels : int
         Decompression-bomb limit passed to the decoder.
     workers : int, optional
-        Decoding threads (default: the number of CPUs).
+        Decoding threads, and the runtime's (default: the CPUs this process may run on, see :mod:`.cpus`).
     input_size : int, optional
         Square input side (default: the backbone's own).
     dtype : {"float32", "float16"}
@@ -225,7 +226,7 @@ class FeatureExtractor:
 
         self.input_size = layout.input_size
         self.batch_size, self.max_pixels = batch_size, max_pixels
-        self.workers = workers or os.cpu_count() or 1
+        self.workers = workers or available_cpus()
         # TensorFlow's bfloat16 runs a mixed_bfloat16 model; every other runtime a float32 network
         self._model_precision = "bfloat16" if precision == "bfloat16" and self.runtime == TENSORFLOW else "float32"
         self.model = create_model(backbone, weights, pooling, self.input_size, self._model_precision)

@@ -50,6 +50,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .atomic import atomic_write_csv
+from .cpus import available_cpus
 from .errors import DatasetError, ImageError
 from .images import MAX_PIXELS, is_image_name, probe_image, sha256_file
 from .locks import locks_output
@@ -505,7 +506,7 @@ def build_dataset(
     if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / MANIFEST).exists():
         raise DatasetError(f"output folder {str(output_dir)!r} is not empty and was not built by ptl; choose another")
 
-    with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+    with ThreadPoolExecutor(workers or available_cpus()) as pool:
         inspected = list(pool.map(lambda item: _inspect(item.source, max_pixels), result.items))
     kept, skipped = [], list(result.missing)
     dropped = read_exclusions(exclude) if exclude else set()

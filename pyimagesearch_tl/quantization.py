@@ -107,7 +107,6 @@ def calibration(dataset_dir: Path, by_split: dict[str, list[dict[str, str]]], sp
     constants differently on each run)."""
     from .features import layout_meta
     from .images import load_image
-    from .runtimes import OPSET, converter_version
 
     names = ("backbone", "weights", "pooling", "dtype", "label_names", "precision", "views")
     layout = layout_meta(**{name: options[name] for name in names}, input_size=options.get("input_size"))
@@ -121,11 +120,19 @@ def calibration(dataset_dir: Path, by_split: dict[str, list[dict[str, str]]], sp
     if not images:
         raise PTLError(f"none of the photos of the {split!r} split of dataset {dataset_dir} that calibrate int8 decode")
     images = np.stack(images)
+    return images, calibration_key(layout, images)
+
+
+def calibration_key(layout, images: np.ndarray) -> str:
+    """The key of the int8 network of feature layout ``layout`` calibrated on ``images``: the layout's
+    settings, the pixels and the tools' versions (the same on every machine)."""
+    from .runtimes import NNCF_SETTINGS, OPSET, converter_version
+
     settings = {name: getattr(layout, name) for name in LAYOUT_SETTINGS}
-    versions = dict(nncf=_version("nncf"), converter=converter_version(), opset=OPSET)
+    versions = dict(nncf=_version("nncf"), converter=converter_version(), opset=OPSET, settings=NNCF_SETTINGS)
     digest = hashlib.sha256(json.dumps(dict(settings, versions=versions), sort_keys=True).encode())
     digest.update(hashlib.sha256(np.ascontiguousarray(images).tobytes()).digest())
-    return images, digest.hexdigest()[:32]
+    return digest.hexdigest()[:32]
 
 
 #: The layout fields that decide the float32 network an int8 one is quantized from.

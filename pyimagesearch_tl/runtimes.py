@@ -190,6 +190,11 @@ def cached_network(key: str, forward, input_size: int) -> Path:
     )
 
 
+#: NNCF's settings: full bias correction (measured on flowers, 300 calibration photos, 128 others: mean
+#: cosine to float32 0.9743 -> 0.985, nearest-centroid agreement 0.945 -> 0.992, 10 -> 15 s to quantize).
+NNCF_SETTINGS = {"fast_bias_correction": False}
+
+
 def quantize_network(float_network: Path, calibration: np.ndarray, key: str) -> Path:
     """The int8 (QDQ) ONNX file of ``float_network``, calibrated on ``calibration``: cached, made on first use.
 
@@ -205,7 +210,7 @@ def quantize_network(float_network: Path, calibration: np.ndarray, key: str) -> 
         name = model.graph.input[0].name
         dataset = nncf.Dataset([{name: calibration[i : i + 1]} for i in range(len(calibration))])
         with open(os.devnull, "w") as nowhere, contextlib.redirect_stdout(nowhere), contextlib.redirect_stderr(nowhere):
-            return nncf.quantize(model, dataset, subset_size=len(calibration))  # its progress bars: not ours
+            return nncf.quantize(model, dataset, subset_size=len(calibration), **NNCF_SETTINGS)  # bars: not ours
 
     return cached_file(
         Path("networks", f"{key}.int8.onnx"),

@@ -18,6 +18,21 @@ SHARED = Path(os.environ.get("PTL_SHARED_DATASETS", ROOT.parent / "shared" / "da
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def _pin_to_a_share_of_the_cpus() -> None:
+    """Under pytest-xdist, worker ``gwN`` of ``n`` runs on every n-th CPU from the N-th: the workers'
+    runtimes (TensorFlow, OpenVINO, ONNX Runtime size their thread pools by the CPUs a process may run
+    on) then do not oversubscribe the machine and spin against each other."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= count:
+        os.sched_setaffinity(0, cpus[int(worker[2:]) % count :: count])
+
+
+_pin_to_a_share_of_the_cpus()
+
+
 #: Memory one pytest-xdist worker may take: the largest process of a `make test` run peaked at 3.6 GB.
 WORKER_MEMORY = 4 * 2**30
 
