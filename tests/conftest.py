@@ -33,26 +33,6 @@ def _pin_to_a_share_of_the_cpus() -> None:
 _pin_to_a_share_of_the_cpus()
 
 
-#: The longest test files (a Ray cluster, fine-tuning runs, killed and resumed runs, subprocesses importing
-#: TensorFlow), run first: pytest-xdist hands out files in collection order, and a long one handed out
-#: last keeps one worker busy while the others wait.
-LONGEST_FIRST = [
-    "test_ray_engine.py",
-    "test_finetune.py",
-    "test_resilience.py",
-    "test_pipeline.py",
-    "test_quiet_start.py",
-    "test_precision.py",
-    "test_runtimes.py",
-    "test_cache_trust.py",
-]
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
-
-
 #: Memory one pytest-xdist worker may take: the largest process of a `make test` run peaked at 3.6 GB.
 WORKER_MEMORY = 4 * 2**30
 
