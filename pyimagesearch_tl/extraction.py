@@ -361,7 +361,8 @@ def extract_dataset(
     reports = []
     engine_class(engine)  # an unknown name is an error even with nothing to do
     if precision == "int8":  # the folder's own network when it was made for this calibration: no backbone built
-        calibration, key = quantization.calibration(dataset_dir, by_split, present, extractor_options)
+        layout = settings_meta(extractor_options)
+        calibration, key = quantization.calibration(dataset_dir, by_split, present, layout, max_pixels)
         extractor_options["network"] = quantization.network(output_dir, calibration, key, extractor_options)
     else:  # an int8 network left by an earlier run would be read as this run's
         for name in (quantization.NETWORK_FILE, quantization.NETWORK_RECORD):

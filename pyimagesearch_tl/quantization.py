@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import ConfigError, FeatureFileError, ImageError, PTLError
+from .store import LAYOUT_FIELDS, FeatureMeta
 
 #: Training photos that calibrate an int8 network (a seeded sample; all of them when there are fewer).
 CALIBRATION_IMAGES = 300
@@ -100,27 +101,39 @@ NETWORK_RECORD = "network.int8.json"
 MAX_NETWORK_BYTES = 512 * 2**20
 
 
-def calibration(dataset_dir: Path, by_split: dict[str, list[dict[str, str]]], splits: Sequence[str], options: dict):
-    """The int8 calibration photos of a job, decoded as the extractor sees them (Pillow only: no backbone),
-    and their key: the feature layout's settings, the photos' pixels and the tools' versions, the same
-    on every machine for the same dataset (the converted float32 network is not: tf2onnx names its
-    constants differently on each run)."""
-    from .features import layout_meta
+def calibration(
+    dataset_dir: Path,
+    by_split: dict[str, list[dict[str, str]]],
+    splits: Sequence[str],
+    layout: FeatureMeta,
+    max_pixels: int,
+) -> tuple[np.ndarray, str]:
+    """The int8 calibration photos of a job of feature layout ``layout``, decoded as the extractor sees
+    them (Pillow only: no backbone), and their key: the layout's settings, the photos' pixels and the
+    tools' versions, the same on every machine for the same dataset (the converted float32 network is
+    not: tf2onnx names its constants differently on each run)."""
+    split = "training" if by_split.get("training") else splits[0]
+    rows = sample_rows(by_split[split], CALIBRATION_IMAGES)
+    what = f"the photos of the {split!r} split of dataset {dataset_dir} that calibrate int8"
+    images, _ = _decoded(dataset_dir, rows, layout.input_size, max_pixels, what)
+    return images, calibration_key(layout, images)
+
+
+def _decoded(dataset_dir: Path, rows, size: int, max_pixels: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """The images of manifest ``rows`` that decode (as an extractor of ``size`` sees them), and their labels;
+    :class:`PTLError` naming ``what`` when none does (the job itself reports each one it skips)."""
     from .images import load_image
 
-    names = ("backbone", "weights", "pooling", "dtype", "label_names", "precision", "views")
-    layout = layout_meta(**{name: options[name] for name in names}, input_size=options.get("input_size"))
-    split = "training" if by_split.get("training") else splits[0]
-    images = []
-    for row in sample_rows(by_split[split], CALIBRATION_IMAGES):
+    images, labels = [], []
+    for row in rows:
         try:
-            images.append(load_image(Path(dataset_dir) / row["path"], layout.input_size, options["max_pixels"]))
-        except ImageError:  # the job itself reports it as skipped
+            images.append(load_image(Path(dataset_dir) / row["path"], size, max_pixels))
+        except ImageError:
             continue
+        labels.append(row["label"])
     if not images:
-        raise PTLError(f"none of the photos of the {split!r} split of dataset {dataset_dir} that calibrate int8 decode")
-    images = np.stack(images)
-    return images, calibration_key(layout, images)
+        raise PTLError(f"none of the {len(rows)} {what} decode")
+    return np.stack(images), np.array(labels)
 
 
 def calibration_key(layout, images: np.ndarray) -> str:
@@ -135,17 +148,8 @@ def calibration_key(layout, images: np.ndarray) -> str:
     return digest.hexdigest()[:32]
 
 
-#: The layout fields that decide the float32 network an int8 one is quantized from.
-LAYOUT_SETTINGS = (
-    "backbone",
-    "weights",
-    "weights_sha256",
-    "pooling",
-    "input_size",
-    "preprocessing",
-    "decoder",
-    "views",
-)
+#: The layout fields that decide an int8 network: all but its width and its own digest (its outcome).
+LAYOUT_SETTINGS = tuple(name for name in LAYOUT_FIELDS if name not in ("feature_dim", "network_sha256"))
 
 
 def _version(package: str) -> str:
@@ -176,8 +180,7 @@ def network(output_dir: Path, images: np.ndarray, key: str, options: dict) -> by
     from .atomic import atomic_path, atomic_write_json
     from .features import FeatureExtractor
 
-    extractor = FeatureExtractor(**{k: v for k, v in options.items() if k not in ("network", "quality")})
-    content = extractor.quantize(images, key)
+    content = FeatureExtractor(**options).quantize(images, key)
     with atomic_path(folder / NETWORK_FILE) as temporary:
         Path(temporary).write_bytes(content)
     atomic_write_json(folder / NETWORK_RECORD, {"calibration_key": key, "sha256": hashlib.sha256(content).hexdigest()})
@@ -196,20 +199,12 @@ def gate(
     how many photos calibrated an int8 network, named when few)."""
     from .features import FeatureExtractor
 
-    extractor = FeatureExtractor(**{k: v for k, v in options.items() if k != "quality"})
+    extractor = FeatureExtractor(**options)
     rows = sample_rows([row for split in splits for row in by_split[split]], GATE_IMAGES, SEED + 1)
-    images, labels = [], []
-    for row in rows:
-        try:
-            images.append(extractor.decode(Path(dataset_dir) / row["path"]))
-        except ImageError:
-            continue
-        labels.append(row["label"])
-    if not images:
-        raise PTLError(f"none of the {len(rows)} photos sampled from dataset {dataset_dir} for the quality gate decode")
-    images = np.stack(images)
-    float32 = {k: v for k, v in options.items() if k not in ("network", "quality")} | {"precision": "float32"}
-    figures = quality(FeatureExtractor(**float32).transform(images), extractor.transform(images), np.array(labels))
+    what = f"photos sampled from dataset {dataset_dir} for the quality gate"
+    images, labels = _decoded(dataset_dir, rows, extractor.input_size, options["max_pixels"], what)
+    float32 = {k: v for k, v in options.items() if k != "network"} | {"precision": "float32"}
+    figures = quality(FeatureExtractor(**float32).transform(images), extractor.transform(images), labels)
     return check_quality(figures, options["precision"], extractor.meta.describe(), calibrated)
 
 

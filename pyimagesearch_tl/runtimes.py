@@ -377,6 +377,7 @@ class Choice:
     note: str | None = None  # one line for the user: a fallback, or why a runtime was passed over
 
 
+@functools.lru_cache(maxsize=1)
 def bfloat16_arithmetic() -> bool:
     """Whether this CPU does bfloat16 arithmetic natively (AVX512-BF16 or AMX), as OpenVINO reports it."""
     import openvino
