@@ -156,6 +156,7 @@ def calibrate_duplicates(
             sources.append(copy)
             owners.append(row)
     similarity = np.zeros(len(sources), np.float32)
+    extractor.expect(len(sources))
     for batch in extractor.iter_batches(sources):
         if batch.indices:
             features = _unit(extractor.transform(batch.images))

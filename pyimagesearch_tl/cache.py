@@ -126,6 +126,20 @@ def _writing(action: Callable[[], Any]) -> Any:
         raise _Unwritable(exc) from exc
 
 
+def _places(home: Path) -> list[Path]:
+    """Where cached files of cache folder ``home`` may be: it, and this run's temporary stand-in for it."""
+    return [home] + ([_temporary_caches[home]] if home in _temporary_caches else [])
+
+
+def cached(relative: str | Path) -> Path | None:
+    """The cache's file ``relative`` when it is there and matches its recorded SHA-256 (in the cache
+    folder, or in this run's temporary one), else None; nothing is converted."""
+    for root in _places(cache_dir()):
+        if problem(root / relative) is None:
+            return root / relative
+    return None
+
+
 def cached_file(relative: str | Path, convert: Callable[[], Any], save: Callable[[Any, Path], None]) -> Path:
     """The cache's file ``relative``, its content checked against its recorded SHA-256; converted (and its
     SHA-256 recorded) when it is missing or does not match, with a one-line note in the second case.
@@ -146,11 +160,11 @@ def cached_file(relative: str | Path, convert: Callable[[], Any], save: Callable
         The verified file: in the cache folder, or in this run's temporary cache folder when the cache
         folder cannot be written (a one-line note says so, the first time).
     """
+    found = cached(relative)
+    if found is not None:
+        return found
     home = cache_dir()
-    places = [home] + ([_temporary_caches[home]] if home in _temporary_caches else [])
-    for root in places:
-        if problem(root / relative) is None:
-            return root / relative
+    places = _places(home)
     content: list = []  # converted once, however many places it is written to
 
     def converted():

@@ -441,6 +441,7 @@ def evaluate_command(config: Config, model_path, split, wait, unknown_test, trus
         if not strangers:
             raise ConfigError(f"no image files in {unknown_test}")
         predictor = Predictor(bundle, config.batch_size, config.max_image_pixels, runtime=config.runtime)
+        predictor.expect(len(strangers))
         metrics["unknown_test"] = dict(rejection(predictor, strangers), folder=unknown_test)
         atomic_write_json(output_dir / "metrics.json", metrics)
         test = metrics["unknown_test"]
@@ -600,6 +601,7 @@ def predict_command(config: Config, model_path, paths, output_file, top_k, trust
     if output_file:  # refused now, not after every image has gone through the network
         check_writable(output_file)
     predictor = api.load_predictor(model_path, top_k, trust_pickle=trust_pickle, config=_apply(config, **options))
+    predictor.expect(len(files))
     results = predictor.predict(files)
     for r in results:
         if r.error:

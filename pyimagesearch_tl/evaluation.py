@@ -72,7 +72,9 @@ def features_for(
     if not rows:
         raise DatasetError(f"dataset {dataset_dir} has no {split!r} split to evaluate the fine-tuned model on")
     check_labels(rows, bundle.label_names, f"the {split!r} split of dataset {dataset_dir}")  # before the backbone
-    return extract_in_memory(bundle.feature_extractor(batch_size, max_pixels, runtime), dataset_dir, rows)
+    extractor = bundle.feature_extractor(batch_size, max_pixels, runtime)
+    extractor.expect(len(rows))
+    return extract_in_memory(extractor, dataset_dir, rows)
 
 
 @locks_output("output_dir")

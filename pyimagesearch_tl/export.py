@@ -313,6 +313,9 @@ class OnnxPredictor(Predictor):
             )
         self.path, self.top_k, self.batch_size, self.max_pixels = path, top_k, batch_size, max_pixels
 
+    def expect(self, images: int) -> None:
+        """Nothing to decide: the graph already runs in ONNX Runtime, whatever the job's size."""
+
     def iter_batches(self, sources: Sequence):
         return decode_batches(sources, self.bundle.meta.input_size, self.batch_size, self.max_pixels)
 

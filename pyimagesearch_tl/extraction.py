@@ -356,6 +356,7 @@ def extract_dataset(
         runtime=runtime,
         views=views,
         label_names=label_names,
+        job_images=sum(len(by_split[split]) for split in present),
     )
     output_dir.mkdir(parents=True, exist_ok=True)
     reports = []

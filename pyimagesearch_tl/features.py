@@ -192,6 +192,9 @@ class FeatureExtractor:
     quality : str
         A reduced precision's quality-gate figures (JSON, see :mod:`pyimagesearch_tl.quantization`),
         recorded in :attr:`meta` and so in every feature file.
+    job_images : int, optional
+        How many images the job ahead has (see :meth:`expect`); None: unknown (a server), so ``auto``
+        converts the network when it is not cached yet.
     """
 
     def __init__(
@@ -210,6 +213,7 @@ class FeatureExtractor:
         views: int = 1,
         network: bytes | None = None,
         quality: str = "",
+        job_images: int | None = None,
     ):
         if views not in VIEWS:
             raise ConfigError(f"views must be one of {', '.join(map(str, VIEWS))}, got {views!r}")
@@ -217,7 +221,7 @@ class FeatureExtractor:
             raise ConfigError(
                 "--precision int8 takes --views 1: the quantized mirrored-views network is far off float32"
             )
-        self.views = views
+        self.views, self.job_images = views, job_images
         self.runtime, self._run = requested_runtime(runtime, precision), None
         self._choosing = threading.Lock()  # a server's threads may send the first batches together
         record = get_backbone(backbone)
@@ -285,6 +289,12 @@ class FeatureExtractor:
             quality=meta.quality,
         )
 
+    def expect(self, images: int) -> None:
+        """The job ahead has ``images`` images: with ``runtime="auto"``, a network not cached yet is
+        converted only for a job of :data:`~pyimagesearch_tl.runtimes.MIN_IMAGES_TO_CONVERT` or more
+        (the conversion would cost more than it saves); a smaller one runs in TensorFlow."""
+        self.job_images = images
+
     def decode(self, path: str | Path) -> np.ndarray:
         """One image as this extractor's model sees it (uint8, ``input_size`` square)."""
         return load_image(path, self.input_size, self.max_pixels)
@@ -342,15 +352,16 @@ class FeatureExtractor:
             views=self.meta.views,
         )
 
-    def float_network_file(self) -> Path:
-        """This extractor's float32 network as a cached ONNX file (converted on first use, then shared)."""
-        return cached_network(self.network_key(), self._forward, self.input_size)
+    def float_network_file(self, convert: bool = True) -> Path | None:
+        """This extractor's float32 network as a cached ONNX file (converted on first use, then shared;
+        ``convert=False``: None when it is not cached)."""
+        return cached_network(self.network_key(), self._forward, self.input_size, convert)
 
-    def network_file(self) -> Path:
+    def network_file(self, convert: bool = True) -> Path | None:
         """The ONNX file this extractor runs outside TensorFlow: the quantized network for int8 (cached by
-        its SHA-256), else the float32 one."""
+        its SHA-256), else the float32 one (``convert=False``: None when it is not cached)."""
         if self.meta.precision != "int8":
-            return self.float_network_file()
+            return self.float_network_file(convert)
         if self.network is None:
             raise ConfigError("an int8 extractor needs its quantized network: quantize() it or give network=")
         network = self.network
@@ -374,7 +385,8 @@ class FeatureExtractor:
             forward = load(self.runtime, self.network_file(), self.workers, self.meta.precision)
             self._run = lambda batch: np.asarray(forward(batch), np.float32)
             return
-        choice = choose(self.runtime, self._tensorflow, self.network_file, images, self.workers, self.meta.describe())
+        what = self.meta.describe()
+        choice = choose(self.runtime, self._tensorflow, self.network_file, images, self.workers, what, self.job_images)
         if choice.note:
             warnings.warn(choice.note, stacklevel=3)
         self.runtime, self._run = choice.name, choice.forward
@@ -396,6 +408,11 @@ class CombinedExtractor:
     @property
     def runtime(self) -> str:
         return "/".join(part.runtime for part in self.parts)
+
+    def expect(self, images: int) -> None:
+        """The job ahead has ``images`` images (see :meth:`FeatureExtractor.expect`)."""
+        for part in self.parts:
+            part.expect(images)
 
     def iter_batches(self, paths: Sequence, prefetch: int = 2) -> Iterator[Batch]:
         """Decode ``paths`` at each part's input size (see :func:`decode_batches`)."""

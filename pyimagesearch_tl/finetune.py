@@ -593,6 +593,7 @@ def _bundle(model, base, settings: FinetuneSettings, dataset_dir: Path, training
         input_size=int(model.input.shape[1]),
         label_names=[str(c) for c in encoder.classes_],
         runtime=settings.runtime,
+        job_images=len(training) + len(validation),
     )
     head = dense_head(model)
     train_set, _ = extract_in_memory(extractor, dataset_dir, training)

@@ -108,6 +108,11 @@ class Predictor:
         """``"probability"`` or ``"decision"``, as :meth:`Bundle.scores` names them."""
         return self.bundle.score_kind
 
+    def expect(self, images: int) -> None:
+        """The job ahead has ``images`` images: a small one runs where no conversion is needed (see
+        :meth:`~pyimagesearch_tl.features.FeatureExtractor.expect`)."""
+        self.extractor.expect(images)
+
     def iter_batches(self, sources: Sequence):
         """The decoded :class:`~pyimagesearch_tl.features.Batch` es of ``sources``, in order."""
         return self.extractor.iter_batches(sources)

@@ -24,6 +24,7 @@ from pyimagesearch_tl.features import FeatureExtractor
 from pyimagesearch_tl.images import load_image
 from pyimagesearch_tl.prediction import Predictor
 from pyimagesearch_tl.runtimes import (
+    MIN_IMAGES_TO_CONVERT,
     PARITY_ATOL,
     PREFERENCE,
     RUNTIMES,
@@ -115,6 +116,23 @@ def test_auto_takes_the_first_preferred_runtime_that_passed_and_remembers_it(pho
     again = FeatureExtractor("efficientnet_lite0", label_names=["ants", "bees"])
     again.transform(photos[:2])
     assert again.runtime == preferred and auto_network.stat().st_mtime_ns == converted_at  # no second conversion
+
+
+def test_auto_converts_a_network_only_for_a_job_that_repays_the_conversion(photos):
+    """A job smaller than MIN_IMAGES_TO_CONVERT runs a network not converted yet in TensorFlow and converts
+    nothing; a job of MIN_IMAGES_TO_CONVERT converts it; from then on a small job uses it too."""
+    options = dict(backbone="efficientnet_lite0", pooling="max", label_names=["a"])  # a network no other test converts
+    small = FeatureExtractor(**options, job_images=MIN_IMAGES_TO_CONVERT - 1)
+    network = network_path(small.network_key())
+    reference = small.transform(photos[:4])
+    assert small.runtime == TENSORFLOW and not network.exists()
+    large = FeatureExtractor(**options, job_images=MIN_IMAGES_TO_CONVERT)
+    preferred = next(name for name in PREFERENCE if name in ONNX_RUNTIMES)
+    np.testing.assert_allclose(large.transform(photos[:4]), reference, rtol=0, atol=PARITY_ATOL)
+    assert large.runtime == preferred and network.exists()
+    again = FeatureExtractor(**options, job_images=1)
+    again.transform(photos[:2])
+    assert again.runtime == preferred
 
 
 def test_a_timing_taken_on_a_busy_machine_or_another_machine_decides_nothing(photos, own_network):
