@@ -18,19 +18,58 @@ SHARED = Path(os.environ.get("PTL_SHARED_DATASETS", ROOT.parent / "shared" / "da
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _pin_to_a_share_of_the_cpus() -> None:
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+#: The CPUs this run may use, before a pytest-xdist worker is pinned to its share of them.
+ALL_CPUS = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
+
+
+def _pin_to_a_share_of_the_cpus() -> bool:
     """Under pytest-xdist, worker ``gwN`` of ``n`` runs on every n-th CPU from the N-th: the workers'
     runtimes (TensorFlow, OpenVINO, ONNX Runtime size their thread pools by the CPUs a process may run
-    on) then do not oversubscribe the machine and spin against each other."""
-    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+    on) then do not oversubscribe the machine and spin against each other. Whether it was pinned."""
+    if not WORKER.startswith("gw") or WORKERS < 2 or len(ALL_CPUS) < WORKERS:
+        return False
+    os.sched_setaffinity(0, sorted(ALL_CPUS)[int(WORKER[2:]) % WORKERS :: WORKERS])
+    return True
+
+
+PINNED = _pin_to_a_share_of_the_cpus()
+
+
+def _finished_marker(config, worker: str) -> Path:
+    return config._tmp_path_factory.getbasetemp().parent / f"finished-{worker}"
+
+
+def pytest_sessionfinish(session):
+    """A pytest-xdist worker that has run its last test says so (see :func:`pytest_runtest_setup`)."""
+    if PINNED:
+        _finished_marker(session.config, WORKER).touch()
+
+
+def pytest_runtest_setup(item):
+    """Once every other worker has finished, the last one takes the whole machine: the processes it
+    starts from then on (a Ray cluster, a ``ptl`` command) may use the CPUs the others have left idle."""
+    global PINNED
+    if PINNED and all(_finished_marker(item.config, f"gw{n}").exists() for n in range(WORKERS) if f"gw{n}" != WORKER):
+        os.sched_setaffinity(0, ALL_CPUS)
+        PINNED = False
+
+
+@pytest.fixture(scope="module")
+def whole_machine():
+    """The processes a module starts run on every CPU of the run, not on its worker's share: a Ray
+    cluster of two one-CPU nodes must have two CPUs."""
+    if not PINNED:
+        yield
         return
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) >= count:
-        os.sched_setaffinity(0, cpus[int(worker[2:]) % count :: count])
-
-
-_pin_to_a_share_of_the_cpus()
+    share = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, ALL_CPUS)
+    try:
+        yield
+    finally:
+        if PINNED:
+            os.sched_setaffinity(0, share)
 
 
 #: Memory one pytest-xdist worker may take: the largest process of a `make test` run peaked at 3.6 GB.

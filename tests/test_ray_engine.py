@@ -19,6 +19,8 @@ from conftest import copy_subset, shared
 
 from pyimagesearch_tl.store import read_features, read_skipped
 
+pytestmark = pytest.mark.usefixtures("whole_machine")  # two one-CPU nodes: two CPUs, not a test worker's share
+
 SPLITS = ["training", "validation", "evaluation"]
 PTL = [sys.executable, "-c", "from pyimagesearch_tl.cli import main; main()"]
 SHARD = 8
@@ -59,7 +61,7 @@ class LocalRun:
 
 
 @pytest.fixture(scope="module")
-def local_reference(dataset, tmp_path_factory):
+def local_reference(whole_machine, dataset, tmp_path_factory):
     """What the Ray runs must equal: the local engine's output (see :class:`LocalRun`)."""
     run = LocalRun(dataset, tmp_path_factory.mktemp("local"))
     yield run
@@ -72,8 +74,7 @@ def local_reference(dataset, tmp_path_factory):
 def cluster_address(local_reference):
     """A head and one more node, one CPU each: two Ray nodes on this machine.
 
-    Started while the local reference runs, and returned once that has ended: it leaves the network
-    converted in the session cache, for the workers."""
+    Started while the local reference runs, and returned once that has ended."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(
