@@ -1,56 +1,19 @@
-"""Two-stage fine-tuning on real photos: frozen BatchNorm, whole blocks, restored checkpoint, outputs that load.
-
-The runs are tiny (a few photos, 64 px, one or two epochs per stage): they check the mechanics,
-not the accuracy (benchmarks/finetune.py measures that).
+"""A fine-tuned bundle on real photos: its outputs load, it predicts what its network predicts, it exports,
+serves, evaluates and compares, and the same seed gives the same run (the mechanics of a run are in
+test_finetune_runs.py: two files, so that pytest-xdist can run them side by side).
 """
 
 import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from pyimagesearch_tl.bundle import Bundle
-from pyimagesearch_tl.cli import cli
 
 keras = pytest.importorskip("keras")
-from pyimagesearch_tl import finetune as ft  # noqa: E402  (registers the Preprocess layer)
-from pyimagesearch_tl.config import load_config  # noqa: E402
+from finetune_common import SIZE, TINY, ft, run, settings_with, validation_rows  # noqa: E402
+
 from pyimagesearch_tl.images import load_image  # noqa: E402
-
-
-def settings_with(**overrides) -> ft.FinetuneSettings:
-    """The default configuration's fine-tuning settings, with ``overrides``."""
-    return ft.FinetuneSettings.from_config(load_config().replace(**overrides))
-
-
-SIZE = 64
-TINY = [
-    "--input-size",
-    str(SIZE),
-    "--batch-size",
-    "8",
-    "--head-epochs",
-    "1",
-    "--finetune-epochs",
-    "1",
-    "--unfreeze-blocks",
-    "2",
-    "--seed",
-    "7",
-]
-
-
-def run(*args: str, ok: bool = True) -> str:
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    assert (result.exit_code == 0) == ok, result.output
-    return result.output
-
-
-def validation_rows(dataset):
-    from pyimagesearch_tl.features import dataset_rows
-
-    return dataset_rows(dataset)["validation"]
 
 
 @pytest.fixture(scope="module")
@@ -163,202 +126,11 @@ def test_predict_evaluate_serve_and_compare_accept_the_bundle(tuned, pipeline_ru
     assert answer["probability"] == pytest.approx(expected.score, abs=1e-6)
 
 
-def test_stage_two_trains_exactly_the_chosen_blocks_and_never_batchnorm(pipeline_run):
-    """After a real training epoch: BatchNorm (weights and statistics) and frozen blocks unchanged;
-    the chosen convolutions moved."""
-    from pyimagesearch_tl.backbones import backbone_blocks, create_model
-
-    blocks = backbone_blocks("efficientnet_lite0", create_model("efficientnet_lite0", "none", "avg", SIZE))
-    model, base = ft.build_model("efficientnet_lite0", 2, input_size=SIZE)
-    chosen = ft.unfreeze_last_blocks(model, base, "efficientnet_lite0", 3)
-    assert chosen == ["block14", "block15", "top"]
-    batchnorms = [layer for layer in model.layers + base.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    assert batchnorms and not any(layer.trainable for layer in batchnorms)
-    expected = {
-        layer.name
-        for name in chosen
-        for layer in blocks[name]
-        if not isinstance(layer, keras.layers.BatchNormalization)
-    }
-    assert {layer.name for layer in base.layers if layer.trainable_weights} == expected
-
-    rows = validation_rows(pipeline_run["dataset"])
-    images = np.stack([load_image(pipeline_run["dataset"] / row["path"], SIZE) for row in rows]).astype("float32")
-    labels = np.eye(2, dtype="float32")[[int(row["label"] == "dogs") for row in rows]]
-    before = {v.path: np.array(v) for v in base.weights}
-    model.compile(keras.optimizers.Adam(1e-2), "categorical_crossentropy")
-    model.fit(images, labels, batch_size=4, epochs=1, verbose=0)
-    after = {v.path: np.array(v) for v in base.weights}
-    moved = {path for path in before if not np.array_equal(before[path], after[path])}
-    chosen_layers = {layer.name for name in chosen for layer in blocks[name]}
-    assert moved, "stage 2 trained nothing"
-    for layer in base.layers:
-        for variable in layer.weights:
-            if isinstance(layer, keras.layers.BatchNormalization) or layer.name not in chosen_layers:
-                assert variable.path not in moved, f"{variable.path} changed but is frozen"
-    assert any("top_conv" in path for path in moved) and any("block14" in path for path in moved)
-
-
-@pytest.mark.parametrize("backbone", ["vgg16", "resnet50", "mobilenetv2", "efficientnetb0", "efficientnet_lite2"])
-def test_whole_blocks_are_unfrozen_for_every_family(backbone):
-    from pyimagesearch_tl.backbones import backbone_blocks, create_model
-
-    blocks = backbone_blocks(backbone, create_model(backbone, "none", "avg", 64))
-    model, base = ft.build_model(backbone, 3, weights="none", input_size=64)
-    chosen = ft.unfreeze_last_blocks(model, base, backbone, 2)
-    trainable = {layer.name for layer in base.layers if layer.trainable_weights}
-    assert chosen == list(blocks)[-2:]
-    assert trainable == {
-        layer.name
-        for name in chosen
-        for layer in blocks[name]
-        if not isinstance(layer, keras.layers.BatchNormalization)
-    }
-    assert trainable  # something is trainable in every family's last blocks
-
-
-def test_unfreezing_more_blocks_than_exist_is_a_clear_error(pipeline_run, tmp_path):
-    output = run(
-        "finetune",
-        "--dataset",
-        str(pipeline_run["dataset"]),
-        "--output",
-        str(tmp_path),
-        *TINY[:-4],
-        "--unfreeze-blocks",
-        "99",
-        "--head-epochs",
-        "1",
-        ok=False,
-    )
-    assert "Error: unfreeze_blocks=99 but efficientnet_lite0 has 18 blocks" in output
-    assert "Traceback" not in output
-    assert not (tmp_path / "checkpoints").exists()  # refused before stage 1 trained, not after it
-
-
-@pytest.mark.filterwarnings("ignore:Your input ran out of data")  # Keras, at the end of a generator
-def test_best_checkpoint_is_restored_and_validation_is_not_augmented(pipeline_run, tmp_path):
-    """A wild stage-2 learning rate makes stage 2 worse: the network saved is stage 1's best, exactly.
-
-    Its loss on the un-augmented validation images equals the best validation loss recorded during
-    training, which also shows that the validation input was never augmented.
-    """
-    settings = settings_with(
-        input_size=SIZE,
-        batch_size=8,
-        head_epochs=2,
-        finetune_epochs=1,
-        finetune_lr=5.0,
-        unfreeze_blocks=3,
-        augment="strong",
-        seed=3,
-        runtime="tensorflow",  # the bundle's features in TensorFlow: no conversion of a network used once
-    )
-    report = ft.finetune(pipeline_run["dataset"], tmp_path, settings)
-    history = report.history
-    assert history["best"]["stage"] == "head"
-    val_loss = history["history"]["val_loss"]
-    assert history["best"]["value"] == min(val_loss[:2])
-    assert all(not value <= history["best"]["value"] for value in val_loss[2:])  # worse, or NaN
-
-    network = keras.models.load_model(tmp_path / "finetune.keras")
-    assert not [layer for layer in network.layers if type(layer).__name__.startswith("Random")]
-    rows = validation_rows(pipeline_run["dataset"])
-    batches = ft.ImageBatches(
-        [pipeline_run["dataset"] / r["path"] for r in rows], [r["label"] == "dogs" for r in rows], 2, SIZE, 8, 10**8
-    )
-    network.compile(loss="categorical_crossentropy")
-    assert network.evaluate(batches.dataset(), verbose=0, return_dict=True)["loss"] == pytest.approx(
-        history["best"]["value"], rel=1e-4
-    )
-
-
-def test_augmentation_touches_training_input_only(pipeline_run):
-    photos = [pipeline_run["dataset"] / row["path"] for row in validation_rows(pipeline_run["dataset"])][:8]
-    batches = ft.ImageBatches(photos, [0] * len(photos), 2, SIZE, 8, 10**8)
-    decoded = np.stack([load_image(p, SIZE) for p in photos]).astype("float32")
-    ((plain, _),) = list(batches.dataset().as_numpy_iterator())
-    np.testing.assert_array_equal(plain, decoded)
-    ((augmented, _),) = list(batches.dataset(ft.make_augmenter("strong", seed=1)).as_numpy_iterator())
-    assert augmented.shape == decoded.shape and np.abs(augmented - decoded).mean() > 1.0
-
-
 def test_same_seed_same_run(tuned, pipeline_run, tmp_path):
     """The same settings as the `tuned` run (TINY, through the CLI), again through the API: the same history."""
     settings = settings_with(input_size=SIZE, batch_size=8, head_epochs=1, finetune_epochs=1, unfreeze_blocks=2, seed=7)
     again = ft.finetune(pipeline_run["dataset"], tmp_path, settings).history["history"]
     assert again == json.loads((tuned[0] / "history.json").read_text())["history"]
-
-
-def test_without_a_validation_split_part_of_training_is_held_out(pipeline_run):
-    from pyimagesearch_tl.features import dataset_rows
-
-    training, validation, note = ft.training_rows(pipeline_run["dataset"], "training", "missing", seed=1)
-    everything = dataset_rows(pipeline_run["dataset"])["training"]
-    assert "held out" in note and len(training) + len(validation) == len(everything)
-    assert {r["path"] for r in training}.isdisjoint(r["path"] for r in validation)
-    assert {r["label"] for r in validation} == {"cats", "dogs"}  # stratified
-
-
-@pytest.mark.filterwarnings("ignore:Your input ran out of data")
-def test_ctrl_c_stops_early_and_keeps_the_best_weights_and_corrupt_images_are_skipped(pipeline_run, tmp_path):
-    import os
-    import shutil
-    import signal
-
-    from pyimagesearch_tl.features import dataset_rows
-
-    dataset = shutil.copytree(pipeline_run["dataset"], tmp_path / "dataset")
-    victim = dataset / dataset_rows(dataset)["training"][3]["path"]
-    victim.write_bytes(victim.read_bytes()[:300])  # a truncated JPEG
-    presses = []
-
-    def press_ctrl_c(stage, epoch, logs):
-        if epoch == 1:
-            presses.append(epoch)
-            os.kill(os.getpid(), signal.SIGINT)
-
-    settings = settings_with(
-        input_size=SIZE, batch_size=8, head_epochs=3, finetune_epochs=3, seed=5, runtime="tensorflow"
-    )
-    # As in a terminal's foreground job: Ctrl-C delivered, even where pytest runs in the background
-    # (a background job starts with SIGINT ignored, and then fine-tuning rightly leaves it ignored).
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        report = ft.finetune(dataset, tmp_path / "out", settings, on_epoch=press_ctrl_c)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    assert presses == [1] and report.interrupted
-    assert [s["name"] for s in report.history["stages"]] == ["head"]  # stage 2 skipped
-    assert report.history["stages"][0]["epochs_run"] <= 2 < settings.head_epochs
-    assert Bundle.load(report.bundle_path).meta.weights == "finetuned"
-    assert list(report.skipped) == [str(victim)] and report.skipped[str(victim)].startswith("corrupt image")
-
-
-@pytest.mark.filterwarnings("ignore:Your input ran out of data")
-def test_a_keras_applications_backbone_fine_tunes_with_class_weights(pipeline_run, tmp_path):
-    """MobileNetV2 (random weights offline, 'tf' preprocessing): the network and its bundle agree."""
-    from pyimagesearch_tl.prediction import Predictor
-
-    settings = settings_with(
-        backbone="mobilenetv2",
-        weights="none",
-        input_size=SIZE,
-        batch_size=8,
-        head_epochs=1,
-        finetune_epochs=1,
-        unfreeze_blocks=1,
-        class_weight="balanced",
-        seed=2,
-        runtime="tensorflow",
-    )
-    report = ft.finetune(pipeline_run["dataset"], tmp_path, settings)
-    assert report.unfrozen == ["Conv_1"]
-    paths = [pipeline_run["dataset"] / row["path"] for row in validation_rows(pipeline_run["dataset"])][:6]
-    network = keras.models.load_model(tmp_path / "finetune.keras")
-    expected = network.predict(np.stack([load_image(p, SIZE) for p in paths]).astype("float32"), verbose=0)
-    results = Predictor(Bundle.load(report.bundle_path), runtime="tensorflow").predict(paths)
-    np.testing.assert_allclose([[dict(r.top)[c] for c in ("cats", "dogs")] for r in results], expected, atol=2e-4)
 
 
 def test_the_fine_tuned_head_is_a_scikit_learn_classifier(tuned, pipeline_run):
