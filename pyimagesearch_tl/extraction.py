@@ -356,7 +356,7 @@ def extract_dataset(
         runtime=runtime,
         views=views,
         label_names=label_names,
-        job_images=sum(len(by_split[split]) for split in present),
+        job_images=sum(len(by_split[split]) for split in present),  # all of them: a few new ones may convert, once
     )
     output_dir.mkdir(parents=True, exist_ok=True)
     reports = []

@@ -221,7 +221,8 @@ class FeatureExtractor:
             raise ConfigError(
                 "--precision int8 takes --views 1: the quantized mirrored-views network is far off float32"
             )
-        self.views, self.job_images = views, job_images
+        self.views = views
+        self.expect(job_images)
         self.runtime, self._run = requested_runtime(runtime, precision), None
         self._choosing = threading.Lock()  # a server's threads may send the first batches together
         record = get_backbone(backbone)
@@ -289,10 +290,12 @@ class FeatureExtractor:
             quality=meta.quality,
         )
 
-    def expect(self, images: int) -> None:
+    def expect(self, images: int | None) -> None:
         """The job ahead has ``images`` images: with ``runtime="auto"``, a network not cached yet is
         converted only for a job of :data:`~pyimagesearch_tl.runtimes.MIN_IMAGES_TO_CONVERT` or more
-        (the conversion would cost more than it saves); a smaller one runs in TensorFlow."""
+        (the conversion would cost more than it saves); a smaller one runs in TensorFlow. None: unknown."""
+        if images is not None and (isinstance(images, bool) or not isinstance(images, int) or images < 0):
+            raise ConfigError(f"job_images must be a whole number of images (or None), got {images!r}")
         self.job_images = images
 
     def decode(self, path: str | Path) -> np.ndarray:

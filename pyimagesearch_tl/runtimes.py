@@ -47,13 +47,14 @@ import platform
 import statistics
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
 from .atomic import atomic_write_json
-from .cache import cache_dir, cached, cached_file, file_sha256
+from .cache import cache_dir, cached, cached_file, file_sha256, problem
 from .errors import ConfigError, PTLError
 
 AUTO = "auto"
@@ -195,7 +196,14 @@ def cached_network(key: str, forward, input_size: int, convert: bool = True) -> 
     content does not match its recorded SHA-256 (see :func:`~pyimagesearch_tl.cache.cached_file`);
     with ``convert=False``, None instead of converting."""
     if not convert:
-        return cached(_network_name(key))
+        found = cached(_network_name(key))
+        wrong = problem(network_path(key)) if found is None else None
+        if wrong:  # said, as cached_file says it; converted again by the next job that converts
+            warnings.warn(
+                f"cached {network_path(key)} {wrong}; this job runs in TensorFlow (one of "
+                f"{MIN_IMAGES_TO_CONVERT:,} images or more, or --runtime by name, converts it again)"
+            )
+        return found
     return cached_file(
         _network_name(key),
         lambda: export_onnx(forward, input_size),

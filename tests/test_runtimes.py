@@ -133,6 +133,14 @@ def test_auto_converts_a_network_only_for_a_job_that_repays_the_conversion(photo
     again = FeatureExtractor(**options, job_images=1)
     again.transform(photos[:2])
     assert again.runtime == preferred
+    network.write_bytes(network.read_bytes()[:-1000])  # damaged since: a small job says so, and runs in TensorFlow
+    damaged = FeatureExtractor(**options, job_images=1)
+    with pytest.warns(UserWarning, match="does not match its recorded SHA-256.*; this job runs in TensorFlow"):
+        damaged.transform(photos[:2])
+    assert damaged.runtime == TENSORFLOW
+    for wrong in (-1, 2.5, "many", True):
+        with pytest.raises(ConfigError, match="job_images must be a whole number of images"):
+            FeatureExtractor(**options, job_images=wrong)
 
 
 def test_a_timing_taken_on_a_busy_machine_or_another_machine_decides_nothing(photos, own_network):
