@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PTL_SHARED_DATASETS", ROOT.parent / "shared" / "datasets"))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+#: ``ptl`` as a user runs it, in this interpreter (whatever PATH holds): a process of its own.
+PTL = [sys.executable, "-c", "from pyimagesearch_tl.cli import main; main()"]
 
 
 WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")

@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import PTL
 
 from pyimagesearch_tl.bundle import Bundle
 
@@ -159,7 +160,6 @@ def test_ctrl_c_stops_early_and_keeps_the_best_weights_and_corrupt_images_are_sk
     import shutil
     import signal
     import subprocess
-    import sys
     import threading
 
     from pyimagesearch_tl.features import dataset_rows
@@ -168,7 +168,7 @@ def test_ctrl_c_stops_early_and_keeps_the_best_weights_and_corrupt_images_are_sk
     victim = dataset / dataset_rows(dataset)["training"][3]["path"]
     victim.write_bytes(victim.read_bytes()[:300])  # a truncated JPEG
     out = tmp_path / "out"
-    command = [sys.executable, "-c", "from pyimagesearch_tl.cli import main; main()", "finetune", "--dataset",
+    command = [*PTL, "finetune", "--dataset",
                str(dataset), "--output", str(out), *TINY[:-8], "--head-epochs", "20", "--patience", "20",
                "--finetune-epochs", "3", "--seed", "5", "--runtime", "tensorflow"]  # fmt: skip
     # As in a terminal's foreground job: Ctrl-C delivered, even where pytest runs in the background.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import shared
+from conftest import PTL, shared
 from fuzz_cases import SEED_FORMATS, decode_case, mutate, write_seeds
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -225,7 +225,7 @@ def test_build_dataset_lists_every_special_file_in_skipped_csv_and_never_blocks(
     expected = _special_files(source / "cats")
     # In a child with a deadline: before the fix, the FIFO blocked build-dataset for ever.
     result = subprocess.run(
-        [sys.executable, "-c", "from pyimagesearch_tl.cli import main; main()", "build-dataset"]
+        [*PTL, "build-dataset"]
         + ["--input", str(source), "--output", str(tmp_path / "out"), "--split-fractions", "0.5,0.5,0"],
         capture_output=True,
         text=True,

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import chatter, chatty_env
+from conftest import PTL, chatter, chatty_env
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +29,12 @@ def _run(args, cache):
 
 def test_ptl_extract_writes_no_tensorflow_lines_and_verbose_lets_them_through(tiny_dataset, cache, tmp_path):
     """The numbered scripts are checked the same way where test_pipeline runs them."""
-    ptl = [sys.executable, "-c", "from pyimagesearch_tl.cli import main; main()"]
-    quiet = _run([*ptl, "extract", "--dataset", str(tiny_dataset), "--output", str(tmp_path / "f1")], cache)
+    quiet = _run([*PTL, "extract", "--dataset", str(tiny_dataset), "--output", str(tmp_path / "f1")], cache)
     assert quiet.returncode == 0, quiet.stderr
     assert "extracted" in quiet.stdout
     assert not chatter(quiet.stderr), quiet.stderr
     loud = _run(
-        [*ptl, "--verbose", "extract", "--dataset", str(tiny_dataset), "--output", str(tmp_path / "f2")], cache
+        [*PTL, "--verbose", "extract", "--dataset", str(tiny_dataset), "--output", str(tmp_path / "f2")], cache
     )  # the network converted by the quiet run: no second conversion
     assert loud.returncode == 0, loud.stderr
     assert chatter(loud.stderr)  # the chatter exists on this machine: the quiet runs here really suppress it

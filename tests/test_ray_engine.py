@@ -15,14 +15,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import copy_subset, shared
+from conftest import PTL, copy_subset, shared
 
 from pyimagesearch_tl.store import read_features, read_skipped
 
 pytestmark = pytest.mark.usefixtures("whole_machine")  # two one-CPU nodes: two CPUs, not a test worker's share
 
 SPLITS = ["training", "validation", "evaluation"]
-PTL = [sys.executable, "-c", "from pyimagesearch_tl.cli import main; main()"]
 SHARD = 8
 TRAINING = 65  # 32 cats + 32 dogs + one truncated JPEG: 9 shards
 

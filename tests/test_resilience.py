@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import copy_subset, shared
+from conftest import PTL, copy_subset, shared
 
 from pyimagesearch_tl.bundle import Bundle
 from pyimagesearch_tl.cli import cli
@@ -28,7 +28,6 @@ from pyimagesearch_tl.locks import lock_path, output_lock
 from pyimagesearch_tl.store import read_features
 
 SPLITS = ["training", "validation", "evaluation"]
-PTL = [sys.executable, "-c", "from pyimagesearch_tl.cli import main; main()"]
 # The same, saying at exit whether it imported TensorFlow.
 PTL_SAYING_TF = [
     sys.executable,
