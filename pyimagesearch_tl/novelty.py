@@ -33,10 +33,31 @@ def calibration_phrase(calibrated_on: str) -> str:
     return calibrated_on if " " in calibrated_on else f"{calibrated_on} photos"
 
 
+def _edges(ordered: np.ndarray) -> np.ndarray:
+    """The boundary just below each of the sorted calibration scores ``ordered``: halfway to the score
+    below it (the lowest: half its gap to the next one below itself).
+
+    Thresholds and ranks sit on these edges, not on the scores themselves, so that a calibration image
+    scored again with features a rounding error apart (another runtime, another CPU) stays on the
+    same side of them; the images on either side are the same as with the scores."""
+    ordered = np.asarray(ordered, dtype=np.float64)
+    if len(ordered) < 2:
+        return ordered.copy()
+    below = np.r_[ordered[0] - (ordered[1] - ordered[0]), ordered[:-1]]
+    with np.errstate(invalid="ignore", over="ignore"):
+        edges = below + (ordered - below) / 2
+    return np.where(np.isfinite(edges), edges, ordered)
+
+
 def _threshold(familiarity: np.ndarray, keep: float) -> float:
+    """The edge (:func:`_edges`) below the calibration score that keeps a ``keep`` share at or above it."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
-    return float(np.quantile(familiarity, 1 - keep, method="lower")) if len(familiarity) else -np.inf
+    if not len(familiarity):
+        return -np.inf
+    ordered = np.sort(np.asarray(familiarity, dtype=np.float64))
+    cut = np.quantile(ordered, 1 - keep, method="lower")
+    return float(_edges(ordered)[np.searchsorted(ordered, cut, side="left")])
 
 
 @dataclasses.dataclass
@@ -241,8 +262,11 @@ class RankCombination(Detector):
         self.threshold = _threshold(self._lowest_rank(calibration_scores), self.keep)
 
     def _lowest_rank(self, scores: np.ndarray) -> np.ndarray:
+        """The share of calibration images at or below each score, counted against their edges
+        (:func:`_edges`): a calibration image keeps its own rank when its score moves by a rounding error."""
         ranks = [
-            np.searchsorted(ref, column, side="right") / len(ref) for ref, column in zip(self.references, scores.T)
+            np.searchsorted(_edges(ref), column, side="right") / len(ref)
+            for ref, column in zip(self.references, scores.T)
         ]
         return np.min(ranks, axis=0)
 
