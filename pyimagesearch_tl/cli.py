@@ -21,6 +21,7 @@ from .atomic import describe_os_error
 from .config import Config, load_config
 from .errors import ConfigError, PTLError
 from .layouts import LAYOUTS
+from .locks import output_lock
 from .novelty import list_detectors
 
 
@@ -395,10 +396,16 @@ def train_command(config: Config, wait, **options):
 @with_config
 def evaluate_command(config: Config, model_path, split, wait, unknown_test, trust_pickle, **options):
     """Report accuracy, the confusion matrix, ROC AUC and macro F1 of a bundle on a split."""
+    config = _apply(config, **options)
+    output_dir = Path(config.evaluation_dir) / Path(model_path).stem
+    with output_lock(output_dir, wait):  # before the model's features are computed (evaluate locks it again)
+        _evaluate(config, model_path, split, output_dir, unknown_test, trust_pickle)
+
+
+def _evaluate(config: Config, model_path, split, output_dir: Path, unknown_test, trust_pickle):
     from .bundle import Bundle
     from .evaluation import default_split, evaluate, features_for
 
-    config = _apply(config, **options)
     bundle = Bundle.load(model_path, trust_pickle=trust_pickle)
     if split is None:  # the held-out split when there is one, else the validation split
         split = default_split(
@@ -418,8 +425,7 @@ def evaluate_command(config: Config, model_path, split, wait, unknown_test, trus
     )
     for path, reason in skipped:
         click.echo(f"skipped {path}: {reason}", err=True)
-    output_dir = Path(config.evaluation_dir) / Path(model_path).stem
-    metrics = evaluate(bundle, features, output_dir, split, model_path, wait=wait)
+    metrics = evaluate(bundle, features, output_dir, split, model_path)
     click.echo(f"{bundle.name} on {split} ({metrics['images']} images)")
     click.echo(metrics["report_text"])
     click.echo("confusion matrix (rows: true, columns: predicted; " + ", ".join(metrics["labels"]) + "):")
@@ -534,9 +540,14 @@ def compare_command(run_dir):
 @with_config
 def finetune_command(config: Config, wait, **options):
     """Train a new head on the frozen backbone, then fine-tune its last blocks."""
+    config = _apply(config, **options)
+    with output_lock(config.finetune_dir, wait):  # before TensorFlow's import (finetune locks it again)
+        _finetune(config)
+
+
+def _finetune(config: Config):
     from .finetune import FinetuneSettings, finetune
 
-    config = _apply(config, **options)
     settings = FinetuneSettings.from_config(config)
 
     def report(stage, epoch, logs):
@@ -551,7 +562,6 @@ def finetune_command(config: Config, wait, **options):
             training_split=config.split_for("training"),
             validation_split=config.split_for("validation"),
             on_epoch=report,
-            wait=wait,
         )
     except KeyboardInterrupt:
         raise click.ClickException("interrupted before any weights were worth keeping; nothing saved") from None

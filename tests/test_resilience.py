@@ -311,8 +311,7 @@ def run_on_held_folders(pipeline_run, tmp_path_factory, request) -> dict[str, Si
     """Each writing command run, as ``ptl`` in a process of its own, on an output folder this test
     process holds (as a running ptl would): by command, the folder and how the run ended.
 
-    The four run side by side (``ptl finetune`` alone spends seconds importing TensorFlow), and the
-    bundle ``evaluate`` needs is trained while the other three start."""
+    The four run side by side, and the bundle ``evaluate`` needs is trained while the other three start."""
     work = tmp_path_factory.mktemp("held")
     folders = {
         "build-dataset": work / "dataset",
@@ -332,7 +331,10 @@ def run_on_held_folders(pipeline_run, tmp_path_factory, request) -> dict[str, Si
 
         def start(command, *extra):
             return subprocess.Popen(
-                PTL + [command, *arguments[command], *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                PTL_SAYING_TF + [command, *arguments[command], *extra],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
 
         processes = {command: start(command) for command in WRITING_COMMANDS if command != "evaluate"}
@@ -352,10 +354,11 @@ def run_on_held_folders(pipeline_run, tmp_path_factory, request) -> dict[str, Si
 @pytest.mark.parametrize("command", WRITING_COMMANDS)
 def test_every_writing_command_locks_its_output_folder(run_on_held_folders, command):
     """A writing command on a folder another process holds exits 1 with an error naming the folder and
-    saying it is in use, without a traceback."""
+    saying it is in use, without a traceback, and before any work: TensorFlow is not even imported."""
     result = run_on_held_folders[command]
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"Error: {result.folder} is in use by " in result.stderr and "Traceback" not in result.stderr
+    assert "imported tensorflow: False" in result.stdout
 
 
 def test_added_images_are_the_only_ones_extracted(tmp_path):
