@@ -98,20 +98,28 @@ def test_best_checkpoint_is_restored_and_validation_is_not_augmented(pipeline_ru
     """A wild stage-2 learning rate makes stage 2 worse: the network saved is stage 1's best, exactly.
 
     Its loss on the un-augmented validation images equals the best validation loss recorded during
-    training, which also shows that the validation input was never augmented.
+    training, which also shows that the validation input was never augmented. The run is also the
+    Keras-applications case: MobileNetV2 (random weights offline, 'tf' preprocessing) with class
+    weights, whose bundle predicts what its network predicts.
     """
+    from pyimagesearch_tl.prediction import Predictor
+
     settings = settings_with(
+        backbone="mobilenetv2",
+        weights="none",
         input_size=SIZE,
         batch_size=8,
         head_epochs=2,
         finetune_epochs=1,
         finetune_lr=5.0,
-        unfreeze_blocks=3,
+        unfreeze_blocks=1,
         augment="strong",
+        class_weight="balanced",
         seed=3,
         runtime="tensorflow",  # the bundle's features in TensorFlow: no conversion of a network used once
     )
     report = ft.finetune(pipeline_run["dataset"], tmp_path, settings)
+    assert report.unfrozen == ["Conv_1"]
     history = report.history
     assert history["best"]["stage"] == "head"
     val_loss = history["history"]["val_loss"]
@@ -121,13 +129,15 @@ def test_best_checkpoint_is_restored_and_validation_is_not_augmented(pipeline_ru
     network = keras.models.load_model(tmp_path / "finetune.keras")
     assert not [layer for layer in network.layers if type(layer).__name__.startswith("Random")]
     rows = validation_rows(pipeline_run["dataset"])
-    batches = ft.ImageBatches(
-        [pipeline_run["dataset"] / r["path"] for r in rows], [r["label"] == "dogs" for r in rows], 2, SIZE, 8, 10**8
-    )
+    paths = [pipeline_run["dataset"] / r["path"] for r in rows]
+    batches = ft.ImageBatches(paths, [r["label"] == "dogs" for r in rows], 2, SIZE, 8, 10**8)
     network.compile(loss="categorical_crossentropy")
     assert network.evaluate(batches.dataset(), verbose=0, return_dict=True)["loss"] == pytest.approx(
         history["best"]["value"], rel=1e-4
     )
+    expected = network.predict(np.stack([load_image(p, SIZE) for p in paths[:6]]).astype("float32"), verbose=0)
+    results = Predictor(Bundle.load(report.bundle_path), runtime="tensorflow").predict(paths[:6])
+    np.testing.assert_allclose([[dict(r.top)[c] for c in ("cats", "dogs")] for r in results], expected, atol=2e-4)
 
 
 def test_augmentation_touches_training_input_only(pipeline_run):
@@ -201,29 +211,3 @@ def test_ctrl_c_stops_early_and_keeps_the_best_weights_and_corrupt_images_are_sk
     assert [s["name"] for s in history["stages"]] == ["head"]  # stage 2 skipped
     assert 1 <= history["stages"][0]["epochs_run"] < 20  # stopped at the Ctrl-C, long before stage 1's end
     assert Bundle.load(out / "finetune.skops").meta.weights == "finetuned"
-
-
-@pytest.mark.filterwarnings("ignore:Your input ran out of data")
-def test_a_keras_applications_backbone_fine_tunes_with_class_weights(pipeline_run, tmp_path):
-    """MobileNetV2 (random weights offline, 'tf' preprocessing): the network and its bundle agree."""
-    from pyimagesearch_tl.prediction import Predictor
-
-    settings = settings_with(
-        backbone="mobilenetv2",
-        weights="none",
-        input_size=SIZE,
-        batch_size=8,
-        head_epochs=1,
-        finetune_epochs=1,
-        unfreeze_blocks=1,
-        class_weight="balanced",
-        seed=2,
-        runtime="tensorflow",
-    )
-    report = ft.finetune(pipeline_run["dataset"], tmp_path, settings)
-    assert report.unfrozen == ["Conv_1"]
-    paths = [pipeline_run["dataset"] / row["path"] for row in validation_rows(pipeline_run["dataset"])][:6]
-    network = keras.models.load_model(tmp_path / "finetune.keras")
-    expected = network.predict(np.stack([load_image(p, SIZE) for p in paths]).astype("float32"), verbose=0)
-    results = Predictor(Bundle.load(report.bundle_path), runtime="tensorflow").predict(paths)
-    np.testing.assert_allclose([[dict(r.top)[c] for c in ("cats", "dogs")] for r in results], expected, atol=2e-4)
