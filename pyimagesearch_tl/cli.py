@@ -396,16 +396,10 @@ def train_command(config: Config, wait, **options):
 @with_config
 def evaluate_command(config: Config, model_path, split, wait, unknown_test, trust_pickle, **options):
     """Report accuracy, the confusion matrix, ROC AUC and macro F1 of a bundle on a split."""
-    config = _apply(config, **options)
-    output_dir = Path(config.evaluation_dir) / Path(model_path).stem
-    with output_lock(output_dir, wait):  # before the model's features are computed (evaluate locks it again)
-        _evaluate(config, model_path, split, output_dir, unknown_test, trust_pickle)
-
-
-def _evaluate(config: Config, model_path, split, output_dir: Path, unknown_test, trust_pickle):
     from .bundle import Bundle
     from .evaluation import default_split, evaluate, features_for
 
+    config = _apply(config, **options)
     bundle = Bundle.load(model_path, trust_pickle=trust_pickle)
     if split is None:  # the held-out split when there is one, else the validation split
         split = default_split(
@@ -425,7 +419,8 @@ def _evaluate(config: Config, model_path, split, output_dir: Path, unknown_test,
     )
     for path, reason in skipped:
         click.echo(f"skipped {path}: {reason}", err=True)
-    metrics = evaluate(bundle, features, output_dir, split, model_path)
+    output_dir = Path(config.evaluation_dir) / Path(model_path).stem
+    metrics = evaluate(bundle, features, output_dir, split, model_path, wait=wait)
     click.echo(f"{bundle.name} on {split} ({metrics['images']} images)")
     click.echo(metrics["report_text"])
     click.echo("confusion matrix (rows: true, columns: predicted; " + ", ".join(metrics["labels"]) + "):")
