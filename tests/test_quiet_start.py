@@ -14,7 +14,8 @@ from conftest import PTL, chatter, chatty_env
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """One cache for the module, empty at first: the first run converts and checks the network too."""
+    """One cache for the module, empty at first: the notebook-style run (``ImageFeatures``, which
+    converts for any job) converts and checks the network too; the small extractions run in TensorFlow."""
     return tmp_path_factory.mktemp("quiet-cache")
 
 
