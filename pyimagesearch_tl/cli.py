@@ -124,6 +124,24 @@ def wait_option(command):
     )(command)
 
 
+def engine_options(command):
+    """``--engine``, ``--ray-address``, ``--ray-cpus-per-worker``, ``--shard-size``: where shard work runs."""
+    for option in reversed(
+        [
+            click.option("--engine", help="Where the work runs: local (this process) or ray (a Ray cluster)."),
+            click.option(
+                "--ray-address", help="ray engine: the cluster to join ('auto': this machine's); unset: start one."
+            ),
+            click.option(
+                "--ray-cpus-per-worker", type=int, help="ray engine: CPUs of each worker (one backbone each)."
+            ),
+            click.option("--shard-size", type=int, help="Images per shard: the unit of work and of resume."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
 def runtime_option(command):
     """``--runtime``: where the backbone runs (every command that runs it takes it)."""
     from .runtimes import list_runtimes
@@ -290,10 +308,7 @@ def build_dataset_command(config: Config, wait, **options):
     help="2: average each image's features with its left-right mirror's (one more forward pass per image).",
 )
 @runtime_option
-@click.option("--engine", help="Where extraction runs: local (this process) or ray (a Ray cluster).")
-@click.option("--ray-address", help="ray engine: the cluster to join ('auto': this machine's); unset: start one.")
-@click.option("--ray-cpus-per-worker", type=int, help="ray engine: CPUs of each worker (one backbone each).")
-@click.option("--shard-size", type=int, help="Images per shard: the unit of work and of resume.")
+@engine_options
 @wait_option
 @with_config
 def extract_command(config: Config, wait, **options):
@@ -585,53 +600,61 @@ def _finetune(config: Config):
     required=True,
     help="A bundle written by train or finetune, or an .onnx file written by export (no TensorFlow, no 'unknown').",
 )
-@click.argument("paths", nargs=-1, required=True)
+@click.argument("paths", nargs=-1)
 @click.option(
-    "--output", "output_file", type=click.Path(dir_okay=False), help="Also write the results as .csv or .json."
+    "--list",
+    "file_list",
+    type=click.Path(dir_okay=False),
+    help="A text file naming one photo per line (relative paths: from its folder), with or instead of PATHS.",
+)
+@click.option(
+    "--output",
+    "output_file",
+    type=click.Path(dir_okay=False),
+    help="Also write one row per photo to .csv, .parquet or .json; an interrupted run resumes from its shards.",
 )
 @click.option("--top-k", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--batch-size", type=int)
 @runtime_option
+@engine_options
 @trust_pickle_option
+@wait_option
 @with_config
-def predict_command(config: Config, model_path, paths, output_file, top_k, trust_pickle, **options):
-    """Classify images (files or folders) with a bundle."""
-    from . import api
-    from .atomic import atomic_write_csv, atomic_write_json, check_writable
-    from .prediction import UNKNOWN, expand_paths
+def predict_command(config: Config, model_path, paths, file_list, output_file, top_k, trust_pickle, wait, **options):
+    """Classify images (files, folders, glob patterns, a list file) with a bundle."""
+    from .bulk_prediction import PredictionRun
+    from .prediction import UNKNOWN
 
-    files = expand_paths(paths)
-    if not files:
-        raise ConfigError(f"no image files found in: {', '.join(paths)}")
-    if output_file:  # refused now, not after every image has gone through the network
-        check_writable(output_file)
-    predictor = api.load_predictor(model_path, top_k, trust_pickle=trust_pickle, config=_apply(config, **options))
-    predictor.expect(len(files))
-    results = predictor.predict(files)
-    for r in results:
-        if r.error:
-            click.echo(f"{r.path}\tskipped: {r.error}", err=True)
-        elif r.label == UNKNOWN:
-            click.echo(
-                f"{r.path}\t{UNKNOWN}\t(closest: {r.top[0][0]} {predictor.score_kind}={r.score:.4f}; "
-                f"{predictor.bundle.novelty.score_name} {r.similarity:.3f} < {predictor.bundle.novelty.threshold:.3f})"
-            )
-        else:
-            click.echo(f"{r.path}\t{r.label}\t{predictor.score_kind}={r.score:.4f}")
-    if output_file:
-        rows = [r.as_dict() for r in results]
-        if output_file.endswith(".json"):
-            atomic_write_json(output_file, rows)
-        else:
-            atomic_write_csv(
-                output_file,
-                ["path", "label", "score", "top", "similarity", "error"],
-                [dict(r, top=json.dumps(r["top"])) for r in rows],
-            )
-        click.echo(f"wrote {output_file}")
-    skipped = sum(r.error is not None for r in results)
-    unknown = sum(r.label == UNKNOWN for r in results)
-    click.echo(f"predicted {len(results) - skipped} ({unknown} unknown), skipped {skipped}")
+    if not paths and not file_list:
+        raise click.UsageError("give the photos to classify: PATHS (files, folders, patterns) or --list FILE")
+    config = _apply(config, **options)
+    run = PredictionRun.from_config(
+        config, model_path, paths, output_file, file_list=file_list, top_k=top_k, trust_pickle=trust_pickle
+    )
+    model = run.model
+
+    def started(engine, resumed, shards):
+        if engine is not None and engine.name != "local":
+            click.echo(f"{engine.name}: {len(engine.workers)} workers ({', '.join(engine.workers)})")
+        if resumed:
+            click.echo(f"resumed: {resumed} of {shards} shards were already done")
+
+    def show(rows):
+        for row in rows:
+            if row["error"] is not None:
+                click.echo(f"{row['path']}\tskipped: {row['error']}", err=True)
+            elif row["unknown"]:
+                click.echo(
+                    f"{row['path']}\t{UNKNOWN}\t(closest: {row['top'][0][0]} {model.score_kind}={row['score']:.4f}; "
+                    f"{model.novelty.score_name} {row['familiarity']:.3f} < {model.novelty.threshold:.3f})"
+                )
+            else:
+                click.echo(f"{row['path']}\t{row['label']}\t{model.score_kind}={row['score']:.4f}")
+
+    report = run.execute(wait=wait, progress=sys.stderr.isatty(), on_rows=show, on_start=started)
+    if report.output is not None:
+        click.echo(f"wrote {report.output}")
+    click.echo(f"predicted {report.predicted} ({report.unknown} unknown), skipped {len(report.skipped)}")
 
 
 @cli.command("serve")

@@ -1,29 +1,30 @@
-"""Where extraction runs: engines that hand shards to workers and give back what they made.
+"""Where shard work runs: engines that hand shards to workers and give back what they made.
 
-Every engine takes the same :class:`~pyimagesearch_tl.features.ShardTask` list and yields the same
-``(index, Shard, node)`` results, in any order; shard files, resume, skips and locks exist once, in
-:mod:`pyimagesearch_tl.extraction`, whichever engine ran the shards.
+Every engine takes a job (:class:`Job`: extracting features, :class:`~pyimagesearch_tl.features.ExtractionJob`;
+classifying photos, :class:`~pyimagesearch_tl.bulk_prediction.PredictionJob`) and a list of
+:class:`~pyimagesearch_tl.features.ShardTask`, and yields ``(index, result, node)`` in any order; shard
+files, resume, skips and locks exist once per job kind, in :mod:`pyimagesearch_tl.extraction` and
+:mod:`pyimagesearch_tl.bulk_prediction`, whichever engine ran the shards.
 
 ``local``
     This process: one backbone, decoding threads running ahead of it.
 ``ray``
     A Ray cluster (a local one started for the run, or ``address``, e.g. ``auto`` for the cluster
-    this machine belongs to): one actor per ``cpus_per_worker`` CPUs of the cluster, each building
-    the backbone once and limiting TensorFlow and the decoder to its CPUs. A worker process or node
-    that dies is restarted by Ray and its shards are retried. Ray is an optional extra; the local
-    engine never imports it.
+    this machine belongs to): one actor per ``cpus_per_worker`` CPUs of the cluster, each starting the
+    job once (building the backbone) and limiting TensorFlow and the decoder to its CPUs. A worker
+    process or node that dies is restarted by Ray and its shards are retried. Ray is an optional
+    extra; the local engine never imports it.
 """
 
 from __future__ import annotations
 
 import os
 from collections import deque
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
-from .backbones import get_backbone, resolve_weights
 from .errors import ConfigError, PTLError
-from .features import FeatureExtractor, ShardTask, extract_shards
-from .store import FeatureMeta, Shard
+from .features import ShardTask
+from .store import FeatureMeta
 
 #: A shard whose worker dies is retried this many times before the run gives up (resumable).
 WORKER_RETRIES = 3
@@ -52,19 +53,39 @@ def engine_class(name: str) -> Callable[..., "Engine"]:
         raise ConfigError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}") from None
 
 
-def create_engine(name: str, extractor_options: dict[str, Any], **options) -> "Engine":
-    """Start engine ``name`` with workers building ``FeatureExtractor(**extractor_options)``."""
-    return engine_class(name)(extractor_options, **options)
+def create_engine(name: str, job: "Job", **options) -> "Engine":
+    """Start engine ``name`` with workers that each start ``job`` once."""
+    return engine_class(name)(job, **options)
+
+
+class JobWorker(Protocol):
+    """A started job, in a worker process: what :meth:`Job.start` returns."""
+
+    meta: Any  # what the workers compute with (a FeatureMeta, or a bundle's), the same on every worker
+    runtime: str  # where its backbone runs (settled on its first batch)
+
+    def run(self, tasks: Sequence[ShardTask]) -> Iterator[tuple[int, Any]]:
+        """``(task.index, result)`` of each task, in order."""
+
+
+class Job(Protocol):
+    """The work an engine's workers do, picklable (Ray sends it to every worker)."""
+
+    def check(self) -> None:
+        """Refuse, on the driver, what would fail on every worker (an unknown backbone, a missing file)."""
+
+    def start(self, cpus: int | None) -> JobWorker:
+        """Build what the work needs once (a backbone), limited to ``cpus`` (None: this machine's)."""
 
 
 class Engine:
-    """Base of the engines: a context manager whose :meth:`run` yields ``(index, shard, node)``."""
+    """Base of the engines: a context manager whose :meth:`run` yields ``(index, result, node)``."""
 
     name = ""
     meta: FeatureMeta
     workers: list[str]  # one description per worker, for the report
 
-    def run(self, tasks: Sequence[ShardTask]) -> Iterator[tuple[int, Shard, str]]:
+    def run(self, tasks: Sequence[ShardTask]) -> Iterator[tuple[int, Any, str]]:
         raise NotImplementedError
 
     def runtimes(self) -> list[str]:
@@ -85,27 +106,28 @@ class Engine:
 class LocalEngine(Engine):
     """Shards run one after the other in this process, through one decoding stream."""
 
-    def __init__(self, extractor_options: dict[str, Any] | FeatureExtractor, **_ignored):
-        self.extractor = (
-            extractor_options
-            if isinstance(extractor_options, FeatureExtractor)
-            else FeatureExtractor(**extractor_options)
-        )
-        self.meta = self.extractor.meta
+    def __init__(self, job: Job, **_ignored):
+        self.worker = job.start(None)
+        self.meta = self.worker.meta
         self.workers = ["this process"]
 
     def run(self, tasks):
-        for index, shard in extract_shards(self.extractor, tasks):
-            yield index, shard, "local"
+        for index, result in self.worker.run(tasks):
+            yield index, result, "local"
 
     def runtimes(self) -> list[str]:
-        return [self.extractor.runtime]
+        return [self.worker.runtime]
 
 
 class ShardWorker:
-    """The body of a Ray actor: builds the backbone once, then extracts shard after shard."""
+    """The body of a Ray actor: starts the job once (builds the backbone), then runs shard after shard.
 
-    def __init__(self, extractor_options: dict[str, Any], cpus: int):
+    The job comes with each call, as its object reference inside a list (Ray hands it over unresolved),
+    and is started on the first: a worker Ray restarts starts it again on its first call. (A constructor
+    argument in the object store would make Ray log on stderr, at every run, that a restart needs it.)
+    """
+
+    def __init__(self, cpus: int):
         import ray
 
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -114,24 +136,34 @@ class ShardWorker:
         # The CPUs Ray gave this worker, no more: several workers on one node must not oversubscribe it.
         tf.config.threading.set_intra_op_parallelism_threads(cpus)
         tf.config.threading.set_inter_op_parallelism_threads(cpus)
-        self.node = ray.get_runtime_context().get_node_id()
-        try:
-            self.extractor, self.error = FeatureExtractor(**extractor_options, workers=cpus), None
-        except PTLError as exc:  # reported by describe(): restarting the worker would not help
-            self.extractor, self.error = None, f"{exc} (on node {self.node[:8]})"
+        self.cpus, self.node = cpus, ray.get_runtime_context().get_node_id()
+        self.worker, self.error = None, None
 
-    def describe(self) -> tuple[FeatureMeta | None, str]:
-        """The extractor's meta and who this worker is, or (None, why it could not build the extractor)."""
-        if self.extractor is None:
+    def _start(self, held: list) -> None:
+        import ray
+
+        if self.worker is None and self.error is None:
+            try:
+                self.worker = ray.get(held[0]).start(self.cpus)
+            except PTLError as exc:  # reported by describe(): restarting the worker would not help
+                self.error = f"{exc} (on node {self.node[:8]})"
+
+    def describe(self, held: list) -> tuple[Any, str]:
+        """The started job's meta and who this worker is, or (None, why the job could not start)."""
+        self._start(held)
+        if self.worker is None:
             return None, self.error
-        return self.extractor.meta, f"pid {os.getpid()} on node {self.node[:8]}"
+        return self.worker.meta, f"pid {os.getpid()} on node {self.node[:8]}"
 
     def runtime(self) -> str:
-        return self.extractor.runtime
+        return self.worker.runtime
 
-    def extract(self, task: ShardTask) -> tuple[int, Shard, str]:
-        [(index, shard)] = extract_shards(self.extractor, [task])
-        return index, shard, self.node
+    def run(self, task: ShardTask, held: list) -> tuple[int, Any, str]:
+        self._start(held)
+        if self.worker is None:
+            raise PTLError(self.error)
+        [(index, result)] = self.worker.run([task])
+        return index, result, self.node
 
 
 def import_ray():
@@ -147,11 +179,8 @@ def import_ray():
 class RayEngine(Engine):
     """Shards spread over the actors of a Ray cluster, two in flight per actor so none waits."""
 
-    def __init__(
-        self, extractor_options: dict[str, Any], address: str | None = None, cpus_per_worker: int = 1, **_ignored
-    ):
-        get_backbone(extractor_options["backbone"])  # the user's mistakes are found here, not on every worker
-        resolve_weights(extractor_options["weights"])
+    def __init__(self, job: Job, address: str | None = None, cpus_per_worker: int = 1, **_ignored):
+        job.check()  # the user's mistakes are found here, not on every worker
         ray = self._ray = import_ray()
         self._started = not ray.is_initialized()
         if self._started:
@@ -175,11 +204,11 @@ class RayEngine(Engine):
         actor = ray.remote(num_cpus=cpus_per_worker, max_restarts=WORKER_RETRIES, max_task_retries=WORKER_RETRIES)(
             ShardWorker
         )
-        # An int8 network (megabytes) goes into the object store once, held here so a restarted worker finds it
-        # (Ray then logs that a restart would need it: it does, for as long as this engine lives).
-        self._options = ray.put(extractor_options) if extractor_options.get("network") else extractor_options
-        self.actors = [actor.remote(self._options, cpus_per_worker) for _ in range(count)]
-        described = self._get([a.describe.remote() for a in self.actors])
+        # The job (an int8 network, a model file: megabytes) goes into the object store once, held here so a
+        # restarted worker finds it; each call carries its reference (see ShardWorker).
+        self._job = [ray.put(job)]
+        self.actors = [actor.remote(cpus_per_worker) for _ in range(count)]
+        described = self._get([a.describe.remote(self._job) for a in self.actors])
         failed = [why for meta, why in described if meta is None]
         if failed:
             self.close()
@@ -203,7 +232,7 @@ class RayEngine(Engine):
 
         def submit(actor):
             if queue:
-                in_flight[actor.extract.remote(queue.popleft())] = actor
+                in_flight[actor.run.remote(queue.popleft(), self._job)] = actor
 
         for actor in self.actors:
             submit(actor)

@@ -37,7 +37,7 @@ from . import quantization
 from .atomic import atomic_write_csv
 from .engines import Engine, create_engine, engine_class
 from .errors import DatasetError, FeatureFileError
-from .features import ShardTask, dataset_rows, interrupt_after_batch, layout_meta
+from .features import ExtractionJob, ShardTask, dataset_rows, interrupt_after_batch, layout_meta
 from .images import MAX_PIXELS
 from .locks import locks_output
 from .runtimes import requested_runtime
@@ -380,7 +380,9 @@ def extract_dataset(
         calibrated = len(calibration) if precision == "int8" else None
         extractor_options["quality"] = quantization.gate(dataset_dir, by_split, present, extractor_options, calibrated)
     with (
-        create_engine(engine, extractor_options, address=ray_address, cpus_per_worker=ray_cpus_per_worker) as runner,
+        create_engine(
+            engine, ExtractionJob(extractor_options), address=ray_address, cpus_per_worker=ray_cpus_per_worker
+        ) as runner,
         interrupt_after_batch() as interrupted,
     ):
         if on_engine is not None:

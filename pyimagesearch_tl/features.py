@@ -19,7 +19,7 @@ import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -502,6 +502,36 @@ def extract_shards(extractor: FeatureExtractor, tasks: Sequence[ShardTask]) -> I
             skipped[t].append((p, reason))
         seen += len(batch.indices) + len(batch.skipped)
         yield from completed()
+
+
+@dataclasses.dataclass
+class ExtractionJob:
+    """An engine's job (see :mod:`pyimagesearch_tl.engines`): each worker builds one extractor of
+    ``options`` (:class:`FeatureExtractor`'s keywords; or this process's ``extractor`` itself) and
+    extracts shard after shard (:func:`extract_shards`), each result a :class:`~pyimagesearch_tl.store.Shard`."""
+
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    extractor: FeatureExtractor | None = None
+
+    def check(self) -> None:
+        get_backbone(self.options["backbone"])
+        resolve_weights(self.options["weights"])
+
+    def start(self, cpus: int | None) -> "ExtractionJob":
+        if self.extractor is None:
+            self.extractor = FeatureExtractor(**self.options, **({"workers": cpus} if cpus else {}))
+        return self
+
+    @property
+    def meta(self) -> FeatureMeta:
+        return self.extractor.meta
+
+    @property
+    def runtime(self) -> str:
+        return self.extractor.runtime
+
+    def run(self, tasks: Sequence[ShardTask]) -> Iterator[tuple[int, Shard]]:
+        return extract_shards(self.extractor, tasks)
 
 
 def check_labels(rows: Sequence[dict[str, str]], label_names: Sequence[str], what: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -57,7 +58,7 @@ def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
     Parameters
     ----------
     inputs : iterable of str or Path
-        Files and folders.
+        Files, folders and glob patterns (``photos/**/*.jpg``; a name that exists is never a pattern).
 
     Returns
     -------
@@ -76,6 +77,11 @@ def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
             paths += sorted(p for p in item.rglob("*") if is_image_name(p.name))
         elif item.exists() or item.is_symlink():
             paths.append(item)
+        elif glob.has_magic(str(item)):
+            matches = sorted(glob.glob(str(item), recursive=True))
+            if not matches:
+                raise DatasetError(f"{item}: the pattern matches no file or folder")
+            paths += expand_paths(matches)
         else:
             raise DatasetError(f"{item}: no such file or folder")
     return paths

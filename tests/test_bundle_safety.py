@@ -305,7 +305,7 @@ def test_predict_and_serve_take_the_onnx_export_give_the_bundles_answers_and_imp
     assert f"predicted {len(photos)} (0 unknown), skipped 0" in predicted.stdout
     results = json.loads((tmp_path / "p.json").read_text())
     for got, want in zip(results, expected):
-        assert got["label"] == want.top[0][0] and got["similarity"] is None  # no detector in the graph
+        assert got["label"] == want.top[0][0] and got["familiarity"] is None  # no detector in the graph
         assert [name for name, _ in got["top"]] == [name for name, _ in want.top]
         np.testing.assert_allclose([s for _, s in got["top"]], [s for _, s in want.top], rtol=0, atol=1e-5)
 

@@ -1,6 +1,7 @@
 """Reduced precision on real photos: int8 calibrated on the dataset's own training photos, the quality gate,
 and a quantized network that follows the features into the bundle, prediction and the ONNX export."""
 
+import csv
 import hashlib
 import json
 
@@ -106,8 +107,8 @@ def test_the_bundle_carries_the_network_and_predicts_with_it(int8_run, pipeline_
         *[str(pipeline_run["dataset"] / path) for path in validation.paths],
     )
     assert f"predicted {len(expected)}" in output
-    rows = (work / "predictions.csv").read_text().splitlines()[1:]
-    assert [row.split(",")[1] for row in rows] == expected
+    with (work / "predictions.csv").open(newline="") as handle:
+        assert [row["label"] for row in csv.DictReader(handle)] == expected
     accuracy = np.mean(np.array(expected) == np.array([bundle.label_names[i] for i in validation.labels]))
     assert accuracy >= 0.8  # cats and dogs, int8: the model still works
 

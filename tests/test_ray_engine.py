@@ -256,3 +256,32 @@ def test_a_worker_that_cannot_build_the_backbone_says_why_in_one_line(dataset, c
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"Error: weights file {str(junk)!r} cannot be loaded into efficientnet_lite0: ")
     assert "(on node " in line
+
+
+def test_ray_predict_on_two_nodes_equals_local_predict_row_for_row(dataset, local_reference, cluster_address, tmp_path):
+    """``ptl predict --engine ray`` on the two nodes (workers open the bundle once each) writes the rows
+    the local engine writes: same photos, order, labels, hashes and skips; scores within 1e-5."""
+    import csv
+
+    from pyimagesearch_tl.bulk_prediction import predict_files
+    from pyimagesearch_tl.training import train
+
+    [model] = train(local_reference.wait(), tmp_path / "models", training_split="training",
+                    validation_split="validation", grids={"logreg": {"C": [0.1]}})  # fmt: skip
+    photos = [str(dataset / "validation"), str(dataset / "training" / "dogs" / "cut.jpg")]
+    ray_csv = tmp_path / "ray.csv"
+    command = PTL + ["predict", "--model", str(model.path), *photos, "--output", str(ray_csv), "--shard-size", "3"]
+    result = subprocess.run(command + ["--engine", "ray", "--ray-address", cluster_address],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ray: 2 workers" in result.stdout
+    predict_files(model.path, photos, tmp_path / "local.csv", shard_size=3)
+    rows = {}
+    for name in ("ray", "local"):
+        with (tmp_path / f"{name}.csv").open(newline="") as handle:
+            rows[name] = list(csv.DictReader(handle))
+    keys = ("path", "sha256", "label", "unknown", "error")
+    assert [[r[k] for k in keys] for r in rows["ray"]] == [[r[k] for k in keys] for r in rows["local"]]
+    assert len(rows["ray"]) == 11 and rows["ray"][-1]["error"].startswith("corrupt image")
+    scores = {name: [float(r["score"] or 0) for r in table] for name, table in rows.items()}
+    np.testing.assert_allclose(scores["ray"], scores["local"], rtol=0, atol=1e-5)

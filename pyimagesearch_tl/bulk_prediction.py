@@ -1,0 +1,523 @@
+"""Classifying a photo archive: paths -> shards -> an engine -> part files -> one CSV, Parquet or JSON file.
+
+``ptl predict`` and :meth:`pyimagesearch_tl.api.Model.predict_many` run here, for a few photos or millions:
+
+1. The inputs (files, folders, glob patterns, a list file) become one ordered list of paths.
+2. The list is cut into shards of ``shard_size`` consecutive paths. A shard's identity is the model
+   file's SHA-256, ``top_k``, and each path with its size and modification time; a part file of that
+   identity is finished work, so a rerun after a crash, a Ctrl-C or a killed driver never redoes it.
+3. The engine (:mod:`pyimagesearch_tl.engines`: this process, or a Ray cluster whose workers each open
+   the model once, with its runtime, precision and combined backbones) classifies the missing shards
+   and hashes their files; this process writes each shard's part file as it arrives.
+4. The parts are joined, in input order, into the output file; the part files are then removed.
+
+With an output file the whole run holds that file's lock (:mod:`pyimagesearch_tl.locks`); without
+one, nothing is written and nothing can be resumed.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from .atomic import OutputError, atomic_path, atomic_write_json, check_writable, describe_os_error
+from .engines import create_engine, engine_class
+from .errors import BundleError, ConfigError
+from .features import ShardTask, interrupt_after_batch
+from .images import MAX_PIXELS, sha256_file
+from .locks import output_lock
+from .prediction import UNKNOWN, Prediction, expand_paths
+from .store import SHARD_SIZE
+
+#: The columns of every output row, whichever the engine and the format.
+COLUMNS = ("path", "sha256", "label", "score", "unknown", "familiarity", "top", "error")
+#: The formats of the output file, by suffix.
+FORMATS = (".csv", ".parquet", ".json")
+
+
+def read_path_list(path: str | Path) -> list[Path]:
+    """The photos a list file names: one path per line, relative ones from the list's folder; blank
+    lines and lines starting with ``#`` are skipped."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the list file {str(path)!r}: {describe_os_error(exc)}") from None
+    lines = [line.strip() for line in text.splitlines()]
+    return [path.parent / line for line in lines if line and not line.startswith("#")]
+
+
+def row_of(prediction: Prediction, sha256: str) -> dict[str, Any]:
+    """One output row (see :data:`COLUMNS`) of a :class:`~pyimagesearch_tl.prediction.Prediction`."""
+    skipped = prediction.error is not None
+    return dict(
+        path=prediction.path,
+        sha256=sha256,
+        label=prediction.label or "",
+        score=prediction.score,
+        unknown=None if skipped else prediction.label == UNKNOWN,
+        familiarity=prediction.similarity,
+        top=[[name, score] for name, score in prediction.top],
+        error=prediction.error,
+    )
+
+
+def _sha256(path: str) -> str:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return ""  # the decoder has said why it cannot be read
+
+
+@dataclasses.dataclass
+class PredictionJob:
+    """An engine's job (see :mod:`pyimagesearch_tl.engines`): each worker opens the model file whose
+    content is ``model`` once, then classifies shard after shard; each result is the shard's rows.
+
+    ``source`` is the model file's path in the process that made the job: there (the local engine) the
+    model opens from it, so that its errors name it; it never travels to a Ray worker, which opens a
+    copy of ``model`` instead.
+    """
+
+    model: bytes
+    suffix: str
+    trust_pickle: bool
+    top_k: int
+    batch_size: int
+    max_pixels: int
+    requested_runtime: str  # as the user gave it (``runtime``: where the network runs once started)
+    images: int  # the whole job's size: where the network runs (see FeatureExtractor.expect)
+    source: Path | None = None
+    predictor: Any = None
+
+    def __getstate__(self):
+        return dict(self.__dict__, source=None, predictor=None)
+
+    def _open(self, path: Path):
+        from .api import load_predictor
+
+        return load_predictor(
+            path,
+            self.top_k,
+            trust_pickle=self.trust_pickle,
+            batch_size=self.batch_size,
+            max_image_pixels=self.max_pixels,
+            runtime=self.requested_runtime,
+        )
+
+    def _with_model_file(self, use: Callable[[Path], Any]):
+        if self.source is not None:
+            return use(self.source)
+        with tempfile.TemporaryDirectory(prefix="ptl-model-") as folder:
+            path = Path(folder) / f"model{self.suffix}"
+            path.write_bytes(self.model)
+            return use(path)
+
+    def describe(self):
+        """The model, opened without building its backbone: a bundle (checked whole), or an ONNX file's
+        description (:class:`~pyimagesearch_tl.export.OnnxModel`). What the driver reports with."""
+        if self.suffix.lower() == ".onnx":
+            return self._with_model_file(lambda path: self._open(path).bundle)  # no backbone: cheap
+        from .bundle import Bundle
+
+        return self._with_model_file(lambda path: Bundle.load(path, trust_pickle=self.trust_pickle))
+
+    def check(self) -> None:
+        """Done when the run was made (:meth:`describe`)."""
+
+    def start(self, cpus: int | None) -> "PredictionJob":
+        if self.predictor is None:
+            self.predictor = self._with_model_file(self._open)
+        extractor = getattr(self.predictor, "extractor", None)
+        if cpus and extractor is not None:  # the decoder and the runtimes keep to the worker's CPUs
+            for part in getattr(extractor, "parts", [extractor]):
+                part.workers = cpus
+        self.predictor.expect(self.images)
+        return self
+
+    @property
+    def meta(self):
+        return self.predictor.bundle.meta
+
+    @property
+    def runtime(self) -> str:
+        extractor = getattr(self.predictor, "extractor", None)
+        return "onnxruntime" if extractor is None else extractor.runtime
+
+    def run(self, tasks: Sequence[ShardTask]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+        for task in tasks:
+            results = self.predictor.predict(task.paths)
+            yield task.index, [row_of(r, _sha256(p)) for r, p in zip(results, task.paths)]
+
+
+@dataclasses.dataclass
+class PlannedPart:
+    """Paths ``start:stop`` of the input list and where their finished rows are kept."""
+
+    index: int
+    start: int
+    stop: int
+    identity: str
+    path: Path | None
+
+
+def _stamp(path: Path) -> str:
+    try:
+        status = path.stat()
+    except OSError:
+        return "-"
+    return f"{status.st_size}:{status.st_mtime_ns}"
+
+
+def plan_parts(files: Sequence[Path], model_sha256: str, top_k: int, shard_size: int, folder: Path | None):
+    """Cut ``files`` into shards of ``shard_size``, each named by its identity (see the module's description)."""
+    parts = []
+    for index, start in enumerate(range(0, len(files), shard_size)):
+        stop = min(start + shard_size, len(files))
+        digest = hashlib.sha256(f"{model_sha256}\0{top_k}\n".encode())
+        for path in files[start:stop]:
+            digest.update(f"{path}\0{_stamp(path)}\n".encode("utf-8", "surrogateescape"))
+        identity = digest.hexdigest()
+        parts.append(
+            PlannedPart(index, start, stop, identity, folder / f"{index:07d}-{identity[:16]}.json" if folder else None)
+        )
+    return parts
+
+
+def _read_part(part: PlannedPart, files: Sequence[Path]) -> list[dict[str, Any]] | str:
+    """The rows of a finished part file, or why it cannot be used (it is untrusted: checked whole)."""
+    try:
+        content = json.loads(part.path.read_text(encoding="utf-8", errors="surrogateescape"))
+    except (OSError, ValueError) as exc:
+        return f"part file {part.path} is unreadable ({type(exc).__name__}; cut short?)"
+    expected = [str(p) for p in files[part.start : part.stop]]
+    rows = content.get("rows") if isinstance(content, dict) else None
+    if content.get("identity") != part.identity if isinstance(content, dict) else True:
+        return f"part file {part.path} is not this shard's"
+    if (
+        not isinstance(rows, list)
+        or len(rows) != len(expected)
+        or not all(_valid_row(row) for row in rows)
+        or [row["path"] for row in rows] != expected
+    ):
+        return f"part file {part.path} does not hold this shard's rows"
+    return [{key: row[key] for key in COLUMNS} for row in rows]
+
+
+def _number_or_none(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _valid_row(row) -> bool:
+    """Whether ``row`` (read back from a part file) is a row this module writes, field by field."""
+    return (
+        isinstance(row, dict)
+        and sorted(row) == sorted(COLUMNS)
+        and all(isinstance(row[key], str) for key in ("path", "sha256", "label"))
+        and _number_or_none(row["score"])
+        and _number_or_none(row["familiarity"])
+        and (row["unknown"] is None or isinstance(row["unknown"], bool))
+        and (row["error"] is None or isinstance(row["error"], str))
+        and isinstance(row["top"], list)
+        and all(
+            isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and _number_or_none(pair[1])
+            for pair in row["top"]
+        )
+    )
+
+
+@dataclasses.dataclass
+class PredictReport:
+    """What a run did: counts, skipped photos with reasons, shards, where it ran, the output file."""
+
+    images: int
+    predicted: int
+    unknown: int
+    skipped: list[tuple[str, str]]
+    shards: int
+    shards_resumed: int
+    output: Path | None
+    seconds: float
+    nodes: dict[str, int]
+    runtimes: list[str]
+    score_kind: str
+
+
+class _Writer:
+    """Rows to the output file, shard by shard, in the format its suffix names."""
+
+    def __init__(self, path: Path, handle_path: Path):
+        self.suffix = path.suffix.lower()
+        self.path = handle_path
+        self._parquet = None
+        if self.suffix == ".parquet":
+            try:
+                import pyarrow  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    "--output *.parquet needs pyarrow, an optional extra: pip install 'pyimagesearch_tl[parquet]'"
+                ) from None
+        else:
+            self._handle = handle_path.open("w", newline="", encoding="utf-8", errors="surrogateescape")
+            if self.suffix == ".csv":
+                import csv
+
+                self._csv = csv.DictWriter(self._handle, COLUMNS)
+                self._csv.writeheader()
+            else:
+                self._handle.write("[")
+                self._first = True
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        if self.suffix == ".csv":
+            self._csv.writerows(
+                dict(row, top=json.dumps(row["top"]), unknown="" if row["unknown"] is None else row["unknown"])
+                for row in rows
+            )
+        elif self.suffix == ".json":
+            for row in rows:
+                self._handle.write(("\n" if self._first else ",\n") + json.dumps(row))
+                self._first = False
+        else:
+            self._write_parquet(rows)
+
+    def _write_parquet(self, rows):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pa.schema(
+            [
+                ("path", pa.string()),
+                ("sha256", pa.string()),
+                ("label", pa.string()),
+                ("score", pa.float64()),
+                ("unknown", pa.bool_()),
+                ("familiarity", pa.float64()),
+                ("top", pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))),
+                ("error", pa.string()),
+            ]
+        )
+        if self._parquet is None:
+            self._parquet = pq.ParquetWriter(str(self.path), schema)
+        table = pa.Table.from_pylist(
+            [dict(row, top=[dict(label=name, score=score) for name, score in row["top"]]) for row in rows], schema
+        )
+        self._parquet.write_table(table)
+
+    def close(self) -> None:
+        if self.suffix == ".parquet":
+            if self._parquet is None:
+                self._write_parquet([])
+            self._parquet.close()
+        else:
+            if self.suffix == ".json":
+                self._handle.write("\n]\n")
+            self._handle.close()
+
+
+def predict_files(model_path: str | Path, inputs: Sequence[str | Path] = (), output=None, **options) -> "PredictReport":
+    """``PredictionRun(model_path, inputs, output, **options).execute(...)``: see :class:`PredictionRun`
+    (``wait``, ``progress``, ``on_rows`` and ``on_start`` go to :meth:`PredictionRun.execute`)."""
+    run_options = {key: options.pop(key) for key in ("wait", "progress", "on_rows", "on_start") if key in options}
+    return PredictionRun(model_path, inputs, output, **options).execute(**run_options)
+
+
+class PredictionRun:
+    """Every photo of ``inputs`` (files, folders, glob patterns) and ``file_list``, classified by a model file.
+
+    Everything is checked when the run is made, before any work: the photos found, the engine, the
+    output's format and folder, the model file (:attr:`model` is its bundle, or the ONNX file's
+    description: ``score_kind``, ``label_names``, ``novelty``).
+
+    Parameters
+    ----------
+    model_path : path
+        A bundle (``train``, ``finetune``) or an ``.onnx`` file (``export``).
+    output : path, optional
+        ``*.csv``, ``*.parquet`` or ``*.json``: one row per photo (:data:`COLUMNS`), in input order,
+        skipped photos included with their reason. Finished shards are kept beside it until the run
+        ends, so the same run again resumes an interrupted one; another run on the same file is
+        refused (or waited for: ``execute(wait=True)``). Without one, nothing is written.
+    engine : {"local", "ray"}
+        Where the shards run (see :mod:`pyimagesearch_tl.engines`); the rows are the same.
+
+    Raises
+    ------
+    ConfigError, DatasetError, BundleError
+        No photo given, an unknown engine or format, a model that cannot be opened.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        inputs: Sequence[str | Path] = (),
+        output: str | Path | None = None,
+        *,
+        file_list: str | Path | None = None,
+        engine: str = "local",
+        shard_size: int = SHARD_SIZE,
+        top_k: int = 3,
+        trust_pickle: bool = False,
+        batch_size: int = 32,
+        max_pixels: int = MAX_PIXELS,
+        runtime: str = "auto",
+        ray_address: str | None = None,
+        ray_cpus_per_worker: int = 1,
+    ):
+        if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+            raise ConfigError(f"shard_size must be a whole number of photos, at least 1, got {shard_size!r}")
+        engine_class(engine)
+        self.files = expand_paths(inputs) + (read_path_list(file_list) if file_list else [])
+        if not self.files:
+            raise ConfigError(f"no image files found in: {', '.join(map(str, inputs)) or file_list}")
+        self.output = Path(output) if output is not None else None
+        if self.output is not None:
+            if self.output.suffix.lower() not in FORMATS:
+                raise ConfigError(f"--output must end in one of {', '.join(FORMATS)}, not {self.output.name!r}")
+            check_writable(self.output)  # refused now, not after every photo has gone through the network
+        model_path = Path(model_path)
+        self.job = PredictionJob(
+            b"", model_path.suffix, trust_pickle, top_k, batch_size, max_pixels, runtime, len(self.files)
+        )
+        self.job.source = model_path
+        self.model = self.job.describe()  # opened here first: its errors name the file
+        try:
+            self.job.model = model_path.read_bytes()  # what the workers open, and what names the shards
+        except OSError as exc:
+            raise BundleError(f"model file {str(model_path)!r}: {describe_os_error(exc)}") from None
+        self.engine, self.shard_size = engine, shard_size
+        self.engine_options = dict(address=ray_address, cpus_per_worker=ray_cpus_per_worker)
+
+    @classmethod
+    def from_config(cls, config, model_path, inputs=(), output=None, **options) -> "PredictionRun":
+        """A run with the settings of a :class:`~pyimagesearch_tl.config.Config` (engine, shards, runtime,
+        batch size, pixel limit), and ``options`` (``file_list``, ``top_k``, ``trust_pickle``)."""
+        return cls(
+            model_path,
+            inputs,
+            output,
+            engine=config.engine,
+            shard_size=config.shard_size,
+            batch_size=config.batch_size,
+            max_pixels=config.max_image_pixels,
+            runtime=config.runtime,
+            ray_address=config.ray_address,
+            ray_cpus_per_worker=config.ray_cpus_per_worker,
+            **options,
+        )
+
+    def execute(
+        self,
+        wait: bool = False,
+        progress: bool = False,
+        on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
+        on_start: Callable[[Any, int, int], None] | None = None,
+    ) -> PredictReport:
+        """Run it: ``on_start(engine, resumed, shards)`` once the workers are up (engine None when every
+        shard was already done), ``on_rows(rows)`` with each shard's rows as it finishes (in the order
+        shards finish)."""
+        if self.output is None:
+            return self._run(progress, on_rows, on_start)
+        with output_lock(self.output, wait):
+            return self._run(progress, on_rows, on_start)
+
+    def _run(self, progress, on_rows, on_start) -> PredictReport:
+        from tqdm.auto import tqdm
+
+        job, files, output = self.job, self.files, self.output
+
+        started = time.perf_counter()
+        folder = output.with_name(f".{output.name}.parts") if output is not None else None
+        model_sha256 = hashlib.sha256(job.model).hexdigest()
+        parts = plan_parts(files, model_sha256, job.top_k, self.shard_size, folder)
+        finished: dict[int, list[dict[str, Any]]] = {}
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            for part in parts:
+                if part.path.exists():
+                    rows = _read_part(part, files)
+                    if isinstance(rows, str):
+                        warnings.warn(f"{rows}; its photos are classified again")
+                        part.path.unlink()
+                    else:
+                        finished[part.index] = rows
+        todo = {p.index: p for p in parts if p.index not in finished}
+        tasks = [ShardTask(p.index, [str(f) for f in files[p.start : p.stop]]) for p in todo.values()]
+        nodes: collections.Counter = collections.Counter()
+        runtimes: list[str] = []
+        fresh: dict[int, list[dict[str, Any]]] = {}
+        with contextlib.ExitStack() as stack:
+            if tasks:
+                runner = stack.enter_context(create_engine(self.engine, job, **self.engine_options))
+                interrupted = stack.enter_context(interrupt_after_batch())
+                if on_start is not None:
+                    on_start(runner, len(parts) - len(todo), len(parts))
+                done = len(files) - sum(p.stop - p.start for p in todo.values())
+                bar = stack.enter_context(tqdm(total=len(files), initial=done, unit="img", disable=not progress))
+                for index, rows, node in runner.run(tasks):
+                    part = todo[index]
+                    if folder is not None:
+                        atomic_write_json(part.path, dict(identity=part.identity, rows=rows))
+                    else:
+                        fresh[index] = rows
+                    nodes[node] += 1
+                    bar.update(part.stop - part.start)
+                    if on_rows is not None:
+                        on_rows(rows)
+                    if interrupted():
+                        raise KeyboardInterrupt
+                runtimes = runner.runtimes()
+            elif on_start is not None:
+                on_start(None, len(parts), len(parts))
+        counts = collections.Counter()
+        skipped: list[tuple[str, str]] = []
+
+        def all_rows() -> Iterator[list[dict[str, Any]]]:
+            for part in parts:
+                rows = finished.get(part.index) or fresh.get(part.index)
+                if rows is None:  # a part file read back after its shard was written
+                    rows = _read_part(part, files)
+                    if isinstance(rows, str):
+                        raise OutputError(f"{rows}: it changed during the run; rerun the same command")
+                for row in rows:
+                    counts["images"] += 1
+                    if row["error"] is not None:
+                        skipped.append((row["path"], row["error"]))
+                    else:
+                        counts["unknown"] += bool(row["unknown"])
+                yield rows
+
+        if output is not None:
+            with atomic_path(output) as temporary:
+                writer = _Writer(output, temporary)
+                try:
+                    for rows in all_rows():
+                        writer.write(rows)
+                finally:
+                    writer.close()
+            shutil.rmtree(folder)
+        else:
+            for _ in all_rows():
+                pass
+        return PredictReport(
+            images=counts["images"],
+            predicted=counts["images"] - len(skipped),
+            unknown=counts["unknown"],
+            skipped=skipped,
+            shards=len(parts),
+            shards_resumed=len(finished),
+            output=output,
+            seconds=time.perf_counter() - started,
+            nodes=dict(nodes),
+            runtimes=runtimes,
+            score_kind=self.model.score_kind,
+        )
