@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import click
-from benchmarks_common import SHARED, real_photos, save_results
+from benchmarks_common import SHARED, pinned_ray_cluster, real_photos, save_results
 
 SPLITS = ["training", "validation", "evaluation"]
 
@@ -61,45 +61,15 @@ def extract(dataset: Path, scratch: Path, shard_size: int, **engine) -> tuple[fl
 def on_cluster(
     nodes: list[int], dataset: Path, scratch: Path, shard_size: int, repeats: int, cpus_per_worker: int = 1
 ) -> tuple[float, float]:
-    """Median img/s and wall seconds on a fresh local Ray cluster with ``nodes`` CPUs per node.
-
-    Each node's processes are pinned to cores of their own (a node's raylet, and the workers it
-    starts, inherit the affinity this process has when the node starts), so a 1-CPU node uses one
-    core, as a 1-CPU machine would: Ray itself only counts CPUs, it does not confine a worker's
-    threads, and a worker would otherwise spread its decoding onto the idle cores of this machine.
-    The driver (this process) runs on the cluster's cores as well, so the run uses those alone.
-    """
-    from ray.cluster_utils import Cluster
-
-    everything = os.sched_getaffinity(0)
-    first = 0
-    for number, cpus in enumerate(nodes):
-        os.sched_setaffinity(0, set(range(first, first + cpus)))
-        first += cpus
-        if number == 0:
-            cluster = Cluster(
-                initialize_head=True,
-                head_node_args=dict(num_cpus=cpus, include_dashboard=False, object_store_memory=200 * 2**20),
-            )
-        else:
-            cluster.add_node(num_cpus=cpus, object_store_memory=200 * 2**20)
-    os.sched_setaffinity(0, set(range(first)))  # the driver runs on the cluster's cores too, nowhere else
-    cluster.wait_for_nodes()
-    try:
+    """Median img/s and wall seconds on a fresh local Ray cluster with ``nodes`` CPUs per node
+    (see :func:`benchmarks_common.pinned_ray_cluster`)."""
+    with pinned_ray_cluster(nodes) as address:
         runs = [
             extract(
-                dataset,
-                scratch,
-                shard_size,
-                engine="ray",
-                ray_address=cluster.address,
-                ray_cpus_per_worker=cpus_per_worker,
+                dataset, scratch, shard_size, engine="ray", ray_address=address, ray_cpus_per_worker=cpus_per_worker
             )
             for _ in range(repeats)
         ]
-    finally:
-        cluster.shutdown()
-        os.sched_setaffinity(0, everything)
     return statistics.median(r for r, _ in runs), statistics.median(w for _, w in runs)
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 from pathlib import Path
+from typing import Iterator
 
 import click
 
@@ -79,3 +82,36 @@ def save_results(name: str, figures: dict) -> Path:
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path.relative_to(ROOT)}")
     return path
+
+
+@contextlib.contextmanager
+def pinned_ray_cluster(nodes: list[int]) -> Iterator[str]:
+    """A fresh local Ray cluster with ``nodes`` CPUs per node; yields its address.
+
+    Each node's processes are pinned to cores of their own (a node's raylet, and the workers it
+    starts, inherit the affinity this process has when the node starts), so a 1-CPU node uses one
+    core, as a 1-CPU machine would: Ray itself only counts CPUs, it does not confine a worker's
+    threads, and a worker would otherwise spread its decoding onto the idle cores of this machine.
+    The driver (this process) runs on the cluster's cores as well, so the run uses those alone.
+    """
+    from ray.cluster_utils import Cluster
+
+    everything, first, cluster = os.sched_getaffinity(0), 0, None
+    try:
+        for number, cpus in enumerate(nodes):
+            os.sched_setaffinity(0, set(range(first, first + cpus)))
+            first += cpus
+            if number == 0:
+                cluster = Cluster(
+                    initialize_head=True,
+                    head_node_args=dict(num_cpus=cpus, include_dashboard=False, object_store_memory=200 * 2**20),
+                )
+            else:
+                cluster.add_node(num_cpus=cpus, object_store_memory=200 * 2**20)
+        os.sched_setaffinity(0, set(range(first)))  # the driver runs on the cluster's cores too, nowhere else
+        cluster.wait_for_nodes()
+        yield cluster.address
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+        os.sched_setaffinity(0, everything)
