@@ -133,8 +133,8 @@ def build_dataset(
         Queue behind another run writing ``output_dir`` instead of refusing.
     **overrides
         Configuration keys: ``layout``, ``classes``, ``labels_file``, ``split_files``, ``exclude``, ``splits``,
-        ``split_fractions``,
-        ``seed``, ``link``, ``max_image_pixels``.
+        ``split_fractions``, ``seed``, ``link``, ``max_image_pixels``; and where the photos are checked and
+        hashed: ``engine``, ``shard_size``, ``ray_address``, ``ray_cpus_per_worker``.
     """
     from .layouts import build_dataset as build
 
@@ -154,6 +154,10 @@ def build_dataset(
         seed=config.seed,
         link=config.link,
         max_pixels=config.max_image_pixels,
+        engine=config.engine,
+        shard_size=config.shard_size,
+        ray_address=config.ray_address,
+        ray_cpus_per_worker=config.ray_cpus_per_worker,
         wait=wait,
     )
     return Dataset(Path(config.dataset_dir), report)
@@ -510,14 +514,17 @@ def load_predictor(
     Predictor
         Its ``predict(paths)`` gives one :class:`~pyimagesearch_tl.prediction.Prediction` per image.
     """
-    if Path(path).suffix.lower() != ".onnx":
-        return load_model(path, trust_pickle=trust_pickle, config=config, **overrides).predictor(top_k)
-    from .export import OnnxPredictor
+    from .bulk_prediction import open_predictor
 
     config = configure(config, **overrides)
-    if config.runtime not in ("auto", "onnxruntime"):
-        raise ConfigError(f"{path} is an ONNX model, run by ONNX Runtime: runtime {config.runtime!r} is for bundles")
-    return OnnxPredictor(path, config.batch_size, config.max_image_pixels, top_k)
+    return open_predictor(
+        path,
+        top_k,
+        trust_pickle=trust_pickle,
+        batch_size=config.batch_size,
+        max_pixels=config.max_image_pixels,
+        runtime=config.runtime,
+    )
 
 
 def train(

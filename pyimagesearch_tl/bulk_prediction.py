@@ -21,6 +21,7 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import shutil
 import tempfile
@@ -30,12 +31,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .atomic import OutputError, atomic_path, atomic_write_json, check_writable, describe_os_error
-from .engines import create_engine, engine_class
+from .bundle import Bundle
+from .engines import ShardTask, create_engine, engine_class
 from .errors import BundleError, ConfigError
-from .features import ShardTask, interrupt_after_batch
+from .export import OnnxPredictor
+from .features import interrupt_after_batch, limit_tensorflow_threads
 from .images import MAX_PIXELS, sha256_file
 from .locks import output_lock
-from .prediction import UNKNOWN, Prediction, expand_paths
+from .prediction import UNKNOWN, Prediction, Predictor, expand_paths
 from .store import SHARD_SIZE
 
 #: The columns of every output row, whichever the engine and the format.
@@ -78,6 +81,25 @@ def _sha256(path: str) -> str:
         return ""  # the decoder has said why it cannot be read
 
 
+def open_predictor(
+    path: str | Path,
+    top_k: int = 3,
+    *,
+    trust_pickle: bool = False,
+    batch_size: int = 32,
+    max_pixels: int = MAX_PIXELS,
+    runtime: str = "auto",
+):
+    """The predictor of a model file: a bundle's :class:`~pyimagesearch_tl.prediction.Predictor`, or an
+    ``.onnx`` file's :class:`~pyimagesearch_tl.export.OnnxPredictor` (ONNX Runtime, no TensorFlow;
+    ``runtime`` "auto" or "onnxruntime" only). ``ptl predict``, ``ptl serve`` and the workers open models here."""
+    if Path(path).suffix.lower() != ".onnx":
+        return Predictor(Bundle.load(path, trust_pickle=trust_pickle), batch_size, max_pixels, top_k, runtime)
+    if runtime not in ("auto", "onnxruntime"):
+        raise ConfigError(f"{path} is an ONNX model, run by ONNX Runtime: runtime {runtime!r} is for bundles")
+    return OnnxPredictor(path, batch_size, max_pixels, top_k)
+
+
 @dataclasses.dataclass
 class PredictionJob:
     """An engine's job (see :mod:`pyimagesearch_tl.engines`): each worker opens the model file whose
@@ -103,14 +125,12 @@ class PredictionJob:
         return dict(self.__dict__, source=None, predictor=None)
 
     def _open(self, path: Path):
-        from .api import load_predictor
-
-        return load_predictor(
+        return open_predictor(
             path,
             self.top_k,
             trust_pickle=self.trust_pickle,
             batch_size=self.batch_size,
-            max_image_pixels=self.max_pixels,
+            max_pixels=self.max_pixels,
             runtime=self.requested_runtime,
         )
 
@@ -127,8 +147,6 @@ class PredictionJob:
         description (:class:`~pyimagesearch_tl.export.OnnxModel`). What the driver reports with."""
         if self.suffix.lower() == ".onnx":
             return self._with_model_file(lambda path: self._open(path).bundle)  # no backbone: cheap
-        from .bundle import Bundle
-
         return self._with_model_file(lambda path: Bundle.load(path, trust_pickle=self.trust_pickle))
 
     def check(self) -> None:
@@ -136,6 +154,8 @@ class PredictionJob:
 
     def start(self, cpus: int | None) -> "PredictionJob":
         if self.predictor is None:
+            if cpus and self.suffix.lower() != ".onnx":
+                limit_tensorflow_threads(cpus)
             self.predictor = self._with_model_file(self._open)
         extractor = getattr(self.predictor, "extractor", None)
         if cpus and extractor is not None:  # the decoder and the runtimes keep to the worker's CPUs
@@ -154,9 +174,28 @@ class PredictionJob:
         return "onnxruntime" if extractor is None else extractor.runtime
 
     def run(self, tasks: Sequence[ShardTask]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-        for task in tasks:
-            results = self.predictor.predict(task.paths)
-            yield task.index, [row_of(r, _sha256(p)) for r, p in zip(results, task.paths)]
+        """Each task's rows, in order, as soon as all its photos are classified: the photos of every
+        task go through one decoding stream, which keeps running ahead across shard boundaries."""
+        paths = [path for task in tasks for path in task.paths]
+        ends = list(itertools.accumulate(len(task.paths) for task in tasks))
+        pending: dict[int, Prediction] = {}
+        current, seen = 0, 0
+
+        def completed():  # the tasks whose every photo has been classified, in order (empty tasks included)
+            nonlocal current
+            while current < len(tasks) and ends[current] <= seen:
+                start = ends[current] - len(tasks[current].paths)
+                yield (
+                    tasks[current].index,
+                    [row_of(pending.pop(i), _sha256(paths[i])) for i in range(start, ends[current])],
+                )
+                current += 1
+
+        yield from completed()
+        for batch in self.predictor.iter_batches(paths):
+            pending.update(self.predictor.iter_predictions([batch], paths))
+            seen += len(batch.indices) + len(batch.skipped)
+            yield from completed()
 
 
 @dataclasses.dataclass

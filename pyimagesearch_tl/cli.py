@@ -260,6 +260,7 @@ def runtimes_command(config: Config, benchmark, **options):
 @click.option("--seed", type=int)
 @click.option("--link", type=click.Choice(["copy", "hardlink", "symlink"]))
 @click.option("--exclude", help="An audit.csv trimmed to the rows to drop: those images are left out.")
+@engine_options
 @wait_option
 @with_config
 def build_dataset_command(config: Config, wait, **options):

@@ -62,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "views": 1,  # 2: average each image's features with its left-right mirror's (one more forward pass)
     "runtime": "auto",  # where the backbone runs: auto, the first of OpenVINO, ONNX Runtime, TensorFlow
     # that is installed and matches TensorFlow; or one by name
-    "engine": "local",  # where extraction runs: this process, or a Ray cluster
+    "engine": "local",  # where shard work (build-dataset's checks, extract, predict) runs: this process, or Ray
     "ray_address": None,  # ray engine: unset starts a local Ray instance; "auto" joins this machine's cluster
     "ray_cpus_per_worker": 1,  # ray engine: CPUs per worker (each builds the backbone once)
     "shard_size": SHARD_SIZE,  # images per shard file: the unit of work and of resume

@@ -18,18 +18,26 @@ files, resume, skips and locks exist once per job kind, in :mod:`pyimagesearch_t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import deque
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from .errors import ConfigError, PTLError
-from .features import ShardTask
 from .store import FeatureMeta
 
 #: A shard whose worker dies is retried this many times before the run gives up (resumable).
 WORKER_RETRIES = 3
 
 ENGINES: dict[str, Callable[..., "Engine"]] = {}
+
+
+@dataclasses.dataclass
+class ShardTask:
+    """One shard's work: its images, in order (paths every worker can read)."""
+
+    index: int
+    paths: list[str]
 
 
 def register(name: str):
@@ -75,7 +83,7 @@ class Job(Protocol):
         """Refuse, on the driver, what would fail on every worker (an unknown backbone, a missing file)."""
 
     def start(self, cpus: int | None) -> JobWorker:
-        """Build what the work needs once (a backbone), limited to ``cpus`` (None: this machine's)."""
+        """Build what the work needs once (a backbone), its threads limited to ``cpus`` (None: this machine's)."""
 
 
 class Engine:
@@ -130,12 +138,7 @@ class ShardWorker:
     def __init__(self, cpus: int):
         import ray
 
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        import tensorflow as tf
-
-        # The CPUs Ray gave this worker, no more: several workers on one node must not oversubscribe it.
-        tf.config.threading.set_intra_op_parallelism_threads(cpus)
-        tf.config.threading.set_inter_op_parallelism_threads(cpus)
+        # The CPUs Ray gave this worker, no more: the job keeps to them (Job.start).
         self.cpus, self.node = cpus, ray.get_runtime_context().get_node_id()
         self.worker, self.error = None, None
 

@@ -35,9 +35,9 @@ import numpy as np
 
 from . import quantization
 from .atomic import atomic_write_csv
-from .engines import Engine, create_engine, engine_class
+from .engines import Engine, ShardTask, create_engine, engine_class
 from .errors import DatasetError, FeatureFileError
-from .features import ExtractionJob, ShardTask, dataset_rows, interrupt_after_batch, layout_meta
+from .features import ExtractionJob, dataset_rows, interrupt_after_batch, layout_meta
 from .images import MAX_PIXELS
 from .locks import locks_output
 from .runtimes import requested_runtime

@@ -26,6 +26,7 @@ import numpy as np
 from .backbones import FINETUNED, create_model, get_backbone, preprocess_input, resolve_weights, weights_digest
 from .cache import cached_file
 from .cpus import available_cpus
+from .engines import ShardTask
 from .errors import BundleError, ConfigError, DatasetError, ImageError
 from .images import DECODER, MAX_PIXELS, load_image, sha256_file
 from .layouts import read_manifest
@@ -463,14 +464,6 @@ def _lowest_priority() -> None:
 # --- shards: the unit of work every engine hands out ----------------------------------------------
 
 
-@dataclasses.dataclass
-class ShardTask:
-    """One shard's work: the images to extract, in order (paths every worker can read)."""
-
-    index: int
-    paths: list[str]
-
-
 def extract_shards(extractor: FeatureExtractor, tasks: Sequence[ShardTask]) -> Iterator[tuple[int, Shard]]:
     """Extract ``tasks`` in order, yielding ``(task.index, shard)`` as each one completes.
 
@@ -504,6 +497,16 @@ def extract_shards(extractor: FeatureExtractor, tasks: Sequence[ShardTask]) -> I
         yield from completed()
 
 
+def limit_tensorflow_threads(cpus: int) -> None:
+    """TensorFlow in this process keeps to ``cpus`` threads: several workers on one node (Ray gives
+    each its CPUs) must not oversubscribe it. Call it before TensorFlow runs anything."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(cpus)
+    tf.config.threading.set_inter_op_parallelism_threads(cpus)
+
+
 @dataclasses.dataclass
 class ExtractionJob:
     """An engine's job (see :mod:`pyimagesearch_tl.engines`): each worker builds one extractor of
@@ -519,6 +522,8 @@ class ExtractionJob:
 
     def start(self, cpus: int | None) -> "ExtractionJob":
         if self.extractor is None:
+            if cpus:
+                limit_tensorflow_threads(cpus)
             self.extractor = FeatureExtractor(**self.options, **({"workers": cpus} if cpus else {}))
         return self
 

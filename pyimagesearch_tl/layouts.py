@@ -51,6 +51,7 @@ import numpy as np
 
 from .atomic import atomic_write_csv
 from .cpus import available_cpus
+from .engines import ShardTask, create_engine, engine_class
 from .errors import DatasetError, ImageError
 from .images import MAX_PIXELS, is_image_name, probe_image, sha256_file
 from .locks import locks_output
@@ -452,6 +453,42 @@ def _inspect(path: Path, max_pixels: int) -> tuple[tuple[int, int] | None, str]:
         return None, f"unreadable file: {exc.strerror or exc}"
 
 
+@dataclasses.dataclass
+class InspectionJob:
+    """An engine's job (see :mod:`pyimagesearch_tl.engines`): each worker checks that every photo of a
+    shard decodes and hashes it (:func:`_inspect`), ``cpus`` photos at a time; a shard's result is the
+    list of ``((width, height), sha256)`` or ``(None, reason)``, in order. No backbone: no TensorFlow."""
+
+    max_pixels: int = MAX_PIXELS
+    meta = "decode check and SHA-256"  # what every worker computes (no feature layout)
+    runtime = "-"
+
+    def check(self) -> None:
+        """Nothing the driver could find out sooner."""
+
+    def start(self, cpus: int | None) -> "InspectionJob":
+        self.cpus = cpus or available_cpus()
+        return self
+
+    def run(self, tasks) -> Iterable[tuple[int, list]]:
+        with ThreadPoolExecutor(self.cpus) as pool:
+            for task in tasks:
+                yield task.index, list(pool.map(lambda path: _inspect(Path(path), self.max_pixels), task.paths))
+
+
+def inspect_all(
+    paths: Sequence[Path], max_pixels: int, engine: str = "local", shard_size: int = 256, **engine_options
+) -> list[tuple[tuple[int, int] | None, str]]:
+    """:func:`_inspect` of every path, in order, on ``engine`` (the photos in shards of ``shard_size``)."""
+    tasks = [ShardTask(i, [str(p) for p in paths[start : start + shard_size]])
+             for i, start in enumerate(range(0, len(paths), shard_size))]  # fmt: skip
+    results: dict[int, list] = {}
+    with create_engine(engine, InspectionJob(max_pixels), **engine_options) as runner:
+        for index, inspected, _node in runner.run(tasks):
+            results[index] = inspected
+    return [entry for task in tasks for entry in results[task.index]]
+
+
 def find_leaks(rows: Iterable[dict[str, str]]) -> list[dict[str, str]]:
     """Rows whose identical content (sha256) appears in more than one split or under two labels."""
     groups: dict[str, list[dict[str, str]]] = defaultdict(list)
@@ -493,21 +530,33 @@ def build_dataset(
     seed: int = 42,
     link: str = "copy",
     max_pixels: int = MAX_PIXELS,
-    workers: int | None = None,
+    engine: str = "local",
+    shard_size: int = 256,
+    ray_address: str | None = None,
+    ray_cpus_per_worker: int = 1,
 ) -> BuildReport:
     """Write ``output_dir/<split>/<class>/<file>`` and ``manifest.csv`` from the photos in ``input_dir``.
 
-    The folder is assembled beside the target and swapped in at the end, so an interrupted build
-    never leaves half a dataset; an existing target is replaced only if it holds a manifest (it
-    was built here), never a folder of the user's own.
+    Every photo is decoded once (a small decode: a reduced JPEG scale) and hashed, in shards of
+    ``shard_size`` on ``engine`` (this process's threads, or the workers of a Ray cluster); the result
+    is the same on either. The folder is assembled beside the target and swapped in at the end, so an
+    interrupted build never leaves half a dataset; an existing target is replaced only if it holds a
+    manifest (it was built here), never a folder of the user's own.
     """
     result = read_layout(input_dir, layout, classes, labels_file, split_files)
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / MANIFEST).exists():
         raise DatasetError(f"output folder {str(output_dir)!r} is not empty and was not built by ptl; choose another")
 
-    with ThreadPoolExecutor(workers or available_cpus()) as pool:
-        inspected = list(pool.map(lambda item: _inspect(item.source, max_pixels), result.items))
+    engine_class(engine)
+    inspected = inspect_all(
+        [item.source for item in result.items],
+        max_pixels,
+        engine,
+        shard_size,
+        address=ray_address,
+        cpus_per_worker=ray_cpus_per_worker,
+    )
     kept, skipped = [], list(result.missing)
     dropped = read_exclusions(exclude) if exclude else set()
     for item, (size, info) in zip(result.items, inspected):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -141,21 +141,30 @@ class Predictor:
     def predict_batches(self, batches: Iterable, names: Sequence[str]) -> list[Prediction]:
         """The :class:`Prediction` of each of ``names`` from its decoded ``batches`` (those of
         :meth:`iter_batches`; the web app decodes each upload on its own, under its pixel budget)."""
-        classes = self.bundle.label_names
         results: list[Prediction | None] = [None] * len(names)
+        for index, prediction in self.iter_predictions(batches, names):
+            results[index] = prediction
+        return results
+
+    def iter_predictions(self, batches: Iterable, names: Sequence[str]) -> Iterator[tuple[int, Prediction]]:
+        """``(index, Prediction)`` of the images of each decoded batch in turn, as :meth:`predict_batches`
+        makes them (its skipped images included)."""
+        classes = self.bundle.label_names
         for batch in batches:
             for index, reason in batch.skipped:
-                results[index] = Prediction(names[index], None, None, [], error=reason)
+                yield index, Prediction(names[index], None, None, [], error=reason)
             if not batch.indices:
                 continue
             scores, similarity, known = self.assess(batch.images)
             for index, row, close, is_known in zip(batch.indices, scores, similarity, known):
                 order = np.argsort(row)[::-1][: self.top_k]
-                results[index] = Prediction(
-                    names[index],
-                    classes[order[0]] if is_known else UNKNOWN,
-                    float(row[order[0]]),
-                    [(classes[i], float(row[i])) for i in order],
-                    similarity=None if close is None else float(close),
+                yield (
+                    index,
+                    Prediction(
+                        names[index],
+                        classes[order[0]] if is_known else UNKNOWN,
+                        float(row[order[0]]),
+                        [(classes[i], float(row[i])) for i in order],
+                        similarity=None if close is None else float(close),
+                    ),
                 )
-        return results

@@ -13,11 +13,11 @@ import pyimagesearch_tl
 LAYERS = [
     ["errors", "_version", "atomic", "cache", "quiet", "cpus"],  # foundations
     ["images", "locks", "metrics", "plots", "novelty"],  # one concern each
-    ["backbones", "classifiers", "runtimes", "store"],  # registries and file formats
+    ["backbones", "classifiers", "runtimes", "store", "engines"],  # registries, file formats, where shards run
     ["layouts"],  # build-dataset: photos -> dataset/ + manifest.csv
-    ["features", "engines", "quantization", "extraction"],  # extract: manifest -> <split>.h5
+    ["features", "quantization", "extraction"],  # extract: manifest -> <split>.h5
     ["bundle", "training"],  # train: <split>.h5 -> bundle
-    ["evaluation", "prediction", "serve", "export", "finetune", "audit"],  # use a bundle; audit the data
+    ["evaluation", "prediction", "serve", "export", "bulk_prediction", "finetune", "audit"],  # use a bundle; audit
     ["config", "demo"],  # settings of every stage
     ["estimators", "api"],  # the Python way in: scikit-learn transformer, stage functions
     ["cli", "__init__"],  # the ways in

@@ -6,6 +6,7 @@ retries its shards) or the driver (the same command again resumes from the finis
 
 import math
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -285,3 +286,23 @@ def test_ray_predict_on_two_nodes_equals_local_predict_row_for_row(dataset, loca
     assert len(rows["ray"]) == 11 and rows["ray"][-1]["error"].startswith("corrupt image")
     scores = {name: [float(r["score"] or 0) for r in table] for name, table in rows.items()}
     np.testing.assert_allclose(scores["ray"], scores["local"], rtol=0, atol=1e-5)
+
+
+def test_build_dataset_on_two_nodes_equals_the_local_build(dataset, cluster_address, tmp_path):
+    """build-dataset's decode checks and hashes as Ray tasks on the two nodes (no backbone: no TensorFlow on
+    the workers): manifest, skipped and duplicates are those of the local build, byte for byte."""
+    from pyimagesearch_tl.layouts import build_dataset
+
+    source = tmp_path / "photos"
+    shutil.copytree(dataset, source)
+    leaked = sorted((source / "training" / "cats").glob("*.jpg"))[0]
+    shutil.copy(leaked, source / "validation" / "cats" / "leaked.jpg")  # a duplicate across splits
+    built = {}
+    for engine, options in (("local", {}), ("ray", dict(ray_address=cluster_address))):
+        built[engine] = tmp_path / engine
+        build_dataset(source, built[engine], splits=SPLITS, fractions=[0.8, 0.2, 0.0], engine=engine,
+                      shard_size=16, **options)  # fmt: skip
+    for name in ("manifest.csv", "skipped.csv", "duplicates.csv", "unlabelled.csv"):
+        assert (built["ray"] / name).read_text() == (built["local"] / name).read_text(), name
+    assert "cut.jpg" in (built["ray"] / "skipped.csv").read_text()
+    assert "leaked.jpg" in (built["ray"] / "duplicates.csv").read_text()
