@@ -130,12 +130,47 @@ def _ray_row(record: dict) -> str:
     )
 
 
+def _predict_row(record: dict) -> str:
+    f = record["figures"]
+    rates = "; ".join(f"{name} {rate} img/s" for name, rate in f["img_per_s"].items())
+    overhead, scaling = f["ray_predict_overhead"], f["ray_predict_scaling_1_to_2_nodes"]
+    return (
+        f"| `ptl predict` on Ray, {f['images']} photos, shards of {f['shard_size']} | `bench_predict.py` | {rates}: "
+        f"**Ray overhead {overhead:.2f}x, 1 -> 2 nodes {scaling:.2f}x** |"
+    )
+
+
+def _build_row(record: dict) -> str:
+    f = record["figures"]
+    rates = "; ".join(f"{name} {rate} img/s" for name, rate in f["img_per_s"].items())
+    return (
+        f"| `ptl build-dataset`, every shared photo ({f['photos']:,}), checks in shards of {f['shard_size']} | "
+        f"`bench_build.py` | {rates}: **Ray 1 -> 2 nodes {f['ray_build_scaling_1_to_2_nodes']:.2f}x** |"
+    )
+
+
+def _streaming_row(record: dict) -> str:
+    f = record["figures"]
+    peak = f["peak_mib"]
+    return (
+        f"| `train --streaming` (sgd) on {f['rows']:,} rows ({f['file_gib']} GiB; real flowers features with "
+        f"noise) | `bench_streaming.py` | **{f['seconds_per_epoch']} s per epoch**; peak RSS {peak['quarter_1']} "
+        f"MiB at a quarter of the rows, {peak['full_1']} MiB at all (**ratio {f['peak_ratio_full_quarter']}**); "
+        f"accuracy on the real evaluation photos {f['accuracy_streaming']} (in memory on "
+        f"{f['subsample_rows']:,} rows: sgd {f['accuracy_in_memory_subsample']['sgd']}, logreg "
+        f"{f['accuracy_in_memory_subsample']['logreg']}) |"
+    )
+
+
 PERFORMANCE: dict[str, Callable[[dict], str]] = {
     "bench_extract": _extract_row,
     "bench_storage": _storage_row,
     "bench_memory": _memory_rows,
     "bench_end_to_end": _end_to_end_row,
     "bench_ray": _ray_row,
+    "bench_predict": _predict_row,
+    "bench_build": _build_row,
+    "bench_streaming": _streaming_row,
 }
 
 
