@@ -23,7 +23,9 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import shutil
+import stat
 import tempfile
 import time
 import warnings
@@ -33,7 +35,7 @@ from typing import Any, Callable, Iterator, Sequence
 from .atomic import OutputError, atomic_path, atomic_write_json, check_writable, describe_os_error
 from .bundle import Bundle
 from .engines import ShardTask, create_engine, engine_class
-from .errors import BundleError, ConfigError
+from .errors import BundleError, ConfigError, PTLError
 from .export import OnnxPredictor
 from .features import interrupt_after_batch, limit_tensorflow_threads
 from .images import MAX_PIXELS, sha256_file
@@ -77,8 +79,8 @@ def row_of(prediction: Prediction, sha256: str) -> dict[str, Any]:
 def _sha256(path: str) -> str:
     try:
         return sha256_file(path)
-    except OSError:
-        return ""  # the decoder has said why it cannot be read
+    except (OSError, PTLError):  # gone, a folder, a pipe, a dangling link: the decoder has said why
+        return ""
 
 
 def open_predictor(
@@ -105,9 +107,9 @@ class PredictionJob:
     """An engine's job (see :mod:`pyimagesearch_tl.engines`): each worker opens the model file whose
     content is ``model`` once, then classifies shard after shard; each result is the shard's rows.
 
-    ``source`` is the model file's path in the process that made the job: there (the local engine) the
-    model opens from it, so that its errors name it; it never travels to a Ray worker, which opens a
-    copy of ``model`` instead.
+    Every worker, the local engine's included, opens a copy of ``model``: exactly the bytes that name the
+    shards, whatever happens to the file meanwhile. ``source`` is the file's path, which only
+    :meth:`describe` opens (before the bytes are read), so that a model refused is named as the user gave it.
     """
 
     model: bytes
@@ -124,6 +126,11 @@ class PredictionJob:
     def __getstate__(self):
         return dict(self.__dict__, source=None, predictor=None)
 
+    def settings(self) -> str:
+        """What decides a shard's rows besides its photos: the model's bytes, top-k, the pixel limit, the runtime."""
+        model = hashlib.sha256(self.model).hexdigest()
+        return f"{model}\0{self.top_k}\0{self.max_pixels}\0{self.requested_runtime}"
+
     def _open(self, path: Path):
         return open_predictor(
             path,
@@ -135,8 +142,6 @@ class PredictionJob:
         )
 
     def _with_model_file(self, use: Callable[[Path], Any]):
-        if self.source is not None:
-            return use(self.source)
         with tempfile.TemporaryDirectory(prefix="ptl-model-") as folder:
             path = Path(folder) / f"model{self.suffix}"
             path.write_bytes(self.model)
@@ -146,8 +151,8 @@ class PredictionJob:
         """The model, opened without building its backbone: a bundle (checked whole), or an ONNX file's
         description (:class:`~pyimagesearch_tl.export.OnnxModel`). What the driver reports with."""
         if self.suffix.lower() == ".onnx":
-            return self._with_model_file(lambda path: self._open(path).bundle)  # no backbone: cheap
-        return self._with_model_file(lambda path: Bundle.load(path, trust_pickle=self.trust_pickle))
+            return self._open(self.source).bundle  # no backbone: cheap
+        return Bundle.load(self.source, trust_pickle=self.trust_pickle)
 
     def check(self) -> None:
         """Done when the run was made (:meth:`describe`)."""
@@ -217,14 +222,16 @@ def _stamp(path: Path) -> str:
     return f"{status.st_size}:{status.st_mtime_ns}"
 
 
-def plan_parts(files: Sequence[Path], model_sha256: str, top_k: int, shard_size: int, folder: Path | None):
-    """Cut ``files`` into shards of ``shard_size``, each named by its identity (see the module's description)."""
+def plan_parts(files: Sequence[Path], settings: str, shard_size: int, folder: Path | None):
+    """Cut ``files`` into shards of ``shard_size``, each named by its identity: ``settings`` (what else
+    decides the rows: the model file's SHA-256, top-k, the pixel limit, the runtime), then each photo's
+    absolute path, size and modification time."""
     parts = []
     for index, start in enumerate(range(0, len(files), shard_size)):
         stop = min(start + shard_size, len(files))
-        digest = hashlib.sha256(f"{model_sha256}\0{top_k}\n".encode())
+        digest = hashlib.sha256(f"{settings}\n".encode())
         for path in files[start:stop]:
-            digest.update(f"{path}\0{_stamp(path)}\n".encode("utf-8", "surrogateescape"))
+            digest.update(f"{Path(path).absolute()}\0{_stamp(path)}\n".encode("utf-8", "surrogateescape"))
         identity = digest.hexdigest()
         parts.append(
             PlannedPart(index, start, stop, identity, folder / f"{index:07d}-{identity[:16]}.json" if folder else None)
@@ -232,20 +239,30 @@ def plan_parts(files: Sequence[Path], model_sha256: str, top_k: int, shard_size:
     return parts
 
 
-def _read_part(part: PlannedPart, files: Sequence[Path]) -> list[dict[str, Any]] | str:
+#: A part file larger than this per photo is not one this module wrote (a row is a few hundred bytes).
+PART_BYTES_PER_PHOTO = 64 * 1024
+
+
+def _read_part(part: PlannedPart, files: Sequence[Path], classes: Sequence[str]) -> list[dict[str, Any]] | str:
     """The rows of a finished part file, or why it cannot be used (it is untrusted: checked whole)."""
-    try:
-        content = json.loads(part.path.read_text(encoding="utf-8", errors="surrogateescape"))
-    except (OSError, ValueError) as exc:
-        return f"part file {part.path} is unreadable ({type(exc).__name__}; cut short?)"
     expected = [str(p) for p in files[part.start : part.stop]]
+    try:
+        status = part.path.lstat()
+        if not stat.S_ISREG(status.st_mode):
+            return f"part file {part.path} is not a regular file"
+        if status.st_size > PART_BYTES_PER_PHOTO * max(len(expected), 1):
+            return f"part file {part.path} is far larger than its rows could be"
+        content = json.loads(part.path.read_text(encoding="utf-8", errors="surrogateescape"))
+    except (OSError, ValueError, RecursionError) as exc:
+        return f"part file {part.path} is unreadable ({type(exc).__name__}; cut short?)"
     rows = content.get("rows") if isinstance(content, dict) else None
     if content.get("identity") != part.identity if isinstance(content, dict) else True:
         return f"part file {part.path} is not this shard's"
+    labels = {*classes, UNKNOWN}
     if (
         not isinstance(rows, list)
         or len(rows) != len(expected)
-        or not all(_valid_row(row) for row in rows)
+        or not all(_valid_row(row, labels) for row in rows)
         or [row["path"] for row in rows] != expected
     ):
         return f"part file {part.path} does not hold this shard's rows"
@@ -253,25 +270,36 @@ def _read_part(part: PlannedPart, files: Sequence[Path]) -> list[dict[str, Any]]
 
 
 def _number_or_none(value) -> bool:
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    """None, or a finite number (bare NaN and Infinity are not JSON; 1e400 as an integer overflows a float)."""
+    if value is None:
+        return True
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
-def _valid_row(row) -> bool:
-    """Whether ``row`` (read back from a part file) is a row this module writes, field by field."""
-    return (
+def _valid_row(row, labels: set[str]) -> bool:
+    """Whether ``row`` (read back from a part file) is a row this module writes, field by field: a
+    photo classified (a label of the model's, a score) or skipped (no label, a reason), nothing between."""
+    if not (
         isinstance(row, dict)
         and sorted(row) == sorted(COLUMNS)
         and all(isinstance(row[key], str) for key in ("path", "sha256", "label"))
         and _number_or_none(row["score"])
         and _number_or_none(row["familiarity"])
-        and (row["unknown"] is None or isinstance(row["unknown"], bool))
-        and (row["error"] is None or isinstance(row["error"], str))
         and isinstance(row["top"], list)
         and all(
-            isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and _number_or_none(pair[1])
+            isinstance(pair, list) and len(pair) == 2 and pair[0] in labels and _number_or_none(pair[1])
             for pair in row["top"]
         )
-    )
+    ):
+        return False
+    if row["error"] is None:
+        return row["label"] in labels and isinstance(row["unknown"], bool) and row["score"] is not None
+    return isinstance(row["error"], str) and row["label"] == "" and row["unknown"] is None and row["top"] == []
 
 
 @dataclasses.dataclass
@@ -291,6 +319,22 @@ class PredictReport:
     score_kind: str
 
 
+def _pyarrow():
+    """pyarrow (for ``.parquet``), or one clear error saying how to install it."""
+    try:
+        import pyarrow
+    except ImportError:
+        raise ConfigError(
+            "--output *.parquet needs pyarrow, an optional extra: pip install 'pyimagesearch_tl[parquet]'"
+        ) from None
+    return pyarrow
+
+
+def _utf8(text: str | None) -> str | None:
+    """``text`` as valid UTF-8 (a file name's undecodable bytes, kept as surrogates, become ``\\xNN``)."""
+    return None if text is None else text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class _Writer:
     """Rows to the output file, shard by shard, in the format its suffix names."""
 
@@ -298,14 +342,7 @@ class _Writer:
         self.suffix = path.suffix.lower()
         self.path = handle_path
         self._parquet = None
-        if self.suffix == ".parquet":
-            try:
-                import pyarrow  # noqa: F401
-            except ImportError:
-                raise ConfigError(
-                    "--output *.parquet needs pyarrow, an optional extra: pip install 'pyimagesearch_tl[parquet]'"
-                ) from None
-        else:
+        if self.suffix != ".parquet":
             self._handle = handle_path.open("w", newline="", encoding="utf-8", errors="surrogateescape")
             if self.suffix == ".csv":
                 import csv
@@ -348,7 +385,16 @@ class _Writer:
         if self._parquet is None:
             self._parquet = pq.ParquetWriter(str(self.path), schema)
         table = pa.Table.from_pylist(
-            [dict(row, top=[dict(label=name, score=score) for name, score in row["top"]]) for row in rows], schema
+            [
+                dict(
+                    row,
+                    path=_utf8(row["path"]),
+                    error=_utf8(row["error"]),
+                    top=[dict(label=name, score=score) for name, score in row["top"]],
+                )
+                for row in rows
+            ],
+            schema,
         )
         self._parquet.write_table(table)
 
@@ -412,8 +458,9 @@ class PredictionRun:
         ray_address: str | None = None,
         ray_cpus_per_worker: int = 1,
     ):
-        if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-            raise ConfigError(f"shard_size must be a whole number of photos, at least 1, got {shard_size!r}")
+        for name, value in (("shard_size", shard_size), ("top_k", top_k)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a whole number, at least 1, got {value!r}")
         engine_class(engine)
         self.files = expand_paths(inputs) + (read_path_list(file_list) if file_list else [])
         if not self.files:
@@ -422,6 +469,11 @@ class PredictionRun:
         if self.output is not None:
             if self.output.suffix.lower() not in FORMATS:
                 raise ConfigError(f"--output must end in one of {', '.join(FORMATS)}, not {self.output.name!r}")
+            if self.output.suffix.lower() == ".parquet":
+                _pyarrow()
+            target = self.output.absolute()
+            if target in {Path(p).absolute() for p in [*self.files, *([file_list] if file_list else [])]}:
+                raise ConfigError(f"--output {self.output} is one of the inputs: it would be overwritten")
             check_writable(self.output)  # refused now, not after every photo has gone through the network
         model_path = Path(model_path)
         self.job = PredictionJob(
@@ -476,21 +528,23 @@ class PredictionRun:
 
         started = time.perf_counter()
         folder = output.with_name(f".{output.name}.parts") if output is not None else None
-        model_sha256 = hashlib.sha256(job.model).hexdigest()
-        parts = plan_parts(files, model_sha256, job.top_k, self.shard_size, folder)
+        parts = plan_parts(files, job.settings(), self.shard_size, folder)
         finished: dict[int, list[dict[str, Any]]] = {}
         if folder is not None:
+            if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+                raise OutputError(f"{folder} is not a folder of part files (a link, or a file): move it away")
             folder.mkdir(parents=True, exist_ok=True)
             for part in parts:
-                if part.path.exists():
-                    rows = _read_part(part, files)
+                if part.path.exists() or part.path.is_symlink():
+                    rows = _read_part(part, files, self.model.label_names)
                     if isinstance(rows, str):
                         warnings.warn(f"{rows}; its photos are classified again")
                         part.path.unlink()
                     else:
                         finished[part.index] = rows
         todo = {p.index: p for p in parts if p.index not in finished}
-        tasks = [ShardTask(p.index, [str(f) for f in files[p.start : p.stop]]) for p in todo.values()]
+        # Workers get absolute paths (a Ray worker's folder is not this one's); the rows name the photos as given.
+        tasks = [ShardTask(p.index, [str(f.absolute()) for f in files[p.start : p.stop]]) for p in todo.values()]
         nodes: collections.Counter = collections.Counter()
         runtimes: list[str] = []
         fresh: dict[int, list[dict[str, Any]]] = {}
@@ -504,6 +558,8 @@ class PredictionRun:
                 bar = stack.enter_context(tqdm(total=len(files), initial=done, unit="img", disable=not progress))
                 for index, rows, node in runner.run(tasks):
                     part = todo[index]
+                    for row, given in zip(rows, files[part.start : part.stop]):
+                        row["path"] = str(given)
                     if folder is not None:
                         atomic_write_json(part.path, dict(identity=part.identity, rows=rows))
                     else:
@@ -524,7 +580,7 @@ class PredictionRun:
             for part in parts:
                 rows = finished.get(part.index) or fresh.get(part.index)
                 if rows is None:  # a part file read back after its shard was written
-                    rows = _read_part(part, files)
+                    rows = _read_part(part, files, self.model.label_names)
                     if isinstance(rows, str):
                         raise OutputError(f"{rows}: it changed during the run; rerun the same command")
                 for row in rows:

@@ -606,7 +606,8 @@ def _finetune(config: Config):
     "--list",
     "file_list",
     type=click.Path(dir_okay=False),
-    help="A text file naming one photo per line (relative paths: from its folder), with or instead of PATHS.",
+    help="A text file naming one photo per line, with or instead of PATHS: relative paths from its folder; "
+    "blank lines and lines starting with # skipped, spaces around a name stripped.",
 )
 @click.option(
     "--output",

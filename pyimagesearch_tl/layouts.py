@@ -479,8 +479,9 @@ class InspectionJob:
 def inspect_all(
     paths: Sequence[Path], max_pixels: int, engine: str = "local", shard_size: int = 256, **engine_options
 ) -> list[tuple[tuple[int, int] | None, str]]:
-    """:func:`_inspect` of every path, in order, on ``engine`` (the photos in shards of ``shard_size``)."""
-    tasks = [ShardTask(i, [str(p) for p in paths[start : start + shard_size]])
+    """:func:`_inspect` of every path, in order, on ``engine`` (the photos in shards of ``shard_size``, by
+    absolute path: a Ray worker's folder is not this one's)."""
+    tasks = [ShardTask(i, [str(Path(p).absolute()) for p in paths[start : start + shard_size]])
              for i, start in enumerate(range(0, len(paths), shard_size))]  # fmt: skip
     results: dict[int, list] = {}
     with create_engine(engine, InspectionJob(max_pixels), **engine_options) as runner:

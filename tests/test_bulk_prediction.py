@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,7 +170,7 @@ def test_a_hostile_part_file_is_classified_again_never_copied(model, photos, ref
     run = PredictionRun(model, [photos], output, shard_size=SHARD, runtime="tensorflow")
     from pyimagesearch_tl.bulk_prediction import plan_parts
 
-    first = plan_parts(run.files, __import__("hashlib").sha256(run.job.model).hexdigest(), 3, SHARD, None)[0]
+    first = plan_parts(run.files, run.job.settings(), SHARD, None)[0]
     parts = tmp_path / ".r.csv.parts"
     parts.mkdir()
     rows = [dict.fromkeys(COLUMNS) | dict(path=str(p), sha256="", label={"x": 1}, top=[]) for p in run.files[:SHARD]]
@@ -188,4 +189,76 @@ def test_the_api_predicts_many_like_the_command(model, photos, reference, tmp_pa
     assert (report.images, report.predicted, report.shards, report.shards_resumed) == (PHOTOS, PHOTOS - 1, SHARDS, 0)
     assert [path for path, _ in report.skipped] == [r["path"] for r in reference if r["error"]]
     with (tmp_path / "r.csv").open(newline="") as handle:
+        assert [r["label"] for r in csv.DictReader(handle)] == [r["label"] for r in reference]
+
+
+def test_entries_that_are_not_photos_are_skipped_rows_never_a_failed_run(model, photos, tmp_path):
+    """A folder named like a photo, a dangling link and a pipe among the inputs: a row each with the
+    reason, the photo beside them classified (they made the whole run fail before)."""
+    import os
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    shutil.copy(next(photos.rglob("cat*.jpg")), folder / "a.jpg")
+    (folder / "b.jpg").mkdir()
+    (folder / "c.jpg").symlink_to(tmp_path / "gone.jpg")
+    os.mkfifo(folder / "d.jpg")
+    report = predict_files(model, [folder], tmp_path / "r.csv", runtime="tensorflow")
+    assert (report.images, report.predicted) == (4, 1)
+    with (tmp_path / "r.csv").open(newline="") as handle:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(handle)}
+    assert rows["a.jpg"]["label"] in ("cats", "dogs", "unknown") and rows["a.jpg"]["error"] == ""
+    for name in ("b.jpg", "c.jpg", "d.jpg"):
+        assert rows[name]["label"] == "" and rows[name]["error"] and rows[name]["sha256"] == "", rows[name]
+
+
+def test_what_would_go_wrong_is_refused_before_any_work(model, photos, tmp_path):
+    """top-k below 1, an output that is one of the inputs, a parts folder that is a link (part files would
+    be written elsewhere): one clear error each, nothing classified."""
+    from pyimagesearch_tl.atomic import OutputError
+    from pyimagesearch_tl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="top_k must be a whole number, at least 1, got 0"):
+        PredictionRun(model, [photos], top_k=0)
+    listing = tmp_path / "list.json"
+    listing.write_text(str(next(photos.rglob("*.jpg"))) + "\n")
+    with pytest.raises(ConfigError, match="is one of the inputs: it would be overwritten"):
+        PredictionRun(model, [], listing, file_list=listing)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / ".r.csv.parts").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OutputError, match="is not a folder of part files"):
+        PredictionRun(model, [photos], tmp_path / "r.csv", runtime="tensorflow").execute()
+    assert not list((tmp_path / "elsewhere").iterdir()) and not (tmp_path / "r.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "plant",
+    ["nested", "nan", "not my class", "link"],
+)
+def test_a_planted_part_file_is_never_trusted(model, photos, reference, tmp_path, plant):
+    """Part files no run wrote: deep nesting, NaN scores, a label the model does not have, a link to a file
+    elsewhere: each is a warning and its shard is classified again."""
+    output = tmp_path / "r.csv"
+    run = PredictionRun(model, [photos], output, shard_size=SHARD, runtime="tensorflow")
+    from pyimagesearch_tl.bulk_prediction import plan_parts
+
+    first = plan_parts(run.files, run.job.settings(), SHARD, None)[0]
+    parts = tmp_path / ".r.csv.parts"
+    parts.mkdir()
+    target = parts / f"0000000-{first.identity[:16]}.json"
+    good = [dict(path=str(p), sha256="", label="cats", score=0.9, unknown=False, familiarity=0.5,
+                 top=[["cats", 0.9]], error=None) for p in run.files[:SHARD]]  # fmt: skip
+    if plant == "nested":
+        target.write_text("[" * 100_000 + "]" * 100_000)
+    elif plant == "nan":
+        target.write_text(json.dumps(dict(identity=first.identity, rows=[dict(r, score=float("nan")) for r in good])))
+    elif plant == "not my class":
+        target.write_text(json.dumps(dict(identity=first.identity, rows=[dict(r, label="wolves") for r in good])))
+    else:
+        (tmp_path / "elsewhere.json").write_text(json.dumps(dict(identity=first.identity, rows=good)))
+        target.symlink_to(tmp_path / "elsewhere.json")
+    with pytest.warns(UserWarning, match="its photos are classified again"):
+        report = run.execute()
+    assert report.shards_resumed == 0
+    with output.open(newline="") as handle:
         assert [r["label"] for r in csv.DictReader(handle)] == [r["label"] for r in reference]
