@@ -4,8 +4,9 @@
 
 1. The inputs (files, folders, glob patterns, a list file) become one ordered list of paths.
 2. The list is cut into shards of ``shard_size`` consecutive paths. A shard's identity is the model
-   file's SHA-256, ``top_k``, and each path with its size and modification time; a part file of that
-   identity is finished work, so a rerun after a crash, a Ctrl-C or a killed driver never redoes it.
+   file's SHA-256, ``top_k``, the pixel limit, the runtime asked for, and each photo's absolute path,
+   size and modification time; a part file of that identity is finished work, so a rerun after a
+   crash, a Ctrl-C or a killed driver never redoes it (see :func:`plan_parts`).
 3. The engine (:mod:`pyimagesearch_tl.engines`: this process, or a Ray cluster whose workers each open
    the model once, with its runtime, precision and combined backbones) classifies the missing shards
    and hashes their files; this process writes each shard's part file as it arrives.
