@@ -121,9 +121,14 @@ def _end_to_end_row(record: dict) -> str:
     )
 
 
+def _rates(figures: dict) -> str:
+    """``name X img/s; ...`` of a Ray benchmark's configurations."""
+    return "; ".join(f"{name} {rate} img/s" for name, rate in figures["img_per_s"].items())
+
+
 def _ray_row(record: dict) -> str:
     f = record["figures"]
-    rates = "; ".join(f"{name} {rate} img/s" for name, rate in f["img_per_s"].items())
+    rates = _rates(f)
     return (
         f"| extraction on Ray, {f['images']} photos, shards of {f['shard_size']} | `bench_ray.py` | {rates}: "
         f"**Ray overhead {f['ray_overhead']:.2f}x, 1 -> 2 nodes {f['scaling_1_to_2_nodes']:.2f}x** |"
@@ -132,7 +137,7 @@ def _ray_row(record: dict) -> str:
 
 def _predict_row(record: dict) -> str:
     f = record["figures"]
-    rates = "; ".join(f"{name} {rate} img/s" for name, rate in f["img_per_s"].items())
+    rates = _rates(f)
     overhead, scaling = f["ray_predict_overhead"], f["ray_predict_scaling_1_to_2_nodes"]
     return (
         f"| `ptl predict` on Ray, {f['images']} photos, shards of {f['shard_size']} | `bench_predict.py` | {rates}: "
@@ -142,7 +147,7 @@ def _predict_row(record: dict) -> str:
 
 def _build_row(record: dict) -> str:
     f = record["figures"]
-    rates = "; ".join(f"{name} {rate} img/s" for name, rate in f["img_per_s"].items())
+    rates = _rates(f)
     return (
         f"| `ptl build-dataset`, every shared photo ({f['photos']:,}), checks in shards of {f['shard_size']} | "
         f"`bench_build.py` | {rates}: **Ray 1 -> 2 nodes {f['ray_build_scaling_1_to_2_nodes']:.2f}x** |"

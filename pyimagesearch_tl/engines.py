@@ -2,7 +2,7 @@
 
 Every engine takes a job (:class:`Job`: extracting features, :class:`~pyimagesearch_tl.features.ExtractionJob`;
 classifying photos, :class:`~pyimagesearch_tl.bulk_prediction.PredictionJob`) and a list of
-:class:`~pyimagesearch_tl.features.ShardTask`, and yields ``(index, result, node)`` in any order; shard
+:class:`ShardTask`, and yields ``(index, result, node)`` in any order; shard
 files, resume, skips and locks exist once per job kind, in :mod:`pyimagesearch_tl.extraction` and
 :mod:`pyimagesearch_tl.bulk_prediction`, whichever engine ran the shards.
 

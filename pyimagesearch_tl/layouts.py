@@ -51,7 +51,7 @@ import numpy as np
 
 from .atomic import atomic_write_csv
 from .cpus import available_cpus
-from .engines import ShardTask, create_engine, engine_class
+from .engines import ShardTask, create_engine
 from .errors import DatasetError, ImageError
 from .images import MAX_PIXELS, is_image_name, probe_image, sha256_file
 from .locks import locks_output
@@ -549,7 +549,6 @@ def build_dataset(
     if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / MANIFEST).exists():
         raise DatasetError(f"output folder {str(output_dir)!r} is not empty and was not built by ptl; choose another")
 
-    engine_class(engine)
     inspected = inspect_all(
         [item.source for item in result.items],
         max_pixels,
