@@ -142,6 +142,16 @@ def engine_options(command):
     return command
 
 
+#: What a Ctrl-C of a run that keeps finished shards says (extract, and predict with --output).
+RESUMABLE = "interrupted; finished shards are saved: rerun the same command to resume"
+
+
+def _say_workers(engine) -> None:
+    """The workers of an engine other than this process, in one line."""
+    if engine.name != "local":
+        click.echo(f"{engine.name}: {len(engine.workers)} workers ({'; '.join(engine.workers)})")
+
+
 def runtime_option(command):
     """``--runtime``: where the backbone runs (every command that runs it takes it)."""
     from .runtimes import list_runtimes
@@ -348,16 +358,12 @@ def extract_command(config: Config, wait, **options):
         for path, reason in split.skipped:
             click.echo(f"  skipped {path}: {reason}", err=True)
 
-    def started(engine):
-        if engine.name != "local":
-            click.echo(f"{engine.name}: {len(engine.workers)} workers ({'; '.join(engine.workers)})")
-
     try:
         reports = api.extract(
-            config=config, wait=wait, progress=sys.stderr.isatty(), on_split=report, on_engine=started
+            config=config, wait=wait, progress=sys.stderr.isatty(), on_split=report, on_engine=_say_workers
         ).reports
     except KeyboardInterrupt:
-        raise click.ClickException("interrupted; finished shards are saved: rerun the same command to resume") from None
+        raise click.ClickException(RESUMABLE) from None
     extracted = sum(r.extracted for r in reports)
     skipped = sum(len(r.skipped) for r in reports)
     click.echo(f"extracted {extracted}, skipped {skipped}: features in {config.features_dir}")
@@ -636,8 +642,8 @@ def predict_command(config: Config, model_path, paths, file_list, output_file, t
     model = run.model
 
     def started(engine, resumed, shards):
-        if engine is not None and engine.name != "local":
-            click.echo(f"{engine.name}: {len(engine.workers)} workers ({', '.join(engine.workers)})")
+        if engine is not None:
+            _say_workers(engine)
         if resumed:
             click.echo(f"resumed: {resumed} of {shards} shards were already done")
 
@@ -653,7 +659,10 @@ def predict_command(config: Config, model_path, paths, file_list, output_file, t
             else:
                 click.echo(f"{row['path']}\t{row['label']}\t{model.score_kind}={row['score']:.4f}")
 
-    report = run.execute(wait=wait, progress=sys.stderr.isatty(), on_rows=show, on_start=started)
+    try:
+        report = run.execute(wait=wait, progress=sys.stderr.isatty(), on_rows=show, on_start=started)
+    except KeyboardInterrupt:
+        raise click.ClickException(RESUMABLE if run.output is not None else "interrupted; nothing saved") from None
     if report.output is not None:
         click.echo(f"wrote {report.output}")
     click.echo(f"predicted {report.predicted} ({report.unknown} unknown), skipped {len(report.skipped)}")

@@ -115,27 +115,50 @@ def test_globs_and_a_list_file_name_the_same_photos(model, photos, reference, tm
     assert result.exit_code == 1 and "the pattern matches no file or folder" in result.output
 
 
-def test_a_killed_run_resumes_without_redoing_finished_shards_and_redoes_a_cut_one(model, photos, reference, tmp_path):
-    """SIGKILL once two part files are written; one of them then cut short: the same command says
-    how many shards were done, warns about the cut one, and writes what an uninterrupted run wrote."""
-    output = tmp_path / "r.csv"
+def test_ctrl_c_then_a_kill_resume_without_redoing_finished_shards_and_redo_a_cut_one(
+    model, photos, reference, tmp_path
+):
+    """Ctrl-C once a part file is written: exit 1, one line saying how to resume, no traceback. The same
+    command again, SIGKILLed once it has written two more; one part file then cut short: the same
+    command once more says how many shards were done, warns about the cut one, and writes what an
+    uninterrupted run wrote."""
+    output, shard = tmp_path / "r.csv", 4
+    shards = -(-PHOTOS // shard)
     command = [*PTL, "predict", "--model", str(model), str(photos), "--output", str(output)]
-    command += ["--shard-size", str(SHARD), "--runtime", "tensorflow", "--batch-size", "2"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command += ["--shard-size", str(shard), "--runtime", "tensorflow", "--batch-size", "2"]
     parts = tmp_path / ".r.csv.parts"
-    deadline = time.monotonic() + 120
-    while len(list(parts.glob("*.json"))) < 2:
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
+
+    def run_until(count: int, signal_number: int) -> subprocess.Popen:
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal's foreground job
+        )
+        deadline = time.monotonic() + 120
+        while len(list(parts.glob("*.json"))) < count:
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
+            time.sleep(0.01)
+        process.send_signal(signal_number)
+        return process
+
+    interrupted = run_until(1, signal.SIGINT)
+    _, stderr = interrupted.communicate(timeout=120)
+    assert interrupted.returncode == 1 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "Error: interrupted; finished shards are saved: rerun the same command to resume"
+    )
+    before = len(list(parts.glob("*.json")))
+    killed = run_until(before + 2, signal.SIGKILL)
+    killed.communicate()
     finished = sorted(parts.glob("*.json"))
-    assert 2 <= len(finished) < SHARDS and not output.exists()
+    assert before + 2 <= len(finished) < shards and not output.exists()
     finished[0].write_text(finished[0].read_text()[:100])
 
     rerun = CliRunner().invoke(cli, command[len(PTL) :])  # the same command again, in this process
     assert rerun.exit_code == 0, rerun.output
-    assert f"resumed: {len(finished) - 1} of {SHARDS} shards were already done" in rerun.stdout
+    assert f"resumed: {len(finished) - 1} of {shards} shards were already done" in rerun.stdout
     assert f"part file {finished[0]} is unreadable" in rerun.stderr
     with output.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
