@@ -530,7 +530,7 @@ class PredictionRun:
         started = time.perf_counter()
         folder = output.with_name(f".{output.name}.parts") if output is not None else None
         parts = plan_parts(files, job.settings(), self.shard_size, folder)
-        finished: dict[int, list[dict[str, Any]]] = {}
+        finished: set[int] = set()  # part files checked: read again, one at a time, when the output is written
         if folder is not None:
             if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
                 raise OutputError(f"{folder} is not a folder of part files (a link, or a file): move it away")
@@ -542,13 +542,23 @@ class PredictionRun:
                         warnings.warn(f"{rows}; its photos are classified again")
                         part.path.unlink()
                     else:
-                        finished[part.index] = rows
+                        finished.add(part.index)
         todo = {p.index: p for p in parts if p.index not in finished}
         # Workers get absolute paths (a Ray worker's folder is not this one's); the rows name the photos as given.
         tasks = [ShardTask(p.index, [str(f.absolute()) for f in files[p.start : p.stop]]) for p in todo.values()]
         nodes: collections.Counter = collections.Counter()
         runtimes: list[str] = []
-        fresh: dict[int, list[dict[str, Any]]] = {}
+        counts: collections.Counter = collections.Counter()
+        skipped: list[tuple[str, str]] = []
+
+        def tally(rows: list[dict[str, Any]]) -> None:
+            for row in rows:
+                counts["images"] += 1
+                if row["error"] is not None:
+                    skipped.append((row["path"], row["error"]))
+                else:
+                    counts["unknown"] += bool(row["unknown"])
+
         with contextlib.ExitStack() as stack:
             if tasks:
                 runner = stack.enter_context(create_engine(self.engine, job, **self.engine_options))
@@ -563,8 +573,8 @@ class PredictionRun:
                         row["path"] = str(given)
                     if folder is not None:
                         atomic_write_json(part.path, dict(identity=part.identity, rows=rows))
-                    else:
-                        fresh[index] = rows
+                    else:  # nothing kept: the counts are all the report needs
+                        tally(rows)
                     nodes[node] += 1
                     bar.update(part.stop - part.start)
                     if on_rows is not None:
@@ -574,36 +584,19 @@ class PredictionRun:
                 runtimes = runner.runtimes()
             elif on_start is not None:
                 on_start(None, len(parts), len(parts))
-        counts = collections.Counter()
-        skipped: list[tuple[str, str]] = []
-
-        def all_rows() -> Iterator[list[dict[str, Any]]]:
-            for part in parts:
-                rows = finished.get(part.index) or fresh.get(part.index)
-                if rows is None:  # a part file read back after its shard was written
-                    rows = _read_part(part, files, self.model.label_names)
-                    if isinstance(rows, str):
-                        raise OutputError(f"{rows}: it changed during the run; rerun the same command")
-                for row in rows:
-                    counts["images"] += 1
-                    if row["error"] is not None:
-                        skipped.append((row["path"], row["error"]))
-                    else:
-                        counts["unknown"] += bool(row["unknown"])
-                yield rows
-
-        if output is not None:
+        if output is not None:  # every part file, in order, one at a time: memory stays one shard's
             with atomic_path(output) as temporary:
                 writer = _Writer(output, temporary)
                 try:
-                    for rows in all_rows():
+                    for part in parts:
+                        rows = _read_part(part, files, self.model.label_names)
+                        if isinstance(rows, str):
+                            raise OutputError(f"{rows}: it changed during the run; rerun the same command")
+                        tally(rows)
                         writer.write(rows)
                 finally:
                     writer.close()
             shutil.rmtree(folder)
-        else:
-            for _ in all_rows():
-                pass
         return PredictReport(
             images=counts["images"],
             predicted=counts["images"] - len(skipped),
