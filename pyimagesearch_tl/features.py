@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import os
 import signal
+import sys
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,15 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .backbones import FINETUNED, create_model, get_backbone, preprocess_input, resolve_weights, weights_digest
+from .backbones import (
+    FINETUNED,
+    create_model,
+    get_backbone,
+    preprocess_input,
+    resolve_weights,
+    weights_digest,
+    weights_identity,
+)
 from .cache import cached_file
 from .cpus import available_cpus
 from .engines import ShardTask
@@ -34,9 +43,11 @@ from .runtimes import (
     TENSORFLOW,
     cached_network,
     choose,
+    converted_network,
     export_onnx,
     load,
     network_key,
+    network_width,
     quantize_network,
     requested_runtime,
     survey,
@@ -226,33 +237,66 @@ class FeatureExtractor:
         self.expect(job_images)
         self.runtime, self._run = requested_runtime(runtime, precision), None
         self._choosing = threading.Lock()  # a server's threads may send the first batches together
-        record = get_backbone(backbone)
+        self._building = threading.Lock()
         layout = layout_meta(backbone, weights, pooling, input_size, dtype, label_names, precision, views)
-        import tensorflow as tf  # once the settings are known to be valid: a wrong one is refused at once
-
+        self._backbone, self._weights = backbone, weights
         self.input_size = layout.input_size
         self.batch_size, self.max_pixels = batch_size, max_pixels
         self.workers = workers or available_cpus()
         # TensorFlow's bfloat16 runs a mixed_bfloat16 model; every other runtime a float32 network
         self._model_precision = "bfloat16" if precision == "bfloat16" and self.runtime == TENSORFLOW else "float32"
-        self.model = create_model(backbone, weights, pooling, self.input_size, self._model_precision)
-        mode = record.preprocessing
-        model = self.model
-
-        @tf.function(input_signature=[tf.TensorSpec([None, self.input_size, self.input_size, 3], tf.uint8)])
-        def forward(images):
-            pixels = preprocess_input(tf.cast(images, tf.float32), mode)
-            if views == 2:  # the image and its left-right mirror in one batch, their features averaged
-                both = tf.cast(model(tf.concat([pixels, tf.reverse(pixels, axis=[2])], 0), training=False), tf.float32)
-                original, mirrored = tf.split(both, 2, axis=0)
-                return (original + mirrored) / 2.0
-            return tf.cast(model(pixels, training=False), tf.float32)
-
-        self._forward = forward
-        self.meta = dataclasses.replace(layout, feature_dim=int(self.model.output.shape[-1]), quality=quality)
+        self._model, self._forward = None, None
+        self.meta = layout  # what network_key() reads; the width follows
+        self._weights_identity = weights_identity(backbone, weights)
+        width = self._cached_width(network)
+        if width is None:  # the Keras model tells: built now, so that whatever is wrong with it is said at once
+            width = int(self.model.output.shape[-1])
+        self.meta = dataclasses.replace(layout, feature_dim=width, quality=quality)
         self.network: bytes | None = None
         if network is not None:
             self.set_network(network)
+
+    @property
+    def model(self):
+        """The headless Keras model, built on first use: a job whose converted network is cached and was
+        checked on this machine runs without TensorFlow."""
+        self._build()
+        return self._model
+
+    def _build(self) -> None:
+        with self._building:
+            if self._model is not None:
+                return
+            import tensorflow as tf
+
+            settings = (self.meta.pooling, self.input_size, self._model_precision)
+            model = create_model(self._backbone, self._weights, *settings)
+            mode, views = self.meta.preprocessing, self.views
+
+            @tf.function(input_signature=[tf.TensorSpec([None, self.input_size, self.input_size, 3], tf.uint8)])
+            def forward(images):
+                pixels = preprocess_input(tf.cast(images, tf.float32), mode)
+                if views == 2:  # the image and its left-right mirror in one batch, their features averaged
+                    both = tf.cast(
+                        model(tf.concat([pixels, tf.reverse(pixels, axis=[2])], 0), training=False), tf.float32
+                    )
+                    original, mirrored = tf.split(both, 2, axis=0)
+                    return (original + mirrored) / 2.0
+                return tf.cast(model(pixels, training=False), tf.float32)
+
+            self._model, self._forward = model, forward
+
+    def _cached_width(self, network: bytes | None) -> int | None:
+        """The feature width read from the network this extractor runs outside TensorFlow: the quantized
+        ``network`` given, or the cached float32 network when it is cached (None: neither is known)."""
+        if self.runtime == TENSORFLOW:
+            return None
+        if network is not None:
+            return network_width(bytes(network))
+        if self._weights_identity is None:
+            return None
+        path = converted_network(self.network_key())  # a damaged one is said when the job chooses its runtime
+        return None if path is None else network_width(path)
 
     @classmethod
     def from_meta(
@@ -323,6 +367,7 @@ class FeatureExtractor:
 
     def to_onnx(self):
         """This extractor's float32 network as an ONNX model: uint8 pixels in, float32 features out."""
+        self._build()
         return export_onnx(self._forward, self.input_size)
 
     def quantize(self, calibration: np.ndarray, key: str) -> bytes:
@@ -342,12 +387,14 @@ class FeatureExtractor:
         self.meta = dataclasses.replace(self.meta, network_sha256=hashlib.sha256(self.network).hexdigest())
 
     def _tensorflow(self, images: np.ndarray) -> np.ndarray:
+        self._build()
         return self._forward(images).numpy().astype(np.float32, copy=False)
 
     def network_key(self) -> str:
-        """The key of this extractor's converted network (see :func:`~pyimagesearch_tl.runtimes.network_key`)."""
+        """The key of this extractor's converted network (see :func:`~pyimagesearch_tl.runtimes.network_key`):
+        its weights named without TensorFlow where they can be, else by the built model's arrays."""
         return network_key(
-            self.model.get_weights(),
+            self._weights_identity or weights_digest(self.model.get_weights()),
             backbone=self.meta.backbone,
             input_size=self.input_size,
             pooling=self.meta.pooling,
@@ -359,7 +406,7 @@ class FeatureExtractor:
     def float_network_file(self, convert: bool = True) -> Path | None:
         """This extractor's float32 network as a cached ONNX file (converted on first use, then shared;
         ``convert=False``: None when it is not cached)."""
-        return cached_network(self.network_key(), self._forward, self.input_size, convert)
+        return cached_network(self.network_key(), self.to_onnx, convert)
 
     def network_file(self, convert: bool = True) -> Path | None:
         """The ONNX file this extractor runs outside TensorFlow: the quantized network for int8 (cached by
@@ -501,6 +548,9 @@ def limit_tensorflow_threads(cpus: int) -> None:
     """TensorFlow in this process keeps to ``cpus`` threads: several workers on one node (Ray gives
     each its CPUs) must not oversubscribe it. Call it before TensorFlow runs anything."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" not in sys.modules:  # read when TensorFlow starts, if a job needs it at all
+        os.environ["TF_NUM_INTRAOP_THREADS"] = os.environ["TF_NUM_INTEROP_THREADS"] = str(cpus)
+        return
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(cpus)

@@ -49,7 +49,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -154,19 +154,15 @@ register(Runtime(OPENVINO, "openvino", _openvino, "pip install 'pyimagesearch_tl
 
 
 def converter_version() -> str:
-    import tf2onnx
+    """tf2onnx's version, read without importing it (it imports TensorFlow)."""
+    return importlib.metadata.version("tf2onnx")
 
-    return tf2onnx.__version__
 
-
-def network_key(weights: list[np.ndarray], **settings) -> str:
-    """Digest naming a converted network: its weight values plus every setting that shapes it."""
-    digest = hashlib.sha256(
-        json.dumps(dict(settings, converter=converter_version(), opset=OPSET), sort_keys=True).encode()
-    )
-    for array in weights:
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:32]
+def network_key(weights: str, **settings) -> str:
+    """Digest naming a converted network: the digest of its weights (see
+    :func:`~pyimagesearch_tl.backbones.weights_identity`) plus every setting that shapes it."""
+    text = json.dumps(dict(settings, weights=weights, converter=converter_version(), opset=OPSET), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def export_onnx(forward, input_size: int):
@@ -182,6 +178,20 @@ def export_onnx(forward, input_size: int):
     return model
 
 
+def network_width(network: Path | bytes) -> int | None:
+    """The width of the feature vectors a network (file, or its content) outputs: its one output's last
+    dimension; None when it is not such a network (loading it for a job then says what is wrong with it)."""
+    import onnx
+
+    try:
+        model = onnx.load_from_string(network) if isinstance(network, bytes) else onnx.load(str(network))
+        [output] = model.graph.output
+        width = output.type.tensor_type.shape.dim[-1].dim_value
+    except Exception:  # any parse failure: the caller builds the Keras model instead
+        return None
+    return int(width) if width > 0 else None
+
+
 def _network_name(key: str) -> Path:
     return Path("networks", f"{key}.onnx")
 
@@ -191,12 +201,17 @@ def network_path(key: str) -> Path:
     return cache_dir() / _network_name(key)
 
 
-def cached_network(key: str, forward, input_size: int, convert: bool = True) -> Path | None:
-    """The cached ONNX file of network ``key``, converted from ``forward`` on first use or when its
-    content does not match its recorded SHA-256 (see :func:`~pyimagesearch_tl.cache.cached_file`);
-    with ``convert=False``, None instead of converting."""
+def converted_network(key: str) -> Path | None:
+    """The cached ONNX file of network ``key`` when it is there and matches its recorded SHA-256, else None."""
+    return cached(_network_name(key))
+
+
+def cached_network(key: str, export: Callable[[], Any], convert: bool = True) -> Path | None:
+    """The cached ONNX file of network ``key``, made by ``export()`` (an ONNX model, see :func:`export_onnx`)
+    on first use or when its content does not match its recorded SHA-256 (see
+    :func:`~pyimagesearch_tl.cache.cached_file`); with ``convert=False``, None instead of converting."""
     if not convert:
-        found = cached(_network_name(key))
+        found = converted_network(key)
         wrong = problem(network_path(key)) if found is None else None
         if wrong:  # said, as cached_file says it; converted again by the next job that converts
             warnings.warn(
@@ -204,11 +219,7 @@ def cached_network(key: str, forward, input_size: int, convert: bool = True) -> 
                 f"{MIN_IMAGES_TO_CONVERT:,} images or more, or --runtime by name, converts it again)"
             )
         return found
-    return cached_file(
-        _network_name(key),
-        lambda: export_onnx(forward, input_size),
-        lambda model, path: path.write_bytes(model.SerializeToString()),
-    )
+    return cached_file(_network_name(key), export, lambda model, path: path.write_bytes(model.SerializeToString()))
 
 
 #: How NNCF quantizes (part of an int8 network's key, see :func:`quantize_network`):

@@ -103,7 +103,17 @@ def _verdicts(network) -> dict:
     return json.loads(network.with_suffix(".json").read_text())[machine_key()]
 
 
-def test_auto_takes_the_first_preferred_runtime_that_passed_and_remembers_it(photos, tensorflow_features):
+NEW_PROCESS_EXTRACTS = """
+import json, sys
+import numpy as np
+from pyimagesearch_tl.features import FeatureExtractor
+extractor = FeatureExtractor("efficientnet_lite0", label_names=["ants", "bees"])
+features = extractor.transform(np.load(sys.argv[1]))
+print(json.dumps(dict(runtime=extractor.runtime, tensorflow="tensorflow" in sys.modules, features=features.tolist())))
+"""
+
+
+def test_auto_takes_the_first_preferred_runtime_that_passed_and_remembers_it(photos, tensorflow_features, tmp_path):
     auto = FeatureExtractor("efficientnet_lite0", label_names=["ants", "bees"])  # runtime="auto", the default
     features = auto.transform(photos)
     auto_network = network_path(auto.network_key())
@@ -116,6 +126,14 @@ def test_auto_takes_the_first_preferred_runtime_that_passed_and_remembers_it(pho
     again = FeatureExtractor("efficientnet_lite0", label_names=["ants", "bees"])
     again.transform(photos[:2])
     assert again.runtime == preferred and auto_network.stat().st_mtime_ns == converted_at  # no second conversion
+    # A new process runs the cached network, checked on this machine, without importing TensorFlow at all.
+    np.save(tmp_path / "photos.npy", photos[:4])
+    command = [sys.executable, "-c", NEW_PROCESS_EXTRACTS, str(tmp_path / "photos.npy")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["runtime"] == preferred and report["tensorflow"] is False
+    np.testing.assert_allclose(report["features"], tensorflow_features[:4], rtol=0, atol=PARITY_ATOL)
 
 
 def test_auto_converts_a_network_only_for_a_job_that_repays_the_conversion(photos):

