@@ -11,6 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +168,21 @@ def cats_dogs(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pipeline_run(cats_dogs, tmp_path_factory) -> dict[str, Path]:
+def default_network(isolated_cache) -> Path:
+    """The default backbone's network converted and checked in the session cache, as a user's first large
+    job leaves it: the ``ptl`` processes the tests start then run it without importing TensorFlow (the
+    path through TensorFlow is taken where a test's own cache lacks the network)."""
+    from pyimagesearch_tl.features import FeatureExtractor
+    from pyimagesearch_tl.images import load_image
+
+    photos = sorted(shared("hymenoptera_data", "train", "ants").glob("*.jpg"))[:4]
+    extractor = FeatureExtractor("efficientnet_lite0")  # a job of unknown size: auto converts the network
+    extractor.transform(np.stack([load_image(p, extractor.input_size) for p in photos]))
+    return extractor.network_file(convert=False)
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(cats_dogs, tmp_path_factory, default_network) -> dict[str, Path]:
     """build-dataset + extract with the default (offline, pretrained) backbone, shared by many tests."""
     from pyimagesearch_tl.extraction import extract_dataset
     from pyimagesearch_tl.layouts import build_dataset
