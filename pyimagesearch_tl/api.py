@@ -472,6 +472,7 @@ def audit(
         config.dataset_dir,
         config.audit_dir,
         splits=config.splits,
+        neighbour_search=config.neighbour_search,
         seed=config.seed,
         batch_size=config.batch_size,
         runtime=config.runtime,

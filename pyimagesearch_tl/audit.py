@@ -67,6 +67,16 @@ FOLDS = 5
 MIN_CLASS_PHOTOS = 2
 #: Rows per block of the neighbour search (memory: block x N similarities at most, in sklearn's chunks).
 BLOCK_ROWS = 2048
+#: ``neighbour_search`` values: exact, approximate, or auto (approximate above :data:`APPROXIMATE_ROWS`).
+SEARCHES = ("auto", "exact", "approximate")
+#: Rows above which ``auto`` searches neighbours approximately (benchmarks/bench_audit.py, 1280-d real
+#: features grown with noise, 2 cores: at 20,000 rows the exact search took 25 s, the approximate 14 s
+#: with the same pairs; at 100,000 ~480 s against ~44 s; at 1,000,000 ~13 h against ~12 min).
+APPROXIMATE_ROWS = 20_000
+#: Lists of the inverted-file index each row is compared with (of ``4 * sqrt(rows)``).
+PROBED_LISTS = 16
+#: Rows of the k-means sample per list of the index (faiss asks for at least 39).
+TRAINING_ROWS_PER_LIST = 64
 FIELDS = [
     "kind",
     "split",
@@ -133,8 +143,8 @@ def thumbnails(source) -> tuple[np.ndarray, np.ndarray]:
 def pixel_agreement(a, b) -> float:
     """How alike two images are pixel by pixel: the best correlation of their thumbnails, whole or with
     one of them cropped by 10% per side (so a resized, re-encoded or cropped copy scores near 1, and a
-    different photo of a look-alike subject does not)."""
-    (a_whole, a_crop), (b_whole, b_crop) = thumbnails(a), thumbnails(b)
+    different photo of a look-alike subject does not). ``a`` and ``b``: images, or their :func:`thumbnails`."""
+    (a_whole, a_crop), (b_whole, b_crop) = (x if isinstance(x, tuple) else thumbnails(x) for x in (a, b))
     return float(max(np.mean(a_whole * b_whole), np.mean(a_crop * b_whole), np.mean(a_whole * b_crop)))
 
 
@@ -181,18 +191,70 @@ def calibrate_duplicates(
     )
 
 
-def similar_pairs(unit: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
-    """Every pair ``(i, j, similarity)``, ``i < j``, of rows at or above ``threshold`` (exact, blockwise)."""
+def similar_pairs(unit: np.ndarray, threshold: float, search: str = "auto") -> list[tuple[int, int, float]]:
+    """Every pair ``(i, j, similarity)``, ``i < j``, of unit rows at or above ``threshold``, in order.
+
+    ``search``: ``"exact"`` (blockwise, quadratic), ``"approximate"`` (:func:`approximate_pairs`) or
+    ``"auto"``: approximate above :data:`APPROXIMATE_ROWS` rows.
+    """
+    if search not in SEARCHES:
+        raise ConfigError(f"neighbour_search must be one of {', '.join(SEARCHES)}, got {search!r}")
+    if search == "approximate" or (search == "auto" and len(unit) > APPROXIMATE_ROWS):
+        return approximate_pairs(unit, threshold)
+    return exact_pairs(unit, threshold)
+
+
+def exact_pairs(unit: np.ndarray, threshold: float, rows: int | None = None) -> list[tuple[int, int, float]]:
+    """:func:`similar_pairs`, exactly: each row compared with every other, block by block (never an N x N
+    matrix). ``rows``: only the pairs whose first row is one of the first ``rows`` (a benchmark's sample)."""
     from sklearn.neighbors import NearestNeighbors
 
     index = NearestNeighbors(radius=max(0.0, 1.0 - threshold), metric="cosine", algorithm="brute").fit(unit)
     pairs = []
-    for start in range(0, len(unit), BLOCK_ROWS):
-        distances, neighbours = index.radius_neighbors(unit[start : start + BLOCK_ROWS], sort_results=True)
+    for start in range(0, len(unit) if rows is None else rows, BLOCK_ROWS):
+        stop = start + BLOCK_ROWS if rows is None else min(rows, start + BLOCK_ROWS)
+        distances, neighbours = index.radius_neighbors(unit[start:stop], sort_results=True)
         for offset, (found, distance) in enumerate(zip(neighbours, distances)):
             row = start + offset
             pairs += [(row, int(j), float(1 - d)) for j, d in zip(found, distance) if j > row]
     return pairs
+
+
+def approximate_pairs(unit: np.ndarray, threshold: float, seed: int = 0) -> list[tuple[int, int, float]]:
+    """:func:`similar_pairs` through an inverted-file index (faiss ``IndexIVFFlat``, inner product).
+
+    The rows are clustered into ``4 * sqrt(n)`` lists (k-means on a seeded sample); each row is compared
+    with the rows of its :data:`PROBED_LISTS` nearest lists only, by a radius search at ``threshold``,
+    and each pair found is scored again exactly on the full vectors. Unlike a k-nearest-neighbour graph,
+    a radius search has no cap on the pairs of one row, so a large group of copies is found whole.
+    Measured (benchmarks/bench_audit.py): see :data:`APPROXIMATE_ROWS`.
+    """
+    try:
+        import faiss
+    except ImportError:
+        raise ConfigError(
+            f"the approximate neighbour search (above {APPROXIMATE_ROWS:,} rows, or neighbour_search="
+            "'approximate') needs faiss: pip install 'pyimagesearch_tl[audit]'"
+        ) from None
+    unit = np.ascontiguousarray(unit, dtype=np.float32)
+    rows, width = unit.shape
+    lists = max(1, min(rows // TRAINING_ROWS_PER_LIST, round(4 * np.sqrt(rows))))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(width), width, lists, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed
+    sample = np.random.default_rng(seed).choice(rows, min(rows, TRAINING_ROWS_PER_LIST * lists), replace=False)
+    index.train(unit[np.sort(sample)])
+    index.add(unit)
+    index.nprobe = min(lists, PROBED_LISTS)
+    pairs = []
+    for start in range(0, rows, BLOCK_ROWS):
+        block = unit[start : start + BLOCK_ROWS]
+        limits, _, found = index.range_search(block, np.float32(threshold) - np.float32(1e-5))  # ties kept
+        owners = np.repeat(np.arange(start, start + len(block)), np.diff(limits).astype(np.int64))
+        keep = found > owners
+        owners, found = owners[keep], found[keep]
+        similarity = np.einsum("ij,ij->i", unit[owners], unit[found])  # exactly, on the full vectors
+        pairs += [(int(i), int(j), float(v)) for i, j, v in zip(owners, found, similarity) if v >= threshold]
+    return sorted(pairs)
 
 
 def duplicate_groups(pairs, key) -> list[list[int]]:
@@ -284,6 +346,7 @@ def audit(
     output_dir: str | Path,
     *,
     splits: Sequence[str],
+    neighbour_search: str = "auto",
     classifier: str = "logreg",
     seed: int = 42,
     n_jobs: int = -1,
@@ -291,7 +354,12 @@ def audit(
     runtime: str = "auto",
     sheet_size: int = 24,
 ) -> AuditReport:
-    """Audit the feature files of ``features_dir`` (made from ``dataset_dir``); write the report to ``output_dir``."""
+    """Audit the feature files of ``features_dir`` (made from ``dataset_dir``); write the report to ``output_dir``.
+
+    ``neighbour_search``: how near-duplicate candidates are found (see :func:`similar_pairs`).
+    """
+    if neighbour_search not in SEARCHES:
+        raise ConfigError(f"neighbour_search must be one of {', '.join(SEARCHES)}, got {neighbour_search!r}")
     try:
         from cleanlab.filter import find_label_issues
     except ImportError:
@@ -343,13 +411,20 @@ def audit(
         extractor, dataset_dir, training.paths, unit[: len(training.labels)], seed
     )
     confirmed: dict[tuple[int, int], tuple[float, str]] = {}
-    candidates = 0
-    for i, j, similarity in similar_pairs(unit, threshold):
+    candidates, views = 0, {}
+
+    def thumbnails_of(k: int) -> tuple[np.ndarray, np.ndarray]:  # each image decoded once, however many pairs
+        if k not in views:
+            views[k] = thumbnails(dataset_dir / merged.paths[k])
+        return views[k]
+
+    approximate = neighbour_search == "approximate" or (neighbour_search == "auto" and len(unit) > APPROXIMATE_ROWS)
+    for i, j, similarity in similar_pairs(unit, threshold, "approximate" if approximate else "exact"):
         candidates += 1
         if merged.sha256[i] == merged.sha256[j]:
             what = "identical files"
         else:
-            agreement = pixel_agreement(dataset_dir / merged.paths[i], dataset_dir / merged.paths[j])
+            agreement = pixel_agreement(thumbnails_of(i), thumbnails_of(j))
             if agreement < pixel_threshold:
                 continue  # alike in content, different photos
             what = f"feature similarity {similarity:.3f} >= {threshold:.3f}, pixel agreement {agreement:.3f}"
@@ -378,6 +453,10 @@ def audit(
             else:
                 row("redundant", j, similarity, f"{what}, both in {split_of[j]}", partner=first)
     calibration["candidate_pairs"] = candidates
+    calibration["images_decoded"] = len(views)
+    calibration["neighbour_search"] = (
+        f"approximate (faiss IndexIVFFlat, {PROBED_LISTS} probed lists)" if approximate else "exact"
+    )
     calibration["confirmed_pairs"] = len(confirmed)
     calibration["groups"] = len(groups)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from .atomic import describe_os_error
+from .audit import APPROXIMATE_ROWS, SEARCHES
 from .config import Config, load_config
 from .errors import ConfigError, PTLError
 from .layouts import LAYOUTS
@@ -479,6 +480,12 @@ def evaluate_command(config: Config, model_path, split, wait, unknown_test, trus
 @click.option("--features", "features_dir", help="Folder of feature files written by extract.")
 @click.option("--dataset", "dataset_dir", help="The dataset folder the features were extracted from.")
 @click.option("--output", "audit_dir", help="Where to write audit.csv, audit.json and the contact sheets.")
+@click.option(
+    "--neighbour-search",
+    type=click.Choice(SEARCHES),
+    help=f"Near-duplicate candidates: exact, approximate (faiss), or auto (approximate above {APPROXIMATE_ROWS:,} "
+    "rows).",
+)
 @runtime_option
 @wait_option
 @with_config

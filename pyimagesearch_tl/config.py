@@ -19,6 +19,7 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from .audit import SEARCHES
 from .backbones import list_backbones
 from .classifiers import list_classifiers
 from .engines import list_engines
@@ -38,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "models_dir": "output/models",
     "evaluation_dir": "output/evaluation",
     "audit_dir": "output/audit",
+    "neighbour_search": "auto",  # audit: exact, approximate, or auto (approximate above 20,000 rows)
     "finetune_dir": "output/finetune",
     # build-dataset
     "layout": "auto",
@@ -178,6 +180,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "models_dir": _typed(str, "a path"),
     "evaluation_dir": _typed(str, "a path"),
     "audit_dir": _typed(str, "a path"),
+    "neighbour_search": _choice_of(SEARCHES),
     "finetune_dir": _typed(str, "a path"),
     "layout": _choice("auto", *LAYOUTS),
     "labels_file": _optional_str,

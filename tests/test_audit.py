@@ -234,3 +234,54 @@ def test_a_group_of_copies_is_reported_once_per_copy_against_its_first_member(tm
         assert all("identical files" in r["reason"] and "group of 3" in r["reason"] for r in rows)
     assert {r["partner_split"] for r in by_name[leaked.name]} == {"training"}
     assert {r["partner_path"].split("/")[1] for r in by_name[conflicted.name]} == {"cats"}
+
+
+def test_the_approximate_search_finds_what_the_exact_one_finds(audited, tmp_path):
+    """The planted copies and everything else the exact search reported, found through the faiss index;
+    each candidate image decoded once for its pixel check, however many pairs it is in."""
+    import json
+
+    work = audited["work"]
+    output = run("audit", "--features", str(work / "features"), "--dataset", str(work / "dataset"),
+                 "--output", str(tmp_path / "audit"), "--neighbour-search", "approximate")  # fmt: skip
+    with (tmp_path / "audit" / "audit.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    copies = ("leak", "conflict", "redundant")
+
+    def pairs(found):
+        return sorted((r["kind"], r["path"], r["partner_path"]) for r in found if r["kind"] in copies)
+
+    assert pairs(rows) == pairs(audited["rows"]) and len(pairs(rows)) >= len(audited["planted"])
+    assert "near-duplicates: feature similarity >=" in output
+    calibration = json.loads((tmp_path / "audit" / "audit.json").read_text())["duplicate_calibration"]
+    assert calibration["neighbour_search"].startswith("approximate (faiss IndexIVFFlat")
+    exact = json.loads((work / "audit" / "audit.json").read_text())["duplicate_calibration"]
+    assert exact["neighbour_search"] == "exact" and exact["candidate_pairs"] == calibration["candidate_pairs"]
+    assert calibration["images_decoded"] < calibration["candidate_pairs"]  # 40 planted copies make 60 pairs
+
+
+def test_approximate_pairs_equal_the_exact_ones_on_real_features_grown_with_noise(audited):
+    """10,000 rows: the audit's 260 real feature vectors, each repeated with noise that keeps the copies
+    below the threshold, the planted near-duplicates (real features of edited photos) among them, and a
+    group of 30 identical rows: the index probes a fraction of its lists and still finds the pairs, at the
+    threshold the audit calibrated."""
+    import json
+
+    from pyimagesearch_tl.audit import _unit, approximate_pairs, similar_pairs
+    from pyimagesearch_tl.store import read_features
+
+    features = audited["work"] / "features"
+    real = _unit(np.concatenate([read_features(features / f"{s}.h5").features for s in ("training", "validation")]))
+    rng = np.random.default_rng(0)
+    noisy = real[rng.integers(0, len(real), 10_000 - len(real) - 30)]
+    noisy = _unit(noisy + rng.normal(size=noisy.shape).astype(np.float32) * 0.03)
+    unit = np.concatenate([real, noisy, np.repeat(real[:1], 30, axis=0)])
+    threshold = json.loads((audited["work"] / "audit" / "audit.json").read_text())["duplicate_threshold"]
+    exact = similar_pairs(unit, threshold, "exact")
+    approximate = approximate_pairs(unit, threshold)
+    assert len(exact) >= 30 * 29 // 2 + 40
+    found = {(i, j) for i, j, _ in approximate}
+    assert len(found & {(i, j) for i, j, _ in exact}) >= 0.99 * len(exact)
+    assert all(similarity >= threshold for _, _, similarity in approximate)
+    group = range(len(unit) - 30, len(unit))
+    assert {(i, j) for i in group for j in group if i < j} <= found  # a group larger than any k: found whole
