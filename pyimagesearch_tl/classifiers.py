@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from .errors import ConfigError
+from .registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,25 +40,22 @@ class ClassifierSpec:
     streaming: bool = False
 
 
-_REGISTRY: dict[str, ClassifierSpec] = {}
+#: The classifiers, by name (see :mod:`pyimagesearch_tl.registry`).
+CLASSIFIERS: Registry[ClassifierSpec] = Registry("classifier", "classifiers")
 
 
-def register(spec: ClassifierSpec) -> ClassifierSpec:
-    if spec.name in _REGISTRY:
-        raise ValueError(f"classifier {spec.name!r} is already registered")
-    _REGISTRY[spec.name] = spec
-    return spec
+def register(spec: ClassifierSpec, description: str) -> ClassifierSpec:
+    """Add ``spec`` to :data:`CLASSIFIERS` (names are unique)."""
+    return CLASSIFIERS.register(spec.name, spec, description=description)
 
 
 def list_classifiers() -> list[str]:
-    return list(_REGISTRY)
+    return CLASSIFIERS.names()
 
 
 def get_classifier(name: str) -> ClassifierSpec:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown classifier {name!r}; choose one of: {', '.join(_REGISTRY)}") from None
+    """The registered classifier ``name``; the error lists the valid names."""
+    return CLASSIFIERS.get(name)
 
 
 def make_pipeline(spec: ClassifierSpec, seed: int, class_weight: str | None):
@@ -89,9 +86,18 @@ def _sgd(seed, class_weight):
     return SGDClassifier(loss="log_loss", max_iter=50, tol=1e-3, class_weight=class_weight, random_state=seed)
 
 
-register(ClassifierSpec("logreg", _logreg, {"C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]}))
-register(ClassifierSpec("linear-svm", _linear_svm, {"C": [1e-5, 1e-4, 1e-3, 1e-2]}))
-register(ClassifierSpec("sgd", _sgd, {"loss": ["log_loss", "hinge"], "alpha": [1e-4, 1e-3, 1e-2]}, streaming=True))
+register(
+    ClassifierSpec("logreg", _logreg, {"C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]}),
+    "logistic regression (lbfgs), class probabilities; the default",
+)
+register(
+    ClassifierSpec("linear-svm", _linear_svm, {"C": [1e-5, 1e-4, 1e-3, 1e-2]}),
+    "linear support vector machine (liblinear), decision values",
+)
+register(
+    ClassifierSpec("sgd", _sgd, {"loss": ["log_loss", "hinge"], "alpha": [1e-4, 1e-3, 1e-2]}, streaming=True),
+    "linear model by stochastic gradient descent; learns file blocks one by one (train --streaming)",
+)
 
 
 class DenseHead:

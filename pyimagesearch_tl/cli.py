@@ -210,20 +210,38 @@ def show_config(config: Config):
     click.echo(config.to_toml(), nl=False)
 
 
-@cli.command("backbones")
-def show_backbones():
-    """List the registered backbones."""
-    from .backbones import get_backbone, list_backbones
+def _registries() -> dict:
+    """Every registry, once the modules that fill them are imported (none of them imports TensorFlow)."""
+    from . import backbones, classifiers, engines, novelty, runtimes, store  # noqa: F401
+    from .registry import REGISTRIES
 
-    click.echo(f"{'name':<20} {'input':>5}  {'preprocessing':<13} {'weights':<28}")
-    for name in list_backbones():
-        record = get_backbone(name)
-        source = "packaged (offline)" if record.offline else "downloaded by Keras"
-        click.echo(f"{name:<20} {record.input_size:>5}  {record.preprocessing:<13} {source:<28}")
+    return REGISTRIES
+
+
+@cli.command("list")
+@click.argument("kind", type=click.Choice(list(_registries())))
+@click.argument("pattern", default="*")
+def show_registry(kind, pattern):
+    """List the registered KIND (backbones, classifiers, ...) whose names match the shell-style PATTERN: each
+    name, whether it can be used here (else what to install), and what it is."""
+    rows = [("name", "usable here", "description")]
+    for entry in _registries()[kind].entries(pattern):
+        unusable = entry.unusable()
+        rows.append((entry.name, "yes" if unusable is None else f"no: {unusable}", entry.description))
+    widths = [max(len(row[k]) for row in rows) for k in (0, 1)]
+    for name, usable, description in rows:
+        click.echo(f"{name:<{widths[0]}}  {usable:<{widths[1]}}  {description}")
+
+
+@cli.command("backbones", hidden=True)
+@click.pass_context
+def show_backbones(context):
+    """The same as `ptl list backbones`."""
+    context.invoke(show_registry, kind="backbones")
 
 
 @cli.command("runtimes")
-@click.option("--backbone", help="Registered backbone (see `ptl backbones`).")
+@click.option("--backbone", help="Registered backbone (see `ptl list backbones`).")
 @click.option("--weights", help="imagenet, none, or a path to a weights file.")
 @click.option("--pooling", type=click.Choice(["avg", "max", "flatten"]))
 @click.option("--batch-size", type=int)
@@ -301,7 +319,7 @@ def build_dataset_command(config: Config, wait, **options):
 @cli.command("extract")
 @click.option("--dataset", "dataset_dir", help="Dataset folder written by build-dataset.")
 @click.option("--output", "features_dir", help="Where to write <split>.h5 / <split>.csv.")
-@click.option("--backbone", help="Registered backbone (see `ptl backbones`).")
+@click.option("--backbone", help="Registered backbone (see `ptl list backbones`).")
 @click.option("--weights", help="imagenet, none, or a path to a weights file.")
 @click.option("--pooling", type=click.Choice(["avg", "max", "flatten"]))
 @click.option("--format", "feature_format", type=click.Choice(["hdf5", "csv"]))
@@ -541,7 +559,7 @@ def compare_command(run_dir):
 @cli.command("finetune")
 @click.option("--dataset", "dataset_dir", help="Dataset folder written by build-dataset.")
 @click.option("--output", "finetune_dir", help="Where to write the network, the bundle, history.json and the curves.")
-@click.option("--backbone", help="Registered backbone (see `ptl backbones`).")
+@click.option("--backbone", help="Registered backbone (see `ptl list backbones`).")
 @click.option("--weights", help="imagenet, none, or a path to a weights file.")
 @click.option("--input-size", type=int, help="Square input side (default: the backbone's own).")
 @click.option("--head-epochs", type=int, help="Stage 1: epochs of the new head on the frozen backbone.")

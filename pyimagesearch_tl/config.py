@@ -29,7 +29,7 @@ from .images import MAX_PIXELS
 from .layouts import LAYOUTS, SPLIT_NAME, SPLIT_ROLES
 from .novelty import list_detectors
 from .runtimes import list_runtimes
-from .store import SHARD_SIZE
+from .store import FORMATS, SHARD_SIZE
 
 DEFAULTS: dict[str, Any] = {
     # where things are
@@ -199,7 +199,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "backbone": _registered(list_backbones),
     "weights": _typed(str, "'imagenet', 'none' or a path to a weights file", bool),
     "pooling": _choice("avg", "max", "flatten"),
-    "feature_format": _choice("hdf5", "csv"),
+    "feature_format": _registered(FORMATS.names),
     "dtype": _choice("float32", "float16"),
     "precision": _choice("float32", "bfloat16", "int8"),
     "batch_size": _typed(int, "an integer between 1 and 4096", lambda v: 1 <= v <= 4096),

@@ -24,12 +24,14 @@ from collections import deque
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from .errors import ConfigError, PTLError
+from .registry import Registry, installed, usable
 from .store import FeatureMeta
 
 #: A shard whose worker dies is retried this many times before the run gives up (resumable).
 WORKER_RETRIES = 3
 
-ENGINES: dict[str, Callable[..., "Engine"]] = {}
+#: The engines, by name: classes taking ``(job, **options)`` (see :mod:`pyimagesearch_tl.registry`).
+ENGINES: Registry[Callable[..., "Engine"]] = Registry("engine", "engines")
 
 
 @dataclasses.dataclass
@@ -40,25 +42,23 @@ class ShardTask:
     paths: list[str]
 
 
-def register(name: str):
+def register(name: str, description: str, unusable: Callable[[], str | None] = usable):
+    """Class decorator: register an engine class as ``name`` in :data:`ENGINES`."""
+
     def decorate(cls):
-        ENGINES[name] = cls
         cls.name = name
-        return cls
+        return ENGINES.register(name, cls, description=description, unusable=unusable)
 
     return decorate
 
 
 def list_engines() -> list[str]:
-    return list(ENGINES)
+    return ENGINES.names()
 
 
 def engine_class(name: str) -> Callable[..., "Engine"]:
     """The registered engine ``name``; the error lists the valid names."""
-    try:
-        return ENGINES[name]
-    except KeyError:
-        raise ConfigError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}") from None
+    return ENGINES.get(name)
 
 
 def create_engine(name: str, job: "Job", **options) -> "Engine":
@@ -110,7 +110,7 @@ class Engine:
         self.close()
 
 
-@register("local")
+@register("local", "shards one after the other in this process, decoding overlapping the network")
 class LocalEngine(Engine):
     """Shards run one after the other in this process, through one decoding stream."""
 
@@ -178,7 +178,11 @@ def import_ray():
     return ray
 
 
-@register("ray")
+def _ray_missing() -> str | None:
+    return None if installed("ray") else "pip install 'pyimagesearch_tl[ray]'"
+
+
+@register("ray", "shards spread over the actors of a Ray cluster (--ray-address), resumable", _ray_missing)
 class RayEngine(Engine):
     """Shards spread over the actors of a Ray cluster, two in flight per actor so none waits."""
 

@@ -42,10 +42,9 @@ from .images import MAX_PIXELS
 from .locks import locks_output
 from .runtimes import requested_runtime
 from .store import (
+    FORMATS,
     SHARD_SIZE,
     SHARDS,
-    SUFFIXES,
-    WRITERS,
     FeatureMeta,
     Shard,
     read_fingerprint,
@@ -156,7 +155,7 @@ def up_to_date_without_backbone(
     split up to date."""
     known = None
     for split in splits:
-        path = output_dir / f"{split}{SUFFIXES[feature_format]}"
+        path = output_dir / f"{split}{FORMATS.get(feature_format).suffix}"
         try:
             stored = read_meta(path)
         except Exception:  # none yet, unreadable or foreign: the engine's way decides
@@ -202,7 +201,7 @@ def extract_split(
     from tqdm.auto import tqdm
 
     meta = engine.meta
-    path = output_dir / f"{split}{SUFFIXES[feature_format]}"
+    path = output_dir / f"{split}{FORMATS.get(feature_format).suffix}"
     identity = fingerprint(meta, rows)
     remove_feature_files(output_dir, split, keep=feature_format)  # one format per split, and only files of ours
     if read_fingerprint(path) == identity:
@@ -273,7 +272,7 @@ def _assemble(
     label_index = {name: i for i, name in enumerate(meta.label_names)}
     empty = Shard(np.zeros((0, meta.feature_dim), np.float32), np.zeros(0, np.int64), [])
     reused = 0
-    writer = WRITERS[feature_format](path, meta, identity, chunk_rows=chunk_rows)
+    writer = FORMATS.get(feature_format).writer(path, meta, identity, chunk_rows=chunk_rows)
     with contextlib.ExitStack() as stack:
         stack.callback(writer.close)
         read_previous = stack.enter_context(row_reader(path)) if previous else None
@@ -371,7 +370,7 @@ def extract_dataset(
     if up_to_date_without_backbone(output_dir, by_split, present, feature_format, extractor_options):
         for split in present:  # as extract_split does for a split that is up to date
             remove_feature_files(output_dir, split, keep=feature_format)
-            path = output_dir / f"{split}{SUFFIXES[feature_format]}"
+            path = output_dir / f"{split}{FORMATS.get(feature_format).suffix}"
             reports.append(SplitReport(split, path, extracted=0, skipped=read_skipped(path), up_to_date=True))
             if on_split is not None:
                 on_split(reports[-1])

@@ -21,6 +21,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from .registry import Registry
+
 
 def _unit(features: np.ndarray) -> np.ndarray:
     features = np.asarray(features, dtype=np.float64)
@@ -297,28 +299,37 @@ def _combination(*kinds: str) -> Callable[[float, str], RankCombination]:
     return functools.partial(RankCombination.of, kinds)
 
 
-#: The detectors ``train --unknown NAME`` can fit: name -> ``make(keep, calibrated_on)``, an unfitted detector.
-DETECTORS: dict[str, Callable[[float, str], Detector]] = {
-    "centroid": NoveltyDetector,
-    "knn": KNNDetector,
-    "mahalanobis": MahalanobisDetector,
-    "energy": EnergyDetector,
-    "centroid+energy": _combination("centroid", "energy"),
-    "mahalanobis+energy": _combination("mahalanobis", "energy"),
-}
+#: The detectors ``train --unknown NAME`` can fit, by name: ``make(keep, calibrated_on)``, an unfitted detector
+#: (see :mod:`pyimagesearch_tl.registry`).
+DETECTORS: Registry[Callable[[float, str], Detector]] = Registry("detector", "detectors")
+DETECTORS.register("centroid", NoveltyDetector, description="cosine similarity to the nearest class centroid")
+DETECTORS.register("knn", KNNDetector, description="cosine similarity to the k-th nearest training image")
+DETECTORS.register(
+    "mahalanobis", MahalanobisDetector, description="Mahalanobis distance to the nearest class (shared covariance)"
+)
+DETECTORS.register("energy", EnergyDetector, description="energy (log-sum-exp) of the classifier's logits")
+DETECTORS.register(
+    "centroid+energy",
+    _combination("centroid", "energy"),
+    description="the lower calibrated rank of centroid and energy",
+)
+DETECTORS.register(
+    "mahalanobis+energy",
+    _combination("mahalanobis", "energy"),
+    description="the lower calibrated rank of mahalanobis and energy; the default",
+)
 
 
 def list_detectors() -> list[str]:
-    return list(DETECTORS)
+    return DETECTORS.names()
 
 
 def make_detector(kind: str, keep: float = 0.95, calibrated_on: str = "validation") -> Detector:
     """An unfitted detector ``kind`` (a name of :data:`DETECTORS`)."""
-    if kind not in DETECTORS:
-        raise ValueError(f"unknown detector {kind!r}; choose one of: {', '.join(DETECTORS)}")
+    make = DETECTORS.get(kind)
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
-    return DETECTORS[kind](keep=keep, calibrated_on=calibrated_on)
+    return make(keep=keep, calibrated_on=calibrated_on)
 
 
 def fit_detector(

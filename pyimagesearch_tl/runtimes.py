@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
 import logging
 import math
@@ -56,6 +55,8 @@ import numpy as np
 from .atomic import atomic_write_json
 from .cache import cache_dir, cached, cached_file, file_sha256, problem
 from .errors import ConfigError, PTLError
+from .registry import Registry
+from .registry import installed as module_installed
 
 AUTO = "auto"
 TENSORFLOW = "tensorflow"
@@ -89,12 +90,18 @@ class Runtime:
     install: str
 
 
-RUNTIMES: dict[str, Runtime] = {}
+#: The runtimes, by name (see :mod:`pyimagesearch_tl.registry`).
+RUNTIMES: Registry[Runtime] = Registry("runtime", "runtimes")
 
 
-def register(runtime: Runtime) -> Runtime:
-    RUNTIMES[runtime.name] = runtime
-    return runtime
+def register(runtime: Runtime, description: str) -> Runtime:
+    """Add ``runtime`` to :data:`RUNTIMES` (names are unique)."""
+    return RUNTIMES.register(
+        runtime.name,
+        runtime,
+        description=description,
+        unusable=lambda: None if installed(runtime.name) else runtime.install,
+    )
 
 
 def list_runtimes() -> list[str]:
@@ -103,10 +110,8 @@ def list_runtimes() -> list[str]:
 
 
 def installed(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(RUNTIMES[name].module) is not None
-    except (ImportError, ValueError):  # a module blocked in sys.modules, or a broken install
-        return False
+    """Whether runtime ``name``'s module can be imported here."""
+    return module_installed(RUNTIMES.get(name).module)
 
 
 def _onnxruntime(path: Path, threads: int, precision: str = "float32") -> Forward:
@@ -145,9 +150,18 @@ def _openvino(path: Path, threads: int, precision: str = "float32") -> Forward:
     return forward
 
 
-register(Runtime(TENSORFLOW, "tensorflow", None, "pip install pyimagesearch_tl"))
-register(Runtime("onnxruntime", "onnxruntime", _onnxruntime, "pip install pyimagesearch_tl"))
-register(Runtime(OPENVINO, "openvino", _openvino, "pip install 'pyimagesearch_tl[openvino]'"))
+register(
+    Runtime(TENSORFLOW, "tensorflow", None, "pip install pyimagesearch_tl"),
+    "the Keras network itself: the reference every other runtime is checked against",
+)
+register(
+    Runtime("onnxruntime", "onnxruntime", _onnxruntime, "pip install pyimagesearch_tl"),
+    "ONNX Runtime on the exported network (float32, int8)",
+)
+register(
+    Runtime(OPENVINO, "openvino", _openvino, "pip install 'pyimagesearch_tl[openvino]'"),
+    "OpenVINO on the exported network (float32, bfloat16 where the CPU has it, int8); auto's first choice",
+)
 
 
 # --- exporting the Keras network ------------------------------------------------------------------
@@ -363,7 +377,7 @@ def load(name: str, path: Path, threads: int, precision: str = "float32") -> For
     """Runtime ``name``'s forward pass of the network file ``path`` in ``precision`` (:class:`UnreadableNetwork`
     if it cannot)."""
     try:
-        return RUNTIMES[name].load(path, threads, precision)
+        return RUNTIMES.get(name).load(path, threads, precision)
     except Exception as exc:
         raise UnreadableNetwork(name, path, exc) from exc
 
@@ -454,7 +468,7 @@ def requested_runtime(requested: str, precision: str) -> str:
             )
         if not installed(OPENVINO):
             raise ConfigError(
-                f"--precision int8 runs in OpenVINO, which is not installed: {RUNTIMES[OPENVINO].install}"
+                f"--precision int8 runs in OpenVINO, which is not installed: {RUNTIMES.get(OPENVINO).install}"
             )
         return OPENVINO
     if precision == "bfloat16":
@@ -462,7 +476,7 @@ def requested_runtime(requested: str, precision: str) -> str:
             return OPENVINO if installed(OPENVINO) and bfloat16_arithmetic() else TENSORFLOW
         if requested == OPENVINO:
             if not installed(OPENVINO):
-                raise ConfigError(f"runtime 'openvino' is not installed: {RUNTIMES[OPENVINO].install}")
+                raise ConfigError(f"runtime 'openvino' is not installed: {RUNTIMES.get(OPENVINO).install}")
             if not bfloat16_arithmetic():
                 raise ConfigError(
                     "--runtime openvino --precision bfloat16 needs a CPU with AVX512-BF16 or AMX, which this one "
@@ -476,7 +490,7 @@ def requested_runtime(requested: str, precision: str) -> str:
     if requested in (AUTO, TENSORFLOW):
         return requested
     if not installed(requested):
-        raise ConfigError(f"runtime {requested!r} is not installed: {RUNTIMES[requested].install}")
+        raise ConfigError(f"runtime {requested!r} is not installed: {RUNTIMES.get(requested).install}")
     return requested
 
 
@@ -568,7 +582,7 @@ def survey(
     sample, path, rows = images[:PARITY_IMAGES], None, []
     reference = functools.cache(lambda: tensorflow(sample))
     for name in PREFERENCE:
-        row = {"runtime": name, "installed": installed(name), "install": RUNTIMES[name].install}
+        row = {"runtime": name, "installed": installed(name), "install": RUNTIMES.get(name).install}
         forward = tensorflow if name == TENSORFLOW else None
         if name != TENSORFLOW and row["installed"]:
             path = path or network()

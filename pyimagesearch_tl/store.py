@@ -40,9 +40,9 @@ import numpy as np
 
 from .atomic import atomic_path, atomic_write_json, writing
 from .errors import FeatureFileError
+from .registry import Registry
 
 FORMAT_VERSION = 1
-SUFFIXES = {"hdf5": ".h5", "csv": ".csv"}
 PARTIAL = ".partial"
 SHARD_SIZE = 256  # images per shard file: the unit of extraction work and of resume
 SHARDS = ".shards"  # <features dir>/.shards/<split>/: shard files of an extraction in progress
@@ -590,9 +590,6 @@ class CSVFeatureWriter(_FeatureWriter):
             self.handle.close()
 
 
-WRITERS = {"hdf5": HDF5FeatureWriter, "csv": CSVFeatureWriter}
-
-
 @dataclasses.dataclass
 class Shard:
     """What one shard of images produced: feature rows and skips, by position in the shard's image list."""
@@ -676,7 +673,7 @@ def feature_file(features_dir: str | Path, split: str) -> Path:
     features_dir = Path(features_dir)
     if not features_dir.is_dir():
         raise FeatureFileError(f"features folder {str(features_dir)!r} does not exist (run extract first)")
-    found = [features_dir / f"{split}{suffix}" for suffix in SUFFIXES.values()]
+    found = [features_dir / f"{split}{suffix}" for suffix in suffixes()]
     found = [path for path in found if path.is_file()]
     if len(found) > 1:
         raise FeatureFileError(
@@ -689,7 +686,7 @@ def feature_file(features_dir: str | Path, split: str) -> Path:
         raise FeatureFileError(
             f"the {split!r} features in {features_dir} are an unfinished extraction; rerun extract to resume it"
         )
-    found = sorted(p.name for p in features_dir.iterdir() if p.suffix in SUFFIXES.values())
+    found = sorted(p.name for p in features_dir.iterdir() if p.suffix in suffixes())
     raise FeatureFileError(
         f"no feature file for split {split!r} in {features_dir} (found: {', '.join(found) or 'none'})"
     )
@@ -698,7 +695,7 @@ def feature_file(features_dir: str | Path, split: str) -> Path:
 def written_by_ptl(path: Path) -> bool:
     """True when ``path`` is a feature file ``ptl extract`` wrote (an HDF5 file or a CSV sidecar with its stamps)."""
     try:
-        if path.suffix == SUFFIXES["hdf5"]:
+        if path.suffix == FORMATS.get("hdf5").suffix:
             import h5py
 
             with h5py.File(path, "r") as f:
@@ -718,8 +715,8 @@ def remove_feature_files(features_dir: str | Path, split: str, keep: str | None 
     feature files removed.
     """
     features_dir, removed = Path(features_dir), []
-    for name, suffix in SUFFIXES.items():
-        path = features_dir / f"{split}{suffix}"
+    for entry in FORMATS.entries():
+        name, path = entry.name, features_dir / f"{split}{entry.value.suffix}"
         if not path.is_file():
             continue
         if not written_by_ptl(path):  # neither removed nor, for the kept format, replaced
@@ -758,7 +755,7 @@ def read_split(features_dirs: str | Path | Sequence[str | Path], split: str) -> 
 
 def has_feature_file(features_dir: str | Path, split: str) -> bool:
     """True when ``features_dir`` holds a finished feature file for ``split``."""
-    return any((Path(features_dir) / f"{split}{suffix}").is_file() for suffix in SUFFIXES.values())
+    return any((Path(features_dir) / f"{split}{suffix}").is_file() for suffix in suffixes())
 
 
 class HDF5FeatureReader:
@@ -931,19 +928,41 @@ SIDECAR_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
 }
 
 
-#: Reader class by file suffix, one per format of :data:`WRITERS`.
-READERS = {SUFFIXES["hdf5"]: HDF5FeatureReader, SUFFIXES["csv"]: CSVFeatureReader}
+@dataclasses.dataclass(frozen=True)
+class FeatureFormat:
+    """A feature-file format (``--format NAME``): its file suffix, writer and reader classes."""
+
+    suffix: str
+    writer: type
+    reader: type
+
+
+#: The feature-file formats, by name (see :mod:`pyimagesearch_tl.registry`).
+FORMATS: Registry[FeatureFormat] = Registry("feature format", "formats")
+FORMATS.register(
+    "hdf5",
+    FeatureFormat(".h5", HDF5FeatureWriter, HDF5FeatureReader),
+    description="HDF5 (.h5), chunked: read block by block (train --streaming); the default",
+)
+FORMATS.register(
+    "csv",
+    FeatureFormat(".csv", CSVFeatureWriter, CSVFeatureReader),
+    description="CSV (.csv) with a JSON sidecar of the layout: for other tools",
+)
+
+
+def suffixes() -> list[str]:
+    """The file suffix of every feature format."""
+    return [entry.value.suffix for entry in FORMATS.entries()]
 
 
 def feature_reader(path: str | Path) -> HDF5FeatureReader | CSVFeatureReader:
     """The reader for the finished feature file ``path``, chosen by its suffix."""
     path = Path(path)
-    try:
-        return READERS[path.suffix](path)
-    except KeyError:
-        raise FeatureFileError(
-            f"{path}: not a feature file (expected a name ending in {' or '.join(READERS)})"
-        ) from None
+    for entry in FORMATS.entries():
+        if path.suffix == entry.value.suffix:
+            return entry.value.reader(path)
+    raise FeatureFileError(f"{path}: not a feature file (expected a name ending in {' or '.join(suffixes())})")
 
 
 def _open_h5(path: Path):

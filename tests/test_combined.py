@@ -14,7 +14,7 @@ from pyimagesearch_tl.extraction import extract_dataset
 from pyimagesearch_tl.features import FeatureExtractor
 from pyimagesearch_tl.images import load_image
 from pyimagesearch_tl.prediction import Predictor
-from pyimagesearch_tl.store import WRITERS, read_features, read_fingerprint, read_meta
+from pyimagesearch_tl.store import FORMATS, read_features, read_fingerprint, read_meta
 
 SPLITS = ["training", "validation", "evaluation"]
 
@@ -53,7 +53,7 @@ def _copy(folder, target, transform):
     path = target / "training.h5"
     features, fingerprint = transform(read_features(path)), read_fingerprint(path)
     path.unlink()
-    writer = WRITERS["hdf5"](path, features.meta, fingerprint)
+    writer = FORMATS.get("hdf5").writer(path, features.meta, fingerprint)
     writer.append(features.features, features.labels, features.paths, features.sha256, [])
     writer.finish()
     return target

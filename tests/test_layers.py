@@ -11,7 +11,7 @@ from pathlib import Path
 import pyimagesearch_tl
 
 LAYERS = [
-    ["errors", "_version", "atomic", "cache", "quiet", "cpus"],  # foundations
+    ["errors", "registry", "_version", "atomic", "cache", "quiet", "cpus"],  # foundations
     ["images", "locks", "metrics", "plots", "novelty"],  # one concern each
     ["backbones", "classifiers", "runtimes", "store", "engines"],  # registries, file formats, where shards run
     ["layouts"],  # build-dataset: photos -> dataset/ + manifest.csv

@@ -5,9 +5,7 @@ import pytest
 
 from pyimagesearch_tl.errors import FeatureFileError
 from pyimagesearch_tl.store import (
-    READERS,
-    SUFFIXES,
-    WRITERS,
+    FORMATS,
     FeatureMeta,
     HDF5FeatureWriter,
     Shard,
@@ -48,11 +46,11 @@ def _batches(rng):
         )
 
 
-@pytest.mark.parametrize("fmt", list(WRITERS))
+@pytest.mark.parametrize("fmt", list(FORMATS))
 def test_round_trip_keeps_values_labels_paths_and_metadata(tmp_path, fmt):
     rng = np.random.default_rng(0)
-    path = tmp_path / f"training{SUFFIXES[fmt]}"
-    writer = WRITERS[fmt](path, META, "fp", chunk_rows=8)
+    path = tmp_path / f"training{FORMATS.get(fmt).suffix}"
+    writer = FORMATS.get(fmt).writer(path, META, "fp", chunk_rows=8)
     expected = list(_batches(rng))
     for number, (features, labels, paths, shas) in enumerate(expected):
         writer.append(
@@ -75,8 +73,9 @@ def test_round_trip_keeps_values_labels_paths_and_metadata(tmp_path, fmt):
     assert feature_file(tmp_path, "training") == path
 
 
-def test_every_writer_has_a_reader_and_other_files_are_refused(tmp_path):
-    assert sorted(SUFFIXES[fmt] for fmt in WRITERS) == sorted(READERS)
+def test_every_format_has_its_own_suffix_and_other_files_are_refused(tmp_path):
+    suffixes = [FORMATS.get(fmt).suffix for fmt in FORMATS]
+    assert len(set(suffixes)) == len(suffixes) == 2
     with pytest.raises(FeatureFileError, match=r"features\.npz: not a feature file \(expected a name ending in"):
         read_meta(tmp_path / "features.npz")
     assert read_fingerprint(tmp_path / "features.npz") is None
@@ -132,13 +131,13 @@ def test_shard_round_trip_and_identity(tmp_path):
     assert read_shard(tmp_path / "junk.h5", "identity-1") is None
 
 
-@pytest.mark.parametrize("fmt", list(WRITERS))
+@pytest.mark.parametrize("fmt", list(FORMATS))
 def test_rows_are_read_back_by_number_in_the_order_asked(tmp_path, fmt):
     values = np.arange(40, dtype=np.float32).reshape(8, 5)
-    writer = WRITERS[fmt](tmp_path / f"training{SUFFIXES[fmt]}", META, "fp", chunk_rows=3)
+    writer = FORMATS.get(fmt).writer(tmp_path / f"training{FORMATS.get(fmt).suffix}", META, "fp", chunk_rows=3)
     writer.append(values, [0, 1] * 4, list("abcdefgh"), ["0" * 64] * 8, [])
     writer.finish()
-    with row_reader(tmp_path / f"training{SUFFIXES[fmt]}") as read:
+    with row_reader(tmp_path / f"training{FORMATS.get(fmt).suffix}") as read:
         np.testing.assert_array_equal(read([6, 1, 6, 0]), values[[6, 1, 6, 0]])
         assert read([]).shape == (0, 5)
 

@@ -10,7 +10,6 @@ this package does not import TensorFlow.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import hashlib
 import re
 import sys
@@ -19,6 +18,7 @@ from typing import Any, Callable
 
 from ..cache import file_sha256
 from ..errors import ConfigError, PTLError
+from ..registry import Registry, usable
 
 
 class WeightsUnavailableError(PTLError):
@@ -61,30 +61,25 @@ class Backbone:
     pretrained_file: Callable[[], Path] | None = None
 
 
-_REGISTRY: dict[str, Backbone] = {}
+#: The backbones, by name (see :mod:`pyimagesearch_tl.registry`).
+BACKBONES: Registry[Backbone] = Registry("backbone", "backbones")
 
 
-def register(backbone: Backbone) -> Backbone:
-    """Add ``backbone`` to the registry (names are unique)."""
-    if backbone.name in _REGISTRY:
-        raise ValueError(f"backbone {backbone.name!r} is already registered")
+def register(backbone: Backbone, description: str, unusable: Callable[[], str | None] = usable) -> Backbone:
+    """Add ``backbone`` to :data:`BACKBONES` (names are unique)."""
     if backbone.preprocessing not in PREPROCESSING_MODES:
         raise ValueError(f"unknown preprocessing {backbone.preprocessing!r}")
-    _REGISTRY[backbone.name] = backbone
-    return backbone
+    return BACKBONES.register(backbone.name, backbone, description=description, unusable=unusable)
 
 
 def list_backbones(pattern: str = "*") -> list[str]:
     """Registered names matching the shell-style ``pattern`` (e.g. ``"efficientnet*"``)."""
-    return [name for name in _REGISTRY if fnmatch.fnmatch(name, pattern)]
+    return BACKBONES.names(pattern)
 
 
 def get_backbone(name: str) -> Backbone:
     """The registry record for ``name``; the error lists the valid names."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown backbone {name!r}; choose one of: {', '.join(_REGISTRY)}") from None
+    return BACKBONES.get(name)
 
 
 # --- preprocessing: each mode is what one family of weights expects ---------------------------

