@@ -91,146 +91,265 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _choice(*allowed: str) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        return None if value in allowed else f"one of {', '.join(map(repr, allowed))}"
-
-    return check
-
-
-def _choice_of(allowed: tuple) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        ok = value in allowed and not isinstance(value, bool)
-        return None if ok else f"one of {', '.join(map(str, allowed))}"
-
-    return check
+# --- constraints: what each key allows, as data ---------------------------------------------------
+#
+# As scikit-learn's parameter constraints (``Interval``, ``StrOptions``): each says what it allows (the
+# error message), checks a value, and gives values it refuses, from which the tests are generated.
 
 
-def _typed(kind: type | tuple[type, ...], description: str, extra: Callable[[Any], bool] = lambda v: True):
-    def check(value: Any) -> str | None:
-        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
-        return None if ok and extra(value) else description
+class Constraint:
+    """What one configuration key allows."""
 
-    return check
+    def allows(self, value: Any) -> bool:
+        raise NotImplementedError
 
+    def describe(self) -> str:
+        """What is allowed, as the error message says it."""
+        raise NotImplementedError
 
-def _optional_str(value: Any) -> str | None:
-    return None if value is None or isinstance(value, str) else "a string (or unset)"
-
-
-def _str_list(value: Any) -> str | None:
-    ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
-    return None if ok else "a list of non-empty strings"
+    def refused(self) -> list:
+        """Values this constraint refuses (a config file's typical mistakes): tests check each is an error."""
+        raise NotImplementedError
 
 
-def _splits(value: Any) -> str | None:
-    if (
-        _str_list(value) is None
+def _show(bound: float) -> str:
+    return f"{int(bound):,}" if float(bound).is_integer() else f"{bound:g}"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options(Constraint):
+    """One of fixed values (strings, or numbers that are not booleans)."""
+
+    values: tuple
+
+    def allows(self, value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (str, int, float)) and value in self.values
+
+    def describe(self) -> str:
+        return f"one of {', '.join(map(repr, self.values))}"
+
+    def refused(self) -> list:
+        return ["not-an-option", True, None, list(self.values[:1])]
+
+
+@dataclasses.dataclass(frozen=True)
+class Registered(Constraint):
+    """A name of a registry (read when checked, so later registrations count), or one of ``extra``."""
+
+    names: Callable[[], list[str]]
+    extra: tuple = ()
+
+    def allows(self, value: Any) -> bool:
+        return isinstance(value, str) and value in self.names() + list(self.extra)
+
+    def describe(self) -> str:
+        return f"one of: {', '.join(self.names() + list(self.extra))}"
+
+    def refused(self) -> list:
+        return ["not-registered", 3, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval(Constraint):
+    """A number of ``kind`` (``int``, or ``float`` which takes integers too) between ``low`` and ``high``
+    (None: unbounded), each end included unless ``open`` names it ("low", "high" or "both")."""
+
+    kind: type
+    low: float | None
+    high: float | None
+    open: str = ""
+    what: str = ""
+
+    def allows(self, value: Any) -> bool:
+        if not _number(value) or (self.kind is int and not isinstance(value, int)):
+            return False
+        low_open, high_open = self.open in ("low", "both"), self.open in ("high", "both")
+        if self.low is not None and (value < self.low or (low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (high_open and value == self.high))
+
+    def describe(self) -> str:
+        noun = {int: "an integer", float: "a number"}[self.kind] if not self.what else self.what
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.open in ("low", "both") else "[", ")" if self.open in ("high", "both") else "]"
+            return f"{noun} in {left}{_show(self.low)}, {_show(self.high)}{right}"
+        if self.low is not None:
+            return f"{noun} {'>' if self.open else '>='} {_show(self.low)}"
+        return f"{noun} {'<' if self.open else '<='} {_show(self.high)}"
+
+    def refused(self) -> list:
+        wrong = [str(self.low if self.low is not None else self.high), True, None]
+        if self.kind is int:
+            wrong.append(1.5)
+        if self.low is not None:
+            wrong.append(self.low if self.open in ("low", "both") else self.low - 1)
+        if self.high is not None:
+            wrong.append(self.high if self.open in ("high", "both") else self.high + 1)
+        return wrong
+
+
+@dataclasses.dataclass(frozen=True)
+class Typed(Constraint):
+    """A value of ``kind`` (a boolean is not an integer), non-empty when ``kind`` is ``str``."""
+
+    kind: type
+    what: str
+
+    def allows(self, value: Any) -> bool:
+        if isinstance(value, bool) and self.kind is not bool:
+            return False
+        return isinstance(value, self.kind) and (self.kind is not str or bool(value))
+
+    def describe(self) -> str:
+        return self.what
+
+    def refused(self) -> list:
+        return [3] if self.kind is str else ["yes", 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Optional(Constraint):
+    """``constraint``, or unset (None)."""
+
+    constraint: Constraint
+
+    def allows(self, value: Any) -> bool:
+        return value is None or self.constraint.allows(value)
+
+    def describe(self) -> str:
+        return f"{self.constraint.describe()} (or unset)"
+
+    def refused(self) -> list:
+        return [v for v in self.constraint.refused() if v is not None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule(Constraint):
+    """A check a simpler constraint cannot say, with the values it refuses written out."""
+
+    check: Callable[[Any], bool]
+    what: str
+    examples: tuple
+
+    def allows(self, value: Any) -> bool:
+        return bool(self.check(value))
+
+    def describe(self) -> str:
+        return self.what
+
+    def refused(self) -> list:
+        return list(self.examples)
+
+
+def _str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+
+
+def _splits(value: Any) -> bool:
+    return (
+        _str_list(value)
         and 2 <= len(value) <= 3
         and len(set(value)) == len(value)
         and all(SPLIT_NAME.fullmatch(v) for v in value)
-    ):
-        return None
-    return "a list of 2 or 3 distinct split names (training, validation[, evaluation]) of letters, digits, '_' and '-'"
+    )
 
 
-def _fractions(value: Any) -> str | None:
-    ok = (
+def _fractions(value: Any) -> bool:
+    return (
         isinstance(value, list)
         and 2 <= len(value) <= 3
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in value)
+        and all(_number(v) and 0 <= v <= 1 for v in value)
         and abs(sum(value) - 1.0) < 1e-6
         and value[0] > 0
     )
-    return None if ok else "2 or 3 fractions in [0, 1] that sum to 1, the first above 0"
 
 
-def _cv(value: Any) -> str | None:
-    if value == "validation" or (isinstance(value, str) and value.isdigit() and int(value) >= 2):
-        return None
-    return "an integer of at least 2 (stratified folds) or 'validation'"
-
-
-def _registered(names: Callable[[], list[str]], *extra: str) -> Callable[[Any], str | None]:
-    """A name from a registry (read when checked, so later registrations count)."""
-
-    def check(value: Any) -> str | None:
-        allowed = names() + list(extra)
-        return None if value in allowed else f"one of: {', '.join(allowed)}"
-
-    return check
-
-
-def _grids(value: Any) -> str | None:
-    ok = isinstance(value, dict) and all(
+def _grids(value: Any) -> bool:
+    return isinstance(value, dict) and all(
         isinstance(grid, dict) and all(isinstance(v, list) and v for v in grid.values()) for grid in value.values()
     )
-    return None if ok else "a table of classifier name -> {parameter: [values]}"
 
 
-#: key -> check(value) returning None when valid, else a description of what is allowed.
-RULES: dict[str, Callable[[Any], str | None]] = {
-    "input_dir": _optional_str,
-    "dataset_dir": _typed(str, "a path"),
-    "features_dir": lambda v: (
-        None
-        if (isinstance(v, str) and v) or (isinstance(v, list) and v and all(isinstance(p, str) and p for p in v))
-        else "a path, or a list of paths (train and evaluate: features of several folders combined)"
+PATH = Typed(str, "a path")
+
+#: key -> what it allows (:class:`Constraint`); :func:`validate` checks every key, the tests refuse every
+#: constraint's :meth:`~Constraint.refused` values.
+RULES: dict[str, Constraint] = {
+    "input_dir": Optional(PATH),
+    "dataset_dir": PATH,
+    "features_dir": Rule(
+        lambda v: (isinstance(v, str) and bool(v)) or (isinstance(v, list) and bool(v) and _str_list(v)),
+        "a path, or a list of paths (train and evaluate: features of several folders combined)",
+        ("", [], [""], 3),
     ),
-    "models_dir": _typed(str, "a path"),
-    "evaluation_dir": _typed(str, "a path"),
-    "audit_dir": _typed(str, "a path"),
-    "neighbour_search": _choice_of(SEARCHES),
-    "finetune_dir": _typed(str, "a path"),
-    "layout": _choice("auto", *LAYOUTS),
-    "labels_file": _optional_str,
-    "exclude": _optional_str,
-    "split_files": lambda v: (
-        None
-        if isinstance(v, dict) and all(isinstance(k, str) and isinstance(p, str) and p for k, p in v.items())
-        else "a table of split name -> list file path"
+    "models_dir": PATH,
+    "evaluation_dir": PATH,
+    "audit_dir": PATH,
+    "neighbour_search": Options(SEARCHES),
+    "finetune_dir": PATH,
+    "layout": Options(("auto", *LAYOUTS)),
+    "labels_file": Optional(PATH),
+    "exclude": Optional(PATH),
+    "split_files": Rule(
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(p, str) and p for k, p in v.items()),
+        "a table of split name -> list file path",
+        ({"train": ""}, {"train": 3}, ["train.txt"]),
     ),
-    "classes": _str_list,
-    "splits": _splits,
-    "split_fractions": _fractions,
-    "link": _choice("copy", "hardlink", "symlink"),
-    "seed": _typed(int, "an integer >= 0", lambda v: v >= 0),
-    "max_image_pixels": _typed(int, "an integer > 0", lambda v: v > 0),
-    "backbone": _registered(list_backbones),
-    "weights": _typed(str, "'imagenet', 'none' or a path to a weights file", bool),
-    "pooling": _choice("avg", "max", "flatten"),
-    "feature_format": _registered(FORMATS.names),
-    "dtype": _choice("float32", "float16"),
-    "precision": _choice("float32", "bfloat16", "int8"),
-    "batch_size": _typed(int, "an integer between 1 and 4096", lambda v: 1 <= v <= 4096),
-    "views": _choice_of(VIEWS),
-    "runtime": _registered(list_runtimes),
-    "engine": _registered(list_engines),
-    "ray_address": _optional_str,
-    "ray_cpus_per_worker": _typed(int, "an integer >= 1", lambda v: v >= 1),
-    "shard_size": _typed(int, "an integer between 1 and 1000000", lambda v: 1 <= v <= 1_000_000),
-    "classifier": _registered(list_classifiers, "all"),
-    "cv": _cv,
-    "class_weight": _choice("none", "balanced"),
-    "streaming": _typed(bool, "true or false"),
-    "unknown": _registered(list_detectors),
-    "unknown_keep": _typed((int, float), "a share in (0, 1]", lambda v: 0 < v <= 1),
-    "grids": _grids,
-    "input_size": lambda v: (
-        None
-        if v is None or (isinstance(v, int) and not isinstance(v, bool) and 32 <= v <= 1024)
-        else "an integer between 32 and 1024 (or unset)"
+    "classes": Rule(_str_list, "a list of non-empty strings", ("cats", [""], [3])),
+    "splits": Rule(
+        _splits,
+        "a list of 2 or 3 distinct split names (training, validation[, evaluation]) of letters, digits, '_' and '-'",
+        (["training"], ["a", "a"], ["a", "b", "c", "d"], ["a/b", "c"], "training"),
     ),
-    "head_epochs": _typed(int, "an integer >= 1", lambda v: v >= 1),
-    "finetune_epochs": _typed(int, "an integer >= 0 (0: no second stage)", lambda v: v >= 0),
-    "unfreeze_blocks": _typed(int, "an integer >= 1", lambda v: v >= 1),
-    "head_lr": _typed((int, float), "a learning rate > 0", lambda v: v > 0),
-    "finetune_lr": _typed((int, float), "a learning rate > 0", lambda v: v > 0),
-    "augment": _choice("none", "light", "strong"),
-    "monitor": _choice("val_loss", "val_auc"),
-    "patience": _typed(int, "an integer >= 1", lambda v: v >= 1),
-    "head_dropout": _typed((int, float), "a rate in [0, 1)", lambda v: 0 <= v < 1),
-    "head_batchnorm": _typed(bool, "true or false"),
+    "split_fractions": Rule(
+        _fractions,
+        "2 or 3 fractions in [0, 1] that sum to 1, the first above 0",
+        ([0.5, 0.2, 0.1], [1.0], [0.0, 1.0], [1.5, -0.5], [True, 0.0]),
+    ),
+    "link": Options(("copy", "hardlink", "symlink")),
+    "seed": Interval(int, 0, None),
+    "max_image_pixels": Interval(int, 0, None, open="low"),
+    "backbone": Registered(list_backbones),
+    "weights": Typed(str, "'imagenet', 'none' or a path to a weights file"),
+    "pooling": Options(("avg", "max", "flatten")),
+    "feature_format": Registered(FORMATS.names),
+    "dtype": Options(("float32", "float16")),
+    "precision": Options(("float32", "bfloat16", "int8")),
+    "batch_size": Interval(int, 1, 4096),
+    "views": Options(VIEWS),
+    "runtime": Registered(list_runtimes),
+    "engine": Registered(list_engines),
+    "ray_address": Optional(Typed(str, "a Ray cluster's address ('auto', or host:port)")),
+    "ray_cpus_per_worker": Interval(int, 1, None),
+    "shard_size": Interval(int, 1, 1_000_000),
+    "classifier": Registered(list_classifiers, ("all",)),
+    "cv": Rule(
+        lambda v: v == "validation" or (isinstance(v, str) and v.isdigit() and int(v) >= 2),
+        "an integer of at least 2 (stratified folds) or 'validation'",
+        ("1", "0", "valid", "-3"),
+    ),
+    "class_weight": Options(("none", "balanced")),
+    "streaming": Typed(bool, "true or false"),
+    "unknown": Registered(list_detectors),
+    "unknown_keep": Interval(float, 0, 1, open="low", what="a share"),
+    "grids": Rule(
+        _grids, "a table of classifier name -> {parameter: [values]}", ({"logreg": {"C": []}}, {"logreg": 1})
+    ),
+    "input_size": Optional(Interval(int, 32, 1024)),
+    "head_epochs": Interval(int, 1, None),
+    "finetune_epochs": Interval(int, 0, None),
+    "unfreeze_blocks": Interval(int, 1, None),
+    "head_lr": Interval(float, 0, None, open="low", what="a learning rate"),
+    "finetune_lr": Interval(float, 0, None, open="low", what="a learning rate"),
+    "augment": Options(("none", "light", "strong")),
+    "monitor": Options(("val_loss", "val_auc")),
+    "patience": Interval(int, 1, None),
+    "head_dropout": Interval(float, 0, 1, open="high", what="a rate"),
+    "head_batchnorm": Typed(bool, "true or false"),
 }
 assert RULES.keys() == DEFAULTS.keys()
 
@@ -283,10 +402,9 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(values) - set(RULES))
     if unknown:
         raise ConfigError(f"unknown configuration key {unknown[0]!r}; valid keys are: {', '.join(RULES)}")
-    for key, check in RULES.items():
-        problem = check(values.get(key))
-        if problem is not None:
-            raise ConfigError(f"configuration key {key!r}: got {values.get(key)!r}, expected {problem}")
+    for key, constraint in RULES.items():
+        if not constraint.allows(values.get(key)):
+            raise ConfigError(f"configuration key {key!r}: got {values.get(key)!r}, expected {constraint.describe()}")
     if len(values["split_fractions"]) != len(values["splits"]):
         raise ConfigError(
             f"configuration key 'split_fractions': {values['split_fractions']} has "

@@ -2,7 +2,7 @@ import pytest
 from click.testing import CliRunner
 
 from pyimagesearch_tl.cli import cli
-from pyimagesearch_tl.config import DEFAULTS, load_config
+from pyimagesearch_tl.config import DEFAULTS, RULES, load_config, validate
 from pyimagesearch_tl.errors import ConfigError
 
 
@@ -79,3 +79,22 @@ def test_cli_option_values_are_validated_like_the_config(tmp_path):
     assert "'backbone'" in result.output and "efficientnet_lite0" in result.output
     result = CliRunner().invoke(cli, ["train", "--classifier", "forest"])
     assert result.exit_code != 0 and "'classifier'" in result.output and "logreg" in result.output
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [(key, value) for key, constraint in RULES.items() for value in constraint.refused()],
+    ids=lambda v: repr(v)[:30],
+)
+def test_every_value_a_constraint_refuses_is_an_error_naming_the_key_and_what_it_allows(key, value):
+    """Generated from the constraints themselves: each key's typical mistakes (wrong type, out of range,
+    not an option, a boolean for a number) are refused with the key, the value and what is allowed."""
+    values = dict(DEFAULTS, **{key: value})
+    with pytest.raises(ConfigError) as info:
+        validate(values)
+    assert str(info.value) == f"configuration key {key!r}: got {value!r}, expected {RULES[key].describe()}"
+
+
+def test_every_default_satisfies_its_constraint_and_every_key_has_one():
+    assert RULES.keys() == DEFAULTS.keys()
+    assert all(RULES[key].allows(value) for key, value in DEFAULTS.items())
