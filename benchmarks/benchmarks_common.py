@@ -49,8 +49,8 @@ def save_results(name: str, figures: dict) -> Path:
     """Write ``figures`` to ``benchmarks/results/<name>.json`` with where they were measured.
 
     The record holds the commit the run started from (and whether the tree had uncommitted
-    changes then), the library versions, the CPU and the date, so a figure in the README can be
-    traced to its run; ``benchmarks/report.py`` renders the README's tables from these files.
+    changes then), the library versions, the CPU and the date, so a figure in the documentation can
+    be traced to its run; ``benchmarks/report.py`` renders the tables of docs/ from these files.
     """
     import datetime
     import json
