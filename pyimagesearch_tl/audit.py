@@ -67,6 +67,9 @@ FOLDS = 5
 MIN_CLASS_PHOTOS = 2
 #: Rows per block of the neighbour search (memory: block x N similarities at most, in sklearn's chunks).
 BLOCK_ROWS = 2048
+#: Cosine distance by which both searches widen their radius: copies of one vector (similarity 1, give or
+#: take float32 rounding) are pairs at any threshold up to 1, and the two searches find the same pairs.
+ROUNDING = 1e-6
 #: ``neighbour_search`` values: exact, approximate, or auto (approximate above :data:`APPROXIMATE_ROWS`).
 SEARCHES = ("auto", "exact", "approximate")
 #: Rows above which ``auto`` searches neighbours approximately (benchmarks/bench_audit.py, 1280-d real
@@ -192,7 +195,8 @@ def calibrate_duplicates(
 
 
 def similar_pairs(unit: np.ndarray, threshold: float, search: str = "auto") -> list[tuple[int, int, float]]:
-    """Every pair ``(i, j, similarity)``, ``i < j``, of unit rows at or above ``threshold``, in order.
+    """Every pair ``(i, j, similarity)``, ``i < j``, of unit rows at or above ``threshold``, in order (within
+    :data:`ROUNDING`: a threshold of 1 or more finds the copies of one vector).
 
     ``search``: ``"exact"`` (blockwise, quadratic), ``"approximate"`` (:func:`approximate_pairs`) or
     ``"auto"``: approximate above :data:`APPROXIMATE_ROWS` rows.
@@ -209,7 +213,8 @@ def exact_pairs(unit: np.ndarray, threshold: float, rows: int | None = None) -> 
     matrix). ``rows``: only the pairs whose first row is one of the first ``rows`` (a benchmark's sample)."""
     from sklearn.neighbors import NearestNeighbors
 
-    index = NearestNeighbors(radius=max(0.0, 1.0 - threshold), metric="cosine", algorithm="brute").fit(unit)
+    radius = max(0.0, 1.0 - threshold) + ROUNDING
+    index = NearestNeighbors(radius=radius, metric="cosine", algorithm="brute").fit(unit)
     pairs = []
     for start in range(0, len(unit) if rows is None else rows, BLOCK_ROWS):
         stop = start + BLOCK_ROWS if rows is None else min(rows, start + BLOCK_ROWS)
@@ -217,7 +222,7 @@ def exact_pairs(unit: np.ndarray, threshold: float, rows: int | None = None) -> 
         for offset, (found, distance) in enumerate(zip(neighbours, distances)):
             row = start + offset
             pairs += [(row, int(j), float(1 - d)) for j, d in zip(found, distance) if j > row]
-    return pairs
+    return sorted(pairs)
 
 
 def approximate_pairs(unit: np.ndarray, threshold: float, seed: int = 0) -> list[tuple[int, int, float]]:
@@ -238,6 +243,8 @@ def approximate_pairs(unit: np.ndarray, threshold: float, seed: int = 0) -> list
         ) from None
     unit = np.ascontiguousarray(unit, dtype=np.float32)
     rows, width = unit.shape
+    if rows < 2:
+        return []
     lists = max(1, min(rows // TRAINING_ROWS_PER_LIST, round(4 * np.sqrt(rows))))
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(width), width, lists, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = seed
@@ -245,15 +252,17 @@ def approximate_pairs(unit: np.ndarray, threshold: float, seed: int = 0) -> list
     index.train(unit[np.sort(sample)])
     index.add(unit)
     index.nprobe = min(lists, PROBED_LISTS)
-    pairs = []
+    radius, pairs = max(0.0, 1.0 - threshold) + ROUNDING, []
     for start in range(0, rows, BLOCK_ROWS):
         block = unit[start : start + BLOCK_ROWS]
-        limits, _, found = index.range_search(block, np.float32(threshold) - np.float32(1e-5))  # ties kept
+        limits, _, found = index.range_search(block, np.float32(1 - radius) - np.float32(1e-5))  # float32 ties kept
         owners = np.repeat(np.arange(start, start + len(block)), np.diff(limits).astype(np.int64))
         keep = found > owners
         owners, found = owners[keep], found[keep]
-        similarity = np.einsum("ij,ij->i", unit[owners], unit[found])  # exactly, on the full vectors
-        pairs += [(int(i), int(j), float(v)) for i, j, v in zip(owners, found, similarity) if v >= threshold]
+        # exactly, on the full vectors, kept by the exact search's rule (cosine distance within its radius)
+        similarity = np.einsum("ij,ij->i", unit[owners].astype(np.float64), unit[found].astype(np.float64))
+        keep = 1 - similarity <= radius
+        pairs += [(int(i), int(j), float(v)) for i, j, v in zip(owners[keep], found[keep], similarity[keep])]
     return sorted(pairs)
 
 

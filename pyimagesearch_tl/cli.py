@@ -224,8 +224,11 @@ def _registries() -> dict:
 def show_registry(kind, pattern):
     """List the registered KIND (backbones, classifiers, ...) whose names match the shell-style PATTERN: each
     name, whether it can be used here (else what to install), and what it is."""
+    registry = _registries()[kind]
+    if not registry.names(pattern):
+        raise click.ClickException(f"no {kind} match {pattern!r}; the {kind} are: {', '.join(registry)}")
     rows = [("name", "usable here", "description")]
-    for entry in _registries()[kind].entries(pattern):
+    for entry in registry.entries(pattern):
         unusable = entry.unusable()
         rows.append((entry.name, "yes" if unusable is None else f"no: {unusable}", entry.description))
     widths = [max(len(row[k]) for row in rows) for k in (0, 1)]

@@ -42,8 +42,8 @@ from .layouts import read_manifest
 from .runtimes import (
     TENSORFLOW,
     cached_network,
+    checked_network,
     choose,
-    converted_network,
     export_onnx,
     load,
     network_key,
@@ -288,14 +288,15 @@ class FeatureExtractor:
 
     def _cached_width(self, network: bytes | None) -> int | None:
         """The feature width read from the network this extractor runs outside TensorFlow: the quantized
-        ``network`` given, or the cached float32 network when it is cached (None: neither is known)."""
+        ``network`` given, or the cached float32 network when a runtime passed its parity check here (None:
+        neither is known)."""
         if self.runtime == TENSORFLOW:
             return None
         if network is not None:
             return network_width(bytes(network))
         if self._weights_identity is None:
             return None
-        path = converted_network(self.network_key())  # a damaged one is said when the job chooses its runtime
+        path = checked_network(self.network_key())  # else the model is built: a wrong file is said when checked
         return None if path is None else network_width(path)
 
     @classmethod

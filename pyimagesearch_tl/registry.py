@@ -18,6 +18,7 @@ from typing import Callable, Generic, Iterator, TypeVar
 from .errors import ConfigError
 
 T = TypeVar("T")
+_DECORATE = object()  # register() without a value: a decorator
 
 
 def usable() -> str | None:
@@ -66,13 +67,11 @@ class Registry(Generic[T]):
         self._entries: dict[str, Entry[T]] = {}
         REGISTRIES[plural] = self
 
-    def register(
-        self, name: str, value: T | None = None, *, description: str, unusable: Callable[[], str | None] = usable
-    ):
+    def register(self, name: str, value=_DECORATE, *, description: str, unusable: Callable[[], str | None] = usable):
         """Add ``value`` as ``name`` and return it; without ``value``, a decorator that registers what it
         decorates. A name already registered is refused (:class:`ValueError`): a plug-in cannot silently
         replace a part."""
-        if value is None:
+        if value is _DECORATE:
             return lambda decorated: self.register(name, decorated, description=description, unusable=unusable)
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is already registered")

@@ -220,6 +220,16 @@ def converted_network(key: str) -> Path | None:
     return cached(_network_name(key))
 
 
+def checked_network(key: str) -> Path | None:
+    """:func:`converted_network`, when a runtime also passed the parity check on it on this machine (its
+    verdict taken on this content, for this key): a network a job may trust without TensorFlow."""
+    path = converted_network(key)
+    if path is None:
+        return None
+    with verdicts(path) as record:
+        return path if any(verdict["passed"] for verdict in record.values()) else None
+
+
 def cached_network(key: str, export: Callable[[], Any], convert: bool = True) -> Path | None:
     """The cached ONNX file of network ``key``, made by ``export()`` (an ONNX model, see :func:`export_onnx`)
     on first use or when its content does not match its recorded SHA-256 (see
@@ -307,14 +317,16 @@ def machine_key() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def valid_verdict(verdict, network_sha256: str) -> bool:
+def valid_verdict(verdict, network_sha256: str, network_key: str) -> bool:
     """Whether ``verdict`` is what :func:`verdicts` stores, taken on the network file of SHA-256
-    ``network_sha256``: that digest (``network_sha256``), and a real bool ``passed`` that agrees with a
-    finite, non-negative number ``max_abs_diff`` (or an infinite one that failed)."""
+    ``network_sha256`` cached as ``network_key``: that digest (``network_sha256``) and that key
+    (``network_key``: a verdict copied along with another network's file is not one on this network),
+    and a real bool ``passed`` that agrees with a finite, non-negative number ``max_abs_diff`` (or an
+    infinite one that failed)."""
     if not isinstance(verdict, dict) or type(verdict.get("passed")) is not bool:
         return False
-    if verdict.get("network_sha256") != network_sha256:  # taken on other content: checked again
-        return False
+    if verdict.get("network_sha256") != network_sha256 or verdict.get("network_key") != network_key:
+        return False  # taken on other content, or for another network: checked again
     difference = verdict.get("max_abs_diff")
     if type(difference) not in (int, float) or math.isnan(difference) or difference < 0:
         return False
@@ -349,11 +361,11 @@ def verdicts(network: Path) -> Iterator[dict]:
             record = {}
         # Verdicts by machine; a file of the first format (one timing-based verdict for every machine) is redone.
         record = {k: v for k, v in record.items() if isinstance(v, dict) and not {"passed", "img_per_s"} & set(v)}
-        stored, digest = record.get(machine_key(), {}), file_sha256(network)
-        mine = {name: v for name, v in stored.items() if valid_verdict(v, digest)}
+        stored, digest, key = record.get(machine_key(), {}), file_sha256(network), network.name.removesuffix(".onnx")
+        mine = {name: v for name, v in stored.items() if valid_verdict(v, digest, key)}
         yield mine
-        # Each verdict is stored with the digest of the content it was taken on.
-        record[machine_key()] = {name: dict(v, network_sha256=digest) for name, v in mine.items()}
+        # Each verdict is stored with the digest of the content it was taken on, and the network's key.
+        record[machine_key()] = {name: dict(v, network_sha256=digest, network_key=key) for name, v in mine.items()}
         if lock is not None and record[machine_key()] != stored:
             with contextlib.suppress(OSError):  # a cache that cannot take it: the verdict holds for this run
                 atomic_write_json(path, record)

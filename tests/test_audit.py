@@ -285,3 +285,18 @@ def test_approximate_pairs_equal_the_exact_ones_on_real_features_grown_with_nois
     assert all(similarity >= threshold for _, _, similarity in approximate)
     group = range(len(unit) - 30, len(unit))
     assert {(i, j) for i in group for j in group if i < j} <= found  # a group larger than any k: found whole
+
+
+@pytest.mark.parametrize("threshold", [1.5, 1.0, 0.99, 0.0, -0.5])
+def test_both_searches_find_the_same_pairs_at_any_threshold_even_of_copies_scaled_apart(threshold):
+    """20 copies of one real-sized vector at different scales (similarity 1 up to float32 rounding) among 30
+    others: the same pairs from both searches, and none from fewer than two rows."""
+    from pyimagesearch_tl.audit import _unit, similar_pairs
+
+    rng = np.random.default_rng(0)
+    vector = rng.normal(size=1280).astype(np.float32)
+    unit = _unit(np.stack([vector * (1 + k) for k in range(20)] + list(rng.normal(size=(30, 1280)).astype(np.float32))))
+    exact, approximate = (similar_pairs(unit, threshold, search) for search in ("exact", "approximate"))
+    assert [(i, j) for i, j, _ in exact] == [(i, j) for i, j, _ in approximate]
+    assert {(i, j) for i in range(20) for j in range(i + 1, 20)} <= {(i, j) for i, j, _ in approximate}
+    assert similar_pairs(unit[:1], threshold, "approximate") == similar_pairs(unit[:0], threshold, "approximate") == []

@@ -121,7 +121,11 @@ def test_a_network_file_that_does_not_match_its_sha256_is_converted_again(own_ca
     network = own_cache["network"]
     # This machine's verdicts on the real network, as a run would have stored them: "passed".
     digest = file_sha256(network)
-    passed = {name: {"max_abs_diff": 0.0, "passed": True, "network_sha256": digest} for name in ONNX_RUNTIMES}
+    key = network.name.removesuffix(".onnx")
+    passed = {
+        name: {"max_abs_diff": 0.0, "passed": True, "network_sha256": digest, "network_key": key}
+        for name in ONNX_RUNTIMES
+    }
     network.with_suffix(".json").write_text(json.dumps({machine_key(): passed}))
     content = scaled_network(network) if damage == "another valid network" else network.read_bytes()[:1_000_000]
     network.write_bytes(content)
@@ -246,3 +250,39 @@ def test_a_full_cache_gives_way_to_a_temporary_one(tmp_path, monkeypatch, sessio
     assert "Traceback" not in result.output
     for name in ONNX_RUNTIMES:
         assert re.search(rf"^{name} +yes +passed \(", result.output, re.M), result.output
+
+
+def three_wide_network() -> bytes:
+    """A valid ONNX network of the extractor's input, but 3 features wide (the mean of each colour)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["pixels"], ["floats"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceMean", ["floats"], ["features"], axes=[1, 2], keepdims=0),
+        ],
+        "three_wide",
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, [None, 224, 224, 3])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [None, 3])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
+
+
+@pytest.mark.skipif(not ONNX_RUNTIMES, reason="no ONNX runtime installed")
+@pytest.mark.parametrize("verdict", ["none", "copied from another network"])
+def test_a_network_of_another_width_under_the_key_never_sets_the_layout(own_cache, session_cache, photos, verdict):
+    """Another network put under the key with its SHA-256 recorded (and, at worst, the verdicts it had under
+    its own key copied along): the extractor learns its width from the Keras model, not from that file, and
+    the parity check refuses the file: the features are TensorFlow's, 1,280 wide."""
+    network = own_cache["network"]
+    network.write_bytes(three_wide_network())
+    record_sha256(network)
+    if verdict != "none":
+        copied = {"max_abs_diff": 0.0, "passed": True, "network_sha256": file_sha256(network), "network_key": "other"}
+        network.with_suffix(".json").write_text(json.dumps({machine_key(): dict.fromkeys(ONNX_RUNTIMES, copied)}))
+    auto = FeatureExtractor("efficientnet_lite0", label_names=["ants", "bees"])
+    assert auto.meta.feature_dim == 1280
+    with pytest.warns(UserWarning, match="^runtime auto passed over "):
+        features = auto.transform(photos)
+    assert auto.runtime == TENSORFLOW
+    np.testing.assert_allclose(features, session_cache["features"], rtol=0, atol=1e-6)

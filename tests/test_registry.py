@@ -65,6 +65,11 @@ def test_ptl_list_filters_by_pattern_and_names_what_to_install_for_a_missing_ext
         assert f"no: pip install 'pyimagesearch_tl{install}'" in line
 
 
+def test_a_pattern_that_matches_nothing_is_an_error_listing_the_names():
+    result = CliRunner().invoke(cli, ["list", "backbones", "zzz*"])
+    assert result.exit_code == 1 and "no backbones match 'zzz*'; the backbones are: efficientnet_lite0" in result.output
+
+
 def test_ptl_backbones_still_lists_the_backbones():
     result = CliRunner().invoke(cli, ["backbones"])
     assert result.exit_code == 0 and "efficientnet_lite0" in result.output

@@ -216,6 +216,7 @@ def test_a_cache_that_cannot_be_locked_is_read_without_the_lock_and_never_writte
     assert auto.runtime == preferred and not stored.exists()  # checked and used for this run, not stored
     # Verdicts stored by whoever filled the cache are read without the lock, and the file is left as it was.
     failed = {"max_abs_diff": 0.5, "passed": False, "network_sha256": file_sha256(own_network)}
+    failed["network_key"] = own_network.name.removesuffix(".onnx")
     stored.write_text(json.dumps({machine_key(): {preferred: failed}}))
     before = stored.read_bytes()
     auto = FeatureExtractor("efficientnet_lite0", label_names=["a"])
@@ -247,8 +248,9 @@ def test_malformed_verdicts_are_dropped_and_checked_again(tmp_path):
     network = tmp_path / "network.onnx"
     network.write_bytes(b"")
     good = {"close": {"passed": True, "max_abs_diff": 1e-6}, "far": {"passed": False, "max_abs_diff": math.inf}}
-    good = {name: dict(verdict, network_sha256=file_sha256(network)) for name, verdict in good.items()}
-    network.with_suffix(".json").write_text(json.dumps({machine_key(): dict(HOSTILE, **good)}))
+    good = {name: dict(v, network_sha256=file_sha256(network), network_key="network") for name, v in good.items()}
+    other_key = {"other": dict(good["close"], network_key="another")}  # copied along with another network's file
+    network.with_suffix(".json").write_text(json.dumps({machine_key(): dict(HOSTILE, **good, **other_key)}))
     with verdicts(network) as record:
         assert record == good
     assert _verdicts(network) == good  # the file no longer holds them
