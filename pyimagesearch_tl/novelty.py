@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -235,6 +235,45 @@ class EnergyDetector(Detector):
 
 
 @dataclasses.dataclass
+class OutlierEstimatorDetector(Detector):
+    """A scikit-learn outlier estimator as a detector: fitted on the training features, its ``score_samples``
+    (higher: more normal, scikit-learn's convention) is the familiarity, and the threshold keeps a ``keep``
+    share of the calibration images, as every detector's does (the estimator's own ``offset_``, set from a
+    contamination guess on the training data, is not used). A subclass names the estimator in
+    :meth:`make`; registered in :data:`DETECTORS`, it trains, saves, predicts and is measured
+    (``benchmarks/bench_unknown.py``) as the project's own detectors are.
+    """
+
+    estimator: Any = None
+
+    @staticmethod
+    def make() -> Any:
+        """A new, unfitted scikit-learn outlier estimator."""
+        raise NotImplementedError
+
+    def learn(self, features, labels, n_classes, logits):
+        self.estimator = self.make().fit(np.asarray(features, dtype=np.float32))
+
+    def familiarity(self, features, logits=None):
+        return np.asarray(self.estimator.score_samples(np.asarray(features, dtype=np.float32)), dtype=np.float64)
+
+
+@dataclasses.dataclass
+class LocalOutlierFactorDetector(OutlierEstimatorDetector):
+    """scikit-learn's ``LocalOutlierFactor(novelty=True)`` (20 neighbours, brute force): a photo's local
+    density against its neighbours' among the training photos."""
+
+    kind = "lof"
+    score_name = "local outlier factor normality"
+
+    @staticmethod
+    def make():
+        from sklearn.neighbors import LocalOutlierFactor
+
+        return LocalOutlierFactor(n_neighbors=20, novelty=True, algorithm="brute")
+
+
+@dataclasses.dataclass
 class RankCombination(Detector):
     """Several detectors calibrated as one: each part's score becomes its rank among the calibration
     images (the share of them scoring at or below it), the familiarity is the lowest of those ranks,
@@ -308,6 +347,9 @@ DETECTORS.register(
     "mahalanobis", MahalanobisDetector, description="Mahalanobis distance to the nearest class (shared covariance)"
 )
 DETECTORS.register("energy", EnergyDetector, description="energy (log-sum-exp) of the classifier's logits")
+DETECTORS.register(
+    "lof", LocalOutlierFactorDetector, description="scikit-learn's LocalOutlierFactor (novelty) on the features"
+)
 DETECTORS.register(
     "centroid+energy",
     _combination("centroid", "energy"),
