@@ -108,6 +108,36 @@ class Detector:
         """Whether each row of ``features`` belongs to one of the classes."""
         return self.assess(features, logits)[1]
 
+    # scikit-learn's outlier-detection vocabulary (IsolationForest, LocalOutlierFactor): the same detector
+
+    def fit(self, features, labels, *, n_classes=None, logits=None, calibration=None, calibration_logits=None):
+        """:meth:`learn` from training ``features`` and ``labels``, then :meth:`set_threshold` on ``calibration``
+        (in-distribution rows held out from training; default: ``features`` themselves). Returns the detector."""
+        labels = np.asarray(labels)
+        n_classes = int(labels.max()) + 1 if n_classes is None else n_classes
+        self.learn(np.asarray(features), labels, n_classes, logits)
+        if calibration is None:
+            calibration, calibration_logits = features, logits
+        self.set_threshold(self.raw_scores(np.asarray(calibration), calibration_logits))
+        return self
+
+    @property
+    def offset_(self) -> float:
+        """The threshold, as scikit-learn names it: :meth:`decision_function` is below 0 for an unknown image."""
+        return self.threshold
+
+    def score_samples(self, features: np.ndarray, logits: np.ndarray | None = None) -> np.ndarray:
+        """The :meth:`familiarity` of each row (higher: more like the training classes)."""
+        return self.familiarity(features, logits)
+
+    def decision_function(self, features: np.ndarray, logits: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`score_samples` minus :attr:`offset_`: 0 or more for a known image, below 0 for an unknown one."""
+        return self.score_samples(features, logits) - self.offset_
+
+    def predict(self, features: np.ndarray, logits: np.ndarray | None = None) -> np.ndarray:
+        """+1 for a known image, -1 for an unknown one (scikit-learn's inlier / outlier)."""
+        return np.where(self.is_known(features, logits), 1, -1)
+
 
 @dataclasses.dataclass
 class NoveltyDetector(Detector):

@@ -7,7 +7,7 @@ from conftest import shared
 
 from pyimagesearch_tl.bundle import Bundle
 from pyimagesearch_tl.cli import cli
-from pyimagesearch_tl.novelty import NoveltyDetector, fit_detector, list_detectors
+from pyimagesearch_tl.novelty import NoveltyDetector, fit_detector, list_detectors, make_detector
 from pyimagesearch_tl.prediction import UNKNOWN, Predictor
 
 
@@ -213,6 +213,24 @@ def test_each_detector_scores_photos_of_other_classes_as_less_familiar(pipeline_
     # (0.88 here; 0.505 for the flowers model of benchmarks/bench_unknown.py), the others exceed 0.99.
     assert roc_auc_score(np.r_[np.ones(len(own)), np.zeros(len(strange))], np.r_[own, strange]) > 0.8
     assert np.mean(own >= bundle.novelty.threshold) >= 0.95
+    # scikit-learn's outlier vocabulary says the same: score_samples, offset_, decision_function, predict
+    fitted, logits = bundle.novelty, bundle.logits(strangers)
+    np.testing.assert_array_equal(fitted.score_samples(strangers, logits), strange)
+    assert fitted.offset_ == fitted.threshold
+    decision = fitted.decision_function(strangers, logits)
+    np.testing.assert_array_equal(decision >= 0, fitted.is_known(strangers, logits))
+    np.testing.assert_array_equal(fitted.predict(strangers, logits), np.where(decision >= 0, 1, -1))
+    # and fit() is learn + calibration, as training does it
+    training = read_features(pipeline_run["features"] / "training.h5")
+    refit = make_detector(detector, keep=0.95).fit(
+        training.features,
+        training.labels,
+        n_classes=len(bundle.label_names),
+        logits=bundle.logits(training.features),
+        calibration=validation.features,
+        calibration_logits=bundle.logits(validation.features),
+    )
+    assert np.mean(refit.predict(validation.features, bundle.logits(validation.features)) == 1) >= 0.95
 
 
 def test_a_bundle_saved_with_the_original_centroid_detector_still_loads_and_predicts(pipeline_run, tmp_path):
