@@ -201,11 +201,17 @@ def similar_pairs(unit: np.ndarray, threshold: float, search: str = "auto") -> l
     ``search``: ``"exact"`` (blockwise, quadratic), ``"approximate"`` (:func:`approximate_pairs`) or
     ``"auto"``: approximate above :data:`APPROXIMATE_ROWS` rows.
     """
-    if search not in SEARCHES:
-        raise ConfigError(f"neighbour_search must be one of {', '.join(SEARCHES)}, got {search!r}")
-    if search == "approximate" or (search == "auto" and len(unit) > APPROXIMATE_ROWS):
+    if resolved_search(search, len(unit)) == "approximate":
         return approximate_pairs(unit, threshold)
     return exact_pairs(unit, threshold)
+
+
+def resolved_search(search: str, rows: int) -> str:
+    """``"exact"`` or ``"approximate"``: what neighbour search ``search`` (one of :data:`SEARCHES`) means for
+    ``rows`` rows (``auto``: approximate above :data:`APPROXIMATE_ROWS`)."""
+    if search not in SEARCHES:
+        raise ConfigError(f"neighbour_search must be one of {', '.join(SEARCHES)}, got {search!r}")
+    return "approximate" if search == "approximate" or (search == "auto" and rows > APPROXIMATE_ROWS) else "exact"
 
 
 def exact_pairs(unit: np.ndarray, threshold: float, rows: int | None = None) -> list[tuple[int, int, float]]:
@@ -367,8 +373,7 @@ def audit(
 
     ``neighbour_search``: how near-duplicate candidates are found (see :func:`similar_pairs`).
     """
-    if neighbour_search not in SEARCHES:
-        raise ConfigError(f"neighbour_search must be one of {', '.join(SEARCHES)}, got {neighbour_search!r}")
+    resolved_search(neighbour_search, 0)  # a wrong value is refused before any work
     try:
         from cleanlab.filter import find_label_issues
     except ImportError:
@@ -427,8 +432,8 @@ def audit(
             views[k] = thumbnails(dataset_dir / merged.paths[k])
         return views[k]
 
-    approximate = neighbour_search == "approximate" or (neighbour_search == "auto" and len(unit) > APPROXIMATE_ROWS)
-    for i, j, similarity in similar_pairs(unit, threshold, "approximate" if approximate else "exact"):
+    search = resolved_search(neighbour_search, len(unit))
+    for i, j, similarity in similar_pairs(unit, threshold, search):
         candidates += 1
         if merged.sha256[i] == merged.sha256[j]:
             what = "identical files"
@@ -464,7 +469,7 @@ def audit(
     calibration["candidate_pairs"] = candidates
     calibration["images_decoded"] = len(views)
     calibration["neighbour_search"] = (
-        f"approximate (faiss IndexIVFFlat, {PROBED_LISTS} probed lists)" if approximate else "exact"
+        f"approximate (faiss IndexIVFFlat, {PROBED_LISTS} probed lists)" if search == "approximate" else "exact"
     )
     calibration["confirmed_pairs"] = len(confirmed)
     calibration["groups"] = len(groups)

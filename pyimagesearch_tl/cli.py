@@ -24,6 +24,7 @@ from .errors import ConfigError, PTLError
 from .layouts import LAYOUTS
 from .locks import output_lock
 from .novelty import list_detectors
+from .store import FORMATS
 
 
 class PTLCommand(click.Command):
@@ -325,7 +326,7 @@ def build_dataset_command(config: Config, wait, **options):
 @click.option("--backbone", help="Registered backbone (see `ptl list backbones`).")
 @click.option("--weights", help="imagenet, none, or a path to a weights file.")
 @click.option("--pooling", type=click.Choice(["avg", "max", "flatten"]))
-@click.option("--format", "feature_format", type=click.Choice(["hdf5", "csv"]))
+@click.option("--format", "feature_format", type=click.Choice(FORMATS.names()))
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), help="Storage type of the features.")
 @click.option(
     "--precision",

@@ -247,7 +247,7 @@ class FeatureExtractor:
         self._model_precision = "bfloat16" if precision == "bfloat16" and self.runtime == TENSORFLOW else "float32"
         self._model, self._forward = None, None
         self.meta = layout  # what network_key() reads; the width follows
-        self._weights_identity = weights_identity(backbone, weights)
+        self._weights_identity = weights_identity(backbone, layout.weights, layout.weights_sha256)
         width = self._cached_width(network)
         if width is None:  # the Keras model tells: built now, so that whatever is wrong with it is said at once
             width = int(self.model.output.shape[-1])

@@ -433,7 +433,11 @@ def fit_detector(
     calibrated_on : str
         Recorded with the detector: which images set the threshold.
     """
-    detector = make_detector(kind, keep, calibrated_on)
-    detector.learn(np.asarray(features), np.asarray(labels), n_classes, logits)
-    detector.set_threshold(detector.raw_scores(calibration, calibration_logits))
-    return detector
+    return make_detector(kind, keep, calibrated_on).fit(
+        features,
+        labels,
+        n_classes=n_classes,
+        logits=logits,
+        calibration=calibration,
+        calibration_logits=calibration_logits,
+    )

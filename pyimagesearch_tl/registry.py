@@ -18,7 +18,6 @@ from typing import Callable, Generic, Iterator, TypeVar
 from .errors import ConfigError
 
 T = TypeVar("T")
-_DECORATE = object()  # register() without a value: a decorator
 
 
 def usable() -> str | None:
@@ -67,12 +66,9 @@ class Registry(Generic[T]):
         self._entries: dict[str, Entry[T]] = {}
         REGISTRIES[plural] = self
 
-    def register(self, name: str, value=_DECORATE, *, description: str, unusable: Callable[[], str | None] = usable):
-        """Add ``value`` as ``name`` and return it; without ``value``, a decorator that registers what it
-        decorates. A name already registered is refused (:class:`ValueError`): a plug-in cannot silently
-        replace a part."""
-        if value is _DECORATE:
-            return lambda decorated: self.register(name, decorated, description=description, unusable=unusable)
+    def register(self, name: str, value: T, *, description: str, unusable: Callable[[], str | None] = usable) -> T:
+        """Add ``value`` as ``name`` and return it. A name already registered is refused (:class:`ValueError`):
+        a plug-in cannot silently replace a part."""
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = Entry(name, value, description, unusable)

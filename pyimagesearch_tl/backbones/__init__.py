@@ -146,20 +146,18 @@ def weights_digest(arrays) -> str:
     return digest.hexdigest()
 
 
-def weights_identity(name: str, weights) -> str | None:
-    """SHA-256 naming the network a build of backbone ``name`` with ``weights`` makes, known without
-    TensorFlow: the weights (the arrays' digest, or the file's, or the packaged checkpoint's, see
-    :attr:`Backbone.pretrained_file`) and the source of the module that builds the architecture. None
-    when only building tells: random weights, or ImageNet weights Keras downloads itself.
+def weights_identity(name: str, weights: str, weights_sha256: str) -> str | None:
+    """SHA-256 naming the network a build of backbone ``name`` makes, known without TensorFlow: its weights
+    and the source of the module that builds the architecture. ``weights`` and ``weights_sha256`` are as a
+    feature layout records them (:class:`~pyimagesearch_tl.store.FeatureMeta`): a weights file's or a
+    fine-tuned backbone's digest is that one; ImageNet weights are named by the packaged checkpoint's
+    (:attr:`Backbone.pretrained_file`). None when only building tells: random weights, or ImageNet
+    weights Keras downloads itself.
     """
     record = get_backbone(name)
-    weights = resolve_weights(weights)
-    if isinstance(weights, list):
-        source = weights_digest(weights)
-    elif weights is None or (weights == "imagenet" and record.pretrained_file is None):
+    if weights == "none" or (weights == "imagenet" and record.pretrained_file is None):
         return None
-    else:
-        source = file_sha256(record.pretrained_file() if weights == "imagenet" else weights)
+    source = file_sha256(record.pretrained_file()) if weights == "imagenet" else weights_sha256
     builder = file_sha256(sys.modules[record.build.__module__].__file__)
     return hashlib.sha256(f"{name}:{builder}:{source}".encode()).hexdigest()
 
