@@ -8,7 +8,10 @@ import io
 import json
 import re
 import shutil
+import socket
+import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import PTL
 from PIL import Image
 
 from pyimagesearch_tl.bundle import BUNDLE_SUFFIX, Bundle
@@ -32,8 +36,13 @@ def _train(features: Path, output: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def predictor(pipeline_run, tmp_path_factory) -> Predictor:
-    return Predictor(Bundle.load(_train(pipeline_run["features"], tmp_path_factory.mktemp("limits_models"))))
+def model(pipeline_run, tmp_path_factory) -> Path:
+    return _train(pipeline_run["features"], tmp_path_factory.mktemp("limits_models"))
+
+
+@pytest.fixture(scope="module")
+def predictor(model) -> Predictor:
+    return Predictor(Bundle.load(model))
 
 
 @pytest.fixture(scope="module")
@@ -211,27 +220,14 @@ def _post(url: str, files: list[tuple[str, bytes]]) -> tuple[int, dict, dict]:
         return error.code, dict(error.headers), json.loads(error.read())
 
 
-def _memory_kib() -> dict[str, int]:
-    lines = Path("/proc/self/status").read_text().splitlines()
-    return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in lines) if k in ("VmRSS", "VmHWM")}
-
-
 def test_the_pixel_budget_bounds_decoding_across_concurrent_requests(predictor, photos, waitress_server):
     """Four requests at once, each of three 4000x4000 PNGs (a few KB each, 64 MB each once decoded),
-    on the real waitress server with a budget of one such image: they queue, every file is answered,
-    and the process's peak memory grows by about one decoded image, not twelve, then returns."""
+    on the real waitress server with a budget of one such image: they queue, one decode at a time, and
+    every file is answered (what it costs in memory: the next test)."""
     side = 4000
     app = create_app(predictor, pixel_budget=side * side)
     budget, url = app.extensions["pixel_budget"], waitress_server(app)
     big = png(side, side)
-    with ThreadPoolExecutor(4) as pool:  # warm every request thread: runtime chosen, graph traced, buffers made
-        warm = list(pool.map(lambda _: _post(url, [("photo.jpg", photos[0].read_bytes())] * 3), range(4)))
-    assert [status for status, _, _ in warm] == [200] * 4
-
-    reset = Path("/proc/self/clear_refs")  # Linux: the memory is measured
-    if reset.exists():
-        reset.write_text("5")  # VmHWM := VmRSS, so the peak below is this flood's
-        before = _memory_kib()
     with ThreadPoolExecutor(4) as pool:
         replies = list(pool.map(lambda i: _post(url, [(f"big-{i}-{k}.png", big) for k in range(3)]), range(4)))
 
@@ -239,14 +235,7 @@ def test_the_pixel_budget_bounds_decoding_across_concurrent_requests(predictor, 
     answers = [a for _, _, answer in replies for a in answer["predictions"]]
     assert len(answers) == 12 and all(a["error"] is None and a["label"] for a in answers)
     assert len({a["label"] for a in answers}) == 1  # the same image, the same answer, queued or not
-    assert budget.peak == side * side and budget.decodes == 12 + 12  # one image decoded at a time
-    decoded_mib = side * side * 4 / 2**20  # Pillow holds RGB as 4 bytes a pixel
-    if reset.exists():
-        after = _memory_kib()
-        grown = (after["VmHWM"] - before["VmRSS"]) / 1024
-        assert grown < 2 * decoded_mib, f"peak grew by {grown:.0f} MiB, one decoded image is {decoded_mib:.0f} MiB"
-        kept = (after["VmRSS"] - before["VmRSS"]) / 1024
-        assert kept < decoded_mib / 2, f"{kept:.0f} MiB more resident after the flood"  # handed back to the system
+    assert budget.peak == side * side and budget.decodes == 12  # one image decoded at a time
 
     # an image larger than the whole budget is refused on its own; the others in its request are answered
     status, headers, answer = _post(url, [("huge.png", png(side + 1, side)), ("photo.jpg", photos[0].read_bytes())])
@@ -259,6 +248,72 @@ def test_the_pixel_budget_bounds_decoding_across_concurrent_requests(predictor, 
     assert headers["X-Frame-Options"] == "DENY"  # the headers come through waitress too
     status, headers, answer = _post(url, [("x.png", b"x")] * 1001)
     assert status == 413 and "MAX_FORM_PARTS" in answer["error"] and "Content-Security-Policy" in headers
+
+
+def _status_kib(pid: int) -> dict[str, int]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in lines) if k in ("VmRSS", "VmHWM")}
+
+
+@pytest.fixture()
+def served(model, tmp_path):
+    """``ptl serve`` as a user starts it, in a process of its own (its memory is the server's alone);
+    yields ``(url, pid)`` once it answers /health."""
+    with socket.socket() as probe:  # a free port (the server binds it a moment later)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen([*PTL, "serve", "--model", str(model), "--port", str(port)], stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"{url}/health", timeout=5).close()
+                break
+            time.sleep(0.1)
+        yield url, process.pid
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures memory through Linux's /proc")
+def test_a_served_flood_costs_one_decoded_image_and_a_large_upload_one_batch_of_memory(served, photos):
+    """The real ``ptl serve`` process, measured from /proc. Four requests at once of two 8000x8000 PNGs
+    (244 MiB each once decoded; its default budget fits one): its peak grows by about one decoded image,
+    not eight, and the memory goes back afterwards. One request of 160 photos costs about what one of
+    32 (a batch) costs: the network sees them a batch at a time, not all at once (~9 MB each)."""
+    url, pid = served
+    reset = Path(f"/proc/{pid}/clear_refs")
+
+    def grown(send) -> tuple[float, float]:
+        """MiB the server's peak and resident memory grew by while ``send()`` ran."""
+        reset.write_text("5")  # VmHWM := VmRSS
+        before = _status_kib(pid)
+        send()
+        after = _status_kib(pid)
+        return (after["VmHWM"] - before["VmRSS"]) / 1024, (after["VmRSS"] - before["VmRSS"]) / 1024
+
+    photo = ("photo.jpg", photos[0].read_bytes())
+    with ThreadPoolExecutor(4) as pool:  # every request thread warmed: runtime chosen, buffers made
+        assert [status for status, _, _ in pool.map(lambda _: _post(url, [photo] * 3), range(4))] == [200] * 4
+    batch, _ = grown(lambda: _post(url, [photo] * 32))
+    upload, _ = grown(lambda: _post(url, [photo] * 160))
+    assert upload < 2 * batch + 64, f"160 photos grew the peak by {upload:.0f} MiB, 32 by {batch:.0f} MiB"
+
+    side = 8000
+    big, decoded_mib = png(side, side), side * side * 4 / 2**20  # Pillow holds RGB as 4 bytes a pixel
+
+    def flood():
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda i: _post(url, [(f"big-{i}-{k}.png", big) for k in range(2)]), range(4)))
+        assert [len(answer["predictions"]) for status, _, answer in replies if status == 200] == [2] * 4
+
+    peak, kept = grown(flood)
+    assert peak < 2 * decoded_mib, f"peak grew by {peak:.0f} MiB, one decoded image is {decoded_mib:.0f} MiB"
+    assert kept < decoded_mib / 2, f"{kept:.0f} MiB more resident after the flood"  # handed back to the system
 
 
 def test_a_transparent_image_holds_the_budget_its_decoding_costs():
