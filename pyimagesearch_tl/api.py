@@ -262,7 +262,7 @@ def extract(
         Called with each split's report as it finishes, and with the engine once it has started.
     **overrides
         Configuration keys: ``backbone``, ``weights``, ``pooling``, ``feature_format``, ``dtype``,
-        ``precision``, ``batch_size``, ``runtime``, ``views``, ``engine``, ``shard_size``, ...
+        ``precision``, ``batch_size``, ``runtime``, ``views``, ``resize``, ``engine``, ``shard_size``, ...
     """
     from .extraction import extract_dataset
 
@@ -286,6 +286,7 @@ def extract(
         max_pixels=config.max_image_pixels,
         runtime=config.runtime,
         views=config.views,
+        resize=config.resize,
         engine=config.engine,
         ray_address=config.ray_address,
         ray_cpus_per_worker=config.ray_cpus_per_worker,

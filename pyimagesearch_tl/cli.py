@@ -154,6 +154,18 @@ def _say_workers(engine) -> None:
         click.echo(f"{engine.name}: {len(engine.workers)} workers ({'; '.join(engine.workers)})")
 
 
+def resize_option(command):
+    """``--resize``: how images meet the backbone's square input (extract and finetune take it)."""
+    from .images import RESIZE_MODES
+
+    return click.option(
+        "--resize",
+        type=click.Choice(RESIZE_MODES),
+        help="How images meet the square input: squash (the whole image, aspect lost), crop (its centre, at the "
+        "backbone's crop share) or letterbox (the whole image on gray margins). Default: the backbone's.",
+    )(command)
+
+
 def runtime_option(command):
     """``--runtime``: where the backbone runs (every command that runs it takes it)."""
     from .runtimes import list_runtimes
@@ -341,6 +353,7 @@ def build_dataset_command(config: Config, wait, **options):
     callback=lambda ctx, param, value: None if value is None else int(value),
     help="2: average each image's features with its left-right mirror's (one more forward pass per image).",
 )
+@resize_option
 @runtime_option
 @engine_options
 @wait_option
@@ -566,6 +579,7 @@ def compare_command(run_dir):
 @click.option("--backbone", help="Registered backbone (see `ptl list backbones`).")
 @click.option("--weights", help="imagenet, none, or a path to a weights file.")
 @click.option("--input-size", type=int, help="Square input side (default: the backbone's own).")
+@resize_option
 @click.option("--head-epochs", type=int, help="Stage 1: epochs of the new head on the frozen backbone.")
 @click.option("--finetune-epochs", type=int, help="Stage 2: epochs with the last blocks unfrozen (0: skip).")
 @click.option("--unfreeze-blocks", type=int, help="How many of the backbone's last blocks stage 2 trains.")

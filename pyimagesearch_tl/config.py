@@ -25,7 +25,7 @@ from .classifiers import list_classifiers
 from .engines import list_engines
 from .errors import ConfigError
 from .features import VIEWS
-from .images import MAX_PIXELS
+from .images import MAX_PIXELS, RESIZE_MODES
 from .layouts import LAYOUTS, SPLIT_NAME, SPLIT_ROLES
 from .novelty import list_detectors
 from .runtimes import list_runtimes
@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "precision": "float32",
     "batch_size": 32,
     "views": 1,  # 2: average each image's features with its left-right mirror's (one more forward pass)
+    "resize": None,  # how images meet the square input: squash, crop (centre) or letterbox; unset: the backbone's
     "runtime": "auto",  # where the backbone runs: auto, the first of OpenVINO, ONNX Runtime, TensorFlow
     # that is installed and matches TensorFlow; or one by name
     "engine": "local",  # where shard work (build-dataset's checks, extract, predict) runs: this process, or Ray
@@ -321,6 +322,7 @@ RULES: dict[str, Constraint] = {
     "precision": Options(("float32", "bfloat16", "int8")),
     "batch_size": Interval(int, 1, 4096),
     "views": Options(VIEWS),
+    "resize": Optional(Options(RESIZE_MODES)),
     "runtime": Registered(list_runtimes),
     "engine": Registered(list_engines),
     "ray_address": Optional(Typed(str, "a Ray cluster's address ('auto', or host:port)")),

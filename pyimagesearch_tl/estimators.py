@@ -40,11 +40,15 @@ from .images import resize_pixels
 
 
 @functools.lru_cache(maxsize=2)
-def _extractor(backbone: str, weights: str, pooling: str, batch_size: int, max_pixels: int, runtime: str, views: int):
+def _extractor(
+    backbone: str, weights: str, pooling: str, batch_size: int, max_pixels: int, runtime: str, views: int, resize
+):
     """The built backbone for these parameters; call it holding ``_BUILDING`` (see :func:`_shared_extractor`)."""
     from .features import FeatureExtractor
 
-    return FeatureExtractor(backbone, weights, pooling, batch_size, max_pixels, runtime=runtime, views=views)
+    return FeatureExtractor(
+        backbone, weights, pooling, batch_size, max_pixels, runtime=runtime, views=views, resize=resize
+    )
 
 
 #: ``lru_cache`` does not stop two threads that miss at once from both building the backbone (seconds
@@ -118,6 +122,8 @@ class ImageFeatures(TransformerMixin, BaseEstimator):
         Larger images are refused as decompression bombs.
     views : {1, 2}
         2: average each image's features with those of its left-right mirror.
+    resize : {"squash", "crop", "letterbox"} or None
+        How images (files or arrays) meet the square input; None: the backbone's own.
 
     Attributes
     ----------
@@ -136,6 +142,7 @@ class ImageFeatures(TransformerMixin, BaseEstimator):
         runtime: str = DEFAULTS["runtime"],
         max_image_pixels: int = DEFAULTS["max_image_pixels"],
         views: int = DEFAULTS["views"],
+        resize: str | None = DEFAULTS["resize"],
     ):
         self.backbone = backbone
         self.weights = weights
@@ -144,6 +151,7 @@ class ImageFeatures(TransformerMixin, BaseEstimator):
         self.runtime = runtime
         self.max_image_pixels = max_image_pixels
         self.views = views
+        self.resize = resize
 
     def _network(self):
         return _shared_extractor(
@@ -154,6 +162,7 @@ class ImageFeatures(TransformerMixin, BaseEstimator):
             self.max_image_pixels,
             self.runtime,
             self.views,
+            self.resize,
         )
 
     def fit(self, X, y=None):
@@ -174,6 +183,7 @@ class ImageFeatures(TransformerMixin, BaseEstimator):
             runtime=self.runtime,
             max_image_pixels=self.max_image_pixels,
             views=self.views,
+            resize=self.resize,
         )
         _as_images(X)
         self.meta_ = self._network().meta
@@ -195,7 +205,12 @@ class ImageFeatures(TransformerMixin, BaseEstimator):
         if kind == "pixels":
             rows = [
                 network.transform(
-                    np.stack([resize_pixels(image, size) for image in images[start : start + self.batch_size]])
+                    np.stack(
+                        [
+                            resize_pixels(image, size, network.resize)
+                            for image in images[start : start + self.batch_size]
+                        ]
+                    )
                 )
                 for start in range(0, len(images), self.batch_size)
             ]

@@ -214,6 +214,7 @@ def export_bundle(bundle: Bundle, output: str | Path) -> Path:
     metadata = {
         "label_names": json.dumps(bundle.label_names),
         "input_size": str(input_size),
+        "resize": bundle.meta.resizing.describe(),  # how a deployment fits its images to the input
         "score_kind": kind,
         "feature_layout": json.dumps(bundle.meta.to_attrs()),
         "model": bundle.name,
@@ -317,7 +318,8 @@ class OnnxPredictor(Predictor):
         """Nothing to decide: the graph already runs in ONNX Runtime, whatever the job's size."""
 
     def iter_batches(self, sources: Sequence):
-        return decode_batches(sources, self.bundle.meta.input_size, self.batch_size, self.max_pixels)
+        meta = self.bundle.meta
+        return decode_batches(sources, meta.input_size, self.batch_size, self.max_pixels, resize=meta.resizing)
 
     def assess(self, images):
         (scores,) = self._session.run([self._scores], {"pixels": images})

@@ -130,7 +130,7 @@ def settings_meta(options: dict) -> FeatureMeta:
     describe the same features. The requested runtime is checked as the extractor checks it.
     """
     requested_runtime(options["runtime"], options["precision"])
-    names = ("backbone", "weights", "pooling", "dtype", "label_names", "precision", "views")
+    names = ("backbone", "weights", "pooling", "dtype", "label_names", "precision", "views", "resize")
     meta = layout_meta(**{name: options[name] for name in names}, input_size=None)
     network = options.get("network")
     return dataclasses.replace(meta, network_sha256=hashlib.sha256(network).hexdigest()) if network else meta
@@ -314,6 +314,7 @@ def extract_dataset(
     max_pixels: int = MAX_PIXELS,
     runtime: str = "auto",
     views: int = 1,
+    resize: str | None = None,
     engine: str = "local",
     ray_address: str | None = None,
     ray_cpus_per_worker: int = 1,
@@ -354,6 +355,7 @@ def extract_dataset(
         precision=precision,
         runtime=runtime,
         views=views,
+        resize=resize,
         label_names=label_names,
         job_images=sum(len(by_split[split]) for split in present),  # all of them: a few new ones may convert, once
     )

@@ -37,7 +37,7 @@ from .cache import cached_file
 from .cpus import available_cpus
 from .engines import ShardTask
 from .errors import BundleError, ConfigError, DatasetError, ImageError
-from .images import DECODER, MAX_PIXELS, load_image, sha256_file
+from .images import DECODER, MAX_PIXELS, SQUASH, Resize, load_image, sha256_file
 from .layouts import read_manifest
 from .runtimes import (
     TENSORFLOW,
@@ -75,26 +75,28 @@ def decode_batches(
     max_pixels: int = MAX_PIXELS,
     workers: int | None = None,
     prefetch: int = 2,
+    resize: Resize | tuple[Resize, ...] = SQUASH,
 ) -> Iterator[Batch]:
     """Decode ``paths`` (files or binary file objects) in order, ``batch_size`` at a time.
 
     A thread pool keeps ``prefetch`` batches in flight ahead of the consumer, so decoding overlaps
     the model. Images the decoder refuses are reported in :attr:`Batch.skipped` with the reason.
-    With a tuple of sizes, every image is decoded from its file at each size (exactly as an
-    extractor of that size alone decodes it). The decoding threads run at the lowest scheduling
-    priority: on a CPU the model is the bottleneck, so they should only use the cycles it leaves
-    idle; when the model waits for images, nothing else competes and they get the CPU anyway (see
-    benchmarks/bench_extract.py).
+    With a tuple of sizes (and one ``resize`` for each, or one for all), every image is decoded from
+    its file at each size (exactly as an extractor of that size alone decodes it). The decoding
+    threads run at the lowest scheduling priority: on a CPU the model is the bottleneck, so they
+    should only use the cycles it leaves idle; when the model waits for images, nothing else
+    competes and they get the CPU anyway (see benchmarks/bench_extract.py).
     """
     sizes = size if isinstance(size, tuple) else (size,)
+    fits = resize if isinstance(resize, tuple) else (resize,) * len(sizes)
 
     def decode(path) -> list[np.ndarray] | str:
         try:
             decoded = []
-            for side in sizes:
+            for side, fit in zip(sizes, fits):
                 if hasattr(path, "seek"):  # an upload held in memory, read once per size
                     path.seek(0)
-                decoded.append(load_image(path, side, max_pixels))
+                decoded.append(load_image(path, side, max_pixels, fit))
             return decoded
         except ImageError as exc:
             return str(exc)
@@ -133,14 +135,17 @@ def layout_meta(
     label_names: Sequence[str],
     precision: str,
     views: int,
+    resize: str | Resize | None = None,
 ) -> FeatureMeta:
     """The meta an extractor of these settings records, with ``feature_dim`` 0: all of it that is known
     without building the backbone (the width is a function of its architecture).
 
     Weights are recorded by name: ``"finetuned"`` with the digest of the arrays, ``"imagenet"`` or
-    ``"none"``, or a file's path with the file's SHA-256.
+    ``"none"``, or a file's path with the file's SHA-256. ``resize`` is a mode (the backbone's crop
+    share for ``crop``), a :class:`~pyimagesearch_tl.images.Resize` as it is, or None for the backbone's own.
     """
     record = get_backbone(backbone)
+    resizing = record.resizing(resize)
     weights_path = resolve_weights(weights)
     if isinstance(weights_path, list):
         weights_name, digest = FINETUNED, weights_digest(weights_path)
@@ -160,6 +165,8 @@ def layout_meta(
         label_names=tuple(label_names),
         precision=precision,
         views=views,
+        resize=resizing.mode,
+        crop_pct=resizing.crop_pct,
     )
 
 
@@ -207,6 +214,9 @@ class FeatureExtractor:
     job_images : int, optional
         How many images the job ahead has (see :meth:`expect`); None: unknown (a server), so ``auto``
         converts the network when it is not cached yet.
+    resize : {"squash", "crop", "letterbox"}, Resize or None
+        How images are fitted to the square input (see :class:`~pyimagesearch_tl.images.Resize`);
+        None: the backbone's own. Recorded in :attr:`meta`.
     """
 
     def __init__(
@@ -226,6 +236,7 @@ class FeatureExtractor:
         network: bytes | None = None,
         quality: str = "",
         job_images: int | None = None,
+        resize: str | Resize | None = None,
     ):
         if views not in VIEWS:
             raise ConfigError(f"views must be one of {', '.join(map(str, VIEWS))}, got {views!r}")
@@ -239,9 +250,9 @@ class FeatureExtractor:
         self._choosing = threading.Lock()  # a server's threads may send the first batches together
         self._building = threading.Lock()
         self._running = threading.Lock()
-        layout = layout_meta(backbone, weights, pooling, input_size, dtype, label_names, precision, views)
+        layout = layout_meta(backbone, weights, pooling, input_size, dtype, label_names, precision, views, resize)
         self._backbone, self._weights = backbone, weights
-        self.input_size = layout.input_size
+        self.input_size, self.resize = layout.input_size, layout.resizing
         self.batch_size, self.max_pixels = batch_size, max_pixels
         self.workers = workers or available_cpus()
         # TensorFlow's bfloat16 runs a mixed_bfloat16 model; every other runtime a float32 network
@@ -335,6 +346,7 @@ class FeatureExtractor:
             views=meta.views,
             network=network,
             quality=meta.quality,
+            resize=meta.resizing,
         )
 
     def expect(self, images: int | None) -> None:
@@ -347,11 +359,13 @@ class FeatureExtractor:
 
     def decode(self, path: str | Path) -> np.ndarray:
         """One image as this extractor's model sees it (uint8, ``input_size`` square)."""
-        return load_image(path, self.input_size, self.max_pixels)
+        return load_image(path, self.input_size, self.max_pixels, self.resize)
 
     def iter_batches(self, paths: Sequence[str | Path], prefetch: int = 2) -> Iterator[Batch]:
         """Decode ``paths`` in order, ``batch_size`` at a time (see :func:`decode_batches`)."""
-        return decode_batches(paths, self.input_size, self.batch_size, self.max_pixels, self.workers, prefetch)
+        return decode_batches(
+            paths, self.input_size, self.batch_size, self.max_pixels, self.workers, prefetch, self.resize
+        )
 
     def transform(self, images: np.ndarray) -> np.ndarray:
         """Feature vectors (float32) of a uint8 batch ``(n, size, size, 3)``.
@@ -475,8 +489,8 @@ class CombinedExtractor:
 
     def iter_batches(self, paths: Sequence, prefetch: int = 2) -> Iterator[Batch]:
         """Decode ``paths`` at each part's input size (see :func:`decode_batches`)."""
-        sizes = tuple(part.input_size for part in self.parts)
-        return decode_batches(paths, sizes, self.batch_size, self.max_pixels, self.workers, prefetch)
+        sizes, fits = tuple(part.input_size for part in self.parts), tuple(part.resize for part in self.parts)
+        return decode_batches(paths, sizes, self.batch_size, self.max_pixels, self.workers, prefetch, fits)
 
     def transform(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """The parts' feature vectors of one decoded batch (one array per part), side by side."""

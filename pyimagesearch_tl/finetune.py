@@ -44,6 +44,7 @@ from .bundle import BUNDLE_SUFFIX, Bundle
 from .classifiers import DenseHead
 from .errors import ConfigError, DatasetError
 from .features import FeatureExtractor, dataset_rows, decode_batches, extract_in_memory, interrupt_after_batch
+from .images import SQUASH, Resize
 from .layouts import stratified_split
 from .locks import locks_output
 from .metrics import roc_auc
@@ -205,10 +206,11 @@ class ImageBatches:
         batch_size: int,
         max_pixels: int,
         seed: int | None = None,
+        resize: Resize = SQUASH,
     ):
         self.paths, self.labels = list(paths), np.asarray(labels, dtype=np.int64)
         self.n_classes, self.size, self.batch_size, self.max_pixels = n_classes, size, batch_size, max_pixels
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.resize = seed, 0, resize
         self.skipped: dict[str, str] = {}
 
     def __call__(self):
@@ -217,7 +219,7 @@ class ImageBatches:
             order = np.random.default_rng(self.seed + self.epoch).permutation(len(self.paths))
             self.epoch += 1
         paths = [self.paths[i] for i in order]
-        for batch in decode_batches(paths, self.size, self.batch_size, self.max_pixels):
+        for batch in decode_batches(paths, self.size, self.batch_size, self.max_pixels, resize=self.resize):
             self.skipped.update((str(paths[i]), reason) for i, reason in batch.skipped)
             if batch.indices:
                 labels = self.labels[order[batch.indices]]
@@ -253,6 +255,7 @@ class FinetuneSettings:
     backbone: str
     weights: str
     input_size: int | None
+    resize: str | None  # how images meet the input (images.RESIZE_MODES); None: the backbone's own
     head_epochs: int
     finetune_epochs: int
     unfreeze_blocks: int
@@ -444,7 +447,7 @@ def finetune(
     )
     if settings.finetune_epochs:
         blocks_to_unfreeze(base, settings.backbone, settings.unfreeze_blocks)
-    size = int(model.input.shape[1])
+    size, resize = int(model.input.shape[1]), get_backbone(settings.backbone).resizing(settings.resize)
 
     def batches(rows, seed=None):
         return ImageBatches(
@@ -455,6 +458,7 @@ def finetune(
             settings.batch_size,
             settings.max_image_pixels,
             seed,
+            resize,
         )
 
     train_batches, validation_batches = batches(training, settings.seed), batches(validation)
@@ -594,6 +598,7 @@ def _bundle(model, base, settings: FinetuneSettings, dataset_dir: Path, training
         label_names=[str(c) for c in encoder.classes_],
         runtime=settings.runtime,
         job_images=len(training) + len(validation),
+        resize=settings.resize,
     )
     head = dense_head(model)
     train_set, _ = extract_in_memory(extractor, dataset_dir, training)

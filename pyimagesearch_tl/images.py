@@ -22,9 +22,11 @@ before it is opened, so reading never blocks. The stages skip such files and rep
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import io
+import math
 import os
 import stat
 import sys
@@ -35,7 +37,7 @@ from typing import Iterator
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ConfigError, ImageError
 
 #: Decompression-bomb limit (pixels): Pillow's own threshold, the default of ``max_image_pixels``.
 MAX_PIXELS = 89_478_485
@@ -250,7 +252,84 @@ def _resampling(source: tuple[int, int], target: tuple[int, int]) -> Image.Resam
     return Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
 
 
-def load_image(path, size: int | tuple[int, int], max_pixels: int = MAX_PIXELS) -> np.ndarray:
+#: How an image meets the model's square input: ``squash`` resizes the whole image to it (its aspect
+#: ratio lost), ``crop`` resizes its centre square (``crop_pct`` of its shorter side) to it, as ImageNet
+#: weights were evaluated, and ``letterbox`` fits the whole image inside it, aspect kept, on mid-gray.
+RESIZE_MODES = ("squash", "crop", "letterbox")
+#: The letterbox margins: mid-gray, about zero after every backbone's preprocessing.
+LETTERBOX_FILL = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Resize:
+    """How an image is fitted to the model's input: part of every feature layout.
+
+    Parameters
+    ----------
+    mode : {"squash", "crop", "letterbox"}
+        See :data:`RESIZE_MODES`.
+    crop_pct : float
+        ``crop``: the share of the image's shorter side its centre square keeps (in (0, 1]); 1.0 for
+        the other modes.
+    """
+
+    mode: str = "squash"
+    crop_pct: float = 1.0
+
+    def __post_init__(self):
+        if self.mode not in RESIZE_MODES:
+            raise ConfigError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.mode!r}")
+        pct = self.crop_pct
+        if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 0 < pct <= 1:
+            raise ConfigError(f"crop_pct must be a number in (0, 1], got {pct!r}")
+        if self.mode != "crop" and pct != 1:
+            raise ConfigError(f"crop_pct applies to resize 'crop' only, got {pct!r} with {self.mode!r}")
+        object.__setattr__(self, "crop_pct", float(pct))
+
+    def describe(self) -> str:
+        return f"centre crop {self.crop_pct:g}" if self.mode == "crop" else self.mode
+
+    def scale(self, source: tuple[int, int], target: tuple[int, int]) -> float | None:
+        """The factor the image is scaled by (None for ``squash``, which scales each axis apart)."""
+        if self.mode == "squash":
+            return None
+        ratios = (target[0] / source[0], target[1] / source[1])
+        return max(ratios) / self.crop_pct if self.mode == "crop" else min(ratios)
+
+    def apply(self, image: Image.Image, target: tuple[int, int]) -> Image.Image:
+        """``image`` fitted to ``target`` ``(width, height)`` (the filters of :func:`_resampling`)."""
+        scale = self.scale(image.size, target)
+        if scale is None:
+            return image.resize(target, _resampling(image.size, target))
+        width, height = image.size
+        if self.mode == "crop":  # the centre region that scales to the target, in source pixels
+            region = (target[0] / scale, target[1] / scale)
+            box = ((width - region[0]) / 2, (height - region[1]) / 2, (width + region[0]) / 2, (height + region[1]) / 2)
+            return image.resize(target, _resampling((round(region[0]), round(region[1])), target), box=box)
+        fitted = (max(1, min(target[0], round(width * scale))), max(1, min(target[1], round(height * scale))))
+        canvas = Image.new(image.mode, target, LETTERBOX_FILL if image.mode == "L" else (LETTERBOX_FILL,) * 3)
+        canvas.paste(
+            image.resize(fitted, _resampling(image.size, fitted)),
+            ((target[0] - fitted[0]) // 2, (target[1] - fitted[1]) // 2),
+        )
+        return canvas
+
+    def draft_size(self, source: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+        """The size a JPEG may be decoded down to (Pillow's ``draft``) with every pixel used still at
+        least at the target's scale."""
+        scale = self.scale(source, target)
+        if scale is None:
+            return target
+        return (math.ceil(source[0] * scale), math.ceil(source[1] * scale))
+
+
+#: The recorded mode of every feature file written before resize modes existed.
+SQUASH = Resize()
+#: How a backbone fits images unless its record or a run says otherwise (benchmarks/accuracy.py --resizes).
+DEFAULT_RESIZE = "squash"
+
+
+def load_image(path, size: int | tuple[int, int], max_pixels: int = MAX_PIXELS, resize: Resize = SQUASH) -> np.ndarray:
     """Decode ``path`` into a ``(height, width, 3)`` uint8 RGB array of the target ``size``.
 
     Parameters
@@ -262,6 +341,8 @@ def load_image(path, size: int | tuple[int, int], max_pixels: int = MAX_PIXELS) 
         Target size; an int means a square.
     max_pixels : int
         Images with more pixels than this are refused as decompression bombs.
+    resize : Resize
+        How the image is fitted to ``size`` (squashed, centre-cropped or letterboxed).
 
     Returns
     -------
@@ -274,36 +355,38 @@ def load_image(path, size: int | tuple[int, int], max_pixels: int = MAX_PIXELS) 
         With the reason, when the file cannot be decoded into an image: the only exception a file's
         content can cause (see :func:`_reasons`).
     """
-    return _decode(path, size, max_pixels)[0]
+    return _decode(path, size, max_pixels, resize)[0]
 
 
-def _decode(source, size: int | tuple[int, int], max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+def _decode(
+    source, size: int | tuple[int, int], max_pixels: int, resize: Resize = SQUASH
+) -> tuple[np.ndarray, tuple[int, int]]:
     """The recipe: the pixels at ``size`` and the displayed ``(width, height)`` of the whole image."""
-    width, height = (size, size) if isinstance(size, int) else size
+    target = (size, size) if isinstance(size, int) else tuple(size)
     with _opened(source, max_pixels) as image:
         full = image.size
         upright = image.getexif().get(ExifTags.Base.Orientation, 1) not in (5, 6, 7, 8)
         if image.format == "JPEG":
-            image.draft("RGB", (width, height))
+            shown = full if upright else full[::-1]
+            draft = resize.draft_size(shown, target)
+            image.draft("RGB", draft if upright else draft[::-1])
         image.seek(0)  # first frame of an animation
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when upright
-        image = _to_rgb(image, keep_gray=True)
-        image = image.resize((width, height), _resampling(image.size, (width, height)))
+        image = resize.apply(_to_rgb(image, keep_gray=True), target)
         return np.asarray(image.convert("RGB"), dtype=np.uint8), full if upright else full[::-1]
 
 
-def resize_pixels(pixels: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+def resize_pixels(pixels: np.ndarray, size: int | tuple[int, int], resize: Resize = SQUASH) -> np.ndarray:
     """An RGB uint8 array ``(height, width, 3)`` resized as :func:`load_image` resizes a decoded file.
 
     For images already in memory (a camera frame, a dataset loaded as arrays): the same filters,
     so their features match those of the same pixels read from a lossless file.
     """
     width, height = (size, size) if isinstance(size, int) else size
-    if pixels.shape[:2] == (height, width):
+    if pixels.shape[:2] == (height, width) and resize.mode != "crop":
         return pixels
-    image = Image.fromarray(pixels, "RGB")
-    return np.asarray(image.resize((width, height), _resampling(image.size, (width, height))), dtype=np.uint8)
+    return np.asarray(resize.apply(Image.fromarray(pixels, "RGB"), (width, height)), dtype=np.uint8)
 
 
 #: Side of the small decode :func:`probe_image` checks an image with.

@@ -118,19 +118,19 @@ def calibration(
     split = "training" if by_split.get("training") else splits[0]
     rows = sample_rows(by_split[split], CALIBRATION_IMAGES)
     what = f"the photos of the {split!r} split of dataset {dataset_dir} that calibrate int8"
-    images, _ = _decoded(dataset_dir, rows, layout.input_size, max_pixels, what)
+    images, _ = _decoded(dataset_dir, rows, layout.input_size, layout.resizing, max_pixels, what)
     return images, calibration_key(layout, images)
 
 
-def _decoded(dataset_dir: Path, rows, size: int, max_pixels: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """The images of manifest ``rows`` that decode (as an extractor of ``size`` sees them), and their labels;
-    :class:`PTLError` naming ``what`` when none does (the job itself reports each one it skips)."""
+def _decoded(dataset_dir: Path, rows, size: int, resize, max_pixels: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """The images of manifest ``rows`` that decode (as an extractor of ``size`` and ``resize`` sees them), and
+    their labels; :class:`PTLError` naming ``what`` when none does (the job itself reports each one it skips)."""
     from .images import load_image
 
     images, labels = [], []
     for row in rows:
         try:
-            images.append(load_image(Path(dataset_dir) / row["path"], size, max_pixels))
+            images.append(load_image(Path(dataset_dir) / row["path"], size, max_pixels, resize))
         except ImageError:
             continue
         labels.append(row["label"])
@@ -205,7 +205,7 @@ def gate(
     extractor = FeatureExtractor(**options)
     rows = sample_rows([row for split in splits for row in by_split[split]], GATE_IMAGES, SEED + 1)
     what = f"photos sampled from dataset {dataset_dir} for the quality gate"
-    images, labels = _decoded(dataset_dir, rows, extractor.input_size, options["max_pixels"], what)
+    images, labels = _decoded(dataset_dir, rows, extractor.input_size, extractor.resize, options["max_pixels"], what)
     float32 = {k: v for k, v in options.items() if k != "network"} | {"precision": "float32"}
     figures = quality(FeatureExtractor(**float32).transform(images), extractor.transform(images), labels)
     return check_quality(figures, options["precision"], extractor.meta.describe(), calibrated)

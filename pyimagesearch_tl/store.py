@@ -39,7 +39,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .atomic import atomic_path, atomic_write_json, writing
-from .errors import FeatureFileError
+from .errors import ConfigError, FeatureFileError
+from .images import Resize
 from .registry import Registry
 
 FORMAT_VERSION = 1
@@ -60,6 +61,8 @@ LAYOUT_FIELDS = (
     "precision",
     "views",
     "network_sha256",
+    "resize",
+    "crop_pct",
 )
 
 
@@ -79,6 +82,7 @@ TEXT_FIELDS = (
     "precision",
     "network_sha256",
     "quality",
+    "resize",
 )
 
 
@@ -100,11 +104,19 @@ class FeatureMeta:
     views: int = 1  # 2: each vector is the mean of the image's features and its left-right mirror's
     network_sha256: str = ""  # int8: the SHA-256 of the quantized network (its calibration decides it)
     quality: str = ""  # reduced precision: the quality gate's figures against float32 (JSON), not layout
+    resize: str = "squash"  # how images meet the square input (images.RESIZE_MODES); files before it: squash
+    crop_pct: float = 1.0  # resize "crop": the share of the shorter side kept
+
+    @property
+    def resizing(self) -> Resize:
+        """How this layout's images were fitted to the input (see :class:`~pyimagesearch_tl.images.Resize`)."""
+        return Resize(self.resize, self.crop_pct)
 
     def describe(self) -> str:
         mirrored = ", mirrored views averaged" if self.views == 2 else ""
+        resized = "" if self.resize == "squash" else f" {self.resizing.describe()}"
         return (
-            f"{self.backbone} ({self.weights} weights, {self.pooling} pooling, {self.input_size}px, "
+            f"{self.backbone} ({self.weights} weights, {self.pooling} pooling, {self.input_size}px{resized}, "
             f"{self.feature_dim} values{mirrored})"
         )
 
@@ -150,8 +162,11 @@ class FeatureMeta:
                     raise ValueError(f"{name}={values[name]!r} is not one of {', '.join(allowed)}")
             if not isinstance(values["dtype"], str) or np.dtype(values["dtype"]).kind != "f":
                 raise ValueError(f"dtype={values['dtype']!r} is not a floating-point type")
+            if isinstance(values.get("crop_pct"), np.floating):
+                values["crop_pct"] = float(values["crop_pct"])
+            Resize(values.get("resize", "squash"), values.get("crop_pct", 1.0))  # a mode it knows, a share in (0, 1]
             return cls(**values)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
             missing = f"{exc} is missing" if isinstance(exc, KeyError) else exc
             raise FeatureFileError(f"{source}: its metadata is incomplete or unreadable ({missing})") from None
 

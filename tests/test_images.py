@@ -217,3 +217,38 @@ def test_large_sixteen_bit_png_decodes_without_a_float64_copy(tmp_path):
     traced_mib, grown_mib = map(int, result.stdout.split())
     assert traced_mib < 64, f"numpy/Python allocations peaked at {traced_mib} MiB"
     assert grown_mib < 200, f"the process grew by {grown_mib} MiB"
+
+
+def test_each_resize_mode_fits_the_image_as_it_says(tmp_path, photo):
+    """A 400x200 image of three bands (red | green | blue, the green one 200 px wide in the middle):
+    squash keeps all three bands side by side, a centre crop of the whole height is the green band alone,
+    at 0.5 only its middle, and letterbox keeps the three bands in the middle rows between gray margins.
+    A real photo: the crop is the centre of the squashed image, magnified, and a JPEG decoded at a reduced
+    scale for the crop still matches a full-resolution crop."""
+    from pyimagesearch_tl.errors import ConfigError
+    from pyimagesearch_tl.images import LETTERBOX_FILL, Resize
+
+    bands = np.zeros((200, 400, 3), np.uint8)
+    bands[:, :100, 0] = bands[:, 100:300, 1] = bands[:, 300:, 2] = 255
+    Image.fromarray(bands).save(tmp_path / "bands.png")
+    squash = load_image(tmp_path / "bands.png", 64)
+    assert squash[:, :14, 0].min() == 255 and squash[:, 18:46, 1].min() == 255 and squash[:, 50:, 2].min() == 255
+    crop = load_image(tmp_path / "bands.png", 64, resize=Resize("crop", 1.0))
+    assert crop[..., 1].min() == 255 and crop[..., [0, 2]].max() == 0  # the green square in the middle, all of it
+    assert (load_image(tmp_path / "bands.png", 64, resize=Resize("crop", 0.5)) == crop).all()  # inside it too
+    boxed = load_image(tmp_path / "bands.png", 64, resize=Resize("letterbox"))
+    assert (boxed[:16] == LETTERBOX_FILL).all() and (boxed[48:] == LETTERBOX_FILL).all()
+    assert boxed[16:48, :14, 0].min() == 255 and boxed[16:48, 18:46, 1].min() == 255 and boxed[16:48, 50:, 2].min() == 255
+
+    width, height = Image.open(photo).size
+    assert width > height  # the cat: 500x374
+    side = round(height * 0.875)
+    box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+    reference = np.asarray(_rgb(photo).resize((224, 224), Image.Resampling.LANCZOS, box=box), dtype=int)
+    cropped = load_image(photo, 224, resize=Resize("crop", 0.875)).astype(int)
+    assert np.abs(cropped - reference).mean() < 4 and np.corrcoef(cropped.ravel(), reference.ravel())[0, 1] > 0.99
+    assert np.abs(cropped - load_image(photo, 224).astype(int)).mean() > 10  # not the squashed image
+    with pytest.raises(ConfigError, match="resize must be one of squash, crop, letterbox, got 'zoom'"):
+        Resize("zoom")
+    with pytest.raises(ConfigError, match=r"crop_pct must be a number in \(0, 1\], got 1.5"):
+        Resize("crop", 1.5)

