@@ -20,6 +20,12 @@ mean cosine and probe agreement; saved as ``accuracy-precision``.
 
     python benchmarks/accuracy.py --precisions float32,int8,bfloat16 [--datasets hymenoptera_data,flowers]
 
+With ``--resizes``, the same for the ways an image meets the square input (squash, centre crop at the
+backbone's crop share, letterbox; ``crop:1.0`` is a centre crop keeping another share of the shorter side),
+each against squash (the mode of files made before resize modes existed); saved as ``accuracy-resize``.
+
+    python benchmarks/accuracy.py --resizes squash,crop,crop:1.0,letterbox
+
 With ``--recipes``, compares instead the cheap levers on the same photos (logistic regression, 5-fold
 grid search): lite0; lite2; lite0 with mirrored views; lite0+lite2 combined; lite0+lite2 combined,
 each with mirrored views. Each feature folder is extracted once and reused by every recipe that
@@ -43,12 +49,14 @@ from pyimagesearch_tl.bundle import Bundle
 from pyimagesearch_tl.config import load_config
 from pyimagesearch_tl.evaluation import evaluate
 from pyimagesearch_tl.extraction import extract_dataset
+from pyimagesearch_tl.images import Resize
 from pyimagesearch_tl.layouts import build_dataset
 from pyimagesearch_tl.store import feature_file, has_feature_file, read_features, read_split
 from pyimagesearch_tl.training import train
 
 DATASETS = ["cats_and_dogs_filtered", "hymenoptera_data", "flowers", "house_rooms"]
 PRECISIONS = ["float32", "bfloat16", "int8"]
+RESIZES = ["squash", "crop", "letterbox"]
 
 
 @click.command()
@@ -61,25 +69,32 @@ PRECISIONS = ["float32", "bfloat16", "int8"]
     default=None,
     help="Comma-separated, e.g. float32,int8,bfloat16: each dataset once per precision, compared with float32.",
 )
+@click.option(
+    "--resizes",
+    default=None,
+    help="Comma-separated, e.g. squash,crop,letterbox: each dataset once per resize mode, compared with squash.",
+)
 @click.option("--runtime", default="auto", show_default=True, help="Where the backbone runs (see runtimes.py).")
 @click.option(
     "--datasets", default=None, help="Comma-separated subset (default: all; --recipes: hymenoptera, flowers)."
 )
 @click.option("--recipes", is_flag=True, help="Compare backbones, mirrored views and combined folders instead.")
-def main(data, backbone, work, precision, precisions, runtime, datasets, recipes):
+def main(data, backbone, work, precision, precisions, resizes, runtime, datasets, recipes):
     if recipes:
         return compare_recipes(Path(data), work, (datasets or "hymenoptera_data,flowers").split(","), runtime)
-    compared = None
-    if precisions:
-        compared = [p.strip() for p in precisions.split(",") if p.strip()]
-        unknown = sorted(set(compared) - set(PRECISIONS))
-        if unknown:
-            raise click.BadParameter(
-                f"{', '.join(unknown)}; choose from {', '.join(PRECISIONS)}", param_hint="--precisions"
-            )
-        compared = ["float32"] + [p for p in dict.fromkeys(compared) if p != "float32"]  # the reference first
-    datasets = datasets or ",".join(DATASETS)
     config = load_config().replace(backbone=backbone, precision=precision, runtime=runtime)
+    key, compared = "precision", None
+    if precisions and resizes:
+        raise click.UsageError("compare precisions or resize modes, one at a time")
+    if precisions or resizes:
+        key, allowed = ("precision", PRECISIONS) if precisions else ("resize", RESIZES)
+        compared = [p.strip() for p in (precisions or resizes).split(",") if p.strip()]
+        unknown = sorted({value.split(":")[0] for value in compared} - set(allowed))
+        if unknown:
+            raise click.BadParameter(f"{', '.join(unknown)}; choose from {', '.join(allowed)}", param_hint=f"--{key}s")
+        reference = allowed[0]  # float32, squash
+        compared = [reference] + [p for p in dict.fromkeys(compared) if p != reference]  # the reference first
+    datasets = datasets or ",".join(DATASETS)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(work or scratch)
@@ -88,11 +103,11 @@ def main(data, backbone, work, precision, precisions, runtime, datasets, recipes
             if not source.is_dir():
                 print(f"{name}: not found in {data}, skipped")
                 continue
-            rows += run_dataset(source, root / name, config, compared or [config.precision])
+            rows += run_dataset(source, root / name, config, key, compared or [config.precision])
     if compared:
         variant = "" if runtime == "auto" and backbone is None else f"-{config.backbone}"
         variant += "" if runtime == "auto" else f"-{runtime}"
-        return compare_precisions(rows, config, compared, variant)
+        return compare_variants(rows, config, key, compared, variant)
     print(f"\nbackbone: {config.backbone} ({config.precision}, runtime {config.runtime})")
     print(
         f"{'dataset':<24} {'classes':>7} {'train':>6} {'test':>5} {'test split':<11} {'classifier':<11} "
@@ -113,31 +128,33 @@ def main(data, backbone, work, precision, precisions, runtime, datasets, recipes
     )
 
 
-def run_dataset(source: Path, root: Path, config, precisions: list[str]) -> list[dict]:
-    """Build ``source`` once into ``root``; per precision, extract its features once, then train every classifier
-    on them and evaluate each on the held-out split. One row per precision and classifier."""
+def run_dataset(source: Path, root: Path, config, key: str, values: list[str]) -> list[dict]:
+    """Build ``source`` once into ``root``; per value of ``key`` (precision or resize, the first the reference),
+    extract its features once, then train every classifier on them and evaluate each on the held-out split.
+    One row per value and classifier."""
     splits = config.splits
     started = time.perf_counter()
     dataset = root / "dataset"
     report = build_dataset(source, dataset, splits=splits, fractions=config.split_fractions, seed=config.seed)
     built = time.perf_counter() - started
     rows, folders, best_c = [], {}, None
-    for precision in precisions:
-        suffix = "" if precision == "float32" else f"-{precision}"
+    for value in values:
+        suffix = "" if value == values[0] else f"-{value}"
         features, models = root / f"features{suffix}", root / f"models{suffix}"
         started = time.perf_counter()
+        settings = {"precision": config.precision, "resize": config.resize, key: _setting(key, value)}
         extract_dataset(
             dataset,
             features,
             splits=splits,
             backbone=config.backbone,
             batch_size=config.batch_size,
-            precision=precision,
             runtime=config.runtime,
             progress=False,
+            **settings,
         )
         prepared = built + time.perf_counter() - started
-        folders[precision] = features
+        folders[value] = features
         test_split = next(s for s in (splits[2], splits[1]) if has_feature_file(features, s))
         test = read_features(feature_file(features, test_split))
         for result in train(
@@ -150,12 +167,12 @@ def run_dataset(source: Path, root: Path, config, precisions: list[str]) -> list
             seed=config.seed,
         ):
             metrics = evaluate(Bundle.load(result.path), test, split=test_split)
-            if precision == "float32" and result.classifier == "logreg":
+            if value == values[0] and result.classifier == "logreg":
                 best_c = result.best_params["C"]
             rows.append(
                 dict(
                     dataset=source.name,
-                    precision=precision,
+                    **{key: value},
                     classes=len(test.meta.label_names),
                     train=sum(report.counts[splits[0]].values()),
                     test=len(test.labels),
@@ -169,38 +186,49 @@ def run_dataset(source: Path, root: Path, config, precisions: list[str]) -> list
                 )
             )
             print(
-                f"{source.name}: {precision} {result.classifier}: accuracy {metrics['accuracy']:.4f}, "
+                f"{source.name}: {value} {result.classifier}: accuracy {metrics['accuracy']:.4f}, "
                 f"macro F1 {metrics['macro_f1']:.4f}",
                 flush=True,
             )
-    if len(precisions) > 1 and CV_REPEATS:
-        paired = paired_cv(folders, [s for s in splits if has_feature_file(folders["float32"], s)], best_c)
+    if len(values) > 1 and CV_REPEATS:
+        paired = paired_cv(folders, [s for s in splits if has_feature_file(folders[values[0]], s)], best_c)
         for r in rows:
-            r["cv"] = paired.get(r["precision"]) if r["classifier"] == "logreg" else None
+            r["cv"] = paired.get(r[key]) if r["classifier"] == "logreg" else None
     return rows
 
 
-#: Paired cross-validation of --precisions: repeats of stratified 5-fold over every labelled photo.
+def _setting(key: str, value: str):
+    """``crop:0.95`` is a centre crop keeping 0.95 of the shorter side (not the backbone's share); any
+    other value is the setting itself."""
+    if key == "resize" and ":" in value:
+        mode, share = value.split(":", 1)
+        return Resize(mode, float(share))
+    return value
+
+
+#: Paired cross-validation of --precisions and --resizes: repeats of stratified 5-fold over every labelled photo.
 CV_REPEATS = 5
 
 
 def paired_cv(folders: dict[str, Path], splits: list[str], c: float, seed: int = 0) -> dict[str, dict]:
-    """Accuracy of every precision in repeated stratified 5-fold cross-validation over all the dataset's
-    labelled photos (every split), the same folds for all (standardised features, logistic regression at
-    ``c``, float32's grid-search choice), and each one's difference from float32 in points with a 95%
-    paired bootstrap interval over photos (each photo's correctness averaged over the repeats). A held-out
-    split of 45 photos moves 2.2 points per photo; this uses every photo, several times."""
+    """Accuracy of every variant (``folders``' keys, the first the reference) in repeated stratified 5-fold
+    cross-validation over all the dataset's labelled photos (every split), the same folds for all
+    (standardised features, logistic regression at ``c``, the reference's grid-search choice), and each one's
+    difference from the reference in points with a 95% paired bootstrap interval over photos (each photo's
+    correctness averaged over the repeats). A held-out split of 45 photos moves 2.2 points per photo; this
+    uses every photo, several times."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import RepeatedStratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     sets = {p: [read_split(folder, s) for s in splits] for p, folder in folders.items()}
-    paths = [path for part in sets["float32"] for path in part.paths]
-    labels = np.concatenate([part.labels for part in sets["float32"]])
+    reference = next(iter(sets))
+    paths = [path for part in sets[reference] for path in part.paths]
+    labels = np.concatenate([part.labels for part in sets[reference]])
     correct = {}
     for precision, parts in sets.items():
-        assert [path for part in parts for path in part.paths] == paths, "the precisions' photos differ"
+        assert [path for part in parts for path in part.paths] == paths, "the variants' photos differ"
         features = np.concatenate([part.features for part in parts])
         right = np.zeros(len(labels))
         folds = RepeatedStratifiedKFold(n_splits=5, n_repeats=CV_REPEATS, random_state=seed)
@@ -213,65 +241,67 @@ def paired_cv(folders: dict[str, Path], splits: list[str], c: float, seed: int =
     resamples = rng.integers(0, len(labels), size=(2000, len(labels)))
     result = {}
     for precision, right in correct.items():
-        difference = right - correct["float32"]
+        difference = right - correct[reference]
         low, high = np.percentile(difference[resamples].mean(axis=1), [2.5, 97.5])
         result[precision] = dict(
             photos=len(labels),
             C=c,
             accuracy=float(right.mean()),
-            vs_float32_points=round(100 * float(difference.mean()), 2),
+            **{f"vs_{reference}_points": round(100 * float(difference.mean()), 2)},
             interval_points=[round(100 * float(low), 2), round(100 * float(high), 2)],
         )
     return result
 
 
-def compare_precisions(rows: list[dict], config, precisions: list[str], variant: str) -> None:
-    """Print each precision's accuracy and macro F1 beside float32's (differences in points) and save them."""
+def compare_variants(rows: list[dict], config, key: str, values: list[str], variant: str) -> None:
+    """Print each value of ``key``'s accuracy and macro F1 beside the first's (differences in points) and save
+    them (the values' runtimes and quality gates too)."""
     from pyimagesearch_tl.runtimes import requested_runtime
 
-    runtimes = {p: requested_runtime(config.runtime, p) for p in precisions}  # float32's auto: settled per job
-    reference = {(r["dataset"], r["classifier"]): r for r in rows if r["precision"] == "float32"}
+    ref = values[0]
+    runtimes = {p: requested_runtime(config.runtime, p) for p in values} if key == "precision" else {}
+    reference = {(r["dataset"], r["classifier"]): r for r in rows if r[key] == ref}
     for r in rows:
         base = reference[r["dataset"], r["classifier"]]
-        r["accuracy_vs_float32_points"] = round(100 * (r["accuracy"] - base["accuracy"]), 2)
-        r["macro_f1_vs_float32_points"] = round(100 * (r["macro_f1"] - base["macro_f1"]), 2)
+        r[f"accuracy_vs_{ref}_points"] = round(100 * (r["accuracy"] - base["accuracy"]), 2)
+        r[f"macro_f1_vs_{ref}_points"] = round(100 * (r["macro_f1"] - base["macro_f1"]), 2)
     print(
-        f"\nbackbone: {config.backbone}; runtime {config.runtime}: "
-        + ", ".join(f"{p} -> {name}" for p, name in runtimes.items())
-        + "; differences against float32 in points (accuracy x 100); quality gate: mean cosine / probe agreement"
+        f"\nbackbone: {config.backbone}; runtime {config.runtime}"
+        + "".join(f", {p} -> {name}" for p, name in runtimes.items())
+        + f"; differences against {ref} in points (accuracy x 100); quality gate: mean cosine / probe agreement"
     )
     print(
-        f"{'dataset':<24} {'classifier':<11} {'test':>5} {'precision':<9} {'accuracy':>8} {'macro F1':>8} "
+        f"{'dataset':<24} {'classifier':<11} {'test':>5} {key:<9} {'accuracy':>8} {'macro F1':>8} "
         f"{'d accuracy':>10} {'d macro F1':>10} {'cosine':>6} {'agree':>6} {'wall s':>7}"
     )
-    first = {}  # datasets and classifiers in the order they ran, then each one's precisions in the order given
+    first = {}  # datasets and classifiers in the order they ran, then each one's values in the order given
     for r in rows:
         first.setdefault((r["dataset"], r["classifier"]), len(first))
-    order = {p: i for i, p in enumerate(precisions)}
-    for r in sorted(rows, key=lambda r: (first[r["dataset"], r["classifier"]], order[r["precision"]])):
+    order = {p: i for i, p in enumerate(values)}
+    for r in sorted(rows, key=lambda r: (first[r["dataset"], r["classifier"]], order[r[key]])):
         gate = {k: f"{v:.4f}" for k, v in (r["quality"] or {}).items() if k in ("cosine", "agreement")}
         deltas = ["", ""]
-        if r["precision"] != "float32":
-            deltas = [f"{r[f'{what}_vs_float32_points']:+.2f}" for what in ("accuracy", "macro_f1")]
+        if r[key] != ref:
+            deltas = [f"{r[f'{what}_vs_{ref}_points']:+.2f}" for what in ("accuracy", "macro_f1")]
         print(
-            f"{r['dataset']:<24} {r['classifier']:<11} {r['test']:>5} {r['precision']:<9} {r['accuracy']:>8.4f} "
+            f"{r['dataset']:<24} {r['classifier']:<11} {r['test']:>5} {r[key]:<9} {r['accuracy']:>8.4f} "
             f"{r['macro_f1']:>8.4f} {deltas[0]:>10} {deltas[1]:>10} {gate.get('cosine', ''):>6} "
             f"{gate.get('agreement', ''):>6} {r['seconds']:>7.1f}"
         )
-    summary = {}  # per reduced precision: the differences from float32 over every dataset and classifier
-    for precision in precisions[1:]:
-        mine = [r for r in rows if r["precision"] == precision]
+    summary = {}  # per value but the reference: the differences from float32 over every dataset and classifier
+    for value in values[1:]:
+        mine = [r for r in rows if r[key] == value]
         if not mine:
             continue
-        summary[precision] = {}
+        summary[value] = {}
         for what in ("accuracy", "macro_f1"):
-            points = [r[f"{what}_vs_float32_points"] for r in mine]
-            summary[precision][what] = dict(
+            points = [r[f"{what}_vs_{ref}_points"] for r in mine]
+            summary[value][what] = dict(
                 mean=round(sum(points) / len(points), 2), min=round(min(points), 2), max=round(max(points), 2)
             )
-        accuracy, f1 = summary[precision]["accuracy"], summary[precision]["macro_f1"]
+        accuracy, f1 = summary[value]["accuracy"], summary[value]["macro_f1"]
         print(
-            f"{precision} vs float32 over {len(mine)} dataset x classifier rows, in points: accuracy "
+            f"{value} vs {ref} over {len(mine)} dataset x classifier rows, in points: accuracy "
             f"{accuracy['mean']:+.2f} on average ({accuracy['min']:+.2f} to {accuracy['max']:+.2f}), macro F1 "
             f"{f1['mean']:+.2f} ({f1['min']:+.2f} to {f1['max']:+.2f})"
         )
@@ -279,25 +309,23 @@ def compare_precisions(rows: list[dict], config, precisions: list[str], variant:
     if cv_rows:
         print(
             f"\npaired cross-validation ({CV_REPEATS} x stratified 5-fold over every labelled photo, the same folds "
-            "for every precision; logistic regression at float32's grid-search C): accuracy, and the difference "
-            "from float32 in points with its 95% paired bootstrap interval"
+            f"for every {key}; logistic regression at {ref}'s grid-search C): accuracy, and the difference "
+            f"from {ref} in points with its 95% paired bootstrap interval"
         )
-        print(
-            f"{'dataset':<24} {'photos':>6} {'C':>7} {'precision':<9} {'accuracy':>8} {'d points':>8} {'interval':>16}"
-        )
-        for r in sorted(cv_rows, key=lambda r: (first[r["dataset"], r["classifier"]], order[r["precision"]])):
+        print(f"{'dataset':<24} {'photos':>6} {'C':>7} {key:<9} {'accuracy':>8} {'d points':>8} {'interval':>16}")
+        for r in sorted(cv_rows, key=lambda r: (first[r["dataset"], r["classifier"]], order[r[key]])):
             cv = r["cv"]
-            interval = "" if r["precision"] == "float32" else "[{:+.2f}, {:+.2f}]".format(*cv["interval_points"])
-            d = "" if r["precision"] == "float32" else f"{cv['vs_float32_points']:+.2f}"
+            interval = "" if r[key] == ref else "[{:+.2f}, {:+.2f}]".format(*cv["interval_points"])
+            d = "" if r[key] == ref else f"{cv[f'vs_{ref}_points']:+.2f}"
             print(
-                f"{r['dataset']:<24} {cv['photos']:>6} {cv['C']:>7g} {r['precision']:<9} {cv['accuracy']:>8.4f} "
+                f"{r['dataset']:<24} {cv['photos']:>6} {cv['C']:>7g} {r[key]:<9} {cv['accuracy']:>8.4f} "
                 f"{d:>8} {interval:>16}"
             )
     save_results(
-        f"accuracy-precision{variant}",
+        f"accuracy-{key}{variant}",
         dict(
             backbone=config.backbone,
-            precisions=precisions,
+            **{f"{key}s": values},
             runtime=config.runtime,
             runtimes=runtimes,
             cv="5",
