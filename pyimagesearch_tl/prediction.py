@@ -114,10 +114,14 @@ class Predictor:
         """``"probability"`` or ``"decision"``, as :meth:`Bundle.scores` names them."""
         return self.bundle.score_kind
 
+    #: Whether the runtime choice was told the job's size (:meth:`expect`); :meth:`predict` tells it otherwise.
+    job_known = False
+
     def expect(self, images: int) -> None:
         """The job ahead has ``images`` images: a small one runs where no conversion is needed (see
         :meth:`~pyimagesearch_tl.features.FeatureExtractor.expect`)."""
         self.extractor.expect(images)
+        self.job_known = True
 
     def iter_batches(self, sources: Sequence):
         """The decoded :class:`~pyimagesearch_tl.features.Batch` es of ``sources``, in order."""
@@ -134,7 +138,13 @@ class Predictor:
         return (scores, *novelty.assess(features, self.bundle.logits(features)))
 
     def predict(self, sources: Sequence, names: Sequence[str] | None = None) -> list[Prediction]:
-        """Classify image files (paths) or in-memory uploads (binary file objects, with ``names``)."""
+        """Classify image files (paths) or in-memory uploads (binary file objects, with ``names``).
+
+        Unless :meth:`expect` said otherwise, the first call's images are the job the runtime is chosen for,
+        as for ``ptl predict``: a few photos run where no network conversion is needed.
+        """
+        if not self.job_known:
+            self.expect(len(sources))
         names = [str(s) for s in sources] if names is None else list(names)
         return self.predict_batches(self.iter_batches(sources), names)
 
