@@ -345,7 +345,7 @@ class Model:
         -------
         list of Prediction
             One per image, in order: ``label`` (a class, ``"unknown"``, or None when the file could
-            not be read, with ``error`` saying why), ``score``, ``top`` and ``similarity``.
+            not be read, with ``error`` saying why), ``score``, ``top`` and ``familiarity``.
         """
         from .prediction import expand_paths
 

@@ -50,7 +50,7 @@ from .features import FeatureExtractor
 from .images import load_image
 from .layouts import MANIFEST
 from .locks import locks_output
-from .novelty import NoveltyDetector
+from .novelty import CentroidDetector
 from .plots import new_figure
 from .quantization import read_network
 from .store import FeatureSet, check_same_layout, feature_file, has_feature_file, read_features
@@ -519,7 +519,7 @@ def audit(
             f"{names[suggested]} {probabilities[i, suggested]:.3f}", names[suggested])  # fmt: skip
 
     # 3. outliers
-    centroids = NoveltyDetector.centroids_of([(training.features, training.labels)], len(names))
+    centroids = CentroidDetector.centroids_of([(training.features, training.labels)], len(names))
     similarity = unit @ centroids.T
     nearest, own = similarity.max(axis=1), similarity[np.arange(len(unit)), merged.labels]
 

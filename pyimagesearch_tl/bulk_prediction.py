@@ -71,7 +71,7 @@ def row_of(prediction: Prediction, sha256: str) -> dict[str, Any]:
         label=prediction.label or "",
         score=prediction.score,
         unknown=None if skipped else prediction.label == UNKNOWN,
-        familiarity=prediction.similarity,
+        familiarity=prediction.familiarity,
         top=[[name, score] for name, score in prediction.top],
         error=prediction.error,
     )

@@ -188,7 +188,7 @@ class Bundle:
         The classifier's registry name.
     info : dict
         Grid-search results (best parameters, CV score), fit time and the like.
-    novelty : NoveltyDetector or None
+    novelty : Detector or None
         Decides when an image belongs to none of the classes ("unknown").
     backbone_weights : list of ndarray or None
         A fine-tuned backbone's weights (``meta.weights == "finetuned"``); None when the backbone's

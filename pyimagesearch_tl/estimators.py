@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator, OutlierMixin, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from .config import DEFAULTS, Config
@@ -234,3 +234,95 @@ class ImageFeatures(TransformerMixin, BaseEstimator):
         tags.input_tags.string = True  # file paths
         tags.requires_fit = True
         return tags
+
+
+class UnknownDetector(OutlierMixin, BaseEstimator):
+    """A registered "unknown" detector as a scikit-learn outlier estimator, on feature vectors.
+
+    The detectors ``ptl train --unknown`` fits into a bundle (:data:`~pyimagesearch_tl.novelty.DETECTORS`),
+    with scikit-learn's outlier vocabulary: :meth:`score_samples` is each row's familiarity (higher: more
+    like the training rows), :attr:`offset_` the threshold, :meth:`decision_function` their difference and
+    :meth:`predict` +1 for a known row, -1 for an unknown one. The threshold keeps a ``keep`` share of the
+    calibration rows, as in a bundle.
+
+    Parameters
+    ----------
+    detector : str
+        A registered detector (``ptl list detectors``).
+    keep : float
+        Share of the calibration rows that come out known, in (0, 1].
+
+    Attributes
+    ----------
+    detector_ : Detector
+        The fitted detector, as a bundle would hold it.
+    offset_ : float
+        The threshold on :meth:`score_samples`.
+    classes_ : ndarray
+        The class labels ``y`` had (one unnamed class when fitted without ``y``).
+    n_features_in_ : int
+    """
+
+    def __init__(self, detector: str = DEFAULTS["unknown"], keep: float = DEFAULTS["unknown_keep"]):
+        self.detector = detector
+        self.keep = keep
+
+    def fit(self, X, y=None, *, calibration=None, logits=None, calibration_logits=None):
+        """Learn from the training rows ``X`` (of classes ``y``; None: one class), then set the threshold on
+        ``calibration`` (in-distribution rows held out from ``X``; default: ``X`` itself, as scikit-learn's
+        outlier estimators do). Detectors that score a classifier's logits (``energy``) need ``logits``
+        for ``X`` (and ``calibration_logits``), e.g. :meth:`Bundle.logits`."""
+        from sklearn.preprocessing import LabelEncoder
+        from sklearn.utils.validation import validate_data
+
+        from .novelty import list_detectors, make_detector
+
+        Config(dict(DEFAULTS)).replace(unknown=self.detector, unknown_keep=self.keep)  # the config's own messages
+        if y is None:
+            X = validate_data(self, X, dtype=np.float64)
+            y = np.zeros(len(X), dtype=int)
+        else:
+            X, y = validate_data(self, X, y, dtype=np.float64)
+        if len(X) < 2:
+            raise ValueError(f"UnknownDetector needs at least 2 samples, got {len(X)} sample")
+        encoder = LabelEncoder().fit(y)
+        self.classes_ = encoder.classes_
+        detector = make_detector(
+            self.detector, self.keep, "calibration rows" if calibration is not None else "fit rows"
+        )
+        if detector.uses_logits and logits is None:
+            plain = [name for name in list_detectors() if not make_detector(name).uses_logits]
+            raise ValueError(
+                f"detector {self.detector!r} scores a classifier's logits: pass logits= (and calibration_logits=), "
+                f"or choose one that scores the features alone: {', '.join(plain)}"
+            )
+        if calibration is not None:
+            calibration = validate_data(self, calibration, dtype=np.float64, reset=False)
+        self.detector_ = detector.fit(
+            X,
+            encoder.transform(y),
+            n_classes=len(self.classes_),
+            logits=logits,
+            calibration=calibration,
+            calibration_logits=calibration_logits,
+        )
+        self.offset_ = float(self.detector_.offset_)
+        return self
+
+    def score_samples(self, X, logits=None) -> np.ndarray:
+        """Each row's familiarity (higher: more like the training rows)."""
+        from sklearn.utils.validation import validate_data
+
+        check_is_fitted(self, "detector_")
+        X = validate_data(self, X, dtype=np.float64, reset=False)
+        if self.detector_.uses_logits and logits is None:
+            raise ValueError(f"detector {self.detector!r} scores a classifier's logits: pass logits=")
+        return np.asarray(self.detector_.score_samples(X, logits), dtype=np.float64)
+
+    def decision_function(self, X, logits=None) -> np.ndarray:
+        """:meth:`score_samples` minus :attr:`offset_`: 0 or more for a known row, below 0 for an unknown one."""
+        return self.score_samples(X, logits) - self.offset_
+
+    def predict(self, X, logits=None) -> np.ndarray:
+        """+1 for a known row, -1 for an unknown one."""
+        return np.where(self.decision_function(X, logits) >= 0, 1, -1)

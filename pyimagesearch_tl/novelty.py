@@ -79,6 +79,8 @@ class Detector:
 
     kind = ""
     score_name = ""
+    #: Whether :meth:`familiarity` scores the classifier's logits (it then needs them, not features alone).
+    uses_logits = False
 
     @property
     def calibration(self) -> str:
@@ -140,11 +142,10 @@ class Detector:
 
 
 @dataclasses.dataclass
-class NoveltyDetector(Detector):
+class CentroidDetector(Detector):
     """Cosine similarity to the nearest class centroid (the unit mean of the class's unit training features).
 
-    The detector of bundles made before the registry (which pickled exactly ``centroids``,
-    ``threshold``, ``keep`` and ``calibrated_on``); the audit uses its centroids too.
+    The audit uses its centroids too.
     """
 
     centroids: np.ndarray | None = None
@@ -255,6 +256,7 @@ class EnergyDetector(Detector):
 
     kind = "energy"
     score_name = "the classifier's evidence (energy)"
+    uses_logits = True
 
     def familiarity(self, features, logits=None):
         from scipy.special import logsumexp
@@ -321,6 +323,10 @@ class RankCombination(Detector):
         name = f"lowest rank among the {calibration_phrase(calibrated_on)} ({' and '.join(kinds)})"
         return cls(keep=keep, calibrated_on=calibrated_on, parts=parts, kind="+".join(kinds), score_name=name)
 
+    @property
+    def uses_logits(self) -> bool:
+        return any(part.uses_logits for part in self.parts)
+
     def learn(self, features, labels, n_classes, logits):
         for part in self.parts:
             part.learn(features, labels, n_classes, logits)
@@ -343,6 +349,11 @@ class RankCombination(Detector):
 
     def familiarity(self, features, logits=None):
         return self._lowest_rank(self.raw_scores(features, logits))
+
+
+class NoveltyDetector(CentroidDetector):
+    """What bundles made before 2026-12 hold for ``centroid`` (the class had this name; those made before
+    the registry pickled exactly ``centroids``, ``threshold``, ``keep`` and ``calibrated_on``)."""
 
 
 class CentroidEnergyDetector(RankCombination):
@@ -371,7 +382,7 @@ def _combination(*kinds: str) -> Callable[[float, str], RankCombination]:
 #: The detectors ``train --unknown NAME`` can fit, by name: ``make(keep, calibrated_on)``, an unfitted detector
 #: (see :mod:`pyimagesearch_tl.registry`).
 DETECTORS: Registry[Callable[[float, str], Detector]] = Registry("detector", "detectors")
-DETECTORS.register("centroid", NoveltyDetector, description="cosine similarity to the nearest class centroid")
+DETECTORS.register("centroid", CentroidDetector, description="cosine similarity to the nearest class centroid")
 DETECTORS.register("knn", KNNDetector, description="cosine similarity to the k-th nearest training image")
 DETECTORS.register(
     "mahalanobis", MahalanobisDetector, description="Mahalanobis distance to the nearest class (shared covariance)"

@@ -22,17 +22,22 @@ class Prediction:
     """One image's answer. ``label`` is a class name, ``"unknown"``, or None when it was skipped.
 
     ``score`` and ``top`` are reported for unknown images too: the classifier's best guesses.
-    ``similarity`` is the image's familiarity as the bundle's "unknown" detector scores it (for the
-    ``centroid`` detector, the cosine similarity to the nearest class centroid; for a combination, the
-    lowest rank among the calibration images); below the detector's threshold, the image is unknown.
+    ``familiarity`` is the image's score from the bundle's "unknown" detector (for the ``centroid``
+    detector, the cosine similarity to the nearest class centroid; for a combination, the lowest rank
+    among the calibration images); below the detector's threshold, the image is unknown.
     """
 
     path: str
     label: str | None
     score: float | None
     top: list[tuple[str, float]]
-    similarity: float | None = None
+    familiarity: float | None = None
     error: str | None = None
+
+    @property
+    def similarity(self) -> float | None:
+        """The name :attr:`familiarity` had before 2026-12 (kept for code written then)."""
+        return self.familiarity
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -165,8 +170,8 @@ class Predictor:
                 yield index, Prediction(names[index], None, None, [], error=reason)
             if not batch.indices:
                 continue
-            scores, similarity, known = self.assess(batch.images)
-            for index, row, close, is_known in zip(batch.indices, scores, similarity, known):
+            scores, familiarity, known = self.assess(batch.images)
+            for index, row, close, is_known in zip(batch.indices, scores, familiarity, known):
                 order = np.argsort(row)[::-1][: self.top_k]
                 yield (
                     index,
@@ -175,6 +180,6 @@ class Predictor:
                         classes[order[0]] if is_known else UNKNOWN,
                         float(row[order[0]]),
                         [(classes[i], float(row[i])) for i in order],
-                        similarity=None if close is None else float(close),
+                        familiarity=None if close is None else float(close),
                     ),
                 )

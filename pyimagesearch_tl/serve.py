@@ -11,7 +11,8 @@ Routes
                      posts to ``POST /``, which draws the same results on the server.
 ``POST /api/predict``  multipart form field ``file`` (repeatable); JSON with one entry per file, in
                      order: ``label``, ``probability`` (or ``decision`` for classifiers without
-                     probabilities), ``top``, ``unknown``, ``similarity``, and ``error`` (None, or why
+                     probabilities), ``top``, ``unknown``, ``familiarity`` (the "unknown" detector's
+                     score; also under its former name ``similarity``), and ``error`` (None, or why
                      that file was skipped: the others are still classified).
 ``GET /health``      the model's classes, backbone, weights (by name) and unknown threshold.
 
@@ -284,7 +285,8 @@ def _as_json(result: Prediction, kind: str) -> dict:
         "label": result.label,
         kind: result.score,
         "unknown": result.label == UNKNOWN,
-        "similarity": result.similarity,
+        "familiarity": result.familiarity,
+        "similarity": result.familiarity,  # its name before 2026-12, kept for clients written then
         "top": [{"label": name, kind: value} for name, value in result.top],
         "error": result.error,
     }
@@ -303,7 +305,7 @@ def _bars(top: list[tuple[str, float]], kind: str) -> list[tuple[str, float, flo
 
 def _why_unknown(result: Prediction, novelty) -> str:
     return (
-        f"None of the classes fits: its {novelty.score_name} is {result.similarity:.3f}, below "
+        f"None of the classes fits: its {novelty.score_name} is {result.familiarity:.3f}, below "
         f"{novelty.threshold:.3f}, the level {round(100 * novelty.keep)}% of the {novelty.calibration} reach "
         f"(closest class: {result.top[0][0]})."
     )

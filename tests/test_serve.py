@@ -81,6 +81,9 @@ def test_api_answers_unknown_for_a_flower(client, photos):
     [prediction] = response.get_json()["predictions"]
     assert prediction["label"] == "unknown" and prediction["unknown"] is True
     assert prediction["top"][0]["label"] in ("cats", "dogs") and prediction["probability"] > 0
+    threshold = client.get("/health").get_json()["unknown_threshold"]
+    assert prediction["familiarity"] < threshold  # why it is unknown
+    assert prediction["similarity"] == prediction["familiarity"]  # the field's former name, kept for old clients
 
 
 def test_bad_requests_get_clear_errors_and_the_server_keeps_answering(client, photos, tmp_path, monkeypatch):

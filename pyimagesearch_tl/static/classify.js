@@ -36,7 +36,7 @@
   }
 
   function why(answer) {
-    return `None of the classes fits: its ${app.dataset.scoreName} is ${answer.similarity.toFixed(3)}, below ` +
+    return `None of the classes fits: its ${app.dataset.scoreName} is ${answer.familiarity.toFixed(3)}, below ` +
       `${threshold.toFixed(3)}, the level ${Math.round(100 * keep)}% of the ${app.dataset.calibration} reach ` +
       `(closest class: ${answer.top[0].label}).`;
   }
