@@ -49,11 +49,11 @@ from .errors import BundleError, ConfigError, DatasetError, FeatureFileError, Im
 
 
 def __getattr__(name):
-    # The transformer imports scikit-learn; load it when asked for, not on every import of the package.
-    if name == "ImageFeatures":
-        from .estimators import ImageFeatures
+    # The estimators import scikit-learn; load them when asked for, not on every import of the package.
+    if name in ("ImageFeatures", "UnknownDetector"):
+        from . import estimators
 
-        return ImageFeatures
+        return getattr(estimators, name)
     raise AttributeError(f"module 'pyimagesearch_tl' has no attribute {name!r}")
 
 
@@ -78,4 +78,5 @@ __all__ = [
     "load_model",
     "load_config",
     "train",
+    "UnknownDetector",
 ]
