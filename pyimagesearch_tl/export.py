@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -39,7 +40,7 @@ from .bundle import Bundle
 from .classifiers import DenseHead
 from .cpus import available_cpus
 from .errors import BundleError, FeatureFileError
-from .features import decode_batches
+from .features import decode_batches, run_in_batches
 from .images import MAX_PIXELS
 from .prediction import Predictor
 from .runtimes import OPSET
@@ -313,6 +314,7 @@ class OnnxPredictor(Predictor):
                 f"([n, {size}, {size}, 3] pixels, [n, {classes}] scores)"
             )
         self.path, self.top_k, self.batch_size, self.max_pixels = path, top_k, batch_size, max_pixels
+        self._running = threading.Lock()
 
     def expect(self, images: int) -> None:
         """Nothing to decide: the graph already runs in ONNX Runtime, whatever the job's size."""
@@ -322,7 +324,10 @@ class OnnxPredictor(Predictor):
         return decode_batches(sources, meta.input_size, self.batch_size, self.max_pixels, resize=meta.resizing)
 
     def assess(self, images):
-        (scores,) = self._session.run([self._scores], {"pixels": images})
+        def run(batch):
+            return self._session.run([self._scores], {"pixels": batch})[0]
+
+        scores = run_in_batches(run, images, self.batch_size, self._running)
         if scores.shape != (len(images), len(self.bundle.label_names)):
             raise BundleError(f"{self.path}: its graph gave scores of shape {scores.shape} for {len(images)} images")
         return scores, [None] * len(scores), [True] * len(scores)

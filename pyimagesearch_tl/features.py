@@ -126,6 +126,20 @@ def decode_batches(
             yield collect(*pending.popleft())
 
 
+def run_in_batches(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int, lock) -> np.ndarray:
+    """``run`` on ``images`` ``batch_size`` at a time, one call at a time under ``lock``, the results stacked.
+
+    A network's runtime already uses every core, and its activations grow with the images in flight (~9 MB
+    each for EfficientNet-Lite0): a 1,000-file upload run at once took 9 GB, and a server's threads would
+    each take that much.
+    """
+    results = []
+    for start in range(0, max(len(images), 1), batch_size):  # no images: one call, as the runtime answers it
+        with lock:
+            results.append(run(images[start : start + batch_size]))
+    return results[0] if len(results) == 1 else np.concatenate(results)
+
+
 def layout_meta(
     backbone: str,
     weights,
@@ -379,13 +393,7 @@ class FeatureExtractor:
             with self._choosing:
                 if self._run is None:
                     self._choose_runtime(images[: self.batch_size])
-        features = []
-        for start in range(0, len(images), self.batch_size):
-            # one batch in the network at a time: a runtime already uses every core, and activations grow
-            # with the images in flight (~9 MB each for EfficientNet-Lite0: a 1,000-file upload, 9 GB)
-            with self._running:
-                features.append(self._run(images[start : start + self.batch_size]))
-        return features[0] if len(features) == 1 else np.concatenate(features)
+        return run_in_batches(self._run, images, self.batch_size, self._running)
 
     def to_onnx(self):
         """This extractor's float32 network as an ONNX model: uint8 pixels in, float32 features out."""

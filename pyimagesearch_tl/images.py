@@ -256,6 +256,8 @@ def _resampling(source: tuple[int, int], target: tuple[int, int]) -> Image.Resam
 #: ratio lost), ``crop`` resizes its centre square (``crop_pct`` of its shorter side) to it, as ImageNet
 #: weights were evaluated, and ``letterbox`` fits the whole image inside it, aspect kept, on mid-gray.
 RESIZE_MODES = ("squash", "crop", "letterbox")
+#: The smallest share of the shorter side a centre crop keeps (ImageNet weights use 0.875 to 0.95).
+MIN_CROP_PCT = 0.25
 #: The letterbox margins: mid-gray, about zero after every backbone's preprocessing.
 LETTERBOX_FILL = 128
 
@@ -269,8 +271,8 @@ class Resize:
     mode : {"squash", "crop", "letterbox"}
         See :data:`RESIZE_MODES`.
     crop_pct : float
-        ``crop``: the share of the image's shorter side its centre square keeps (in (0, 1]); 1.0 for
-        the other modes.
+        ``crop``: the share of the image's shorter side its centre square keeps (from
+        :data:`MIN_CROP_PCT` to 1); 1.0 for the other modes.
     """
 
     mode: str = "squash"
@@ -280,8 +282,8 @@ class Resize:
         if self.mode not in RESIZE_MODES:
             raise ConfigError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.mode!r}")
         pct = self.crop_pct
-        if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 0 < pct <= 1:
-            raise ConfigError(f"crop_pct must be a number in (0, 1], got {pct!r}")
+        if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not MIN_CROP_PCT <= pct <= 1:
+            raise ConfigError(f"crop_pct must be a number from {MIN_CROP_PCT} to 1, got {repr(pct)[:40]}")
         if self.mode != "crop" and pct != 1:
             raise ConfigError(f"crop_pct applies to resize 'crop' only, got {pct!r} with {self.mode!r}")
         object.__setattr__(self, "crop_pct", float(pct))

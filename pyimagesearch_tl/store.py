@@ -164,7 +164,7 @@ class FeatureMeta:
                 raise ValueError(f"dtype={values['dtype']!r} is not a floating-point type")
             if isinstance(values.get("crop_pct"), np.floating):
                 values["crop_pct"] = float(values["crop_pct"])
-            Resize(values.get("resize", "squash"), values.get("crop_pct", 1.0))  # a mode it knows, a share in (0, 1]
+            Resize(values.get("resize", "squash"), values.get("crop_pct", 1.0))  # a mode it knows, a share it allows
             return cls(**values)
         except (KeyError, TypeError, ValueError, ConfigError) as exc:
             missing = f"{exc} is missing" if isinstance(exc, KeyError) else exc

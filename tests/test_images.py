@@ -251,5 +251,5 @@ def test_each_resize_mode_fits_the_image_as_it_says(tmp_path, photo):
     assert np.abs(cropped - load_image(photo, 224).astype(int)).mean() > 10  # not the squashed image
     with pytest.raises(ConfigError, match="resize must be one of squash, crop, letterbox, got 'zoom'"):
         Resize("zoom")
-    with pytest.raises(ConfigError, match=r"crop_pct must be a number in \(0, 1\], got 1.5"):
+    with pytest.raises(ConfigError, match="crop_pct must be a number from 0.25 to 1, got 1.5"):
         Resize("crop", 1.5)

@@ -57,7 +57,9 @@ def test_a_file_from_before_resize_modes_reads_as_squash_and_a_forged_mode_is_re
     meta = read_features(old).meta
     for forged, message in (
         ({"resize": "zoom"}, "resize must be one of squash, crop, letterbox"),
-        ({"resize": "crop", "crop_pct": 0.0}, r"crop_pct must be a number in \(0, 1\]"),
+        ({"resize": "crop", "crop_pct": 0.0}, "crop_pct must be a number from 0.25 to 1, got 0.0"),
+        ({"resize": "crop", "crop_pct": 1e-320}, "crop_pct must be a number from 0.25 to 1, got 1e-320"),
+        ({"resize": "crop", "crop_pct": 10**400}, "crop_pct must be a number from 0.25 to 1, got 1000000000"),
         ({"resize": "squash", "crop_pct": 0.5}, "crop_pct applies to resize 'crop' only"),
     ):
         attrs = dataclasses.replace(meta, **{k: v for k, v in forged.items() if k == "resize"}).to_attrs()
