@@ -286,6 +286,7 @@ def test_the_meta_known_without_the_backbone_is_the_extractors(lone_run):
         precision="float32",
         runtime="auto",
         views=1,
+        resize=None,
         label_names=["cats", "dogs"],
     )
     assert settings_meta(options) == dataclasses.replace(lone_run.meta, feature_dim=0)
