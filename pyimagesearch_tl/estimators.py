@@ -245,10 +245,16 @@ class UnknownDetector(OutlierMixin, BaseEstimator):
     :meth:`predict` +1 for a known row, -1 for an unknown one. The threshold keeps a ``keep`` share of the
     calibration rows, as in a bundle.
 
+    ``y`` holds the rows' class labels (the classes a detector such as ``mahalanobis`` measures distances
+    to), not scikit-learn's +1/-1 inlier marks: every row of ``X`` is in-distribution. ``calibration`` rows
+    are used as given: in a pipeline, they do not go through the steps before this one. There is no
+    ``score``: how well unknowns are told apart needs photos of other classes (``benchmarks/bench_unknown.py``).
+
     Parameters
     ----------
     detector : str
-        A registered detector (``ptl list detectors``).
+        A registered detector (``ptl list detectors``); the default scores the features alone (those with
+        ``energy`` score a classifier's logits, passed as ``logits=``).
     keep : float
         Share of the calibration rows that come out known, in (0, 1].
 
@@ -263,7 +269,7 @@ class UnknownDetector(OutlierMixin, BaseEstimator):
     n_features_in_ : int
     """
 
-    def __init__(self, detector: str = DEFAULTS["unknown"], keep: float = DEFAULTS["unknown_keep"]):
+    def __init__(self, detector: str = "mahalanobis", keep: float = DEFAULTS["unknown_keep"]):
         self.detector = detector
         self.keep = keep
 
@@ -271,11 +277,12 @@ class UnknownDetector(OutlierMixin, BaseEstimator):
         """Learn from the training rows ``X`` (of classes ``y``; None: one class), then set the threshold on
         ``calibration`` (in-distribution rows held out from ``X``; default: ``X`` itself, as scikit-learn's
         outlier estimators do). Detectors that score a classifier's logits (``energy``) need ``logits``
-        for ``X`` (and ``calibration_logits``), e.g. :meth:`Bundle.logits`."""
+        for ``X`` (and ``calibration_logits`` for ``calibration``), e.g. :meth:`Bundle.logits`."""
         from sklearn.preprocessing import LabelEncoder
+        from sklearn.utils.multiclass import check_classification_targets
         from sklearn.utils.validation import validate_data
 
-        from .novelty import list_detectors, make_detector
+        from .novelty import make_detector
 
         Config(dict(DEFAULTS)).replace(unknown=self.detector, unknown_keep=self.keep)  # the config's own messages
         if y is None:
@@ -283,6 +290,7 @@ class UnknownDetector(OutlierMixin, BaseEstimator):
             y = np.zeros(len(X), dtype=int)
         else:
             X, y = validate_data(self, X, y, dtype=np.float64)
+            check_classification_targets(y)  # class labels: a continuous y is refused, not made into classes
         if len(X) < 2:
             raise ValueError(f"UnknownDetector needs at least 2 samples, got {len(X)} sample")
         encoder = LabelEncoder().fit(y)
@@ -290,14 +298,15 @@ class UnknownDetector(OutlierMixin, BaseEstimator):
         detector = make_detector(
             self.detector, self.keep, "calibration rows" if calibration is not None else "fit rows"
         )
-        if detector.uses_logits and logits is None:
-            plain = [name for name in list_detectors() if not make_detector(name).uses_logits]
-            raise ValueError(
-                f"detector {self.detector!r} scores a classifier's logits: pass logits= (and calibration_logits=), "
-                f"or choose one that scores the features alone: {', '.join(plain)}"
-            )
         if calibration is not None:
             calibration = validate_data(self, calibration, dtype=np.float64, reset=False)
+        logits = self._checked_logits(detector, logits, X, "logits", "X")
+        if calibration is not None:
+            calibration_logits = self._checked_logits(
+                detector, calibration_logits, calibration, "calibration_logits", "calibration"
+            )
+        elif calibration_logits is not None:
+            raise ValueError("calibration_logits without calibration: pass the calibration rows they belong to")
         self.detector_ = detector.fit(
             X,
             encoder.transform(y),
@@ -309,15 +318,38 @@ class UnknownDetector(OutlierMixin, BaseEstimator):
         self.offset_ = float(self.detector_.offset_)
         return self
 
+    def _checked_logits(self, detector, logits, rows: np.ndarray, name: str, of: str):
+        """``logits`` as a float64 ``(len(rows), classes)`` array of finite values, or None for a detector that
+        does not score them (a ValueError naming the argument otherwise)."""
+        from .novelty import list_detectors, make_detector
+
+        if not detector.uses_logits:
+            return None
+        if logits is None:
+            plain = [kind for kind in list_detectors() if not make_detector(kind).uses_logits]
+            raise ValueError(
+                f"detector {self.detector!r} scores a classifier's logits: pass {name}= for {of}, or choose one "
+                f"that scores the features alone: {', '.join(plain)}"
+            )
+        logits = np.asarray(logits, dtype=np.float64)
+        if logits.ndim != 2 or len(logits) != len(rows) or logits.shape[1] < 2:
+            raise ValueError(
+                f"{name} must be of shape ({len(rows)}, classes), one row per row of {of}; got {logits.shape}"
+            )
+        if not np.isfinite(logits).all():
+            raise ValueError(f"{name} holds NaN or infinite values")
+        return logits
+
     def score_samples(self, X, logits=None) -> np.ndarray:
         """Each row's familiarity (higher: more like the training rows)."""
         from sklearn.utils.validation import validate_data
 
         check_is_fitted(self, "detector_")
         X = validate_data(self, X, dtype=np.float64, reset=False)
-        if self.detector_.uses_logits and logits is None:
-            raise ValueError(f"detector {self.detector!r} scores a classifier's logits: pass logits=")
-        return np.asarray(self.detector_.score_samples(X, logits), dtype=np.float64)
+        return np.asarray(
+            self.detector_.score_samples(X, self._checked_logits(self.detector_, logits, X, "logits", "X")),
+            dtype=np.float64,
+        )
 
     def decision_function(self, X, logits=None) -> np.ndarray:
         """:meth:`score_samples` minus :attr:`offset_`: 0 or more for a known row, below 0 for an unknown one."""
@@ -326,3 +358,7 @@ class UnknownDetector(OutlierMixin, BaseEstimator):
     def predict(self, X, logits=None) -> np.ndarray:
         """+1 for a known row, -1 for an unknown one."""
         return np.where(self.decision_function(X, logits) >= 0, 1, -1)
+
+    def fit_predict(self, X, y=None, **fit_params) -> np.ndarray:
+        """:meth:`fit`, then :meth:`predict` on ``X`` (with the ``logits`` given to ``fit``)."""
+        return self.fit(X, y, **fit_params).predict(X, fit_params.get("logits"))

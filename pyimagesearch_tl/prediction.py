@@ -40,7 +40,8 @@ class Prediction:
         return self.familiarity
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields, and ``similarity`` (:attr:`familiarity`'s former name, kept for code written before)."""
+        return {**dataclasses.asdict(self), "similarity": self.familiarity}
 
 
 def rejection(predictor: "Predictor", paths: Sequence[Path]) -> dict:

@@ -73,3 +73,28 @@ def test_on_real_features_the_estimator_says_what_the_bundle_detector_says(pipel
     if estimator.detector_.uses_logits:
         with pytest.raises(ValueError, match="scores a classifier's logits: pass logits="):
             UnknownDetector(detector=name).fit(training.features, training.labels)
+
+
+def test_what_the_estimator_refuses_it_names(pipeline_run):
+    """Logits of another shape, NaN logits, calibration rows without theirs, a continuous y: one clear error
+    each, never a threshold set on the wrong rows; fit_predict passes the logits given to fit on to predict."""
+    training = read_features(feature_file(pipeline_run["features"], "training"))
+    X, y = training.features, training.labels
+    logits = X @ np.random.default_rng(0).normal(size=(X.shape[1], 2)) / 30
+    energy = UnknownDetector(detector="energy")
+    for bad, message in (
+        (dict(logits=logits[:5]), r"logits must be of shape \(30, classes\), one row per row of X; got \(5, 2\)"),
+        (dict(logits=logits[:, 0]), r"logits must be of shape \(30, classes\), one row per row of X; got \(30,\)"),
+        (dict(logits=np.full_like(logits, np.nan)), "logits holds NaN or infinite values"),
+        (dict(logits=logits, calibration=X[:10]), "pass calibration_logits= for calibration"),
+        (dict(logits=logits, calibration=X[:10], calibration_logits=logits[:3]), r"calibration_logits must be of"),
+        (dict(logits=logits, calibration_logits=logits), "calibration_logits without calibration"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            energy.fit(X, y, **bad)
+    verdicts = energy.fit_predict(X, y, logits=logits)
+    assert set(verdicts) <= {-1, 1} and (verdicts == energy.predict(X, logits)).all()
+    with pytest.raises(ValueError, match="logits must be of shape"):
+        energy.predict(X, logits[:5])
+    with pytest.raises(ValueError, match="Unknown label type: continuous"):
+        UnknownDetector().fit(X, y + 0.5)
