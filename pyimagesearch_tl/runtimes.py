@@ -226,7 +226,7 @@ def checked_network(key: str) -> Path | None:
     path = converted_network(key)
     if path is None:
         return None
-    with verdicts(path) as record:
+    with verdicts(path, write=False) as record:
         return path if any(verdict["passed"] for verdict in record.values()) else None
 
 
@@ -334,7 +334,7 @@ def valid_verdict(verdict, network_sha256: str, network_key: str) -> bool:
 
 
 @contextlib.contextmanager
-def verdicts(network: Path) -> Iterator[dict]:
+def verdicts(network: Path, write: bool = True) -> Iterator[dict]:
     """This machine's verdicts on the content of ``network`` (runtime -> {"max_abs_diff", "passed"}), to read
     and update.
 
@@ -342,14 +342,17 @@ def verdicts(network: Path) -> Iterator[dict]:
     other machines' verdicts, each with the SHA-256 of the network file (``network_sha256``). Entries that
     are not well-formed verdicts on this very content (:func:`valid_verdict`) are left out, so they are
     checked again. Where the lock cannot be taken (a read-only cache, another user's), the verdicts are
-    read without it and nothing is written.
+    read without it and nothing is written. With ``write=False`` (a reader) no lock is taken and nothing is
+    written: the file is only ever replaced whole, so a reader never waits behind another process's parity
+    check (seconds: it builds the Keras network) and sees the verdicts from before or after it.
     """
     from filelock import FileLock
 
     path = network.with_suffix(".json")
-    lock: FileLock | None = FileLock(str(path) + ".lock")
+    lock: FileLock | None = FileLock(str(path) + ".lock") if write else None
     try:
-        lock.acquire()
+        if lock is not None:
+            lock.acquire()
     except OSError:  # the lock file cannot be made: read only, what this run adds holds for this run
         lock = None
     try:

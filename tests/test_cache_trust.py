@@ -286,3 +286,23 @@ def test_a_network_of_another_width_under_the_key_never_sets_the_layout(own_cach
         features = auto.transform(photos)
     assert auto.runtime == TENSORFLOW
     np.testing.assert_allclose(features, session_cache["features"], rtol=0, atol=1e-6)
+
+
+def test_reading_a_verdict_never_waits_behind_a_parity_check_in_progress(default_network):
+    """Another process checking parity holds the verdicts' lock for seconds (it builds the Keras network):
+    a job that only reads them (an extractor learning its width, ``ptl export``) does not wait for it."""
+    import threading
+
+    from filelock import FileLock
+
+    from pyimagesearch_tl.runtimes import checked_network
+
+    key = default_network.name.removesuffix(".onnx")
+    held = FileLock(str(default_network.with_suffix(".json")) + ".lock")
+    with held:  # as a parity check elsewhere holds it
+        found = []
+        reader = threading.Thread(target=lambda: found.append(checked_network(key)), daemon=True)
+        reader.start()
+        reader.join(timeout=20)
+        assert not reader.is_alive(), "checked_network waited for the verdicts' lock"
+    assert found == [default_network]
