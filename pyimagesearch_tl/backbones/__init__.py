@@ -54,9 +54,9 @@ class Backbone:
     resize : {"squash", "crop", "letterbox"}
         How images are fitted to its input unless a run says otherwise (see
         :class:`~pyimagesearch_tl.images.Resize`; chosen by ``benchmarks/accuracy.py --resizes``).
-    crop_pct : float
+    crop_pct : float, optional
         With ``resize="crop"``, the share of the shorter side kept: the centre crop its weights were
-        evaluated with (ImageNet convention ``input_size / (input_size + 32)``: 0.875 at 224 px).
+        evaluated with. Unset: the ImageNet convention ``input_size / (input_size + 32)`` (0.875 at 224 px).
     """
 
     name: str
@@ -67,7 +67,7 @@ class Backbone:
     block_pattern: str = ""
     pretrained_file: Callable[[], Path] | None = None
     resize: str = DEFAULT_RESIZE
-    crop_pct: float = 0.875
+    crop_pct: float | None = None
 
     def resizing(self, mode: str | Resize | None = None) -> Resize:
         """The :class:`~pyimagesearch_tl.images.Resize` of ``mode`` for this backbone (None: its own
@@ -75,7 +75,9 @@ class Backbone:
         if isinstance(mode, Resize):
             return mode
         mode = mode or self.resize
-        return Resize(mode, self.crop_pct if mode == "crop" else 1.0)
+        if mode != "crop":
+            return Resize(mode)
+        return Resize(mode, self.crop_pct or self.input_size / (self.input_size + 32))
 
 
 #: The backbones, by name (see :mod:`pyimagesearch_tl.registry`).

