@@ -59,6 +59,13 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _STRIP_SAMPLES = 1 << 20
 
 
+# The decoder applies its own, configurable pixel limit (max_pixels), so Pillow's warning about large images is
+# noise. Ignored once, here: warnings.catch_warnings() around each open swapped the process's warning state from
+# the decoding threads, and a thread descheduled inside it (they run at the lowest priority) restored a stale
+# state later, dropping the warning handler ptl's commands install (a part-file warning of ptl predict vanished).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 def is_image_name(path: str | Path) -> bool:
     """True when ``path`` has one of :data:`IMAGE_EXTENSIONS` (the content is checked later).
 
@@ -169,10 +176,7 @@ def _opened(source, max_pixels: int) -> Iterator[Image.Image]:
         else:
             check_regular_file(source)
             handle = stack.enter_context(_BoundedReader(source))
-        with warnings.catch_warnings():
-            # We apply our own, configurable limit below; Pillow's warning would be noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = stack.enter_context(Image.open(handle, formats=FORMATS))
+        image = stack.enter_context(Image.open(handle, formats=FORMATS))  # Pillow's warning: ignored, below
         width, height = image.size
         if width * height > max_pixels:
             raise ImageError(
