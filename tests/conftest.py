@@ -40,6 +40,13 @@ def _pin_to_a_share_of_the_cpus() -> bool:
 
 
 PINNED = _pin_to_a_share_of_the_cpus()
+if PINNED:
+    # NumPy's OpenBLAS sized its thread pool by the CPUs when this module imported it, before the pin: two
+    # threads on a one-CPU share spin against each other in every matrix product of the worker. The
+    # libraries loaded from now on (SciPy's OpenBLAS, OpenMP, the runtimes) size theirs by the share.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(len(os.sched_getaffinity(0)))
 
 
 def _finished_marker(config, worker: str) -> Path:
