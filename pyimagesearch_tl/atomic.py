@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import stat
 import tempfile
@@ -139,6 +140,16 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
                 os.unlink(Path(folder, name))
                 removed.append(Path(folder, name))
     return removed
+
+
+def remove_entry(path: str | Path) -> None:
+    """Remove whatever is at ``path`` in a folder of this package's own (a file, a link, or a folder planted
+    where a file belongs, with its contents; links inside it are removed, never followed)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _new_temporary(target: Path, folder: Path) -> Path:

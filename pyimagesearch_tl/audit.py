@@ -72,9 +72,9 @@ BLOCK_ROWS = 2048
 ROUNDING = 1e-6
 #: ``neighbour_search`` values: exact, approximate, or auto (approximate above :data:`APPROXIMATE_ROWS`).
 SEARCHES = ("auto", "exact", "approximate")
-#: Rows above which ``auto`` searches neighbours approximately (benchmarks/bench_audit.py, 1280-d real
-#: features grown with noise, 2 cores: at 20,000 rows the exact search took 25 s, the approximate 14 s
-#: with the same pairs; at 100,000 ~480 s against ~44 s; at 1,000,000 ~13 h against ~12 min).
+#: Rows above which ``auto`` searches neighbours approximately (benchmarks/bench_audit_scale.py, 1280-d
+#: real features grown with noise, 2 cores: at 20,000 rows the exact search took 8.6 s, the approximate
+#: 5.0 s with the same pairs; at 100,000 ~375 s against 44 s; at 1,000,000 ~12.8 h against 19 min).
 APPROXIMATE_ROWS = 20_000
 #: Lists of the inverted-file index each row is compared with (of ``4 * sqrt(rows)``).
 PROBED_LISTS = 16
@@ -231,6 +231,11 @@ def exact_pairs(unit: np.ndarray, threshold: float, rows: int | None = None) -> 
     return sorted(pairs)
 
 
+def index_lists(rows: int) -> int:
+    """Lists of the inverted-file index over ``rows`` rows: ``4 * sqrt(rows)``, as many as its k-means sample trains."""
+    return max(1, min(rows // TRAINING_ROWS_PER_LIST, round(4 * np.sqrt(rows))))
+
+
 def approximate_pairs(unit: np.ndarray, threshold: float, seed: int = 0) -> list[tuple[int, int, float]]:
     """:func:`similar_pairs` through an inverted-file index (faiss ``IndexIVFFlat``, inner product).
 
@@ -238,7 +243,7 @@ def approximate_pairs(unit: np.ndarray, threshold: float, seed: int = 0) -> list
     with the rows of its :data:`PROBED_LISTS` nearest lists only, by a radius search at ``threshold``,
     and each pair found is scored again exactly on the full vectors. Unlike a k-nearest-neighbour graph,
     a radius search has no cap on the pairs of one row, so a large group of copies is found whole.
-    Measured (benchmarks/bench_audit.py): see :data:`APPROXIMATE_ROWS`.
+    Measured (benchmarks/bench_audit_scale.py): see docs/audit.md.
     """
     try:
         import faiss
@@ -251,7 +256,7 @@ def approximate_pairs(unit: np.ndarray, threshold: float, seed: int = 0) -> list
     rows, width = unit.shape
     if rows < 2:
         return []
-    lists = max(1, min(rows // TRAINING_ROWS_PER_LIST, round(4 * np.sqrt(rows))))
+    lists = index_lists(rows)
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(width), width, lists, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = seed
     sample = np.random.default_rng(seed).choice(rows, min(rows, TRAINING_ROWS_PER_LIST * lists), replace=False)
@@ -468,8 +473,11 @@ def audit(
                 row("redundant", j, similarity, f"{what}, both in {split_of[j]}", partner=first)
     calibration["candidate_pairs"] = candidates
     calibration["images_decoded"] = len(views)
+    lists = index_lists(len(unit))
     calibration["neighbour_search"] = (
-        f"approximate (faiss IndexIVFFlat, {PROBED_LISTS} probed lists)" if search == "approximate" else "exact"
+        f"approximate (faiss IndexIVFFlat, {min(lists, PROBED_LISTS)} of {lists} lists probed)"
+        if search == "approximate"
+        else "exact"
     )
     calibration["confirmed_pairs"] = len(confirmed)
     calibration["groups"] = len(groups)

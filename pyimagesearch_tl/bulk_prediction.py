@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import shutil
 import stat
 import tempfile
@@ -33,7 +34,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .atomic import OutputError, atomic_path, atomic_write_json, check_writable, describe_os_error
+from .atomic import OutputError, atomic_path, atomic_write_json, check_writable, describe_os_error, remove_entry
 from .bundle import Bundle
 from .engines import ShardTask, create_engine, engine_class
 from .errors import BundleError, ConfigError, PTLError
@@ -242,6 +243,19 @@ def plan_parts(files: Sequence[Path], settings: str, shard_size: int, folder: Pa
 
 #: A part file larger than this per photo is not one this module wrote (a row is a few hundred bytes).
 PART_BYTES_PER_PHOTO = 64 * 1024
+
+
+def _among(target: Path, paths: Sequence[str | Path]) -> bool:
+    """Whether ``target`` is the same file as one of ``paths``, however spelled (``..``, links, hard links)."""
+    try:
+        wanted = target.stat()
+    except OSError:  # nothing there yet: no input can be it
+        return False
+    for path in paths:
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.stat(path), wanted):
+                return True
+    return False
 
 
 def _read_part(part: PlannedPart, files: Sequence[Path], classes: Sequence[str]) -> list[dict[str, Any]] | str:
@@ -465,15 +479,15 @@ class PredictionRun:
         engine_class(engine)
         self.files = expand_paths(inputs) + (read_path_list(file_list) if file_list else [])
         if not self.files:
-            raise ConfigError(f"no image files found in: {', '.join(map(str, inputs)) or file_list}")
+            given = [*map(str, inputs), *([str(file_list)] if file_list else [])]
+            raise ConfigError(f"no image files found in: {', '.join(given)}" if given else "no image given")
         self.output = Path(output) if output is not None else None
         if self.output is not None:
             if self.output.suffix.lower() not in FORMATS:
                 raise ConfigError(f"--output must end in one of {', '.join(FORMATS)}, not {self.output.name!r}")
             if self.output.suffix.lower() == ".parquet":
                 _pyarrow()
-            target = self.output.absolute()
-            if target in {Path(p).absolute() for p in [*self.files, *([file_list] if file_list else [])]}:
+            if _among(self.output, [*self.files, *([file_list] if file_list else [])]):
                 raise ConfigError(f"--output {self.output} is one of the inputs: it would be overwritten")
             check_writable(self.output)  # refused now, not after every photo has gone through the network
         model_path = Path(model_path)
@@ -540,7 +554,7 @@ class PredictionRun:
                     rows = _read_part(part, files, self.model.label_names)
                     if isinstance(rows, str):
                         warnings.warn(f"{rows}; its photos are classified again")
-                        part.path.unlink()
+                        remove_entry(part.path)
                     else:
                         finished.add(part.index)
         todo = {p.index: p for p in parts if p.index not in finished}

@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import quantization
-from .atomic import atomic_write_csv
+from .atomic import atomic_write_csv, remove_entry
 from .engines import Engine, ShardTask, create_engine, engine_class
 from .errors import DatasetError, FeatureFileError
 from .features import ExtractionJob, dataset_rows, interrupt_after_batch, layout_meta
@@ -217,7 +217,7 @@ def extract_split(
         problem = _unusable_shard(planned, meta) if planned.path.exists() else None
         if problem:
             warnings.warn(f"{problem}; its images are extracted again")
-            planned.path.unlink()
+            remove_entry(planned.path)
         if not planned.path.exists():
             todo[planned.index] = planned
 

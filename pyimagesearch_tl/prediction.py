@@ -75,10 +75,14 @@ def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
     Raises
     ------
     DatasetError
-        When an input does not exist at all (not even as a broken link).
+        When an input does not exist at all (not even as a broken link), or is empty (``Path("")`` is
+        the working folder: an unset shell variable must not classify everything below it).
     """
     paths: list[Path] = []
-    for item in map(Path, inputs):
+    for given in inputs:
+        if not str(given).strip():
+            raise DatasetError(f"an input path is empty ({str(given)!r}); to classify the current folder, pass '.'")
+        item = Path(given)
         if item.is_dir():
             paths += sorted(p for p in item.rglob("*") if is_image_name(p.name))
         elif item.exists() or item.is_symlink():

@@ -236,17 +236,25 @@ def test_entries_that_are_not_photos_are_skipped_rows_never_a_failed_run(model, 
 
 
 def test_what_would_go_wrong_is_refused_before_any_work(model, photos, tmp_path):
-    """top-k below 1, an output that is one of the inputs, a parts folder that is a link (part files would
-    be written elsewhere): one clear error each, nothing classified."""
+    """top-k below 1, an output that is one of the inputs (however spelled), an empty input path (the
+    working folder, as an unset shell variable gives), no input at all, a parts folder that is a link
+    (part files would be written elsewhere): one clear error each, nothing classified."""
     from pyimagesearch_tl.atomic import OutputError
-    from pyimagesearch_tl.errors import ConfigError
+    from pyimagesearch_tl.errors import ConfigError, DatasetError
 
     with pytest.raises(ConfigError, match="top_k must be a whole number, at least 1, got 0"):
         PredictionRun(model, [photos], top_k=0)
     listing = tmp_path / "list.json"
     listing.write_text(str(next(photos.rglob("*.jpg"))) + "\n")
-    with pytest.raises(ConfigError, match="is one of the inputs: it would be overwritten"):
-        PredictionRun(model, [], listing, file_list=listing)
+    (tmp_path / "sub").mkdir()
+    for spelling in (listing, tmp_path / "sub" / ".." / "list.json"):
+        with pytest.raises(ConfigError, match="is one of the inputs: it would be overwritten"):
+            PredictionRun(model, [], spelling, file_list=listing)
+    assert listing.read_text() == str(next(photos.rglob("*.jpg"))) + "\n"
+    with pytest.raises(DatasetError, match="an input path is empty"):
+        PredictionRun(model, [""])
+    with pytest.raises(ConfigError, match="^no image given$"):
+        PredictionRun(model, [])
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / ".r.csv.parts").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(OutputError, match="is not a folder of part files"):
@@ -256,11 +264,11 @@ def test_what_would_go_wrong_is_refused_before_any_work(model, photos, tmp_path)
 
 @pytest.mark.parametrize(
     "plant",
-    ["nested", "nan", "not my class", "link"],
+    ["nested", "nan", "not my class", "link", "folder"],
 )
 def test_a_planted_part_file_is_never_trusted(model, photos, reference, tmp_path, plant):
     """Part files no run wrote: deep nesting, NaN scores, a label the model does not have, a link to a file
-    elsewhere: each is a warning and its shard is classified again."""
+    elsewhere, a folder: each is a warning and its shard is classified again."""
     output = tmp_path / "r.csv"
     run = PredictionRun(model, [photos], output, shard_size=SHARD, runtime="tensorflow")
     from pyimagesearch_tl.bulk_prediction import plan_parts
@@ -277,6 +285,9 @@ def test_a_planted_part_file_is_never_trusted(model, photos, reference, tmp_path
         target.write_text(json.dumps(dict(identity=first.identity, rows=[dict(r, score=float("nan")) for r in good])))
     elif plant == "not my class":
         target.write_text(json.dumps(dict(identity=first.identity, rows=[dict(r, label="wolves") for r in good])))
+    elif plant == "folder":  # every rerun failed on unlinking it ("Is a directory")
+        target.mkdir()
+        (target / "inside.json").write_text("{}")
     else:
         (tmp_path / "elsewhere.json").write_text(json.dumps(dict(identity=first.identity, rows=good)))
         target.symlink_to(tmp_path / "elsewhere.json")

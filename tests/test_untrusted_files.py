@@ -273,20 +273,28 @@ def test_the_command_line_says_it_in_one_line(pipeline_run, tmp_path):
     )
 
 
-def test_a_shard_that_is_not_what_it_should_hold_is_extracted_again(pipeline_run, tmp_path):
-    """A shard file of the right identity whose vectors are one value short (a file from elsewhere, or a bug)."""
+@pytest.mark.parametrize("plant", ["short vectors", "folder"])
+def test_a_shard_that_is_not_what_it_should_hold_is_extracted_again(pipeline_run, tmp_path, plant):
+    """A shard file of the right identity whose vectors are one value short (a file from elsewhere, or a
+    bug), or a folder (with a file in it) where the shard file belongs: a warning, and it is extracted again."""
     features = _hostile_copy(pipeline_run["features"], tmp_path)
     (features / "training.h5").unlink()
     meta = read_meta(features / "validation.h5")
     rows = dataset_rows(pipeline_run["dataset"])["training"]
     [planned] = plan_shards(rows, meta, set(), SHARD_SIZE, features / SHARDS / "training")
     vectors = read_features(pipeline_run["features"] / "training.h5").features
-    write_shard(planned.path, planned.identity, Shard(vectors[:, :-1], np.arange(len(rows)), []))
+    if plant == "folder":
+        planned.path.mkdir(parents=True)
+        (planned.path / "inside").write_text("x")
+        problem = "is unreadable (cut short?)"
+    else:
+        write_shard(planned.path, planned.identity, Shard(vectors[:, :-1], np.arange(len(rows)), []))
+        problem = ": its features have 1279 values per image but its metadata says feature_dim=1280;"
     with pytest.warns(UserWarning) as warned:
         extract_dataset(pipeline_run["dataset"], features, splits=SPLITS, backbone="efficientnet_lite0", progress=False)
     assert [str(w.message) for w in warned if "shard" in str(w.message)] == [
-        f"shard file {planned.path}: its features have 1279 values per image but its metadata says feature_dim=1280; "
-        "its images are extracted again"
+        f"shard file {planned.path}{' ' if plant == 'folder' else ''}{problem}"
+        f"{';' if plant == 'folder' else ''} its images are extracted again"
     ]
     np.testing.assert_allclose(read_features(features / "training.h5").features, vectors, atol=1e-4)
 
