@@ -61,8 +61,11 @@ class LocalRun:
 
 
 @pytest.fixture(scope="module")
-def local_reference(whole_machine, dataset, tmp_path_factory):
-    """What the Ray runs must equal: the local engine's output (see :class:`LocalRun`)."""
+def local_reference(whole_machine, dataset, tmp_path_factory, default_network):
+    """What the Ray runs must equal: the local engine's output (see :class:`LocalRun`). The default network is
+    converted and checked in the session's cache first, as a user's first large job leaves it: every run here
+    then uses it, and no Ray worker imports TensorFlow to build the backbone (run alone, the module spent
+    58 s of CPU in the workers' TensorFlow starts)."""
     run = LocalRun(dataset, tmp_path_factory.mktemp("local"))
     yield run
     if run.process.poll() is None:  # a test failed before it was needed
