@@ -249,14 +249,17 @@ def test_transformer_takes_the_paths_column_a_column_transformer_passes():
         ptl.ImageFeatures().fit(frame)
 
 
-def test_threads_fitting_at_once_build_the_backbone_once():
-    """Two fits at the same moment (a threaded grid search, a server's first requests) share one build."""
+def test_threads_fitting_at_once_build_the_backbone_once(default_network):
+    """Two fits at the same moment (a threaded grid search, a server's first requests) share one build.
+
+    The default backbone, whose network the session has converted and checked: the extractor learns its
+    width from it, without building the Keras model (with random weights, the build took 2 to 42 s here)."""
     import threading
 
     from pyimagesearch_tl import estimators
 
     paths, _ = _photos(1)
-    parameters = dict(weights="none", batch_size=3)  # parameters no other test builds: a sure miss
+    parameters = dict(batch_size=3)  # parameters no other test builds: a sure miss
     before = estimators._extractor.cache_info()
     start, networks, errors = threading.Barrier(2), [], []
 
