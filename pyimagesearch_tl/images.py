@@ -59,11 +59,20 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _STRIP_SAMPLES = 1 << 20
 
 
-# The decoder applies its own, configurable pixel limit (max_pixels), so Pillow's warning about large images is
-# noise. Ignored once, here: warnings.catch_warnings() around each open swapped the process's warning state from
-# the decoding threads, and a thread descheduled inside it (they run at the lowest priority) restored a stale
-# state later, dropping the warning handler ptl's commands install (a part-file warning of ptl predict vanished).
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+def _ignore_pillows_size_warning() -> None:
+    """The decoder applies its own, configurable pixel limit (max_pixels), so Pillow's warning about large
+    images is noise: ignored by one process-wide filter, put back when it is gone (an import inside a
+    ``warnings.catch_warnings()`` block, as pytest's collection is, loses it at the block's end).
+
+    Not ``catch_warnings()`` around each open: that swapped the process's warning state from the decoding
+    threads, and a thread descheduled inside it (they run at the lowest priority) restored a stale state
+    later, dropping the warning handler ptl's commands install (a part-file warning of ptl predict vanished).
+    """
+    if not any(f[0] == "ignore" and f[2] is Image.DecompressionBombWarning for f in warnings.filters):
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+_ignore_pillows_size_warning()
 
 
 def is_image_name(path: str | Path) -> bool:
@@ -170,13 +179,14 @@ def _opened(source, max_pixels: int) -> Iterator[Image.Image]:
     A path is checked to be a regular file first and read through :class:`_BoundedReader`; a file
     object (an upload) is read as it is. Whatever the body raises goes through :func:`_reasons` too.
     """
+    _ignore_pillows_size_warning()
     with _reasons(source), contextlib.ExitStack() as stack:
         if hasattr(source, "read"):
             handle = source
         else:
             check_regular_file(source)
             handle = stack.enter_context(_BoundedReader(source))
-        image = stack.enter_context(Image.open(handle, formats=FORMATS))  # Pillow's warning: ignored, below
+        image = stack.enter_context(Image.open(handle, formats=FORMATS))  # Pillow's size warning: ignored
         width, height = image.size
         if width * height > max_pixels:
             raise ImageError(

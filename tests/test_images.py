@@ -253,3 +253,23 @@ def test_each_resize_mode_fits_the_image_as_it_says(tmp_path, photo):
         Resize("zoom")
     with pytest.raises(ConfigError, match="crop_pct must be a number from 0.25 to 1, got 1.5"):
         Resize("crop", 1.5)
+
+
+def test_pillows_large_image_warning_stays_silent_after_its_filter_was_lost(tmp_path):
+    """The decoder's own pixel limit decides; Pillow's DecompressionBombWarning (above 89 million pixels) is
+    noise. Its filter, set at import, is gone when the import happened inside warnings.catch_warnings() (as
+    in pytest's collection): each open puts it back (the warning reached the suite's summary before)."""
+    import warnings
+
+    from PIL import Image
+
+    from pyimagesearch_tl.errors import ImageError
+    from pyimagesearch_tl.images import probe_image
+
+    big = tmp_path / "big.png"
+    Image.new("1", (9500, 9500)).save(big)  # 90.25 million pixels in a few kB
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.filters[:] = [f for f in warnings.filters if f[2] is not Image.DecompressionBombWarning]
+        with pytest.raises(ImageError, match="pixels"):
+            probe_image(big, max_pixels=1000)
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
