@@ -143,8 +143,9 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 
 
 def remove_entry(path: str | Path) -> None:
-    """Remove whatever is at ``path`` in a folder of this package's own (a file, a link, or a folder planted
-    where a file belongs, with its contents; links inside it are removed, never followed)."""
+    """Remove whatever is at ``path``, a name only this package uses (a part or shard file, a staging folder
+    beside a locked output): a file, a special file, a link (itself, never what it points to), or a folder
+    with its contents (links inside it removed, never followed). Nothing there: nothing to do."""
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)

@@ -477,9 +477,10 @@ class PredictionRun:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a whole number, at least 1, got {value!r}")
         engine_class(engine)
+        lists = [Path(file_list)] if file_list else []  # the list file: an input too, never to be overwritten
         self.files = expand_paths(inputs) + (read_path_list(file_list) if file_list else [])
         if not self.files:
-            given = [*map(str, inputs), *([str(file_list)] if file_list else [])]
+            given = [*map(str, inputs), *map(str, lists)]
             raise ConfigError(f"no image files found in: {', '.join(given)}" if given else "no image given")
         self.output = Path(output) if output is not None else None
         if self.output is not None:
@@ -487,7 +488,7 @@ class PredictionRun:
                 raise ConfigError(f"--output must end in one of {', '.join(FORMATS)}, not {self.output.name!r}")
             if self.output.suffix.lower() == ".parquet":
                 _pyarrow()
-            if _among(self.output, [*self.files, *([file_list] if file_list else [])]):
+            if _among(self.output, [*self.files, *lists]):
                 raise ConfigError(f"--output {self.output} is one of the inputs: it would be overwritten")
             check_writable(self.output)  # refused now, not after every photo has gone through the network
         model_path = Path(model_path)

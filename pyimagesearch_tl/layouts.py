@@ -49,7 +49,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .atomic import atomic_write_csv
+from .atomic import atomic_write_csv, remove_entry
 from .cpus import available_cpus
 from .engines import ShardTask, create_engine
 from .errors import DatasetError, ImageError
@@ -589,7 +589,7 @@ def build_dataset(
         assignment = [role_to_split[role] for role in roles]
 
     staging = output_dir.with_name(output_dir.name + ".partial")
-    _clear(staging)
+    remove_entry(staging)
     rows, used = [], set()
     for (item, (width, height), digest), split in zip(kept, assignment):
         relative = Path(split) / item.label / item.source.name
@@ -633,23 +633,13 @@ def _check_inside(folder: Path, relatives: Sequence[str], shown: Path) -> None:
             raise DatasetError(f"{relative!r} would be written to {destination}, outside {shown}; nothing was written")
 
 
-def _clear(path: Path) -> None:
-    """Remove what lies at ``path`` (a name beside the locked output folder that only this package uses),
-    never following a link: a symbolic link planted there is removed itself, not the folder it points to,
-    and is never written through."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
-
-
 def _swap_in(staging: Path, target: Path) -> None:
     old = target.with_name(target.name + ".old")
-    _clear(old)
+    remove_entry(old)
     if target.exists() or target.is_symlink():
         os.replace(target, old)
     os.replace(staging, target)
-    _clear(old)
+    remove_entry(old)
 
 
 def _check_row(row: dict[str, str], where: str) -> None:
