@@ -128,6 +128,9 @@ def test_ctrl_c_then_a_kill_resume_without_redoing_finished_shards_and_redo_a_cu
     command += ["--shard-size", str(shard), "--runtime", "tensorflow", "--batch-size", "2"]
     parts = tmp_path / ".r.csv.parts"
 
+    def finished_parts() -> list:
+        return sorted(parts.glob("[!.]*.json"))  # not the temporary file of a part being written
+
     def run_until(count: int, signal_number: int) -> subprocess.Popen:
         process = subprocess.Popen(
             command,
@@ -137,7 +140,7 @@ def test_ctrl_c_then_a_kill_resume_without_redoing_finished_shards_and_redo_a_cu
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal's foreground job
         )
         deadline = time.monotonic() + 120
-        while len(list(parts.glob("*.json"))) < count:
+        while len(finished_parts()) < count:
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
             time.sleep(0.01)
         process.send_signal(signal_number)
@@ -149,10 +152,10 @@ def test_ctrl_c_then_a_kill_resume_without_redoing_finished_shards_and_redo_a_cu
     assert stderr.strip().splitlines()[-1] == (
         "Error: interrupted; finished shards are saved: rerun the same command to resume"
     )
-    before = len(list(parts.glob("*.json")))
+    before = len(finished_parts())
     killed = run_until(before + 2, signal.SIGKILL)
     killed.communicate()
-    finished = sorted(parts.glob("*.json"))
+    finished = finished_parts()
     assert before + 2 <= len(finished) < shards and not output.exists()
     finished[0].write_text(finished[0].read_text()[:100])
 
