@@ -148,6 +148,8 @@ def test_augmentation_touches_training_input_only(pipeline_run):
     np.testing.assert_array_equal(plain, decoded)
     ((augmented, _),) = list(batches.dataset(ft.make_augmenter("strong", seed=1)).as_numpy_iterator())
     assert augmented.shape == decoded.shape and np.abs(augmented - decoded).mean() > 1.0
+    # No autotuning thread, whose sleep (up to 60 s) a later garbage collection of the iterator waited out.
+    assert batches.dataset().options().autotune.enabled is False
 
 
 def test_without_a_validation_split_part_of_training_is_held_out(pipeline_run):
