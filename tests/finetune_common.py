@@ -15,21 +15,15 @@ def settings_with(**overrides) -> ft.FinetuneSettings:
     return ft.FinetuneSettings.from_config(load_config().replace(**overrides))
 
 
+def options(settings: dict) -> list[str]:
+    """``ptl finetune`` options for :func:`settings_with` keys: ``{"head_epochs": 2}`` -> ``--head-epochs 2``."""
+    return [part for key, value in settings.items() for part in (f"--{key.replace('_', '-')}", str(value))]
+
+
 SIZE = 64
-TINY = [
-    "--input-size",
-    str(SIZE),
-    "--batch-size",
-    "8",
-    "--head-epochs",
-    "1",
-    "--finetune-epochs",
-    "1",
-    "--unfreeze-blocks",
-    "2",
-    "--seed",
-    "7",
-]
+#: Tiny settings (64 px, one epoch per stage), as :func:`settings_with` keys; :data:`TINY` as ``ptl`` options.
+TINY_SETTINGS = dict(input_size=SIZE, batch_size=8, head_epochs=1, finetune_epochs=1, unfreeze_blocks=2, seed=7)
+TINY = options(TINY_SETTINGS)
 
 
 def run(*args: str, ok: bool = True) -> str:

@@ -1,6 +1,7 @@
-"""A fine-tuned bundle on real photos: its outputs load, it predicts what its network predicts, it exports,
-serves, evaluates and compares, and the same seed gives the same run (the mechanics of a run are in
-test_finetune_runs.py: two files, so that pytest-xdist can run them side by side).
+"""A fine-tuned bundle on real photos: its outputs load, the best checkpoint is what it saved, it predicts
+what its network predicts, it exports, serves, evaluates and compares, and the same seed gives the same
+run (the mechanics of a run are in test_finetune_runs.py: two files, so that pytest-xdist can run them
+side by side).
 """
 
 import json
@@ -11,19 +12,37 @@ import pytest
 from pyimagesearch_tl.bundle import Bundle
 
 keras = pytest.importorskip("keras")
-from finetune_common import SIZE, TINY, ft, run, settings_with, validation_rows  # noqa: E402
+from finetune_common import SIZE, TINY_SETTINGS, ft, options, run, settings_with, validation_rows  # noqa: E402
 
 from pyimagesearch_tl.images import load_image  # noqa: E402
+
+#: The run every test here shares: two head epochs, then a stage 2 whose wild learning rate makes it worse
+#: (so the network saved must be stage 1's best), with strong augmentation and balanced class weights.
+RUN = dict(TINY_SETTINGS, head_epochs=2, finetune_lr=5.0, augment="strong", class_weight="balanced")
 
 
 @pytest.fixture(scope="module")
 def tuned(pipeline_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("finetune")
-    output = run("finetune", "--dataset", str(pipeline_run["dataset"]), "--output", str(out), *TINY)
+    output = run("finetune", "--dataset", str(pipeline_run["dataset"]), "--output", str(out), *options(RUN))
     return out, output
 
 
-def test_outputs_exist_and_load_back(tuned, pipeline_run):
+@pytest.fixture(scope="module")
+def network(tuned):
+    """The saved Keras network of the run, loaded once."""
+    return keras.models.load_model(tuned[0] / "finetune.keras")
+
+
+@pytest.fixture(scope="module")
+def validation(pipeline_run, network):
+    """The validation photos, their decoded pixels, and what the saved network predicts for them."""
+    paths = [pipeline_run["dataset"] / row["path"] for row in validation_rows(pipeline_run["dataset"])]
+    pixels = np.stack([load_image(p, SIZE) for p in paths])
+    return paths, pixels, network.predict(pixels.astype("float32"), verbose=0)
+
+
+def test_outputs_exist_and_load_back(tuned, network):
     out, output = tuned
     assert "stage 2 unfroze: block15, top" in output
     for name in (
@@ -40,39 +59,55 @@ def test_outputs_exist_and_load_back(tuned, pipeline_run):
         assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     history = json.loads((out / "history.json").read_text())
     assert [s["name"] for s in history["stages"]] == ["head", "finetune"]
-    assert history["stage_boundary"] == 1 and len(history["history"]["val_loss"]) == 2
+    assert history["stage_boundary"] == 2 and len(history["history"]["val_loss"]) == 3
     assert history["stages"][1]["unfrozen_blocks"] == ["block15", "top"]
     assert {"loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc"} <= set(history["history"])
 
-    model = keras.models.load_model(out / "finetune.keras")
-    assert model.input.shape[1:] == (SIZE, SIZE, 3) and model.output.shape[-1] == 2
+    assert network.input.shape[1:] == (SIZE, SIZE, 3) and network.output.shape[-1] == 2
+    assert not [layer for layer in network.layers if type(layer).__name__.startswith("Random")]  # no augmentation
     bundle = Bundle.load(out / "finetune.skops")
     assert bundle.meta.weights == "finetuned" and bundle.meta.input_size == SIZE
     assert bundle.label_names == ["cats", "dogs"] and bundle.novelty is not None
 
 
-def test_bundle_predicts_exactly_what_the_keras_network_predicts(tuned, pipeline_run):
+@pytest.mark.filterwarnings("ignore:Your input ran out of data")  # Keras, at the end of a generator
+def test_the_best_checkpoint_is_restored_and_validation_is_not_augmented(tuned, network, validation, pipeline_run):
+    """Stage 2's wild learning rate made it worse: the network saved is stage 1's best, exactly. Its loss
+    on the un-augmented validation photos equals the best validation loss recorded during training, which
+    also shows that the validation input was never augmented."""
+    out, _ = tuned
+    history = json.loads((out / "history.json").read_text())
+    assert history["best"]["stage"] == "head"
+    val_loss = history["history"]["val_loss"]
+    assert history["best"]["value"] == min(val_loss[:2])
+    assert all(not value <= history["best"]["value"] for value in val_loss[2:])  # worse, or NaN
+    paths, _, _ = validation
+    labels = [row["label"] == "dogs" for row in validation_rows(pipeline_run["dataset"])]
+    batches = ft.ImageBatches(paths, labels, 2, SIZE, 8, 10**8)
+    network.compile(loss="categorical_crossentropy")
+    assert network.evaluate(batches.dataset(), verbose=0, return_dict=True)["loss"] == pytest.approx(
+        history["best"]["value"], rel=1e-4
+    )
+
+
+def test_bundle_predicts_exactly_what_the_keras_network_predicts(tuned, validation):
     """The folded head on the rebuilt backbone equals the saved network: same decoder, preprocessing, weights."""
     from pyimagesearch_tl.prediction import Predictor
 
     out, _ = tuned
-    paths = [pipeline_run["dataset"] / row["path"] for row in validation_rows(pipeline_run["dataset"])]
-    network = keras.models.load_model(out / "finetune.keras")
-    expected = network.predict(np.stack([load_image(p, SIZE) for p in paths]).astype("float32"), verbose=0)
+    paths, _, expected = validation
     predictor = Predictor(Bundle.load(out / "finetune.skops"), batch_size=4)
     results = predictor.predict(paths)
     got = np.array([[dict(r.top)[name] for name in ("cats", "dogs")] for r in results])
     np.testing.assert_allclose(got, expected, atol=2e-4)
 
 
-def test_the_fine_tuned_bundle_exports_to_one_onnx_graph_equal_to_the_network(tuned, pipeline_run, tmp_path):
+def test_the_fine_tuned_bundle_exports_to_one_onnx_graph_equal_to_the_network(tuned, validation, tmp_path):
     import onnxruntime
 
     out, _ = tuned
     run("export", "--model", str(out / "finetune.skops"), "--output", str(tmp_path / "finetune.onnx"))
-    paths = [pipeline_run["dataset"] / row["path"] for row in validation_rows(pipeline_run["dataset"])]
-    pixels = np.stack([load_image(p, SIZE) for p in paths])
-    expected = keras.models.load_model(out / "finetune.keras").predict(pixels.astype("float32"), verbose=0)
+    _, pixels, expected = validation
     session = onnxruntime.InferenceSession(str(tmp_path / "finetune.onnx"))
     labels, probabilities = session.run(None, {"pixels": pixels})
     np.testing.assert_allclose(probabilities, expected, atol=2e-4)
@@ -127,10 +162,10 @@ def test_predict_evaluate_serve_and_compare_accept_the_bundle(tuned, pipeline_ru
 
 
 def test_same_seed_same_run(tuned, pipeline_run, tmp_path):
-    """The same settings as the `tuned` run (TINY, through the CLI), again through the API: the same history."""
-    settings = settings_with(input_size=SIZE, batch_size=8, head_epochs=1, finetune_epochs=1, unfreeze_blocks=2, seed=7)
-    again = ft.finetune(pipeline_run["dataset"], tmp_path, settings).history["history"]
-    assert again == json.loads((tuned[0] / "history.json").read_text())["history"]
+    """The settings of the `tuned` run (through the CLI), again through the API: the same history (NaN, where
+    stage 2's learning rate made the loss overflow, compared equal)."""
+    again = ft.finetune(pipeline_run["dataset"], tmp_path, settings_with(**RUN)).history["history"]
+    np.testing.assert_equal(again, json.loads((tuned[0] / "history.json").read_text())["history"])
 
 
 def test_the_fine_tuned_head_is_a_scikit_learn_classifier(tuned, pipeline_run):

@@ -1,5 +1,5 @@
-"""Two-stage fine-tuning on real photos: frozen BatchNorm, whole blocks, the best checkpoint restored,
-augmentation on training input only, Ctrl-C, a Keras-applications backbone, clear refusals.
+"""Two-stage fine-tuning on real photos: frozen BatchNorm, whole blocks, augmentation on training input
+only, Ctrl-C on a Keras-applications backbone, clear refusals (the best checkpoint: test_finetune.py).
 
 The runs are tiny (a few photos, 64 px, one or two epochs per stage): they check the mechanics,
 not the accuracy (benchmarks/finetune.py measures that).
@@ -15,7 +15,7 @@ from conftest import PTL
 from pyimagesearch_tl.bundle import Bundle
 
 keras = pytest.importorskip("keras")
-from finetune_common import SIZE, TINY, ft, run, settings_with, validation_rows  # noqa: E402
+from finetune_common import SIZE, TINY, ft, run, validation_rows  # noqa: E402
 
 from pyimagesearch_tl.images import load_image  # noqa: E402
 
@@ -93,53 +93,6 @@ def test_unfreezing_more_blocks_than_exist_is_a_clear_error(pipeline_run, tmp_pa
     assert not (tmp_path / "checkpoints").exists()  # refused before stage 1 trained, not after it
 
 
-@pytest.mark.filterwarnings("ignore:Your input ran out of data")  # Keras, at the end of a generator
-def test_best_checkpoint_is_restored_and_validation_is_not_augmented(pipeline_run, tmp_path):
-    """A wild stage-2 learning rate makes stage 2 worse: the network saved is stage 1's best, exactly.
-
-    Its loss on the un-augmented validation images equals the best validation loss recorded during
-    training, which also shows that the validation input was never augmented. The run is also the
-    Keras-applications case: MobileNetV2 (random weights offline, 'tf' preprocessing) with class
-    weights, whose bundle predicts what its network predicts.
-    """
-    from pyimagesearch_tl.prediction import Predictor
-
-    settings = settings_with(
-        backbone="mobilenetv2",
-        weights="none",
-        input_size=SIZE,
-        batch_size=8,
-        head_epochs=2,
-        finetune_epochs=1,
-        finetune_lr=5.0,
-        unfreeze_blocks=1,
-        augment="strong",
-        class_weight="balanced",
-        seed=3,
-        runtime="tensorflow",  # the bundle's features in TensorFlow: no conversion of a network used once
-    )
-    report = ft.finetune(pipeline_run["dataset"], tmp_path, settings)
-    assert report.unfrozen == ["Conv_1"]
-    history = report.history
-    assert history["best"]["stage"] == "head"
-    val_loss = history["history"]["val_loss"]
-    assert history["best"]["value"] == min(val_loss[:2])
-    assert all(not value <= history["best"]["value"] for value in val_loss[2:])  # worse, or NaN
-
-    network = keras.models.load_model(tmp_path / "finetune.keras")
-    assert not [layer for layer in network.layers if type(layer).__name__.startswith("Random")]
-    rows = validation_rows(pipeline_run["dataset"])
-    paths = [pipeline_run["dataset"] / r["path"] for r in rows]
-    batches = ft.ImageBatches(paths, [r["label"] == "dogs" for r in rows], 2, SIZE, 8, 10**8)
-    network.compile(loss="categorical_crossentropy")
-    assert network.evaluate(batches.dataset(), verbose=0, return_dict=True)["loss"] == pytest.approx(
-        history["best"]["value"], rel=1e-4
-    )
-    expected = network.predict(np.stack([load_image(p, SIZE) for p in paths[:6]]).astype("float32"), verbose=0)
-    results = Predictor(Bundle.load(report.bundle_path), runtime="tensorflow").predict(paths[:6])
-    np.testing.assert_allclose([[dict(r.top)[c] for c in ("cats", "dogs")] for r in results], expected, atol=2e-4)
-
-
 def test_augmentation_touches_training_input_only(pipeline_run):
     photos = [pipeline_run["dataset"] / row["path"] for row in validation_rows(pipeline_run["dataset"])][:8]
     batches = ft.ImageBatches(photos, [0] * len(photos), 2, SIZE, 8, 10**8)
@@ -166,6 +119,9 @@ def test_ctrl_c_stops_early_and_keeps_the_best_weights_and_corrupt_images_are_sk
     """Ctrl-C to a real ``ptl finetune`` once stage 1's first epoch is reported: it stops at the next batch,
     skips stage 2, and saves the best weights so far as a bundle; a corrupt photo is skipped, with the reason.
 
+    The run is also the Keras-applications case (test_finetune's run is EfficientNet-Lite's): MobileNetV2,
+    random weights offline, 'tf' preprocessing, with class weights; its bundle predicts what its network does.
+
     A process of its own, as a user's: SIGINT raised inside a test worker after eight other test files had
     run in it (runtimes, locks, novelty, ...) crashed it with a segmentation fault in native code, which
     took the pytest-xdist run down with it."""
@@ -182,7 +138,8 @@ def test_ctrl_c_stops_early_and_keeps_the_best_weights_and_corrupt_images_are_sk
     out = tmp_path / "out"
     command = [*PTL, "finetune", "--dataset",
                str(dataset), "--output", str(out), *TINY[:-8], "--head-epochs", "20", "--patience", "20",
-               "--finetune-epochs", "3", "--seed", "5", "--runtime", "tensorflow"]  # fmt: skip
+               "--finetune-epochs", "3", "--seed", "5", "--runtime", "tensorflow", "--backbone", "mobilenetv2",
+               "--weights", "none", "--class-weight", "balanced"]  # fmt: skip
     # As in a terminal's foreground job: Ctrl-C delivered, even where pytest runs in the background.
     with (tmp_path / "stderr.txt").open("w+") as stderr:
         process = subprocess.Popen(
@@ -212,4 +169,13 @@ def test_ctrl_c_stops_early_and_keeps_the_best_weights_and_corrupt_images_are_sk
     history = json.loads((out / "history.json").read_text())
     assert [s["name"] for s in history["stages"]] == ["head"]  # stage 2 skipped
     assert 1 <= history["stages"][0]["epochs_run"] < 20  # stopped at the Ctrl-C, long before stage 1's end
-    assert Bundle.load(out / "finetune.skops").meta.weights == "finetuned"
+    bundle = Bundle.load(out / "finetune.skops")
+    assert bundle.meta.weights == "finetuned" and bundle.meta.backbone == "mobilenetv2"
+
+    from pyimagesearch_tl.prediction import Predictor
+
+    paths = [dataset / row["path"] for row in validation_rows(dataset)][:6]
+    network = keras.models.load_model(out / "finetune.keras")
+    expected = network.predict(np.stack([load_image(p, SIZE) for p in paths]).astype("float32"), verbose=0)
+    results = Predictor(bundle, runtime="tensorflow").predict(paths)
+    np.testing.assert_allclose([[dict(r.top)[c] for c in ("cats", "dogs")] for r in results], expected, atol=2e-4)
