@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import PTL, chatter, chatty_env
+from conftest import PTL, chatter, chatty_env, copy_subset, shared
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +20,14 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_dataset(pipeline_run):
-    return pipeline_run["dataset"]
+def tiny_dataset(tmp_path_factory):
+    """Four real photos, a cat and a dog in each of two splits: the runs here check what reaches stderr,
+    not the features, so each extraction is short."""
+    from pyimagesearch_tl.layouts import build_dataset
+
+    work = tmp_path_factory.mktemp("quiet")
+    photos = copy_subset(shared("cats_and_dogs_filtered"), work / "photos", 1)
+    return build_dataset(photos, work / "dataset", splits=["training", "validation"], fractions=[0.5, 0.5]).output_dir
 
 
 def _run(args, cache):
