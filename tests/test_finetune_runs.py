@@ -56,7 +56,17 @@ def test_stage_two_trains_exactly_the_chosen_blocks_and_never_batchnorm(pipeline
     assert any("top_conv" in path for path in moved) and any("block14" in path for path in moved)
 
 
-@pytest.mark.parametrize("backbone", ["vgg16", "resnet50", "mobilenetv2", "efficientnetb0", "efficientnet_lite2"])
+#: Each family's last two blocks, by the names of its architecture's layers (not the package's own table).
+LAST_BLOCKS = {
+    "vgg16": ["block4", "block5"],
+    "resnet50": ["conv5_block2", "conv5_block3"],
+    "mobilenetv2": ["block_16", "Conv_1"],
+    "efficientnetb0": ["block7a", "top"],
+    "efficientnet_lite2": ["block20", "top"],
+}
+
+
+@pytest.mark.parametrize("backbone", list(LAST_BLOCKS))
 def test_whole_blocks_are_unfrozen_for_every_family(backbone):
     from pyimagesearch_tl.backbones import backbone_blocks, create_model
 
@@ -64,7 +74,7 @@ def test_whole_blocks_are_unfrozen_for_every_family(backbone):
     model, base = ft.build_model(backbone, 3, weights="none", input_size=64)
     chosen = ft.unfreeze_last_blocks(model, base, backbone, 2)
     trainable = {layer.name for layer in base.layers if layer.trainable_weights}
-    assert chosen == list(blocks)[-2:]
+    assert chosen == list(blocks)[-2:] == LAST_BLOCKS[backbone]
     assert trainable == {
         layer.name
         for name in chosen
@@ -176,6 +186,10 @@ def test_ctrl_c_stops_early_and_keeps_the_best_weights_and_corrupt_images_are_sk
 
     paths = [dataset / row["path"] for row in validation_rows(dataset)][:6]
     network = keras.models.load_model(out / "finetune.keras")
+    [backbone] = [layer for layer in network.layers if isinstance(layer, keras.Model)]
+    weights = backbone.get_weights()  # the run's own random draw: no other build would give the same
+    assert len(bundle.backbone_weights) == len(weights)
+    assert all(np.array_equal(a, b) for a, b in zip(bundle.backbone_weights, weights))
     expected = network.predict(np.stack([load_image(p, SIZE) for p in paths]).astype("float32"), verbose=0)
     results = Predictor(bundle, runtime="tensorflow").predict(paths)
     np.testing.assert_allclose([[dict(r.top)[c] for c in ("cats", "dogs")] for r in results], expected, atol=2e-4)
