@@ -293,10 +293,10 @@ class FeatureExtractor:
         with self._building:
             if self._model is not None:
                 return
+            settings = (self.meta.pooling, self.input_size, self._model_precision)
+            model = create_model(self._backbone, self._weights, *settings)  # a bad weights file: said before TF
             import tensorflow as tf
 
-            settings = (self.meta.pooling, self.input_size, self._model_precision)
-            model = create_model(self._backbone, self._weights, *settings)
             mode, views = self.meta.preprocessing, self.views
 
             @tf.function(input_signature=[tf.TensorSpec([None, self.input_size, self.input_size, 3], tf.uint8)])

@@ -1,6 +1,8 @@
 """The backbone registry, the offline EfficientNet-Lite weights and the keras.applications path."""
 
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +200,23 @@ def test_a_weights_file_of_another_model_or_no_model_is_a_clear_error(tmp_path, 
         create_model(name, weights=str(junk))
     with pytest.raises(ConfigError, match=f"cannot be loaded into {name}: "):
         create_model(name, weights=str(vgg16_weights_file))
+
+
+def test_a_file_no_keras_loader_reads_is_refused_before_tensorflow_starts(tmp_path):
+    """In a fresh process (as a Ray worker is): the error, and TensorFlow never imported."""
+    junk = tmp_path / "junk.weights.h5"
+    junk.write_bytes(b"not an HDF5 file")
+    code = (
+        "import sys; from pyimagesearch_tl.backbones import create_model\n"
+        "from pyimagesearch_tl.errors import ConfigError\n"
+        "try: create_model('mobilenetv2', weights=sys.argv[1])\n"
+        "except ConfigError as exc: print(exc)\n"
+        "print('tensorflow' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(junk)], capture_output=True, text=True, timeout=120)
+    refusal = f"weights file {str(junk)!r} cannot be loaded into mobilenetv2: "
+    refusal += "it is neither an HDF5 file nor a .keras archive"
+    assert result.stdout.splitlines() == [refusal, "False"], result.stderr
 
 
 def test_local_weights_file_is_used(tmp_path):

@@ -198,6 +198,22 @@ def resolve_weights(weights):
     return str(path)
 
 
+def _check_weights_file(name: str, path: str) -> None:
+    """Refuse a local weights file that no Keras loader reads (neither HDF5 nor a ``.keras`` zip archive)
+    before TensorFlow starts: said in a fraction of a second, not after a TensorFlow start of seconds (in
+    every Ray worker of a cluster). A file of another model is refused when it is loaded, and so is one
+    this process may not read (Keras' error then names the cause)."""
+    import os
+    import zipfile
+
+    import h5py
+
+    if os.access(path, os.R_OK) and not (h5py.is_hdf5(path) or zipfile.is_zipfile(path)):
+        raise ConfigError(
+            f"weights file {path!r} cannot be loaded into {name}: it is neither an HDF5 file nor a .keras archive"
+        )
+
+
 def create_model(
     name: str,
     weights: str | None = "imagenet",
@@ -234,10 +250,12 @@ def create_model(
         raise ConfigError(f"unknown pooling {pooling!r}; choose one of: avg, max, flatten")
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    import keras
-
     size = input_size or backbone.input_size
     weights = resolve_weights(weights)  # before the policy changes: a missing file must not leave it changed
+    if isinstance(weights, str) and weights != "imagenet":
+        _check_weights_file(name, weights)
+    import keras
+
     arrays = weights if isinstance(weights, list) else None
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(PRECISIONS[precision])
