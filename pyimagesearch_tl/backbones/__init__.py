@@ -198,6 +198,10 @@ def resolve_weights(weights):
     return str(path)
 
 
+#: Weights files that a builder converts itself (EfficientNet-Lite's PyTorch checkpoints), checked by it.
+CONVERTED_SUFFIXES = (".pth", ".pt")
+
+
 def _check_weights_file(name: str, path: str) -> None:
     """Refuse a local weights file that no Keras loader reads (neither HDF5 nor a ``.keras`` zip archive)
     before TensorFlow starts: said in a fraction of a second, not after a TensorFlow start of seconds (in
@@ -208,7 +212,9 @@ def _check_weights_file(name: str, path: str) -> None:
 
     import h5py
 
-    if os.access(path, os.R_OK) and not (h5py.is_hdf5(path) or zipfile.is_zipfile(path)):
+    if Path(path).suffix in CONVERTED_SUFFIXES or not os.access(path, os.R_OK):
+        return
+    if not (h5py.is_hdf5(path) or zipfile.is_zipfile(path)):
         raise ConfigError(
             f"weights file {path!r} cannot be loaded into {name}: it is neither an HDF5 file nor a .keras archive"
         )
@@ -266,7 +272,8 @@ def create_model(
                 input_shape=(size, size, 3),
                 pooling=None if pooling == "flatten" else pooling,
             )
-        except (OSError, ValueError) as exc:  # a local weights file that is not this model's
+        # a local weights file that is not this model's (KeyError: a zip that is not a .keras archive)
+        except (OSError, ValueError, KeyError) as exc:
             if not isinstance(weights, str) or weights == "imagenet":
                 raise
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

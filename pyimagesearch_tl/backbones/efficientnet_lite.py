@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import PTLError
 from ..registry import installed
-from . import Backbone, WeightsUnavailableError, register
+from . import CONVERTED_SUFFIXES, Backbone, WeightsUnavailableError, register
 from .torch_checkpoint import read_torch_checkpoint
 from .weights_cache import converted_weights
 
@@ -340,7 +340,7 @@ def _from_checkpoint(variant: str, checkpoint: Path):
 def _weights_file(variant: str, path: str) -> Path:
     """A user's weights file: a ``.weights.h5`` as is, a ``.pth`` converted into the cache."""
     path = Path(path)
-    return _converted(variant, path) if path.suffix in (".pth", ".pt") else path
+    return _converted(variant, path) if path.suffix in CONVERTED_SUFFIXES else path
 
 
 def _build(variant: str, weights, input_shape, pooling):
