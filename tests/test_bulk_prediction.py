@@ -122,9 +122,9 @@ def test_ctrl_c_then_a_kill_resume_without_redoing_finished_shards_and_redo_a_cu
     uninterrupted run wrote.
 
     The runs take the network the session converted and checked (runtime auto), as a user's runs after
-    their first large job do: no process imports TensorFlow. Shards of 2 photos (16 of them) leave each
+    their first large job do: no process imports TensorFlow. Shards of one photo (31 of them) leave each
     signal many shards to land in."""
-    output, shard = tmp_path / "r.csv", 2
+    output, shard = tmp_path / "r.csv", 1
     shards = -(-PHOTOS // shard)
     command = [*PTL, "predict", "--model", str(model), str(photos), "--output", str(output)]
     command += ["--shard-size", str(shard), "--runtime", "auto", "--batch-size", "2"]
