@@ -67,8 +67,11 @@ def test_int8_features_are_gated_close_to_float32_and_never_mixed_with_them(int8
 
 def test_an_int8_network_gives_the_same_features_on_a_cpu_without_vnni(int8_run, pipeline_run, tmp_path):
     """The network travels with the features and the bundle to other CPUs: oneDNN limited to AVX2 (no VNNI
-    int8 instructions, as on older CPUs) must compute what this CPU computes. NNCF's default overflow fix
-    (7-bit weights in the first layer only) failed this: mean cosine 0.917 on flowers."""
+    int8 instructions, as on older CPUs) must compute what this CPU computes, up to rounding far below the
+    quantization's own error. NNCF's default overflow fix (7-bit weights in the first layer only) failed
+    this: mean cosine 0.917 on flowers. Measured: AMD EPYC (AVX-512 VNNI) against AVX2, min cosine above
+    0.9999; Intel Xeon with AMX against AVX2, 1 - cosine 0.00053 at most against int8's 0.0044 from float32
+    (the first-layer-only fix: 0.0227 against 0.0021)."""
     import subprocess
     import sys
 
@@ -76,7 +79,8 @@ def test_an_int8_network_gives_the_same_features_on_a_cpu_without_vnni(int8_run,
     from pyimagesearch_tl.runtimes import OPENVINO, load
 
     network = int8_run[0] / "features" / quantization.NETWORK_FILE
-    photos = [pipeline_run["dataset"] / row["path"] for row in all_rows(pipeline_run)[:16]]
+    rows = all_rows(pipeline_run)[:16]  # training photos
+    photos = [pipeline_run["dataset"] / row["path"] for row in rows]
     np.save(tmp_path / "pixels.npy", np.stack([load_image(p, 224) for p in photos]))
     here = load(OPENVINO, network, 1, "int8")(np.load(tmp_path / "pixels.npy"))
     code = (
@@ -87,7 +91,11 @@ def test_an_int8_network_gives_the_same_features_on_a_cpu_without_vnni(int8_run,
     env = dict(__import__("os").environ, ONEDNN_MAX_CPU_ISA="AVX2", DNNL_MAX_CPU_ISA="AVX2")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert cosine(here, np.load(tmp_path / "avx2.npy")).min() >= 0.9999
+    float32 = read_features(pipeline_run["features"] / "training.h5")
+    reference = float32.features[[float32.paths.index(row["path"]) for row in rows]]
+    quantization_error = 1 - cosine(here, reference).mean()
+    across_cpus = 1 - cosine(here, np.load(tmp_path / "avx2.npy")).min()
+    assert across_cpus <= quantization_error / 4, f"across CPUs {across_cpus:.5f}, int8 error {quantization_error:.5f}"
 
 
 def test_the_bundle_carries_the_network_and_predicts_with_it(int8_run, pipeline_run):
