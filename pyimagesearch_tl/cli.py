@@ -488,6 +488,12 @@ def evaluate_command(config: Config, model_path, split, wait, unknown_test, trus
         click.echo(f"roc_auc: {metrics['roc_auc']:.4f}")
     if "rank5" in metrics:
         click.echo(f"rank-1: {metrics['rank1']:.4f}  rank-5: {metrics['rank5']:.4f}")
+    if "unknown" in metrics:
+        found = metrics["unknown"]
+        click.echo(
+            f"unknown: {found['called_unknown']} of {metrics['images']} photos of the classes called unknown "
+            f"(detector {found['detector']}, threshold set to keep {found['keep']:.0%} of the {found['calibration']})"
+        )
     click.echo(f"macro F1: {metrics['macro_f1']:.4f}")
     click.echo(f"accuracy: {metrics['accuracy']:.4f}")
     if unknown_test:
@@ -506,7 +512,8 @@ def evaluate_command(config: Config, model_path, split, wait, unknown_test, trus
         test = metrics["unknown_test"]
         click.echo(
             f"unknown test: {test['unknown']} of {test['images']} photos in {unknown_test} called unknown "
-            f"({'-' if test['rejected'] is None else format(test['rejected'], '.3f')}, detector {test['detector']})"
+            f"({'-' if test['rejected'] is None else format(test['rejected'], '.3f')}, detector {test['detector']}, "
+            f"calibrated on the {test['calibration']})"
         )
     click.echo(f"wrote {output_dir / 'metrics.json'}")
 
@@ -696,7 +703,8 @@ def predict_command(config: Config, model_path, paths, file_list, output_file, t
                 click.echo(f"{row['path']}\tskipped: {row['error']}", err=True)
             elif row["unknown"]:
                 click.echo(
-                    f"{row['path']}\t{UNKNOWN}\t(closest: {row['top'][0][0]} {model.score_kind}={row['score']:.4f}; "
+                    f"{row['path']}\t{UNKNOWN}\t(closest: {row['top'][0][0]} "
+                    f"{model.score_kind}={row['score']:.4f}; "
                     f"{model.novelty.score_name} {row['familiarity']:.3f} < {model.novelty.threshold:.3f})"
                 )
             else:
@@ -708,7 +716,9 @@ def predict_command(config: Config, model_path, paths, file_list, output_file, t
         raise click.ClickException(RESUMABLE if run.output is not None else "interrupted; nothing saved") from None
     if report.output is not None:
         click.echo(f"wrote {report.output}")
-    click.echo(f"predicted {report.predicted} ({report.unknown} unknown), skipped {len(report.skipped)}")
+    novelty = model.novelty
+    calibrated = "" if novelty is None else f": threshold set to keep {novelty.keep:.0%} of the {novelty.calibration}"
+    click.echo(f"predicted {report.predicted} ({report.unknown} unknown{calibrated}), skipped {len(report.skipped)}")
 
 
 @cli.command("serve")

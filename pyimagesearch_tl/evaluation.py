@@ -119,6 +119,15 @@ def evaluate(
         "model_bytes": None if model_path is None else Path(model_path).stat().st_size,
     }
     metrics["macro_f1"] = float(metrics["classification_report"]["macro avg"]["f1-score"])
+    if bundle.novelty is not None:  # photos of the classes the "unknown" detector turns away
+        known = bundle.novelty.is_known(features.features, bundle.logits(features.features))
+        metrics["unknown"] = dict(
+            detector=bundle.novelty.kind,
+            calibration=bundle.novelty.calibration,
+            keep=bundle.novelty.keep,
+            called_unknown=int((~known).sum()),
+            kept=float(known.mean()) if len(known) else None,
+        )
     if len(names) > 5:
         metrics["rank1"] = metrics["accuracy"]
         metrics["rank5"] = float(top_k_accuracy_score(features.labels, scores, k=5, labels=labels))

@@ -90,9 +90,25 @@ class Detector:
     def learn(self, features: np.ndarray, labels: np.ndarray, n_classes: int, logits: np.ndarray) -> None:
         """Learn what the score needs from the training ``features`` (integer ``labels``)."""
 
+    @property
+    def components(self) -> tuple["Detector", ...]:
+        """The single scores this detector calibrates: the detector itself (a combination: its parts)."""
+        return (self,)
+
+    def stack(self, familiarities: list[np.ndarray]) -> np.ndarray:
+        """:meth:`raw_scores` from the familiarities of :attr:`components` (for a single score: that score)."""
+        [familiarity] = familiarities
+        return familiarity
+
     def raw_scores(self, features: np.ndarray, logits: np.ndarray | None = None) -> np.ndarray:
-        """What :meth:`set_threshold` calibrates from (for a single score: the familiarity itself)."""
-        return self.familiarity(features, logits)
+        """What :meth:`set_threshold` calibrates from: the :meth:`stack` of the components' familiarities."""
+        return self.stack([part.familiarity(features, logits) for part in self.components])
+
+    def held_out_familiarity(self, features: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray | None:
+        """Each training row's familiarity under this detector learnt from all the other rows, in closed form,
+        or None where there is none (cross-fitting then scores each fold with a detector learnt without it).
+        A pure function of the rows: it needs no :meth:`learn` first."""
+        return None
 
     def set_threshold(self, calibration_scores: np.ndarray) -> None:
         """Set the threshold that keeps a ``keep`` share of the calibration images' :meth:`raw_scores`."""
@@ -204,7 +220,7 @@ class MahalanobisDetector(Detector):
     Stored as a whitening matrix ``W`` (``precision = W @ W.T``, float32) and the whitened class means,
     so a distance is a squared Euclidean distance after one matrix product. Features wider than
     :attr:`max_features` (``flatten`` pooling: 25,088 for VGG16) are first projected on their
-    :attr:`components` leading principal directions (folded into ``W``), so ``W`` stays small.
+    :attr:`projected_width` leading principal directions (folded into ``W``), so ``W`` stays small.
     """
 
     whiten: np.ndarray | None = None
@@ -212,18 +228,24 @@ class MahalanobisDetector(Detector):
     kind = "mahalanobis"
     score_name = "closeness to the nearest class (Mahalanobis)"
     max_features = 4096
-    components = 256
+    projected_width = 256
+
+    @staticmethod
+    def _residuals(features, labels, n_classes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Unit features, their class means, and each row's residual from its class mean."""
+        unit = _unit(features)
+        means = np.stack([unit[labels == c].mean(axis=0) for c in range(n_classes)])
+        return unit, means, unit - means[labels]
 
     def learn(self, features, labels, n_classes, logits):
         from scipy.linalg import solve_triangular
         from sklearn.covariance import ledoit_wolf
         from sklearn.decomposition import PCA
 
-        unit = _unit(features)
-        means = np.stack([unit[labels == c].mean(axis=0) for c in range(n_classes)])
-        residuals, projection = unit - means[labels], None
+        unit, means, residuals = self._residuals(features, labels, n_classes)
+        projection = None
         if unit.shape[1] > self.max_features:
-            pca = PCA(min(self.components, len(unit) - 1), svd_solver="randomized", random_state=0).fit(unit)
+            pca = PCA(min(self.projected_width, len(unit) - 1), svd_solver="randomized", random_state=0).fit(unit)
             projection = pca.components_.T  # distances between projected points ignore the PCA's centring
             residuals = residuals @ projection
         # covariance = L @ L.T, so W = inv(L).T whitens (W @ W.T is the precision): two triangular steps, no
@@ -247,6 +269,46 @@ class MahalanobisDetector(Detector):
     def familiarity(self, features, logits=None):
         whitened = _unit(features).astype(np.float32) @ self.whiten
         return -np.min([((whitened - mean) ** 2).sum(axis=1) for mean in self.means], axis=0)
+
+    def held_out_familiarity(self, features, labels, n_classes):
+        """Leave-one-out, in closed form. Calibrating on folds learnt from 80% of the rows kept 0.925 of new
+        photos instead of 0.95 (cats and dogs, 400 training rows of 1,280 features, 10 draws): with rows few
+        against the features' width, distances grow with the rows a covariance is learnt from. Left out, a
+        row moves its class mean by ``r / (n_c - 1)`` and leaves the residuals' scatter ``n S - n_c / (n_c - 1)
+        r r^T`` exactly (``r``: its residual), so the left-out covariance is a matrix diagonal in the
+        eigenvectors of ``S`` minus a rank-one term (Sherman-Morrison). Ledoit-Wolf's shrinkage weight stays
+        the one of all rows (it moves by about 1/n: scores within 0.1% of refits). None for features wider than
+        :attr:`max_features` (their projection is learnt from every row), or a class of one row."""
+        from sklearn.covariance import ledoit_wolf
+
+        labels = np.asarray(labels)
+        counts = np.bincount(labels, minlength=n_classes)
+        _, means, residuals = self._residuals(features, labels, n_classes)
+        (n, width), classes = residuals.shape, len(means)
+        if width > self.max_features or counts.min() < 2:
+            return None
+        shrinkage = ledoit_wolf(residuals)[1]
+        variances, basis = np.linalg.eigh(residuals.T @ residuals / n)
+        variances, means = np.clip(variances, 0, None), means @ basis
+        ridge = max(float(variances.sum()) / width, 1e-12) * 1e-6  # as learn's, for all-equal residuals
+        moved = counts / (counts - 1.0)  # a left-out row's residual from its class's left-out mean, per unit of r
+        familiarity = np.empty(n)
+        step = max(1, 2**22 // (classes * width))  # rows per block: their differences to every mean, 32 MiB
+        for start in range(0, n, step):
+            own = labels[start : start + step]
+            rows, scale = np.arange(len(own)), moved[own]
+            z = residuals[start : start + step] @ basis  # residuals in the eigenvectors of S
+            trace = (n * variances.sum() - scale * (z**2).sum(axis=1)) / ((n - 1) * width)
+            diagonal = np.maximum((1 - shrinkage) * n / (n - 1) * variances + shrinkage * trace[:, None], ridge)
+            downdate = (1 - shrinkage) * scale / (n - 1)  # covariance = diag(diagonal) - downdate * z z^T
+            scaled = z / diagonal
+            denominator = 1 - downdate * (z * scaled).sum(axis=1)
+            differences = z[:, None, :] + means[own][:, None, :] - means[None, :, :]  # to every class's mean
+            differences[rows, own] = scale[:, None] * z  # to its own class's mean without it
+            distances = (differences**2 / diagonal[:, None, :]).sum(axis=2)
+            distances += downdate[:, None] * (differences * scaled[:, None, :]).sum(axis=2) ** 2 / denominator[:, None]
+            familiarity[start : start + step] = -distances.min(axis=1)
+        return familiarity
 
 
 @dataclasses.dataclass
@@ -327,12 +389,16 @@ class RankCombination(Detector):
     def uses_logits(self) -> bool:
         return any(part.uses_logits for part in self.parts)
 
+    @property
+    def components(self) -> tuple[Detector, ...]:
+        return self.parts
+
+    def stack(self, familiarities):
+        return np.column_stack(familiarities)
+
     def learn(self, features, labels, n_classes, logits):
         for part in self.parts:
             part.learn(features, labels, n_classes, logits)
-
-    def raw_scores(self, features, logits=None):
-        return np.column_stack([part.familiarity(features, logits) for part in self.parts])
 
     def set_threshold(self, calibration_scores):
         self.references = tuple(np.sort(column) for column in np.asarray(calibration_scores).T)

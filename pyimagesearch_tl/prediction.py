@@ -55,6 +55,7 @@ def rejection(predictor: "Predictor", paths: Sequence[Path]) -> dict:
         rejected=unknown / len(decoded) if decoded else None,
         skipped=len(results) - len(decoded),
         detector=getattr(predictor.bundle.novelty, "kind", None),
+        calibration=getattr(predictor.bundle.novelty, "calibration", None),
     )
 
 

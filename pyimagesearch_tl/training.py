@@ -227,11 +227,13 @@ def cross_fitted_detector(
 ):
     """Detector ``kind`` learnt from every training row, its threshold calibrated on rows it did not learn from.
 
-    Without a validation split, the training rows are cut into stratified folds (:data:`CALIBRATION_FOLDS`,
-    fewer when a class is smaller); each fold is scored by a detector learnt, and a copy of the chosen
-    classifier fitted, on the other folds. Those out-of-fold scores set the threshold of the detector
-    learnt from all rows, as a validation split's would: distances of the very rows a detector learnt
-    from are far smaller than those of new photos, so calibrating on them rejects many new photos.
+    Without a validation split, each training row is scored by a detector that did not learn from it:
+    in closed form where the detector has one (:meth:`~pyimagesearch_tl.novelty.Detector.held_out_familiarity`,
+    leave-one-out), else by cross-fitting: the rows are cut into stratified folds (:data:`CALIBRATION_FOLDS`,
+    fewer when a class is smaller), and each fold is scored by a detector learnt, and a copy of the chosen
+    classifier fitted, on the other folds. Those held-out scores set the threshold of the detector learnt
+    from all rows, as a validation split's would: distances of the very rows a detector learnt from are far
+    smaller than those of new photos, so calibrating on them rejects many new photos.
     """
     from sklearn.base import clone
     from sklearn.exceptions import ConvergenceWarning
@@ -249,20 +251,31 @@ def cross_fitted_detector(
         calibrated_on = f"{training_split} photos themselves (too few to hold any out)"
         return fit_detector(kind, X, y, classes, logits, X, logits, keep, calibrated_on)
     folds = min(CALIBRATION_FOLDS, smallest)
-    scores = None
-    for fitted_rows, held_rows in StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y):
-        with warnings.catch_warnings():  # as in the grid search: a copy that stops early still scores
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            model = clone(estimator).fit(X[fitted_rows], y[fitted_rows])
-        part = make_detector(kind, keep)
-        part.learn(X[fitted_rows], y[fitted_rows], classes, decision_logits(model, X[fitted_rows]))
-        held_scores = part.raw_scores(X[held_rows], decision_logits(model, X[held_rows]))
-        if scores is None:
-            scores = np.zeros((len(y), *held_scores.shape[1:]), held_scores.dtype)
-        scores[held_rows] = held_scores
-    detector = make_detector(kind, keep, f"{training_split} photos held out by {folds}-fold cross-fitting")
+    parts = make_detector(kind, keep).components
+    held = [part.held_out_familiarity(X, y, classes) for part in parts]
+    refit = [i for i, scores in enumerate(held) if scores is None]
+    splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y) if refit else []
+    for fitted_rows, held_rows in splits:
+        fitted_logits = held_logits = None
+        if any(parts[i].uses_logits for i in refit):
+            with warnings.catch_warnings():  # as in the grid search: a copy that stops early still scores
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                model = clone(estimator).fit(X[fitted_rows], y[fitted_rows])
+            fitted_logits, held_logits = decision_logits(model, X[fitted_rows]), decision_logits(model, X[held_rows])
+        for i in refit:
+            part = make_detector(parts[i].kind, keep)
+            part.learn(X[fitted_rows], y[fitted_rows], classes, fitted_logits)
+            if held[i] is None:
+                held[i] = np.zeros(len(y))
+            held[i][held_rows] = part.familiarity(X[held_rows], held_logits)
+    methods = [f"{folds}-fold cross-fitting" if i in refit else "leave-one-out" for i in range(len(parts))]
+    if len(set(methods)) == 1:
+        how = methods[0]
+    else:
+        how = " and ".join(f"{method} ({part.kind})" for method, part in zip(methods, parts))
+    detector = make_detector(kind, keep, f"{training_split} photos held out by {how}")
     detector.learn(X, y, classes, bundle.logits(X))
-    detector.set_threshold(scores)
+    detector.set_threshold(detector.stack(held))
     return detector
 
 

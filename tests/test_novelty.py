@@ -1,5 +1,7 @@
 """'unknown' for photos of none of the classes: a cats-vs-dogs model shown flowers, ants and bees."""
 
+import json
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -279,8 +281,6 @@ def test_streaming_fits_the_default_detector_from_a_sample_and_it_rejects_strang
 
 
 def test_evaluate_reports_the_rejection_rate_on_a_folder_of_strangers(pipeline_run, tmp_path):
-    import json
-
     CliRunner().invoke(
         cli, ["train", "--features", str(pipeline_run["features"]), "--output", str(tmp_path), "--cv", "2"]
     )
@@ -297,6 +297,7 @@ def test_evaluate_reports_the_rejection_rate_on_a_folder_of_strangers(pipeline_r
     test = json.loads((tmp_path / "eval" / "logreg" / "metrics.json").read_text())["unknown_test"]
     assert test["images"] == 10 and test["detector"] == "mahalanobis+energy" and test["rejected"] >= 0.8
     assert f"unknown test: {test['unknown']} of 10 photos" in result.output
+    assert test["calibration"] == "validation photos" and "calibrated on the validation photos)" in result.output
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +324,7 @@ def _kept(bundle, detector, test) -> float:
     return float(detector.is_known(test.features, bundle.logits(test.features)).mean())
 
 
-def test_without_a_validation_split_train_calibrates_unknown_on_cross_fitted_rows(train_test_flowers):
+def test_without_a_validation_split_train_calibrates_unknown_on_cross_fitted_rows(train_test_flowers, tmp_path):
     """Calibrated on the training rows themselves, Mahalanobis kept 0.79 of new photos; ``ptl train`` on a
     train/test-only dataset now keeps 95% +- 3 of the 350 test photos, and says what it calibrated on."""
     from pyimagesearch_tl.store import read_split
@@ -338,13 +339,24 @@ def test_without_a_validation_split_train_calibrates_unknown_on_cross_fitted_row
     test = read_split(features, "evaluation")
     assert len(test.labels) == 350 and bundle.novelty.kind == "mahalanobis+energy"  # the default
     assert _kept(bundle, bundle.novelty, test) == pytest.approx(0.95, abs=0.03)
-    assert bundle.novelty.calibration == "training photos held out by 5-fold cross-fitting"
+    assert bundle.novelty.calibration == (
+        "training photos held out by leave-one-out (mahalanobis) and 5-fold cross-fitting (energy)"
+    )
     result = CliRunner().invoke(
         cli, ["predict", "--model", str(report.path), str(train_test_flowers / "photos" / "test")]
     )
     assert result.exit_code == 0, result.output
-    unknown = int(result.output.strip().splitlines()[-1].split("(")[1].split()[0])
+    summary = result.output.strip().splitlines()[-1]
+    unknown = int(summary.split("(")[1].split()[0])
     assert unknown <= 0.08 * 350  # before: "predicted 150 (148 unknown)" on a dataset like this one
+    assert f"unknown: threshold set to keep 95% of the {bundle.novelty.calibration}), skipped 0" in summary
+    result = CliRunner().invoke(  # evaluate says how many photos of the classes were turned away, and why
+        cli, ["evaluate", "--model", str(report.path), "--features", str(features), "--output", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    found = json.loads((tmp_path / "logreg" / "metrics.json").read_text())["unknown"]
+    assert found["kept"] == pytest.approx(_kept(bundle, bundle.novelty, test)) and found["keep"] == 0.95
+    assert f"unknown: {found['called_unknown']} of 350 photos of the classes called unknown (detector " in result.output
 
 
 @pytest.mark.parametrize("detector", [d for d in list_detectors() if d != "mahalanobis+energy"])
@@ -358,6 +370,24 @@ def test_without_a_validation_split_every_detector_keeps_95_percent_of_new_photo
     assert _kept(bundle, fitted, read_split(train_test_flowers / "features", "evaluation")) == pytest.approx(
         0.95, abs=0.03
     )
+
+
+def test_mahalanobis_leave_one_out_in_closed_form_is_a_refit_without_the_row(train_test_flowers):
+    """The closed form (a rank-one downdate) gives what a detector learnt without the row gives it, on real
+    features (500 rows of 1,280: fewer rows than features, where distances depend most on the row count)."""
+    from pyimagesearch_tl.store import read_split
+
+    train_set = read_split(train_test_flowers / "features", "training")
+    X, y = train_set.features, train_set.labels
+    held_out = make_detector("mahalanobis").held_out_familiarity(X, y, 5)
+    rows = [0, int(np.flatnonzero(y == 4)[-1])]
+    refits = []
+    for row in rows:
+        others = np.arange(len(y)) != row
+        refits.append(make_detector("mahalanobis").fit(X[others], y[others]).familiarity(X[row : row + 1])[0])
+    learnt = make_detector("mahalanobis").fit(X, y).familiarity(X[rows])  # in-sample: far closer
+    np.testing.assert_allclose(held_out[rows], refits, rtol=2e-3)  # Ledoit-Wolf's weight: that of all rows
+    assert (np.abs(held_out[rows] - refits) < 0.05 * np.abs(held_out[rows] - learnt)).all()
 
 
 @pytest.mark.parametrize("per_class", [1, 2, 3])
@@ -380,6 +410,6 @@ def test_classes_too_small_to_hold_out_are_calibrated_in_sample_with_a_warning(t
     assert len(too_few) == (per_class < 3)
     assert detector.calibration == (
         "training photos themselves (too few to hold any out)" if per_class < 3 else
-        "training photos held out by 3-fold cross-fitting"
+        "training photos held out by leave-one-out (mahalanobis) and 3-fold cross-fitting (energy)"
     )  # fmt: skip
     assert np.isfinite(detector.familiarity(full.features, bundle.logits(full.features))).all()

@@ -166,7 +166,7 @@ def test_predict_rebuilds_the_backbone_from_the_bundle(pipeline_run, tmp_path, c
     assert len(lines) == 3 and all(line.split("\t")[1] == "dogs" for line in lines)
     results = json.loads((tmp_path / "p.json").read_text())
     assert [r["error"] for r in results][-1] == "not an image (unrecognised file content)"
-    assert "predicted 3 (0 unknown), skipped 1" in output
+    assert "predicted 3 (0 unknown: threshold set to keep 95% of the validation photos), skipped 1" in output
 
 
 def test_predict_refuses_a_bundle_whose_features_cannot_be_rebuilt(pipeline_run, tmp_path):
@@ -301,10 +301,12 @@ def test_numbered_scripts_run_in_order(tmp_path, cats_dogs):
     )
     assert (out / "evaluation" / "logreg" / "metrics.json").is_file()
     assert float(evaluation.strip().splitlines()[-2].split()[1]) >= 0.8  # 'accuracy: 0.XXXX'
+    assert "photos of the classes called unknown (detector mahalanobis+energy, threshold set to keep 95% of the "
+    "validation photos)" in evaluation
     predicted = script(
         "05_predict.py", "--model", str(out / "models" / "linear-svm.skops"), str(cats_dogs / "validation" / "cats")
     )
-    assert "predicted 15 (0 unknown), skipped 0" in predicted
+    assert "predicted 15 (0 unknown: threshold set to keep 95% of the validation photos), skipped 0" in predicted
 
 
 def test_streaming_sgd_trains_from_blocks(pipeline_run, tmp_path):
