@@ -15,7 +15,8 @@ is built, so a bundle cannot run code by being loaded. What it holds is then che
 Bundles saved before skops are joblib pickles, and unpickling runs whatever code the file holds: they
 are loaded only when asked with ``trust_pickle=True`` (``--trust-pickle`` on the command line), and
 ``ptl convert-bundle --trust-pickle`` re-saves one as skops. The format is told by the content (a zip
-is skops, anything else is read as a pickle), never by the file's name.
+is skops, a pickle opcode a pickle; a zip cut short, or anything else, is refused as such), never by the
+file's name.
 """
 
 from __future__ import annotations
@@ -130,6 +131,33 @@ def _check_unpacked_size(path: Path) -> None:
             f"{path}: refused: it would unpack to {unpacked / 2**20:.0f} MiB from {path.stat().st_size / 2**20:.1f} "
             "MiB on disk, far more than a model bundle holds (a zip bomb?); nothing in it was loaded"
         )
+
+
+#: How each format's files begin: a zip's first entry (skops), a pickle's protocol opcode (2 and later, as
+#: joblib wrote bundles before skops).
+ZIP_SIGNATURE, PICKLE_SIGNATURE = b"PK\x03\x04", b"\x80"
+
+
+def _format(path: Path) -> str:
+    """``"skops"`` or ``"pickle"``, told by the content; a zip cut short, or neither format, is a :class:`BundleError`
+    (never passed to the pickle reader, whose refusal would suggest trusting it)."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(len(ZIP_SIGNATURE))
+    except OSError as exc:
+        raise BundleError(f"{path}: not a readable model bundle ({exc})") from None
+    if zipfile.is_zipfile(path):
+        return "skops"
+    if head.startswith(ZIP_SIGNATURE):
+        raise BundleError(
+            f"{path}: a damaged {BUNDLE_SUFFIX} bundle (a zip archive cut short or corrupted; nothing in it was "
+            "loaded): copy it again whole, or train again"
+        )
+    if head.startswith(PICKLE_SIGNATURE):
+        return "pickle"
+    raise BundleError(
+        f"{path}: not a model bundle (neither a {BUNDLE_SUFFIX} archive nor a pickle bundle of an earlier version)"
+    )
 
 
 def _read_pickle(path: Path, trust_pickle: bool) -> Any:
@@ -259,7 +287,7 @@ class Bundle:
         Parameters
         ----------
         path : str or Path
-            A skops bundle (a zip), or an older pickle bundle (anything else).
+            A skops bundle (a zip), or an older pickle bundle (told by the content, never the name).
         trust_pickle : bool
             Load a pickle bundle, whose loading runs any code it holds: only for files from a trusted
             source. Without it, a pickle is refused with a :class:`BundleError` saying how to convert it.
@@ -274,7 +302,7 @@ class Bundle:
         path = Path(path)
         if not path.is_file():
             raise BundleError(f"model bundle {str(path)!r} does not exist")
-        payload = _read_skops(path) if zipfile.is_zipfile(path) else _read_pickle(path, trust_pickle)
+        payload = _read_skops(path) if _format(path) == "skops" else _read_pickle(path, trust_pickle)
         bundle = cls(**cls._checked_fields(payload, path))
         bundle._check_scores(path)
         current = library_versions()

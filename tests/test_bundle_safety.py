@@ -277,8 +277,16 @@ def test_the_format_is_told_by_content_not_by_name(logreg, tmp_path):
         Bundle.load(pickle_named_skops)
     assert Bundle.load(pickle_named_skops, trust_pickle=True).name == "logreg"
     (tmp_path / "junk").write_bytes(b"not a pickle")
-    with pytest.raises(BundleError, match="junk: not a readable model bundle"):
-        Bundle.load(tmp_path / "junk", trust_pickle=True)
+    for trust_pickle in (False, True):  # neither format: never the pickle reader's advice to trust it
+        with pytest.raises(BundleError, match=r"junk: not a model bundle \(neither a .skops archive nor a pickle"):
+            Bundle.load(tmp_path / "junk", trust_pickle=trust_pickle)
+    cut = tmp_path / f"cut{BUNDLE_SUFFIX}"  # a bundle cut short (a copy interrupted): not "read as a pickle"
+    cut.write_bytes(logreg.read_bytes()[:5000])
+    for trust_pickle in (False, True):
+        with pytest.raises(BundleError, match=r"cut.skops: a damaged .skops bundle \(a zip archive cut short"):
+            Bundle.load(cut, trust_pickle=trust_pickle)
+    line = one_error_line(run("evaluate", "--model", str(cut), "--features", str(tmp_path), ok=False))
+    assert "a damaged .skops bundle" in line and "pickle" not in line, line
     with zipfile.ZipFile(tmp_path / f"other{BUNDLE_SUFFIX}", "w") as other:  # a zip, not a skops file
         other.writestr("notes.txt", "hello")
     with pytest.raises(BundleError, match=f"other{BUNDLE_SUFFIX}: not a readable model bundle"):
