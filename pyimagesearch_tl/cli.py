@@ -68,6 +68,22 @@ def _split_list(kind):
     return convert
 
 
+def shown(name: object) -> str:
+    """A file or class name as one line of the terminal shows it: control and format characters (tab, newline,
+    an escape sequence, a bidirectional override) and undecodable bytes as escapes (``\\t``, ``\\x1b``,
+    ``\\xff``), so that a name can neither forge an output line nor drive the terminal."""
+    text = str(name)
+    return text if text.isprintable() else "".join(map(_escaped, text))
+
+
+def _escaped(character: str) -> str:
+    if character.isprintable():
+        return character
+    if "\udc80" <= character <= "\udcff":  # an undecodable byte of a file name (surrogateescape)
+        return f"\\x{ord(character) - 0xDC00:02x}"
+    return character.encode("unicode_escape").decode("ascii")
+
+
 def _name_paths(ctx, param, values):
     """``NAME=PATH`` pairs into a dict (None when none were given, so the config's value stands)."""
     if not values:
@@ -320,7 +336,7 @@ def build_dataset_command(config: Config, wait, **options):
     if report.unlabelled:
         click.echo(f"unlabelled: {len(report.unlabelled)} images not used (listed in unlabelled.csv)")
     for path, reason in report.skipped:
-        click.echo(f"skipped {path}: {reason}", err=True)
+        click.echo(f"skipped {shown(path)}: {reason}", err=True)
     if report.duplicates:
         groups = len({row["sha256"] for row in report.duplicates})
         click.echo(
@@ -392,7 +408,7 @@ def extract_command(config: Config, wait, **options):
         if config.engine != "local" and split.nodes:
             click.echo("  shards per node: " + ", ".join(f"{n[:8]} {c}" for n, c in sorted(split.nodes.items())))
         for path, reason in split.skipped:
-            click.echo(f"  skipped {path}: {reason}", err=True)
+            click.echo(f"  skipped {shown(path)}: {reason}", err=True)
 
     try:
         reports = api.extract(
@@ -476,7 +492,7 @@ def evaluate_command(config: Config, model_path, split, wait, unknown_test, trus
         config.runtime,
     )
     for path, reason in skipped:
-        click.echo(f"skipped {path}: {reason}", err=True)
+        click.echo(f"skipped {shown(path)}: {reason}", err=True)
     output_dir = Path(config.evaluation_dir) / Path(model_path).stem
     metrics = evaluate(bundle, features, output_dir, split, model_path, wait=wait)
     click.echo(f"{bundle.name} on {split} ({metrics['images']} images)")
@@ -646,7 +662,7 @@ def _finetune(config: Config):
     auc = "-" if result.validation_auc is None else f"{result.validation_auc:.4f}"
     click.echo(f"validation accuracy {result.validation_accuracy:.4f}, roc_auc {auc}; {result.seconds:.1f} s")
     for path, reason in sorted(result.skipped.items()):
-        click.echo(f"  skipped {path}: {reason}", err=True)
+        click.echo(f"  skipped {shown(path)}: {reason}", err=True)
     click.echo(f"saved {result.model_path} and {result.bundle_path} (for predict, evaluate and serve)")
 
 
@@ -700,15 +716,15 @@ def predict_command(config: Config, model_path, paths, file_list, output_file, t
     def show(rows):
         for row in rows:
             if row["error"] is not None:
-                click.echo(f"{row['path']}\tskipped: {row['error']}", err=True)
+                click.echo(f"{shown(row['path'])}\tskipped: {row['error']}", err=True)
             elif row["unknown"]:
                 click.echo(
-                    f"{row['path']}\t{UNKNOWN}\t(closest: {row['top'][0][0]} "
+                    f"{shown(row['path'])}\t{UNKNOWN}\t(closest: {shown(row['top'][0][0])} "
                     f"{model.score_kind}={row['score']:.4f}; "
                     f"{model.novelty.score_name} {row['familiarity']:.3f} < {model.novelty.threshold:.3f})"
                 )
             else:
-                click.echo(f"{row['path']}\t{row['label']}\t{model.score_kind}={row['score']:.4f}")
+                click.echo(f"{shown(row['path'])}\t{shown(row['label'])}\t{model.score_kind}={row['score']:.4f}")
 
     try:
         report = run.execute(wait=wait, progress=sys.stderr.isatty(), on_rows=show, on_start=started)

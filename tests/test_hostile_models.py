@@ -196,3 +196,35 @@ def test_bundle_error_is_what_a_hostile_bundle_raises_in_python(model, tmp_path)
     path = _saved(bundle, tmp_path / "views.skops", meta=dataclasses.replace(bundle.meta, views=True))
     with pytest.raises(BundleError, match="views=True is not a whole number from 1 to 2"):
         Bundle.load(path)
+
+
+def test_file_names_can_neither_forge_a_result_line_nor_drive_the_terminal(model, photo, tmp_path):
+    """A name holding a tab and a newline printed a forged ``dogs probability=1.0000`` line; escape sequences
+    (a window title, a colour, a screen clear) reached the terminal as they were. Shown escaped now; the
+    output file keeps every name as it is."""
+    import os
+
+    folder = tmp_path / "names"
+    folder.mkdir()
+    names = ["x.jpg\tdogs\tprobability=1.0000\ny.jpg", "esc\x1b]0;pwned\x07\x1b[31mred.jpg", "bidi\u202egpj.jpg"]
+    names.append(os.fsdecode(b"caf\xff.jpg"))  # a byte that is not UTF-8
+    for name in names:
+        shutil.copy(photo, os.path.join(folder, name))
+    (folder / "cut\x1b[2J.jpg").write_bytes(b"\xff\xd8 not an image")  # skipped: its line is escaped too
+    result = _cli("predict", "--model", str(model), "--output", str(tmp_path / "p.json"), str(folder))
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == len(names) + 3, lines  # a line per photo, the skipped one, "wrote", the summary
+    assert not any(c in result.output for c in "\x1b\x07\u202e")
+    results = [line.split("\t") for line in lines if line.startswith(str(folder))]
+    assert sorted(len(fields) for fields in results) == [2] + [3] * len(names)  # the skipped line: path, reason
+    shown = {fields[0].removeprefix(f"{folder}/") for fields in results}
+    assert shown == {
+        "x.jpg\\tdogs\\tprobability=1.0000\\ny.jpg",
+        "esc\\x1b]0;pwned\\x07\\x1b[31mred.jpg",
+        "bidi\\u202egpj.jpg",
+        "caf\\xff.jpg",
+        "cut\\x1b[2J.jpg",
+    }
+    written = {Path(row["path"]).name for row in json.loads((tmp_path / "p.json").read_text())}
+    assert written == {*names, "cut\x1b[2J.jpg"}
