@@ -20,15 +20,12 @@ The package mirrors the pipeline, one module per arrow of the data flow (README,
            ──classifiers/training──▶ bundle ──evaluation / prediction──▶ metrics, labels
 """
 
-import os
-
 # TensorFlow's C++ log lines go to stderr before any of ours: its level is set before TensorFlow is
 # first imported (an explicit TF_CPP_MIN_LOG_LEVEL wins), and the lines its libraries print while they
 # load, whatever the level, are filtered out of that first import (see quiet.py).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from . import quiet
 
-from . import quiet  # noqa: E402
-
+quiet.set_default_log_level()
 quiet.install()
 
 from ._version import __version__  # noqa: E402

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from . import quiet
 from .backbones import (
     FINETUNED,
     create_model,
@@ -577,7 +578,7 @@ def extract_shards(extractor: FeatureExtractor, tasks: Sequence[ShardTask]) -> I
 def limit_tensorflow_threads(cpus: int) -> None:
     """TensorFlow in this process keeps to ``cpus`` threads: several workers on one node (Ray gives
     each its CPUs) must not oversubscribe it. Call it before TensorFlow runs anything."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet.set_default_log_level()
     if "tensorflow" not in sys.modules:  # read when TensorFlow starts, if a job needs it at all
         os.environ["TF_NUM_INTRAOP_THREADS"] = os.environ["TF_NUM_INTEROP_THREADS"] = str(cpus)
         return

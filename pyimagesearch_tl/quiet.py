@@ -44,6 +44,13 @@ for line in sys.stdin.buffer:
 """
 
 
+def set_default_log_level() -> None:
+    """``TF_CPP_MIN_LOG_LEVEL=2`` unless it holds a level already: an empty or unreadable value, which
+    TensorFlow reads as 0 (every line), counts as unset."""
+    if not os.environ.get("TF_CPP_MIN_LOG_LEVEL", "").strip().isdigit():
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+
+
 def min_log_level() -> int:
     """``TF_CPP_MIN_LOG_LEVEL`` as a number (0: everything, 1: no info, 2: no warnings either, 3: no errors)."""
     try:

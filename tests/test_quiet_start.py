@@ -77,26 +77,34 @@ def test_the_filter_keeps_errors_and_drops_only_info_and_warning_lines():
     )
 
 
-def test_what_tensorflow_prints_before_it_aborts_still_gets_through(tmp_path):
-    """An import that prints an error and aborts (as TensorFlow does on a CPU it was not built for): the
-    error reaches stderr, the chatter before it does not; with stderr closed the import still works."""
-    fake = tmp_path / "fake" / "tensorflow"
+ERROR_LINE = "E0000 00:00:1796137007.843687    1962 cpu.cc:9] built for instructions this CPU lacks"
+
+
+def _fake_tensorflow(folder) -> dict:
+    """An environment whose ``tensorflow`` prints an info line and an error line as TensorFlow's C++ log
+    does, then aborts when ``abort`` is among the arguments; TF_CPP_MIN_LOG_LEVEL unset."""
+    fake = folder / "fake" / "tensorflow"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text(
         "import contextlib, os, sys\n"
         "with contextlib.suppress(OSError):  # as C++ logging, it ignores a closed stderr\n"
         "    os.write(2, b'I0000 00:00:1796137007.843687    1962 port.cc:153] oneDNN custom operations are on.\\n')\n"
-        "    os.write(2, b'E0000 00:00:1796137007.843687    1962 cpu.cc:9] built for instructions this CPU lacks\\n')\n"
+        f"    os.write(2, b'{ERROR_LINE}\\n')\n"
         "if 'abort' in sys.argv: os.abort()\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(tmp_path / "fake"))
+    env = dict(os.environ, PYTHONPATH=str(folder / "fake"))
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    return env
+
+
+def test_what_tensorflow_prints_before_it_aborts_still_gets_through(tmp_path):
+    """An import that prints an error and aborts (as TensorFlow does on a CPU it was not built for): the
+    error reaches stderr, the chatter before it does not; with stderr closed the import still works."""
+    env = _fake_tensorflow(tmp_path)
     code = ["-c", "import sys, pyimagesearch_tl, tensorflow; print('imported')"]
     aborted = subprocess.run([sys.executable, *code, "abort"], capture_output=True, text=True, env=env, timeout=60)
     assert aborted.returncode != 0
-    assert aborted.stderr.splitlines() == [
-        "E0000 00:00:1796137007.843687    1962 cpu.cc:9] built for instructions this CPU lacks"
-    ]
+    assert aborted.stderr.splitlines() == [ERROR_LINE]
     closed = subprocess.run(
         [sys.executable, *code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, timeout=60
     )
@@ -104,6 +112,16 @@ def test_what_tensorflow_prints_before_it_aborts_still_gets_through(tmp_path):
     gone = "import os, sys; os.close(2); sys.stderr = None; import pyimagesearch_tl, tensorflow; print('ok')"
     no_stderr = subprocess.run([sys.executable, "-c", gone], capture_output=True, text=True, env=env, timeout=60)
     assert no_stderr.returncode == 0 and no_stderr.stdout == "ok\n"
+
+
+@pytest.mark.parametrize("level", ["", " ", "abc", "-1"])
+def test_an_empty_or_unreadable_level_counts_as_unset(tmp_path, level):
+    """TensorFlow reads an empty or unreadable TF_CPP_MIN_LOG_LEVEL as 0 (every line): it let all the start-up
+    lines through. It counts as unset now: the default level 2, errors still shown."""
+    env = dict(_fake_tensorflow(tmp_path), TF_CPP_MIN_LOG_LEVEL=level)
+    code = "import os, pyimagesearch_tl, tensorflow; print(os.environ['TF_CPP_MIN_LOG_LEVEL'])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0 and done.stdout == "2\n" and done.stderr.splitlines() == [ERROR_LINE], done.stderr
 
 
 def test_tf_cpp_min_log_level_1_lets_warnings_through():
