@@ -736,8 +736,8 @@ def remove_feature_files(features_dir: str | Path, split: str, keep: str | None 
             continue
         if not written_by_ptl(path):  # neither removed nor, for the kept format, replaced
             raise FeatureFileError(
-                f"{path} was not written by ptl extract and stands where the {split!r} features go; "
-                f"move it away, or extract into another folder"
+                f"{path} is not a feature file ptl extract wrote (another program's, or damaged: cut short, "
+                f"unreadable) and stands where the {split!r} features go; move it away, or extract into another folder"
             )
         if name != keep:
             path.unlink()

@@ -114,10 +114,17 @@ def test_files_ptl_did_not_write_are_never_deleted_or_replaced(pipeline_run, tmp
         )
         assert result.exit_code == 1, result.output
         assert result.output.strip().splitlines()[-1] == (
-            f"Error: {theirs} was not written by ptl extract and stands where the 'training' features go; "
-            "move it away, or extract into another folder"
+            f"Error: {theirs} is not a feature file ptl extract wrote (another program's, or damaged: cut short, "
+            "unreadable) and stands where the 'training' features go; move it away, or extract into another folder"
         )
         assert theirs.read_text() == "0,0.1,0.2\n"
+    cut = tmp_path / "cut" / "training.h5"  # ptl's own file, cut short by a copy: not called another program's
+    cut.parent.mkdir()
+    cut.write_bytes((pipeline_run["features"] / "training.h5").read_bytes()[:4096])
+    extract = ["extract", "--dataset", str(pipeline_run["dataset"]), "--output", str(cut.parent)]
+    result = CliRunner().invoke(cli, extract)
+    assert result.exit_code == 1 and "(another program's, or damaged: cut short, unreadable)" in result.output
+    assert cut.stat().st_size == 4096
 
 
 def test_a_lost_split_leaves_no_unfinished_shards_behind(pipeline_run, cats_dogs, tmp_path):
