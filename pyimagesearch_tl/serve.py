@@ -14,7 +14,8 @@ Routes
                      probabilities), ``top``, ``unknown``, ``familiarity`` (the "unknown" detector's
                      score; also under its former name ``similarity``), and ``error`` (None, or why
                      that file was skipped: the others are still classified).
-``GET /health``      the model's classes, backbone, weights (by name) and unknown threshold.
+``GET /health``      the model's classes, backbone, weights (by name), unknown threshold and what it was
+                     calibrated on (``"95% of the validation photos"``: the share of them it keeps).
 
 What a client sends is trusted for nothing
 ------------------------------------------
@@ -381,6 +382,7 @@ def create_app(
             input_size=bundle.meta.input_size,
             score=kind,
             unknown_threshold=None if novelty is None else novelty.threshold,
+            unknown_calibration=None if novelty is None else f"{novelty.keep:.0%} of the {novelty.calibration}",
         )
 
     @app.post("/api/predict")

@@ -341,7 +341,8 @@ def test_predict_and_serve_take_the_onnx_export_give_the_bundles_answers_and_imp
     assert [t["label"] for t in answer["top"]] == [name for name, _ in results[0]["top"]]
     # one upload alone against a batch of all the photos: ONNX Runtime's float32 sums may round differently
     np.testing.assert_allclose([t["probability"] for t in answer["top"]], [s for _, s in results[0]["top"]], atol=1e-6)
-    assert health["classes"] == bundle.label_names and health["unknown_threshold"] is None
+    assert health["classes"] == bundle.label_names
+    assert health["unknown_threshold"] is health["unknown_calibration"] is None
     assert health["backbone"] == bundle.meta.backbone and health["input_size"] == bundle.meta.input_size
 
 

@@ -58,7 +58,7 @@ def test_health_names_classes_and_backbone(client):
     assert response.status_code == 200
     body = response.get_json()
     assert body["classes"] == ["cats", "dogs"] and body["backbone"] == "efficientnet_lite0"
-    assert 0 < body["unknown_threshold"] < 1
+    assert 0 < body["unknown_threshold"] < 1 and body["unknown_calibration"] == "95% of the validation photos"
 
 
 def test_api_predicts_each_uploaded_photo(client, photos):
