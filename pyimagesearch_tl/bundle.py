@@ -105,6 +105,8 @@ def _read_skops(path: Path) -> Any:
     _check_unpacked_size(path)
     try:
         return skops.io.load(path, trusted=trusted_types())
+    except zipfile.BadZipFile as exc:  # its directory reads, an entry does not
+        raise BundleError(f"{path}: {DAMAGED} ({exc})") from None
     except UntrustedTypesFoundException:
         raise BundleError(
             f"{path}: refused: it holds types a model bundle never holds ({', '.join(_untrusted(file=path))}); "
@@ -133,6 +135,7 @@ def _check_unpacked_size(path: Path) -> None:
         )
 
 
+DAMAGED = f"a damaged {BUNDLE_SUFFIX} bundle, nothing in it was loaded: copy it again whole, or train again"
 #: How each format's files begin: a zip's first entry (skops), a pickle's protocol opcode (2 and later, as
 #: joblib wrote bundles before skops).
 ZIP_SIGNATURE, PICKLE_SIGNATURE = b"PK\x03\x04", b"\x80"
@@ -149,10 +152,7 @@ def _format(path: Path) -> str:
     if zipfile.is_zipfile(path):
         return "skops"
     if head.startswith(ZIP_SIGNATURE):
-        raise BundleError(
-            f"{path}: a damaged {BUNDLE_SUFFIX} bundle (a zip archive cut short or corrupted; nothing in it was "
-            "loaded): copy it again whole, or train again"
-        )
+        raise BundleError(f"{path}: {DAMAGED} (a zip archive cut short)")
     if head.startswith(PICKLE_SIGNATURE):
         return "pickle"
     raise BundleError(
@@ -320,7 +320,8 @@ class Bundle:
     def _checked_fields(cls, payload: Any, path: Path) -> dict:
         """The fields in ``payload``, exactly :class:`Bundle`'s and each what it must be, or a :class:`BundleError`."""
         if not isinstance(payload, dict):
-            raise BundleError(f"{path}: not a pyimagesearch_tl model bundle (it holds a {type(payload).__name__})")
+            kind = type(payload).__name__
+            raise BundleError(f"{path}: not a pyimagesearch_tl model bundle (it holds an object of type {kind})")
         if set(payload) != {PAYLOAD_KEY}:
             raise BundleError(
                 f"{path}: not a pyimagesearch_tl model bundle (its entries are {sorted(map(str, payload))}; "

@@ -36,17 +36,17 @@ class PTLCommand(click.Command):
 
     def invoke(self, ctx: click.Context):
         def show_warning(message, category, filename, lineno, file=None, line=None):
-            click.echo(f"warning: {message}", err=True)
+            click.echo(f"warning: {shown(message)}", err=True)
 
         with warnings.catch_warnings():
             warnings.showwarning = show_warning
             warnings.filterwarnings("default", module="pyimagesearch_tl")
             try:
                 return super().invoke(ctx)
-            except PTLError as exc:
-                raise click.ClickException(str(exc)) from None
+            except PTLError as exc:  # messages name files and labels from outside: shown escaped
+                raise click.ClickException(shown(exc)) from None
             except OSError as exc:
-                raise click.ClickException(describe_os_error(exc)) from None
+                raise click.ClickException(shown(describe_os_error(exc))) from None
 
 
 class PTLGroup(click.Group):
@@ -69,9 +69,9 @@ def _split_list(kind):
 
 
 def shown(name: object) -> str:
-    """A file or class name as one line of the terminal shows it: control and format characters (tab, newline,
-    an escape sequence, a bidirectional override) and undecodable bytes as escapes (``\\t``, ``\\x1b``,
-    ``\\xff``), so that a name can neither forge an output line nor drive the terminal."""
+    """A file or class name, or a message naming them, as one line of the terminal shows it: control and format
+    characters (tab, newline, an escape sequence, a bidirectional override) and undecodable bytes as escapes
+    (``\\t``, ``\\x1b``, ``\\xff``), so that a name can neither forge an output line nor drive the terminal."""
     text = str(name)
     return text if text.isprintable() else "".join(map(_escaped, text))
 
@@ -126,7 +126,7 @@ def with_config(command):
         try:
             config = load_config(config_file)
         except ConfigError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(shown(exc)) from None
         return ctx.invoke(command, config=config, **options)
 
     return wrapper
@@ -209,7 +209,7 @@ def _apply(config: Config, **overrides) -> Config:
     try:
         return config.replace(**overrides)
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(shown(exc)) from None
 
 
 @click.group(cls=PTLGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -336,7 +336,7 @@ def build_dataset_command(config: Config, wait, **options):
     if report.unlabelled:
         click.echo(f"unlabelled: {len(report.unlabelled)} images not used (listed in unlabelled.csv)")
     for path, reason in report.skipped:
-        click.echo(f"skipped {shown(path)}: {reason}", err=True)
+        click.echo(f"skipped {shown(path)}: {shown(reason)}", err=True)
     if report.duplicates:
         groups = len({row["sha256"] for row in report.duplicates})
         click.echo(
@@ -408,7 +408,7 @@ def extract_command(config: Config, wait, **options):
         if config.engine != "local" and split.nodes:
             click.echo("  shards per node: " + ", ".join(f"{n[:8]} {c}" for n, c in sorted(split.nodes.items())))
         for path, reason in split.skipped:
-            click.echo(f"  skipped {shown(path)}: {reason}", err=True)
+            click.echo(f"  skipped {shown(path)}: {shown(reason)}", err=True)
 
     try:
         reports = api.extract(
@@ -472,9 +472,16 @@ def evaluate_command(config: Config, model_path, split, wait, unknown_test, trus
     """Report accuracy, the confusion matrix, ROC AUC and macro F1 of a bundle on a split."""
     from .bundle import Bundle
     from .evaluation import default_split, evaluate, features_for
+    from .prediction import expand_paths
 
     config = _apply(config, **options)
     bundle = Bundle.load(model_path, trust_pickle=trust_pickle)
+    if unknown_test:  # checked before the split goes through the model
+        if bundle.novelty is None:
+            raise ConfigError(f"{model_path} has no 'unknown' detector to test")
+        strangers = expand_paths([unknown_test])
+        if not strangers:
+            raise ConfigError(f"no image files in {unknown_test}")
     if split is None:  # the held-out split when there is one, else the validation split
         split = default_split(
             bundle,
@@ -492,7 +499,7 @@ def evaluate_command(config: Config, model_path, split, wait, unknown_test, trus
         config.runtime,
     )
     for path, reason in skipped:
-        click.echo(f"skipped {shown(path)}: {reason}", err=True)
+        click.echo(f"skipped {shown(path)}: {shown(reason)}", err=True)
     output_dir = Path(config.evaluation_dir) / Path(model_path).stem
     metrics = evaluate(bundle, features, output_dir, split, model_path, wait=wait)
     click.echo(f"{bundle.name} on {split} ({metrics['images']} images)")
@@ -514,13 +521,8 @@ def evaluate_command(config: Config, model_path, split, wait, unknown_test, trus
     click.echo(f"accuracy: {metrics['accuracy']:.4f}")
     if unknown_test:
         from .atomic import atomic_write_json
-        from .prediction import Predictor, expand_paths, rejection
+        from .prediction import Predictor, rejection
 
-        if bundle.novelty is None:
-            raise ConfigError(f"{model_path} has no 'unknown' detector to test")
-        strangers = expand_paths([unknown_test])
-        if not strangers:
-            raise ConfigError(f"no image files in {unknown_test}")
         predictor = Predictor(bundle, config.batch_size, config.max_image_pixels, runtime=config.runtime)
         predictor.expect(len(strangers))
         metrics["unknown_test"] = dict(rejection(predictor, strangers), folder=unknown_test)
@@ -662,7 +664,7 @@ def _finetune(config: Config):
     auc = "-" if result.validation_auc is None else f"{result.validation_auc:.4f}"
     click.echo(f"validation accuracy {result.validation_accuracy:.4f}, roc_auc {auc}; {result.seconds:.1f} s")
     for path, reason in sorted(result.skipped.items()):
-        click.echo(f"  skipped {shown(path)}: {reason}", err=True)
+        click.echo(f"  skipped {shown(path)}: {shown(reason)}", err=True)
     click.echo(f"saved {result.model_path} and {result.bundle_path} (for predict, evaluate and serve)")
 
 
@@ -716,7 +718,7 @@ def predict_command(config: Config, model_path, paths, file_list, output_file, t
     def show(rows):
         for row in rows:
             if row["error"] is not None:
-                click.echo(f"{shown(row['path'])}\tskipped: {row['error']}", err=True)
+                click.echo(f"{shown(row['path'])}\tskipped: {shown(row['error'])}", err=True)
             elif row["unknown"]:
                 click.echo(
                     f"{shown(row['path'])}\t{UNKNOWN}\t(closest: {shown(row['top'][0][0])} "

@@ -99,7 +99,7 @@ def _cannot_lock(folder: str | Path, path: Path, error: OSError, replaces_folder
     else:
         reason = unwritable_reason(parent, error)
         if replaces_folder and parent.is_dir() and not _writable(parent):
-            reason += f" (this stage builds the new {resolved.name} beside the old one and swaps it in)"
+            reason += " (this stage builds the whole folder beside where it goes, then moves it in)"
     return f"cannot write output folder {folder}: {reason} (cannot create the lock file {files})"
 
 

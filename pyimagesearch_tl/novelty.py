@@ -277,7 +277,8 @@ class MahalanobisDetector(Detector):
         row moves its class mean by ``r / (n_c - 1)`` and leaves the residuals' scatter ``n S - n_c / (n_c - 1)
         r r^T`` exactly (``r``: its residual), so the left-out covariance is a matrix diagonal in the
         eigenvectors of ``S`` minus a rank-one term (Sherman-Morrison). Ledoit-Wolf's shrinkage weight stays
-        the one of all rows (it moves by about 1/n: scores within 0.1% of refits). None for features wider than
+        the one of all rows: exact with it held (9e-8 of a refit), within 0.2% of refits that learn it anew
+        on 360-500 rows (0.7% at worst), a few % for classes of 2-3 rows, where the weight moves most. None for features wider than
         :attr:`max_features` (their projection is learnt from every row), or a class of one row."""
         from sklearn.covariance import ledoit_wolf
 

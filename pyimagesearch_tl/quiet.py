@@ -47,7 +47,8 @@ for line in sys.stdin.buffer:
 def set_default_log_level() -> None:
     """``TF_CPP_MIN_LOG_LEVEL=2`` unless it holds a level already: an empty or unreadable value, which
     TensorFlow reads as 0 (every line), counts as unset."""
-    if not os.environ.get("TF_CPP_MIN_LOG_LEVEL", "").strip().isdigit():
+    level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "").strip()
+    if not (level.isascii() and level.isdigit()):  # "²" is a digit to Python, not to TensorFlow
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 
 

@@ -164,7 +164,7 @@ def test_every_classifier_and_detector_round_trips_and_predicts_identically(trai
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda fields: [fields], "not a pyimagesearch_tl model bundle (it holds a list)"),
+        (lambda fields: [fields], "not a pyimagesearch_tl model bundle (it holds an object of type list)"),
         (lambda fields: {PAYLOAD_KEY: fields, "more": 1}, "its entries are ['more', 'pyimagesearch_tl_bundle']"),
         (lambda fields: {PAYLOAD_KEY: list(fields)}, "its fields are a list, not a dict"),
         (lambda fields: {PAYLOAD_KEY: dict(fields, extra=1)}, "unexpected field(s) extra"),
@@ -283,8 +283,13 @@ def test_the_format_is_told_by_content_not_by_name(logreg, tmp_path):
     cut = tmp_path / f"cut{BUNDLE_SUFFIX}"  # a bundle cut short (a copy interrupted): not "read as a pickle"
     cut.write_bytes(logreg.read_bytes()[:5000])
     for trust_pickle in (False, True):
-        with pytest.raises(BundleError, match=r"cut.skops: a damaged .skops bundle \(a zip archive cut short"):
+        with pytest.raises(BundleError, match=r"cut.skops: a damaged .skops bundle, nothing in it was loaded: copy"):
             Bundle.load(cut, trust_pickle=trust_pickle)
+    blanked = bytearray(logreg.read_bytes())  # its directory intact, its entries' headers blanked
+    blanked[4:4000] = bytes(3996)
+    (tmp_path / f"blanked{BUNDLE_SUFFIX}").write_bytes(bytes(blanked))
+    with pytest.raises(BundleError, match=r"blanked.skops: a damaged .skops bundle, nothing in it was loaded"):
+        Bundle.load(tmp_path / f"blanked{BUNDLE_SUFFIX}")
     line = one_error_line(run("evaluate", "--model", str(cut), "--features", str(tmp_path), ok=False))
     assert "a damaged .skops bundle" in line and "pickle" not in line, line
     with zipfile.ZipFile(tmp_path / f"other{BUNDLE_SUFFIX}", "w") as other:  # a zip, not a skops file

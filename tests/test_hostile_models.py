@@ -211,13 +211,14 @@ def test_file_names_can_neither_forge_a_result_line_nor_drive_the_terminal(model
     for name in names:
         shutil.copy(photo, os.path.join(folder, name))
     (folder / "cut\x1b[2J.jpg").write_bytes(b"\xff\xd8 not an image")  # skipped: its line is escaped too
+    (folder / "link.jpg").symlink_to("/nowhere\x1b]0;title\x07\nforged.jpg\trose\tprobability=1.0000")  # in the reason
     result = _cli("predict", "--model", str(model), "--output", str(tmp_path / "p.json"), str(folder))
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
-    assert len(lines) == len(names) + 3, lines  # a line per photo, the skipped one, "wrote", the summary
+    assert len(lines) == len(names) + 4, lines  # a line per photo, the two skipped, "wrote", the summary
     assert not any(c in result.output for c in "\x1b\x07\u202e")
     results = [line.split("\t") for line in lines if line.startswith(str(folder))]
-    assert sorted(len(fields) for fields in results) == [2] + [3] * len(names)  # the skipped line: path, reason
+    assert sorted(len(fields) for fields in results) == [2, 2] + [3] * len(names)  # skipped lines: path, reason
     shown = {fields[0].removeprefix(f"{folder}/") for fields in results}
     assert shown == {
         "x.jpg\\tdogs\\tprobability=1.0000\\ny.jpg",
@@ -225,6 +226,14 @@ def test_file_names_can_neither_forge_a_result_line_nor_drive_the_terminal(model
         "bidi\\u202egpj.jpg",
         "caf\\xff.jpg",
         "cut\\x1b[2J.jpg",
+        "link.jpg",
     }
+    assert "(to /nowhere\\x1b]0;title\\x07\\nforged.jpg\\trose\\tprobability=1.0000, which" in result.output
     written = {Path(row["path"]).name for row in json.loads((tmp_path / "p.json").read_text())}
-    assert written == {*names, "cut\x1b[2J.jpg"}
+    assert written == {*names, "cut\x1b[2J.jpg", "link.jpg"}
+    # an error message names a class folder from outside: one line, escaped
+    (tmp_path / "classes" / "daisy\x1b]0;title\x07").mkdir(parents=True)
+    shutil.copy(photo, tmp_path / "classes" / "daisy\x1b]0;title\x07" / "a.jpg")
+    result = _cli("build-dataset", "--input", str(tmp_path / "classes"), "--output", str(tmp_path / "dataset"))
+    assert result.exit_code == 1 and "\x1b" not in result.output and "\x07" not in result.output, result.output
+    assert f"Error: class folder {tmp_path}/classes/daisy\\x1b]0;title\\x07: label" in result.output

@@ -209,7 +209,7 @@ def test_an_output_folder_whose_parent_is_read_only_is_locked_inside_it(world_di
     assert replacing.stdout == f"{parent / '.output.ptl-lock'}\n", replacing.stderr
     assert replacing.stderr.splitlines()[-1] == (
         f"pyimagesearch_tl.errors.PTLError: cannot write output folder {folder}: {parent} is not writable (this "
-        f"stage builds the new output beside the old one and swaps it in) (cannot create the lock file "
+        f"stage builds the whole folder beside where it goes, then moves it in) (cannot create the lock file "
         f"{parent / '.output.ptl-lock'})"
     )
 

@@ -298,6 +298,16 @@ def test_evaluate_reports_the_rejection_rate_on_a_folder_of_strangers(pipeline_r
     assert test["images"] == 10 and test["detector"] == "mahalanobis+energy" and test["rejected"] >= 0.8
     assert f"unknown test: {test['unknown']} of 10 photos" in result.output
     assert test["calibration"] == "validation photos" and "calibrated on the validation photos)" in result.output
+    import dataclasses  # a model without a detector is refused before its split goes through it
+
+    dataclasses.replace(Bundle.load(tmp_path / "logreg.skops"), novelty=None).save(tmp_path / "plain.skops")
+    result = CliRunner().invoke(
+        cli,
+        ["evaluate", "--model", str(tmp_path / "plain.skops"), "--features", str(pipeline_run["features"]),
+         "--output", str(tmp_path / "eval"), "--unknown-test", str(strangers)],
+    )  # fmt: skip
+    assert result.exit_code == 1 and result.output.strip().endswith("has no 'unknown' detector to test")
+    assert not (tmp_path / "eval" / "plain").exists()
 
 
 @pytest.fixture(scope="module")

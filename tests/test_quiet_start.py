@@ -114,7 +114,7 @@ def test_what_tensorflow_prints_before_it_aborts_still_gets_through(tmp_path):
     assert no_stderr.returncode == 0 and no_stderr.stdout == "ok\n"
 
 
-@pytest.mark.parametrize("level", ["", " ", "abc", "-1"])
+@pytest.mark.parametrize("level", ["", " ", "abc", "-1", "\u00b2"])
 def test_an_empty_or_unreadable_level_counts_as_unset(tmp_path, level):
     """TensorFlow reads an empty or unreadable TF_CPP_MIN_LOG_LEVEL as 0 (every line): it let all the start-up
     lines through. It counts as unset now: the default level 2, errors still shown."""
