@@ -278,7 +278,8 @@ class MahalanobisDetector(Detector):
         r r^T`` exactly (``r``: its residual), so the left-out covariance is a matrix diagonal in the
         eigenvectors of ``S`` minus a rank-one term (Sherman-Morrison). Ledoit-Wolf's shrinkage weight stays
         the one of all rows: exact with it held (9e-8 of a refit), within 0.2% of refits that learn it anew
-        on 360-500 rows (0.7% at worst), a few % for classes of 2-3 rows, where the weight moves most. None for features wider than
+        on 360-500 rows (0.7% at worst), a few % for classes of 2-3 rows, where the weight moves most. Every
+        class's distance is a matrix product (no rows x classes x width array). None for features wider than
         :attr:`max_features` (their projection is learnt from every row), or a class of one row."""
         from sklearn.covariance import ledoit_wolf
 
@@ -293,21 +294,27 @@ class MahalanobisDetector(Detector):
         variances, means = np.clip(variances, 0, None), means @ basis
         ridge = max(float(variances.sum()) / width, 1e-12) * 1e-6  # as learn's, for all-equal residuals
         moved = counts / (counts - 1.0)  # a left-out row's residual from its class's left-out mean, per unit of r
+        squared = means**2
         familiarity = np.empty(n)
-        step = max(1, 2**22 // (classes * width))  # rows per block: their differences to every mean, 32 MiB
+        step = max(1, 2**21 // max(classes, width))  # rows per block: blocks of rows x max(classes, width)
         for start in range(0, n, step):
             own = labels[start : start + step]
-            rows, scale = np.arange(len(own)), moved[own]
+            scale = moved[own]
             z = residuals[start : start + step] @ basis  # residuals in the eigenvectors of S
             trace = (n * variances.sum() - scale * (z**2).sum(axis=1)) / ((n - 1) * width)
             diagonal = np.maximum((1 - shrinkage) * n / (n - 1) * variances + shrinkage * trace[:, None], ridge)
             downdate = (1 - shrinkage) * scale / (n - 1)  # covariance = diag(diagonal) - downdate * z z^T
-            scaled = z / diagonal
+            inverse, scaled = 1 / diagonal, z / diagonal
             denominator = 1 - downdate * (z * scaled).sum(axis=1)
-            differences = z[:, None, :] + means[own][:, None, :] - means[None, :, :]  # to every class's mean
-            differences[rows, own] = scale[:, None] * z  # to its own class's mean without it
-            distances = (differences**2 / diagonal[:, None, :]).sum(axis=2)
-            distances += downdate[:, None] * (differences * scaled[:, None, :]).sum(axis=2) ** 2 / denominator[:, None]
+            # To class c's mean, the difference is u - m_c with u = z + m_own (the row itself): each term of
+            # u - m_c is expanded so that every class costs one matrix product, not a rows x classes x width array.
+            u = z + means[own]
+            distances = (u**2 * inverse).sum(axis=1)[:, None] - 2 * (u * inverse) @ means.T + inverse @ squared.T
+            along = (u * scaled).sum(axis=1)[:, None] - scaled @ means.T
+            distances += downdate[:, None] * along**2 / denominator[:, None]
+            rows = np.arange(len(own))  # to its own class's mean without it: scale * z
+            along_own = scale * (z * scaled).sum(axis=1)
+            distances[rows, own] = scale**2 * (z * scaled).sum(axis=1) + downdate * along_own**2 / denominator
             familiarity[start : start + step] = -distances.min(axis=1)
         return familiarity
 
