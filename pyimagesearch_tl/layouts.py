@@ -560,7 +560,10 @@ def build_dataset(
     kept, skipped = [], list(result.missing)
     dropped = read_exclusions(exclude) if exclude else set()
     for item, (size, info) in zip(result.items, inspected):
-        if size and (info, item.source.name) in dropped:
+        unnamable = component_problem(item.source.name)  # a tab, newline or escape in it: no manifest takes it
+        if unnamable:
+            skipped.append((str(item.source), f"its file name cannot be a dataset file's ({unnamable}); rename it"))
+        elif size and (info, item.source.name) in dropped:
             skipped.append((str(item.source), f"excluded: listed in {Path(exclude).name}"))
         elif size:
             kept.append((item, size, info))

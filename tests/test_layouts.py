@@ -165,6 +165,27 @@ def test_undecodable_images_are_skipped_and_listed(tmp_path, photos):
     assert "empty file" in (tmp_path / "out" / "skipped.csv").read_text()
 
 
+def test_photos_whose_names_no_manifest_takes_are_skipped_with_the_reason(tmp_path, photos):
+    """A photo named with a tab, a newline or a right-to-left override was copied in, and the next read of the
+    manifest refused the whole dataset ('does not stay inside the dataset folder'): skipped at build now."""
+    from pyimagesearch_tl.layouts import read_manifest
+
+    source = tmp_path / "odd"
+    for name in ("cats", "dogs"):
+        (source / name).mkdir(parents=True)
+        for path in photos[name][:3]:
+            shutil.copy(path, source / name / path.name)
+    odd = ["a\tb.jpg", "c\nd.jpg", "e\u202egpj.jpg"]
+    for name in odd:
+        shutil.copy(photos["cats"][5], source / "cats" / name)
+    report = build_dataset(source, tmp_path / "out", splits=SPLITS, fractions=[0.5, 0.5, 0.0])
+    assert sorted(Path(p).name for p, _ in report.skipped) == sorted(odd)
+    reasons = [reason for _, reason in report.skipped]
+    assert all(r.startswith("its file name cannot be a dataset file's (it holds the ") for r in reasons), reasons
+    assert all(r.endswith("); rename it") for r in reasons)
+    assert len(read_manifest(tmp_path / "out")) == 6  # read back without an error
+
+
 @pytest.mark.parametrize(
     "setup, message",
     [
