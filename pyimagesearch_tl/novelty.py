@@ -294,28 +294,27 @@ class MahalanobisDetector(Detector):
         variances, means = np.clip(variances, 0, None), means @ basis
         ridge = max(float(variances.sum()) / width, 1e-12) * 1e-6  # as learn's, for all-equal residuals
         moved = counts / (counts - 1.0)  # a left-out row's residual from its class's left-out mean, per unit of r
-        squared = means**2
         familiarity = np.empty(n)
         step = max(1, 2**21 // max(classes, width))  # rows per block: blocks of rows x max(classes, width)
-        for start in range(0, n, step):
-            own = labels[start : start + step]
-            scale = moved[own]
-            z = residuals[start : start + step] @ basis  # residuals in the eigenvectors of S
-            trace = (n * variances.sum() - scale * (z**2).sum(axis=1)) / ((n - 1) * width)
-            diagonal = np.maximum((1 - shrinkage) * n / (n - 1) * variances + shrinkage * trace[:, None], ridge)
-            downdate = (1 - shrinkage) * scale / (n - 1)  # covariance = diag(diagonal) - downdate * z z^T
-            inverse, scaled = 1 / diagonal, z / diagonal
-            denominator = 1 - downdate * (z * scaled).sum(axis=1)
-            # To class c's mean, the difference is u - m_c with u = z + m_own (the row itself): each term of
-            # u - m_c is expanded so that every class costs one matrix product, not a rows x classes x width array.
-            u = z + means[own]
-            distances = (u**2 * inverse).sum(axis=1)[:, None] - 2 * (u * inverse) @ means.T + inverse @ squared.T
-            along = (u * scaled).sum(axis=1)[:, None] - scaled @ means.T
-            distances += downdate[:, None] * along**2 / denominator[:, None]
-            rows = np.arange(len(own))  # to its own class's mean without it: scale * z
-            along_own = scale * (z * scaled).sum(axis=1)
-            distances[rows, own] = scale**2 * (z * scaled).sum(axis=1) + downdate * along_own**2 / denominator
-            familiarity[start : start + step] = -distances.min(axis=1)
+        for own in range(classes):  # a class's rows at a time: its differences to every mean are exact
+            apart = means[own] - means  # a row minus class c's mean is z + apart[c] (z: its residual)
+            apart_squared = (apart**2).T
+            scale, members = moved[own], np.flatnonzero(labels == own)
+            for start in range(0, len(members), step):
+                rows = members[start : start + step]
+                z = residuals[rows] @ basis  # residuals in the eigenvectors of S
+                trace = (n * variances.sum() - scale * (z**2).sum(axis=1)) / ((n - 1) * width)
+                diagonal = (1 - shrinkage) * n / (n - 1) * variances + shrinkage * trace[:, None]
+                inverse = 1 / np.maximum(diagonal, ridge)
+                downdate = (1 - shrinkage) * scale / (n - 1)  # covariance = diag(diagonal) - downdate * z z^T
+                scaled, norm = z * inverse, (z**2 * inverse).sum(axis=1)
+                denominator = 1 - downdate * norm
+                # every class's (z + apart[c]) terms as matrix products: no rows x classes x width array
+                distances = norm[:, None] + 2 * scaled @ apart.T + inverse @ apart_squared
+                along = norm[:, None] + scaled @ apart.T
+                distances += downdate * along**2 / denominator[:, None]
+                distances[:, own] = scale**2 * norm * (1 + downdate * norm / denominator)  # its own mean, without it
+                familiarity[rows] = -np.maximum(distances, 0).min(axis=1)
         return familiarity
 
 

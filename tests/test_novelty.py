@@ -400,6 +400,30 @@ def test_mahalanobis_leave_one_out_in_closed_form_is_a_refit_without_the_row(tra
     assert (np.abs(held_out[rows] - refits) < 0.05 * np.abs(held_out[rows] - learnt)).all()
 
 
+def test_leave_one_out_stays_exact_where_class_means_nearly_coincide():
+    """Expanded around the class means themselves, the distances cancelled where the means nearly coincide
+    (a positive familiarity: a negative squared distance); expanded around their differences, they are what
+    a float64 fit without the row gives (Ledoit-Wolf's weight held at all rows', as the closed form holds it)."""
+    from sklearn.covariance import ledoit_wolf
+
+    from pyimagesearch_tl.novelty import MahalanobisDetector
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=30) * 10 + rng.normal(size=(40, 30)) * 1e-7
+    y = np.repeat(np.arange(4), 10)
+    held_out = make_detector("mahalanobis").held_out_familiarity(X, y, 4)
+    assert np.isfinite(held_out).all() and (held_out < 0).all()
+    shrinkage = ledoit_wolf(MahalanobisDetector._residuals(X, y, 4)[2])[1]
+    for row in (0, 39):
+        others = np.arange(40) != row
+        unit, means, residuals = MahalanobisDetector._residuals(X[others], y[others], 4)
+        scatter = residuals.T @ residuals / len(residuals)
+        covariance = (1 - shrinkage) * scatter + shrinkage * np.trace(scatter) / 30 * np.eye(30)
+        point = X[row] / np.linalg.norm(X[row])
+        distances = [(point - mean) @ np.linalg.solve(covariance, point - mean) for mean in means]
+        assert held_out[row] == pytest.approx(-min(distances), rel=1e-6)
+
+
 @pytest.mark.parametrize("per_class", [1, 2, 3])
 def test_classes_too_small_to_hold_out_are_calibrated_in_sample_with_a_warning(train_test_flowers, per_class):
     """Two photos per class made the Mahalanobis fit of a fold singular (a crash); now: a warning and the
