@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import sys
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from .atomic import describe_os_error
 from .audit import APPROXIMATE_ROWS, SEARCHES
 from .config import Config, load_config
 from .errors import ConfigError, PTLError
-from .layouts import LAYOUTS
+from .layouts import LAYOUTS, breaks_a_line
 from .locks import output_lock
 from .novelty import list_detectors
 from .store import FORMATS
@@ -69,15 +70,20 @@ def _split_list(kind):
 
 
 def shown(name: object) -> str:
-    """A file or class name, or a message naming them, as one line of the terminal shows it: control and format
-    characters (tab, newline, an escape sequence, a bidirectional override) and undecodable bytes as escapes
-    (``\\t``, ``\\x1b``, ``\\xff``), so that a name can neither forge an output line nor drive the terminal."""
+    """A file or class name, or a message naming them, as one line of the terminal shows it: what would break
+    the line (:func:`~pyimagesearch_tl.layouts.breaks_a_line`: a tab, a newline, an escape sequence, a
+    bidirectional override) and undecodable bytes as escapes (``\\t``, ``\\x1b``, ``\\u202e``, ``\\xff``), so
+    that a name can neither forge an output line nor drive the terminal; every other character as it is."""
     text = str(name)
-    return text if text.isprintable() else "".join(map(_escaped, text))
+    return "".join(map(_escaped, text)) if any(map(_unsafe, text)) else text
+
+
+def _unsafe(character: str) -> bool:
+    return breaks_a_line(character) or unicodedata.category(character) == "Cs"  # a lone surrogate: no terminal's
 
 
 def _escaped(character: str) -> str:
-    if character.isprintable():
+    if not _unsafe(character):
         return character
     if "\udc80" <= character <= "\udcff":  # an undecodable byte of a file name (surrogateescape)
         return f"\\x{ord(character) - 0xDC00:02x}"
@@ -331,7 +337,7 @@ def build_dataset_command(config: Config, wait, **options):
     report = api.build_dataset(config=_apply(config, **options), wait=wait).report
     click.echo(f"layout: {report.layout}")
     for split, counts in report.counts.items():
-        detail = ", ".join(f"{label} {n}" for label, n in sorted(counts.items()))
+        detail = ", ".join(f"{shown(label)} {n}" for label, n in sorted(counts.items()))
         click.echo(f"{split}: {sum(counts.values())} images ({detail or 'none'})")
     if report.unlabelled:
         click.echo(f"unlabelled: {len(report.unlabelled)} images not used (listed in unlabelled.csv)")
@@ -503,8 +509,9 @@ def evaluate_command(config: Config, model_path, split, wait, unknown_test, trus
     output_dir = Path(config.evaluation_dir) / Path(model_path).stem
     metrics = evaluate(bundle, features, output_dir, split, model_path, wait=wait)
     click.echo(f"{bundle.name} on {split} ({metrics['images']} images)")
-    click.echo(metrics["report_text"])
-    click.echo("confusion matrix (rows: true, columns: predicted; " + ", ".join(metrics["labels"]) + "):")
+    for line in metrics["report_text"].splitlines():  # class names from the bundle
+        click.echo(shown(line))
+    click.echo("confusion matrix (rows: true, columns: predicted; " + ", ".join(map(shown, metrics["labels"])) + "):")
     for row in metrics["confusion_matrix"]:
         click.echo("  " + " ".join(f"{v:>6}" for v in row))
     if metrics["roc_auc"] is not None:
@@ -588,13 +595,13 @@ def compare_command(run_dir):
     )
     for r in rows:
         click.echo(
-            f"{r['model']:<16} {r['kind']:<22} {r['split']:<11} {fmt(r['images'], 'd'):>6} "
+            f"{shown(r['model']):<16} {r['kind']:<22} {shown(r['split']):<11} {fmt(r['images'], 'd'):>6} "
             f"{fmt(r['accuracy'], '.4f'):>8} {fmt(r['roc_auc'], '.4f'):>7} {fmt(r['macro_f1'], '.4f'):>8} "
             f"{fmt(r['train_seconds'], '.1f'):>8} {fmt(r['model_mb'], '.2f'):>7}"
         )
     warning = comparison_warning(rows)
     if warning:
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(f"warning: {shown(warning)}", err=True)
     click.echo("wrote " + ", ".join(written))
 
 

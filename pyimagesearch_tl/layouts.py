@@ -143,13 +143,26 @@ def parse_labels(text: str) -> list[tuple[int, str]]:
 MAX_NAME_BYTES = 255
 
 
-def component_problem(name: str) -> str | None:
+#: Bidirectional marks, embeddings, overrides and isolates: they reorder what follows them on a line.
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def breaks_a_line(character: str) -> bool:
+    """Whether ``character`` changes how a line of text reads: a control character (tab, newline, escape), a
+    line or paragraph separator, or a bidirectional control. A file name holding one cannot be a manifest
+    row's, and a terminal shows it escaped."""
+    return unicodedata.category(character) in ("Cc", "Zl", "Zp") or character in BIDI_CONTROLS
+
+
+def component_problem(name: str, file_name: bool = False) -> str | None:
     """Why ``name`` cannot be one folder or file name inside the dataset folder; None when it can.
 
     A label becomes a folder (``<split>/<label>/``), so it must name exactly one new folder there:
     not empty, not ``.`` or ``..``, without a path separator (``/`` or ``\\``), a drive (``C:``), a
     control character or an invisible format character (U+202E, U+200B...: a look-alike of another
-    name), and short enough to be a file name (:data:`MAX_NAME_BYTES` in UTF-8).
+    name), and short enough to be a file name (:data:`MAX_NAME_BYTES` in UTF-8). A photo's own
+    ``file_name`` is no class, so only characters that break a line (:func:`breaks_a_line`) are refused
+    among those: the zero-width joiners of emoji and Persian names are kept.
     """
     if not name:
         return "it is empty"
@@ -162,7 +175,8 @@ def component_problem(name: str) -> str | None:
     control = next((char for char in name if unicodedata.category(char) == "Cc"), None)
     if control is not None:
         return f"it holds the control character {control!r}"
-    invisible = next((char for char in name if unicodedata.category(char) == "Cf"), None)
+    refused = breaks_a_line if file_name else (lambda char: unicodedata.category(char) in ("Cf", "Zl", "Zp"))
+    invisible = next((char for char in name if refused(char)), None)
     if invisible is not None:  # a right-to-left override or a zero-width space makes a look-alike of a class
         return f"it holds the invisible format character U+{ord(invisible):04X} ({unicodedata.name(invisible, '?')})"
     if len(os.fsencode(name)) > MAX_NAME_BYTES:
@@ -560,7 +574,7 @@ def build_dataset(
     kept, skipped = [], list(result.missing)
     dropped = read_exclusions(exclude) if exclude else set()
     for item, (size, info) in zip(result.items, inspected):
-        unnamable = component_problem(item.source.name)  # a tab, newline or escape in it: no manifest takes it
+        unnamable = component_problem(item.source.name, file_name=True)  # a tab, newline or escape in it
         if unnamable:
             skipped.append((str(item.source), f"its file name cannot be a dataset file's ({unnamable}); rename it"))
         elif size and (info, item.source.name) in dropped:
@@ -653,7 +667,9 @@ def _check_row(row: dict[str, str], where: str) -> None:
     if not SPLIT_NAME.fullmatch(split):
         raise DatasetError(f"{where}: split {split!r} is not a split name (letters, digits, '_' and '-')")
     check_label(label, where)
-    problems = ["it is absolute"] if path.startswith("/") else map(component_problem, path.split("/"))
+    *folders, name = path.split("/")
+    problems = [component_problem(part) for part in folders] + [component_problem(name, file_name=True)]
+    problems = ["it is absolute"] if path.startswith("/") else problems
     problem = next(filter(None, problems), None)
     if problem:
         raise DatasetError(f"{where}: path {path!r} does not stay inside the dataset folder ({problem})")

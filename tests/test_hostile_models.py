@@ -208,6 +208,7 @@ def test_file_names_can_neither_forge_a_result_line_nor_drive_the_terminal(model
     folder.mkdir()
     names = ["x.jpg\tdogs\tprobability=1.0000\ny.jpg", "esc\x1b]0;pwned\x07\x1b[31mred.jpg", "bidi\u202egpj.jpg"]
     names.append(os.fsdecode(b"caf\xff.jpg"))  # a byte that is not UTF-8
+    names.append("shot 10.00\u202fAM \U0001f469\u200d\U0001f4bb \u5199\u3000.jpg")  # ordinary: shown as it is
     for name in names:
         shutil.copy(photo, os.path.join(folder, name))
     (folder / "cut\x1b[2J.jpg").write_bytes(b"\xff\xd8 not an image")  # skipped: its line is escaped too
@@ -225,6 +226,7 @@ def test_file_names_can_neither_forge_a_result_line_nor_drive_the_terminal(model
         "esc\\x1b]0;pwned\\x07\\x1b[31mred.jpg",
         "bidi\\u202egpj.jpg",
         "caf\\xff.jpg",
+        "shot 10.00\u202fAM \U0001f469\u200d\U0001f4bb \u5199\u3000.jpg",
         "cut\\x1b[2J.jpg",
         "link.jpg",
     }
@@ -237,3 +239,23 @@ def test_file_names_can_neither_forge_a_result_line_nor_drive_the_terminal(model
     result = _cli("build-dataset", "--input", str(tmp_path / "classes"), "--output", str(tmp_path / "dataset"))
     assert result.exit_code == 1 and "\x1b" not in result.output and "\x07" not in result.output, result.output
     assert f"Error: class folder {tmp_path}/classes/daisy\\x1b]0;title\\x07: label" in result.output
+
+
+def test_compare_shows_model_and_split_names_from_metrics_files_escaped(model, pipeline_run, tmp_path):
+    """metrics.json is read back from disk: a model file or split named to forge a table row or drive the
+    terminal came out as it was."""
+    run = tmp_path / "run"
+    result = _cli("evaluate", "--model", str(model), "--features", str(pipeline_run["features"]),
+                  "--output", str(run / "evaluation"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metrics_file = next(run.rglob("metrics.json"))
+    metrics = json.loads(metrics_file.read_text())
+    metrics.update(model_file="models/evil\x1b[31m\nlogreg  fake 1.0000.skops", split="test\x1b[2K\rforged")
+    metrics_file.write_text(json.dumps(metrics))
+    shutil.copytree(metrics_file.parent, run / "evaluation" / "other")  # two splits: the comparison warns
+    other = json.loads((run / "evaluation" / "other" / "metrics.json").read_text())
+    (run / "evaluation" / "other" / "metrics.json").write_text(json.dumps(dict(other, split="validation")))
+    result = _cli("compare", "--output", str(run))
+    assert result.exit_code == 0, result.output
+    assert not any(c in result.output for c in "\x1b\r") and "\nlogreg  fake" not in result.output
+    assert "evil\\x1b[31m\\nlogreg  fake 1.0000" in result.output and "test\\x1b[2K\\rforged" in result.output

@@ -175,15 +175,18 @@ def test_photos_whose_names_no_manifest_takes_are_skipped_with_the_reason(tmp_pa
         (source / name).mkdir(parents=True)
         for path in photos[name][:3]:
             shutil.copy(path, source / name / path.name)
-    odd = ["a\tb.jpg", "c\nd.jpg", "e\u202egpj.jpg"]
-    for name in odd:
-        shutil.copy(photos["cats"][5], source / "cats" / name)
+    odd = ["a\tb.jpg", "c\nd.jpg", "e\u202egpj.jpg", "f\u2028g.jpg"]
+    persian = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645.jpg"
+    fine = ["\U0001f469\u200d\U0001f4bb coder.jpg", persian, "shot 10.00\u202fAM.jpg"]
+    for index, name in enumerate(odd + fine):  # joiners of emoji and Persian, a narrow space: ordinary names
+        shutil.copy(photos["cats"][3 + index], source / "cats" / name)
     report = build_dataset(source, tmp_path / "out", splits=SPLITS, fractions=[0.5, 0.5, 0.0])
     assert sorted(Path(p).name for p, _ in report.skipped) == sorted(odd)
     reasons = [reason for _, reason in report.skipped]
     assert all(r.startswith("its file name cannot be a dataset file's (it holds the ") for r in reasons), reasons
     assert all(r.endswith("); rename it") for r in reasons)
-    assert len(read_manifest(tmp_path / "out")) == 6  # read back without an error
+    rows = read_manifest(tmp_path / "out")  # read back without an error
+    assert len(rows) == 6 + len(fine) and {Path(row["path"]).name for row in rows} >= set(fine)
 
 
 @pytest.mark.parametrize(
