@@ -584,13 +584,14 @@ def build_dataset(
         else:
             skipped.append((str(item.source), info))
     if not kept:
-        raise DatasetError(f"none of the {len(result.items)} images in {input_dir} could be decoded")
+        example = f"e.g. {skipped[0][0]}: {skipped[0][1]}"
+        raise DatasetError(f"none of the {len(result.items)} images in {input_dir} can be used ({example})")
     if skipped:
-        example = f"{len(skipped)} skipped, e.g. {skipped[0][0]}: {skipped[0][1]}"
+        example = f"{len(skipped)} skipped in all, e.g. {skipped[0][0]}: {skipped[0][1]}"
         _check_classes(
             sorted({item.label for item in result.items}),
             [item.label for item, _, _ in kept],
-            f"that can be decoded ({example})",
+            f"that can be used ({example})",
         )
 
     roles = [item.role for item, _, _ in kept]

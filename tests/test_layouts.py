@@ -187,6 +187,11 @@ def test_photos_whose_names_no_manifest_takes_are_skipped_with_the_reason(tmp_pa
     assert all(r.endswith("); rename it") for r in reasons)
     rows = read_manifest(tmp_path / "out")  # read back without an error
     assert len(rows) == 6 + len(fine) and {Path(row["path"]).name for row in rows} >= set(fine)
+    only_odd = tmp_path / "only-odd" / "cats"
+    only_odd.mkdir(parents=True)
+    shutil.copy(photos["cats"][0], only_odd / odd[0])
+    with pytest.raises(DatasetError, match=r"none of the 1 images in .* can be used \(e\.g\. .*its file name cannot"):
+        build_dataset(only_odd.parent, tmp_path / "out2", splits=SPLITS, fractions=[0.5, 0.5, 0.0])
 
 
 @pytest.mark.parametrize(

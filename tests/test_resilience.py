@@ -422,7 +422,7 @@ def test_class_left_without_decodable_images_is_an_error(tmp_path):
     copy_subset(shared("cats_and_dogs_filtered", "train", "cats"), source / "cats", 3)
     (source / "dogs").mkdir()
     (source / "dogs" / "a.jpg").write_bytes(b"")
-    with pytest.raises(DatasetError, match="class 'dogs' has no images that can be decoded .*a.jpg: empty file"):
+    with pytest.raises(DatasetError, match="class 'dogs' has no images that can be used .*a.jpg: empty file"):
         build_dataset(source, tmp_path / "out", splits=SPLITS, fractions=[0.75, 0.15, 0.10])
     (source / "dogs" / "a.jpg").unlink()
     with pytest.raises(DatasetError, match="class 'dogs' has no images in"):
