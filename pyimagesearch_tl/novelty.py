@@ -278,7 +278,7 @@ class MahalanobisDetector(Detector):
         r r^T`` exactly (``r``: its residual), so the left-out covariance is a matrix diagonal in the
         eigenvectors of ``S`` minus a rank-one term (Sherman-Morrison). Ledoit-Wolf's shrinkage weight stays
         the one of all rows: exact with it held (9e-8 of a refit), within 0.2% of refits that learn it anew
-        on 360-500 rows (0.7% at worst), a few % for classes of 2-3 rows, where the weight moves most. Every
+        on 360-500 rows (0.7% at worst), up to 12% for classes of 2 rows, where the weight moves most. Every
         class's distance is a matrix product (no rows x classes x width array). None for features wider than
         :attr:`max_features` (their projection is learnt from every row), or a class of one row."""
         from sklearn.covariance import ledoit_wolf
