@@ -522,7 +522,7 @@ def evaluate_command(config: Config, model_path, split, wait, unknown_test, trus
         found = metrics["unknown"]
         click.echo(
             f"unknown: {found['called_unknown']} of {metrics['images']} photos of the classes called unknown "
-            f"(detector {found['detector']}, threshold set to keep {found['keep']:.0%} of the {found['calibration']})"
+            f"(detector {found['detector']}, threshold set to keep {bundle.novelty.calibration_rule})"
         )
     click.echo(f"macro F1: {metrics['macro_f1']:.4f}")
     click.echo(f"accuracy: {metrics['accuracy']:.4f}")
@@ -742,7 +742,7 @@ def predict_command(config: Config, model_path, paths, file_list, output_file, t
     if report.output is not None:
         click.echo(f"wrote {report.output}")
     novelty = model.novelty
-    calibrated = "" if novelty is None else f": threshold set to keep {novelty.keep:.0%} of the {novelty.calibration}"
+    calibrated = "" if novelty is None else f": threshold set to keep {novelty.calibration_rule}"
     click.echo(f"predicted {report.predicted} ({report.unknown} unknown{calibrated}), skipped {len(report.skipped)}")
 
 

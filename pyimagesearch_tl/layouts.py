@@ -669,8 +669,10 @@ def _check_row(row: dict[str, str], where: str) -> None:
         raise DatasetError(f"{where}: split {split!r} is not a split name (letters, digits, '_' and '-')")
     check_label(label, where)
     *folders, name = path.split("/")
-    problems = [component_problem(part) for part in folders] + [component_problem(name, file_name=True)]
-    problems = ["it is absolute"] if path.startswith("/") else problems
+    if path.startswith("/"):
+        problems = ["it is absolute"]
+    else:
+        problems = [*map(component_problem, folders), component_problem(name, file_name=True)]
     problem = next(filter(None, problems), None)
     if problem:
         raise DatasetError(f"{where}: path {path!r} does not stay inside the dataset folder ({problem})")

@@ -87,6 +87,11 @@ class Detector:
         """The photos the threshold was set on, as a phrase (``calibrated_on`` is a split name or a phrase)."""
         return calibration_phrase(self.calibrated_on)
 
+    @property
+    def calibration_rule(self) -> str:
+        """What the threshold keeps: ``"95% of the validation photos"``."""
+        return f"{self.keep:.0%} of the {self.calibration}"
+
     def learn(self, features: np.ndarray, labels: np.ndarray, n_classes: int, logits: np.ndarray) -> None:
         """Learn what the score needs from the training ``features`` (integer ``labels``)."""
 
@@ -310,8 +315,9 @@ class MahalanobisDetector(Detector):
                 scaled, norm = z * inverse, (z**2 * inverse).sum(axis=1)
                 denominator = 1 - downdate * norm
                 # every class's (z + apart[c]) terms as matrix products: no rows x classes x width array
-                distances = norm[:, None] + 2 * scaled @ apart.T + inverse @ apart_squared
-                along = norm[:, None] + scaled @ apart.T
+                across = scaled @ apart.T
+                distances = norm[:, None] + 2 * across + inverse @ apart_squared
+                along = norm[:, None] + across
                 distances += downdate * along**2 / denominator[:, None]
                 distances[:, own] = scale**2 * norm * (1 + downdate * norm / denominator)  # its own mean, without it
                 familiarity[rows] = -np.maximum(distances, 0).min(axis=1)

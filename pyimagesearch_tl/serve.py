@@ -307,7 +307,7 @@ def _bars(top: list[tuple[str, float]], kind: str) -> list[tuple[str, float, flo
 def _why_unknown(result: Prediction, novelty) -> str:
     return (
         f"None of the classes fits: its {novelty.score_name} is {result.familiarity:.3f}, below "
-        f"{novelty.threshold:.3f}, the level {round(100 * novelty.keep)}% of the {novelty.calibration} reach "
+        f"{novelty.threshold:.3f}, the level {novelty.calibration_rule} reach "
         f"(closest class: {result.top[0][0]})."
     )
 
@@ -382,7 +382,7 @@ def create_app(
             input_size=bundle.meta.input_size,
             score=kind,
             unknown_threshold=None if novelty is None else novelty.threshold,
-            unknown_calibration=None if novelty is None else f"{novelty.keep:.0%} of the {novelty.calibration}",
+            unknown_calibration=None if novelty is None else novelty.calibration_rule,
         )
 
     @app.post("/api/predict")

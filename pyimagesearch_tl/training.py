@@ -254,10 +254,13 @@ def cross_fitted_detector(
     parts = make_detector(kind, keep).components
     held = [part.held_out_familiarity(X, y, classes) for part in parts]
     refit = [i for i, scores in enumerate(held) if scores is None]
+    for i in refit:
+        held[i] = np.zeros(len(y))
+    needs_logits = any(parts[i].uses_logits for i in refit)
     splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y) if refit else []
     for fitted_rows, held_rows in splits:
         fitted_logits = held_logits = None
-        if any(parts[i].uses_logits for i in refit):
+        if needs_logits:
             with warnings.catch_warnings():  # as in the grid search: a copy that stops early still scores
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 model = clone(estimator).fit(X[fitted_rows], y[fitted_rows])
@@ -265,8 +268,6 @@ def cross_fitted_detector(
         for i in refit:
             part = make_detector(parts[i].kind, keep)
             part.learn(X[fitted_rows], y[fitted_rows], classes, fitted_logits)
-            if held[i] is None:
-                held[i] = np.zeros(len(y))
             held[i][held_rows] = part.familiarity(X[held_rows], held_logits)
     methods = [f"{folds}-fold cross-fitting" if i in refit else "leave-one-out" for i in range(len(parts))]
     if len(set(methods)) == 1:
